@@ -1,0 +1,55 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::body::{self, ResponseBody};
+use crate::proxy::Proxy;
+
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<AtomicBool>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let proxy = proxy.clone();
+        let draining = draining.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let response = answer(&request, &proxy, &draining);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+fn answer(request: &Request<Incoming>, proxy: &Proxy, draining: &AtomicBool) -> Response<ResponseBody> {
+    match request.uri().path() {
+        "/metrics" => with_type(
+            Response::new(body::full(proxy.metrics().render())),
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if draining.load(Ordering::Relaxed) => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" => text(StatusCode::OK, "ready\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, message: &'static str) -> Response<ResponseBody> {
+    let mut response = with_type(Response::new(body::full(Bytes::from_static(message.as_bytes()))), "text/plain");
+    *response.status_mut() = status;
+    response
+}
+
+fn with_type(mut response: Response<ResponseBody>, content_type: &'static str) -> Response<ResponseBody> {
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}

@@ -1,0 +1,390 @@
+//! The YAML configuration: schema, defaults, and validation whose messages
+//! name the key at fault (`services[0].queue.timeout: ...`).
+//!
+//! Unknown keys are errors (a typo must not silently fall back to a default).
+//! Durations are written as "300s", "100ms", "5m".
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The configuration `sdgate` runs with when given no `--config`.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/default.yaml");
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where clients connect.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where /metrics, /healthz and /readyz are served; omit to disable.
+    #[serde(default = "default_admin")]
+    pub admin: Option<SocketAddr>,
+    /// On SIGTERM/SIGINT, how long queued and in-flight requests may take to
+    /// finish before sdgate exits anyway.
+    #[serde(default = "default_drain", with = "duration")]
+    pub drain_timeout: Duration,
+    #[serde(default)]
+    pub limits: Limits,
+    pub services: Vec<ServiceConfig>,
+}
+
+/// Protection against slow or oversized client input.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// A client must send its full request head within this time (slowloris).
+    #[serde(default = "default_header_read_timeout", with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Larger request heads are answered 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Larger request bodies are answered 413; omit for no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Host names routed here (case-insensitive, port ignored); "*" makes this
+    /// the default service.
+    pub hosts: Vec<String>,
+    /// Requests one pod may hold at once; 0 = unlimited.
+    #[serde(default = "default_cc")]
+    pub container_concurrency: u32,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    /// After dispatch, how long the pod may take to start its response.
+    #[serde(default = "default_request_timeout", with = "duration")]
+    pub request_timeout: Duration,
+    /// Path prefixes that skip the gate (no slot taken): cheap calls made
+    /// during a generation, such as progress polling.
+    #[serde(default = "default_bypass")]
+    pub bypass: Vec<String>,
+    /// How many times a request is sent to another pod when the connection to
+    /// its pod failed before any byte was sent.
+    #[serde(default = "default_connect_retries")]
+    pub connect_retries: u32,
+    #[serde(default)]
+    pub readiness: Readiness,
+    pub backend: Backend,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Requests waiting beyond this are answered 503 with Retry-After.
+    #[serde(default = "default_max_depth")]
+    pub max_depth: usize,
+    /// A request waiting longer is answered 504.
+    #[serde(default = "default_queue_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+/// How sdgate decides a pod may take requests.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Readiness {
+    /// HTTP GET of this path must answer 2xx; omit to use a TCP connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    /// Probe with a TCP connect (the default when `http` is not set).
+    #[serde(default)]
+    pub tcp: bool,
+    /// Probe period while a pod is not ready (fast, so cold starts end soon).
+    #[serde(default = "default_probe_period", with = "duration")]
+    pub period: Duration,
+    /// Probe period once a pod is ready.
+    #[serde(default = "default_ready_period", with = "duration")]
+    pub ready_period: Duration,
+    /// A probe that takes longer fails.
+    #[serde(default = "default_probe_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive failures that take a ready pod out of rotation.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+}
+
+/// Where the pods are. Exactly one kind must be given.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// A fixed list of `ip:port` addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed: Option<Vec<String>>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: default_header_read_timeout(),
+            max_header_bytes: default_max_header_bytes(),
+            max_body_bytes: None,
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { max_depth: default_max_depth(), timeout: default_queue_timeout() }
+    }
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self {
+            http: None,
+            tcp: false,
+            period: default_probe_period(),
+            ready_period: default_ready_period(),
+            timeout: default_probe_timeout(),
+            failure_threshold: default_failure_threshold(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_admin() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9090)))
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_cc() -> u32 {
+    1
+}
+fn default_max_depth() -> usize {
+    10_000
+}
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_connect_retries() -> u32 {
+    3
+}
+fn default_bypass() -> Vec<String> {
+    ["/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip", "/internal/", "/file="]
+        .map(String::from)
+        .to_vec()
+}
+fn default_probe_period() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_ready_period() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_probe_timeout() -> Duration {
+    Duration::from_millis(300)
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+
+impl Config {
+    /// Parses and validates YAML text.
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        let config: Config = serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::from_yaml(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    pub fn default_config() -> Result<Self> {
+        Self::from_yaml(DEFAULT_CONFIG).context("the built-in default config is invalid")
+    }
+
+    /// The effective config (defaults filled in) as YAML.
+    pub fn to_yaml(&self) -> Result<String> {
+        serde_yaml::to_string(self).context("cannot print config")
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.services.is_empty() {
+            bail!("services: at least one service is required");
+        }
+        if self.limits.max_header_bytes < 1024 {
+            bail!("limits.max_header_bytes: must be at least 1024");
+        }
+        let mut names = HashSet::new();
+        let mut hosts = HashSet::new();
+        for (i, service) in self.services.iter().enumerate() {
+            let key = format!("services[{i}]");
+            if !names.insert(service.name.as_str()) {
+                bail!("{key}.name: duplicate service name {:?}", service.name);
+            }
+            for (j, host) in service.hosts.iter().enumerate() {
+                let host = host.to_ascii_lowercase();
+                if host.is_empty() {
+                    bail!("{key}.hosts[{j}]: empty host name");
+                }
+                if !hosts.insert(host.clone()) {
+                    bail!("{key}.hosts[{j}]: host {host:?} is routed to another service already");
+                }
+            }
+            service.validate(&key)?;
+        }
+        Ok(())
+    }
+}
+
+impl ServiceConfig {
+    fn validate(&self, key: &str) -> Result<()> {
+        if self.name.is_empty() {
+            bail!("{key}.name: must not be empty");
+        }
+        if self.hosts.is_empty() {
+            bail!("{key}.hosts: at least one host (or \"*\") is required");
+        }
+        if self.queue.timeout.is_zero() {
+            bail!("{key}.queue.timeout: must be more than 0s");
+        }
+        if self.request_timeout.is_zero() {
+            bail!("{key}.request_timeout: must be more than 0s");
+        }
+        for (j, path) in self.bypass.iter().enumerate() {
+            if !path.starts_with('/') {
+                bail!("{key}.bypass[{j}]: {path:?} must start with '/'");
+            }
+        }
+        let readiness = &self.readiness;
+        if readiness.period.is_zero() || readiness.ready_period.is_zero() {
+            bail!("{key}.readiness.period: must be more than 0s");
+        }
+        if readiness.failure_threshold == 0 {
+            bail!("{key}.readiness.failure_threshold: must be at least 1");
+        }
+        match (&readiness.http, readiness.tcp) {
+            (Some(_), true) => bail!("{key}.readiness: give either http or tcp, not both"),
+            (Some(path), false) if !path.starts_with('/') => {
+                bail!("{key}.readiness.http: {path:?} must start with '/'")
+            }
+            _ => {}
+        }
+        self.backend.validate(&format!("{key}.backend"))
+    }
+
+    /// Whether `path` skips the gate.
+    pub fn is_bypass(&self, path: &str) -> bool {
+        self.bypass.iter().any(|prefix| path.starts_with(prefix.as_str()))
+    }
+}
+
+impl Backend {
+    fn validate(&self, key: &str) -> Result<()> {
+        let Some(fixed) = &self.fixed else {
+            bail!("{key}: one backend kind is required (fixed)");
+        };
+        if fixed.is_empty() {
+            bail!("{key}.fixed: at least one address is required");
+        }
+        for (j, addr) in fixed.iter().enumerate() {
+            parse_addr(addr).with_context(|| format!("{key}.fixed[{j}]"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `ip:port` (names are not resolved: the gateway must not depend on
+/// DNS on its data path).
+pub fn parse_addr(addr: &str) -> Result<SocketAddr> {
+    addr.parse::<SocketAddr>()
+        .map_err(|_| anyhow::anyhow!("{addr:?} is not an ip:port address"))
+}
+
+/// serde for durations written as "300s" / "100ms".
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!("{text:?} is not a duration like \"300s\" or \"100ms\" ({e})"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal(service: &str) -> String {
+        format!("services:\n  - name: sd\n    hosts: [\"*\"]\n    backend: {{ fixed: [\"127.0.0.1:7860\"] }}\n{service}")
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let config = Config::from_yaml(&minimal("")).unwrap();
+        let service = &config.services[0];
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(service.container_concurrency, 1);
+        assert_eq!(service.queue.max_depth, 10_000);
+        assert_eq!(service.queue.timeout, Duration::from_secs(300));
+        assert_eq!(service.request_timeout, Duration::from_secs(600));
+        assert_eq!(service.readiness.period, Duration::from_millis(50));
+        assert!(service.is_bypass("/sdapi/v1/progress?skip_current_image=false"));
+        assert!(!service.is_bypass("/sdapi/v1/txt2img"));
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let err = Config::from_yaml(&minimal("    queue: { max_dept: 3 }\n")).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("services[0].queue") && text.contains("max_dept"), "{text}");
+    }
+
+    #[test]
+    fn a_bad_duration_is_named() {
+        let err = Config::from_yaml(&minimal("    request_timeout: soon\n")).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("services[0].request_timeout"), "{text}");
+    }
+
+    #[test]
+    fn a_bad_address_is_named() {
+        let yaml = "services:\n  - name: sd\n    hosts: [a]\n    backend: { fixed: [\"nowhere\"] }\n";
+        let text = format!("{:#}", Config::from_yaml(yaml).unwrap_err());
+        assert!(text.contains("services[0].backend.fixed[0]"), "{text}");
+    }
+
+    #[test]
+    fn a_host_routed_twice_is_an_error() {
+        let yaml = "services:\n  - name: a\n    hosts: [x]\n    backend: { fixed: [\"127.0.0.1:1\"] }\n  - name: b\n    hosts: [X]\n    backend: { fixed: [\"127.0.0.1:2\"] }\n";
+        let text = format!("{:#}", Config::from_yaml(yaml).unwrap_err());
+        assert!(text.contains("services[1].hosts[0]"), "{text}");
+    }
+
+    #[test]
+    fn the_effective_config_round_trips() {
+        let config = Config::default_config().unwrap();
+        let again = Config::from_yaml(&config.to_yaml().unwrap()).unwrap();
+        assert_eq!(again.to_yaml().unwrap(), config.to_yaml().unwrap());
+    }
+}

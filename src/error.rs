@@ -1,0 +1,83 @@
+//! The one place where failures become client responses.
+//!
+//! Every error a client sees is JSON `{"error": "...", "service": "..."}` with
+//! the status DESIGN.md promises; `Retry-After` is set where retrying helps.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::{self, ResponseBody};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request has no Host header")]
+    MissingHost,
+    #[error("no service for host {0:?}")]
+    UnknownHost(String),
+    #[error("request headers larger than {0} bytes")]
+    HeadersTooLarge(usize),
+    #[error("request body larger than the limit of {0} bytes")]
+    BodyTooLarge(u64),
+    #[error("request body larger than the configured limit")]
+    BodyOverLimit,
+    #[error("queue full ({0} requests waiting)")]
+    QueueFull(usize),
+    #[error("no pod became free within the queue timeout of {0:?}")]
+    QueueTimeout(Duration),
+    #[error("no ready pod for this request")]
+    NoReadyEndpoint,
+    #[error("pod {addr} did not start its response within {timeout:?}")]
+    UpstreamTimeout { addr: String, timeout: Duration },
+    #[error("pod {addr} failed before answering: {reason}")]
+    Upstream { addr: String, reason: String },
+    #[error("sdgate is shutting down")]
+    ShuttingDown,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::MissingHost => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
+            ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::BodyTooLarge(_) | ProxyError::BodyOverLimit => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::QueueFull(_) | ProxyError::NoReadyEndpoint | ProxyError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::QueueTimeout(_) | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Seconds after which a retry may succeed, for errors where one may.
+    fn retry_after(&self) -> Option<u32> {
+        match self {
+            ProxyError::QueueFull(_) | ProxyError::NoReadyEndpoint => Some(5),
+            ProxyError::ShuttingDown => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The label of `sdgate_upstream_errors_total{kind}` for pod-side faults.
+    pub fn upstream_kind(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::UpstreamTimeout { .. } => Some("timeout"),
+            ProxyError::Upstream { .. } => Some("failed"),
+            _ => None,
+        }
+    }
+
+    pub fn into_response(self, service: Option<&str>) -> Response<ResponseBody> {
+        let payload = serde_json::json!({ "error": self.to_string(), "service": service });
+        let mut response = Response::new(body::full(Bytes::from(payload.to_string())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

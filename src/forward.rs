@@ -1,0 +1,460 @@
+//! Sending a granted request to its pod and streaming the answer back.
+//!
+//! The upstream exchange runs in its own task that owns the [`Slot`]: if the
+//! client leaves, the exchange still runs until the pod has finished answering
+//! (the body is read and discarded), bounded by `request_timeout`. Only then is
+//! the slot freed, so a client that gives up cannot put a second generation on
+//! a busy pod (Knative frees it early and overloads the pod).
+//!
+//! Bodies stream both ways; hop-by-hop headers are removed; `X-Forwarded-*` are
+//! added; HTTP/1.1 upgrades (websockets) are tunnelled holding their slot.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::oneshot;
+
+use crate::body::{BoxError, ResponseBody};
+use crate::error::ProxyError;
+use crate::slot::Slot;
+
+/// The request body on its way to a pod: the client's body, boxed.
+pub type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// How an exchange with a pod ended without a response for the client.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// The connection to the pod failed before any byte of the request was
+    /// sent: safe to send the request to another pod. The upgrade handle comes
+    /// back so the retry can still tunnel.
+    NotSent { reason: String, upgrade: Option<OnUpgrade> },
+    /// The pod failed after the request (or part of it) was sent.
+    Failed(ProxyError),
+}
+
+/// A pooled HTTP/1.1 client to the pods.
+#[derive(Clone)]
+pub struct Forwarder {
+    client: Client<HttpConnector, ReplayableBody>,
+}
+
+impl Default for Forwarder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Forwarder {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            // Below the keep-alive of uvicorn (5 s), which serves the SD WebUI,
+            // so a pooled connection is not reused just as the pod closes it.
+            .pool_idle_timeout(Duration::from_secs(4))
+            .pool_timer(TokioTimer::new())
+            .set_host(false)
+            .build(connector);
+        Self { client }
+    }
+
+    /// Sends `request` to the slot's pod in a task that owns the slot, and
+    /// returns the response head once it arrives.
+    pub async fn exchange(
+        &self,
+        slot: Slot,
+        request: Request<ReplayableBody>,
+        request_timeout: Duration,
+        upgrade: Option<OnUpgrade>,
+    ) -> Result<Response<ResponseBody>, ExchangeError> {
+        let (tx, rx) = oneshot::channel();
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let outcome = run_exchange(client, slot, request, request_timeout, upgrade).await;
+            // If the client left, `outcome` is dropped here: a streaming body
+            // drains itself and then frees the slot (see `SlotBody`).
+            let _ = tx.send(outcome);
+        });
+        rx.await.unwrap_or_else(|_| {
+            Err(ExchangeError::Failed(ProxyError::Upstream {
+                addr: String::new(),
+                reason: "exchange task ended unexpectedly".into(),
+            }))
+        })
+    }
+}
+
+async fn run_exchange(
+    client: Client<HttpConnector, ReplayableBody>,
+    slot: Slot,
+    request: Request<ReplayableBody>,
+    request_timeout: Duration,
+    upgrade: Option<OnUpgrade>,
+) -> Result<Response<ResponseBody>, ExchangeError> {
+    let addr = slot.addr();
+    let body = request.body().clone();
+    let sent = tokio::time::timeout(request_timeout, client.request(request)).await;
+    let mut response = match sent {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) if error.is_connect() && !body.was_read() => {
+            // The pod refused or is unreachable: take it out of rotation now,
+            // before the slot goes back, so nobody else is sent there.
+            slot.gate().set_ready(slot.endpoint(), false);
+            slot.gate().metrics().upstream_error("connect");
+            return Err(ExchangeError::NotSent { reason: error_chain(&error), upgrade });
+        }
+        Ok(Err(error)) => return Err(ExchangeError::Failed(upstream_failure(addr, &error))),
+        Err(_) => {
+            return Err(ExchangeError::Failed(ProxyError::UpstreamTimeout {
+                addr: addr.to_string(),
+                timeout: request_timeout,
+            }))
+        }
+    };
+    remove_hop_by_hop(response.headers_mut());
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_side) = upgrade {
+            return Ok(tunnel(slot, response, client_side));
+        }
+    }
+    Ok(response.map(|body| SlotBody::new(body, slot, request_timeout).boxed_unsync()))
+}
+
+fn upstream_failure(addr: SocketAddr, error: &hyper_util::client::legacy::Error) -> ProxyError {
+    if find_cause::<http_body_util::LengthLimitError>(error).is_some() {
+        return ProxyError::BodyOverLimit;
+    }
+    ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(error) }
+}
+
+fn find_cause<'a, T: std::error::Error + 'static>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Answers the client's upgrade with the pod's 101 and joins the two
+/// connections once both sides have switched. The slot is held for the life
+/// of the tunnel.
+fn tunnel(slot: Slot, mut response: Response<Incoming>, client_side: OnUpgrade) -> Response<ResponseBody> {
+    let pod_side = hyper::upgrade::on(&mut response);
+    if let Some(protocol) = response.headers().get(header::UPGRADE).cloned() {
+        response.headers_mut().insert(header::UPGRADE, protocol);
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    tokio::spawn(async move {
+        let _slot = slot;
+        match tokio::try_join!(pod_side, client_side) {
+            Ok((pod, client)) => {
+                let mut pod = TokioIo::new(pod);
+                let mut client = TokioIo::new(client);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut pod).await;
+            }
+            Err(error) => tracing::debug!(%error, "upgrade failed"),
+        }
+    });
+    response.map(|_| crate::body::empty())
+}
+
+/// Builds the request a pod receives: absolute URI to the pod, HTTP/1.1, the
+/// client's Host kept, hop-by-hop headers removed, `X-Forwarded-*` added.
+pub fn upstream_request(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    host: Option<&str>,
+    client: SocketAddr,
+    pod: SocketAddr,
+    body: ReplayableBody,
+) -> Result<Request<ReplayableBody>, ProxyError> {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let target: Uri = format!("http://{pod}{path}").parse().map_err(|_| ProxyError::Upstream {
+        addr: pod.to_string(),
+        reason: format!("cannot build a request URI for path {path:?}"),
+    })?;
+    let mut request = Request::new(body);
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = target;
+    *request.version_mut() = Version::HTTP_11;
+    let mut out = headers.clone();
+    let upgrade = upgrade_protocol(headers).cloned();
+    remove_hop_by_hop(&mut out);
+    if let Some(protocol) = upgrade {
+        out.insert(header::UPGRADE, protocol);
+        out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if let Some(host) = host {
+        if !out.contains_key(header::HOST) {
+            if let Ok(value) = HeaderValue::from_str(host) {
+                out.insert(header::HOST, value);
+            }
+        }
+        if !out.contains_key(X_FORWARDED_HOST) {
+            if let Ok(value) = HeaderValue::from_str(host) {
+                out.insert(X_FORWARDED_HOST, value);
+            }
+        }
+    }
+    append_forwarded_for(&mut out, client);
+    if !out.contains_key(X_FORWARDED_PROTO) {
+        out.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    *request.headers_mut() = out;
+    Ok(request)
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
+    let ip = client.ip().to_string();
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {ip}"),
+        None => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+}
+
+/// The protocol a request asks to upgrade to, if it asks (`Connection:
+/// upgrade` and an `Upgrade` header).
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE)).flatten()
+}
+
+/// Removes the headers that describe one connection, not the message
+/// (RFC 9110 7.6.1), including those the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// The client's request body, shared so that a request whose connection
+/// failed before sending can be sent again: the body is only taken out of the
+/// shared cell when the client polls it for the first time, which happens
+/// after the connection to the pod is up.
+#[derive(Clone)]
+pub struct ReplayableBody {
+    cell: Arc<Mutex<BodyCell>>,
+}
+
+struct BodyCell {
+    body: Option<RequestBody>,
+    read: bool,
+}
+
+impl ReplayableBody {
+    pub fn new(body: RequestBody) -> Self {
+        Self { cell: Arc::new(Mutex::new(BodyCell { body: Some(body), read: false })) }
+    }
+
+    /// Whether any part of the body has been asked for by a connection.
+    pub fn was_read(&self) -> bool {
+        self.lock().read
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BodyCell> {
+        self.cell.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Body for ReplayableBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut cell = self.lock();
+        cell.read = true;
+        match cell.body.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.lock().body.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.lock().body.as_ref().map(|b| b.size_hint()).unwrap_or_else(|| SizeHint::with_exact(0))
+    }
+}
+
+/// A pod's response body that holds the pod's slot until the body has been
+/// read to its end. Dropped early (client gone), it reads the rest in the
+/// background, at most `drain_within`, and only then frees the slot.
+pub struct SlotBody {
+    inner: Option<Incoming>,
+    slot: Option<Slot>,
+    drain_within: Duration,
+}
+
+impl SlotBody {
+    pub fn new(inner: Incoming, slot: Slot, drain_within: Duration) -> Self {
+        let mut body = Self { inner: Some(inner), slot: Some(slot), drain_within };
+        if body.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+            body.slot = None;
+        }
+        body
+    }
+}
+
+impl Body for SlotBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        let finished = match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if finished {
+            // The pod has answered in full: free its slot now, not when the
+            // client's connection gets around to dropping this body.
+            self.slot = None;
+        }
+        polled.map_err(|error| error.into())
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_default()
+    }
+}
+
+impl Drop for SlotBody {
+    fn drop(&mut self) {
+        let (Some(slot), Some(mut inner)) = (self.slot.take(), self.inner.take()) else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let drain_within = self.drain_within;
+        runtime.spawn(async move {
+            let drained = tokio::time::timeout(drain_within, async {
+                while let Some(frame) = inner.frame().await {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(pod = %slot.addr(), "pod still answering a departed client after {drain_within:?}; freeing its slot");
+            }
+            drop(slot);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_including_those_connection_names() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn upgrade_is_recognised_only_with_connection_upgrade() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(upgrade_protocol(&headers).is_none());
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert_eq!(upgrade_protocol(&headers).unwrap(), "websocket");
+    }
+
+    #[test]
+    fn the_pod_sees_forwarded_headers_and_the_original_host() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("sd.example.com"));
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        let body = ReplayableBody::new(crate::body::empty());
+        let request = upstream_request(
+            &Method::POST,
+            &"/sdapi/v1/txt2img?x=1".parse().unwrap(),
+            &headers,
+            Some("sd.example.com"),
+            "192.0.2.7:5555".parse().unwrap(),
+            "127.0.0.1:7860".parse().unwrap(),
+            body,
+        )
+        .unwrap();
+        assert_eq!(request.uri(), "http://127.0.0.1:7860/sdapi/v1/txt2img?x=1");
+        assert_eq!(request.headers()[header::HOST], "sd.example.com");
+        assert_eq!(request.headers()[X_FORWARDED_FOR], "10.0.0.1, 192.0.2.7");
+        assert_eq!(request.headers()[X_FORWARDED_PROTO], "http");
+        assert_eq!(request.headers()[X_FORWARDED_HOST], "sd.example.com");
+        assert_eq!(request.version(), Version::HTTP_11);
+    }
+}

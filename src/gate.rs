@@ -1,0 +1,306 @@
+//! The gate: which pod may take a request now, and who waits for one.
+//!
+//! Guarantees, for one service:
+//! - an endpoint never holds more than `capacity` granted requests
+//!   (`container_concurrency`; 0 means unlimited);
+//! - waiters are served strictly in arrival order (by [`Ticket`]), and a waiter
+//!   is never left waiting while an endpoint that could take it has room
+//!   (work-conserving: every event that frees room is followed by
+//!   [`Gate::next_grant`] until it returns `None`);
+//! - the queue never holds more than `max_depth` waiters.
+//!
+//! The gate is plain data: no clock (callers pass `now`), no locks, no I/O. The
+//! waiter type `W` is opaque to it (the async layer in [`crate::slot`] stores a
+//! channel there), so every rule here is tested without a runtime.
+//!
+//! ```
+//! use sdgate::gate::Gate;
+//! use std::time::Instant;
+//! let mut gate: Gate<&str> = Gate::new(1, 10);
+//! let pod = gate.add_endpoint("127.0.0.1:7860".parse().unwrap());
+//! gate.set_ready(pod, true);
+//! let first = gate.arrive();
+//! let grant = gate.try_dispatch(first).unwrap();          // the pod is free
+//! let second = gate.arrive();
+//! assert!(gate.try_dispatch(second).is_none());            // one in flight per pod
+//! gate.enqueue(second, "second", Instant::now()).unwrap();
+//! gate.release(grant.endpoint);
+//! assert_eq!(gate.next_grant().unwrap().0, "second");      // FIFO hand-over
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Identifies an endpoint for as long as the gate knows it; never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointId(pub u64);
+
+/// A request's place in line: taken at arrival, kept across retries, so a
+/// request that must be re-dispatched goes back to its own place, not the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ticket(u64);
+
+/// Permission to send one request to one endpoint. The caller must call
+/// [`Gate::release`] with `endpoint` exactly once when the pod has finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub endpoint: EndpointId,
+    pub addr: SocketAddr,
+}
+
+/// How a free endpoint is chosen, following Knative's activator (ANCHORS.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// cc = 1..=3: the first endpoint (in insertion order) with room, so work
+    /// packs onto few pods and idle ones can be scaled away.
+    FirstAvailable,
+    /// cc > 3: the endpoint with the fewest in flight.
+    LeastLoaded,
+    /// cc = 0 (unlimited): the less loaded of two random endpoints.
+    PowerOfTwoChoices,
+}
+
+impl Policy {
+    pub fn for_capacity(capacity: u32) -> Self {
+        match capacity {
+            0 => Policy::PowerOfTwoChoices,
+            1..=3 => Policy::FirstAvailable,
+            _ => Policy::LeastLoaded,
+        }
+    }
+}
+
+/// One pod as the gate sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub id: EndpointId,
+    pub addr: SocketAddr,
+    /// Passed its readiness probe and may take new requests.
+    pub ready: bool,
+    /// Requests granted and not yet released.
+    pub inflight: u32,
+    /// Requests granted over the endpoint's life.
+    pub served: u64,
+}
+
+/// Why a waiter could not join the queue.
+#[derive(Debug, PartialEq, Eq)]
+pub struct QueueFull<W>(pub W);
+
+struct Waiting<W> {
+    waiter: W,
+    since: Instant,
+}
+
+pub struct Gate<W> {
+    capacity: u32,
+    policy: Policy,
+    max_depth: usize,
+    endpoints: Vec<Endpoint>,
+    queue: BTreeMap<Ticket, Waiting<W>>,
+    next_ticket: u64,
+    next_endpoint: u64,
+    rng: fastrand::Rng,
+}
+
+impl<W> Gate<W> {
+    /// `capacity` is `container_concurrency` (0 = unlimited); `max_depth`
+    /// bounds the wait queue.
+    pub fn new(capacity: u32, max_depth: usize) -> Self {
+        Self {
+            capacity,
+            policy: Policy::for_capacity(capacity),
+            max_depth,
+            endpoints: Vec::new(),
+            queue: BTreeMap::new(),
+            next_ticket: 0,
+            next_endpoint: 0,
+            rng: fastrand::Rng::with_seed(0x5d_6a7e),
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Takes a place in line for a new request.
+    pub fn arrive(&mut self) -> Ticket {
+        self.next_ticket += 1;
+        Ticket(self.next_ticket)
+    }
+
+    /// Grants an endpoint at once if one has room and nobody who arrived
+    /// earlier is waiting (FIFO: a newcomer never overtakes the queue).
+    pub fn try_dispatch(&mut self, ticket: Ticket) -> Option<Grant> {
+        if let Some((first, _)) = self.queue.first_key_value() {
+            if *first < ticket {
+                return None;
+            }
+        }
+        let index = self.pick()?;
+        Some(self.grant(index))
+    }
+
+    /// Puts a waiter in line at its ticket's place. Refused when the queue
+    /// is full; the waiter comes back so the caller can answer it.
+    pub fn enqueue(&mut self, ticket: Ticket, waiter: W, now: Instant) -> Result<(), QueueFull<W>> {
+        if self.queue.len() >= self.max_depth {
+            return Err(QueueFull(waiter));
+        }
+        self.queue.insert(ticket, Waiting { waiter, since: now });
+        Ok(())
+    }
+
+    /// Removes a waiter that gave up (timeout, client gone). `None` if it is
+    /// no longer queued, i.e. it was granted an endpoint already.
+    pub fn cancel(&mut self, ticket: Ticket) -> Option<W> {
+        self.queue.remove(&ticket).map(|w| w.waiter)
+    }
+
+    /// Hands the first waiter an endpoint, if one has room. Call until `None`
+    /// after anything that frees room (release, an endpoint becoming ready).
+    pub fn next_grant(&mut self) -> Option<(W, Grant)> {
+        if self.queue.is_empty() {
+            return None;
+        }
+        let index = self.pick()?;
+        let (_, waiting) = self.queue.pop_first()?;
+        Some((waiting.waiter, self.grant(index)))
+    }
+
+    /// The pod has finished one request. Releasing on an endpoint that was
+    /// removed meanwhile is a no-op.
+    pub fn release(&mut self, id: EndpointId) {
+        if let Some(endpoint) = self.endpoint_mut(id) {
+            endpoint.inflight = endpoint.inflight.saturating_sub(1);
+        }
+    }
+
+    /// A new endpoint starts not ready: it takes requests only once a probe
+    /// has said so.
+    pub fn add_endpoint(&mut self, addr: SocketAddr) -> EndpointId {
+        self.next_endpoint += 1;
+        let id = EndpointId(self.next_endpoint);
+        self.endpoints.push(Endpoint { id, addr, ready: false, inflight: 0, served: 0 });
+        id
+    }
+
+    /// Returns whether the state changed.
+    pub fn set_ready(&mut self, id: EndpointId, ready: bool) -> bool {
+        match self.endpoint_mut(id) {
+            Some(endpoint) if endpoint.ready != ready => {
+                endpoint.ready = ready;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets an endpoint. Its outstanding grants release as no-ops.
+    pub fn remove_endpoint(&mut self, id: EndpointId) -> Option<Endpoint> {
+        let index = self.endpoints.iter().position(|e| e.id == id)?;
+        Some(self.endpoints.remove(index))
+    }
+
+    /// Any ready endpoint, for requests that skip the gate (`bypass`); the
+    /// least loaded one, so cheap calls avoid busy pods when they can.
+    pub fn any_ready(&self) -> Option<Grant> {
+        self.endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .min_by_key(|e| e.inflight)
+            .map(|e| Grant { endpoint: e.id, addr: e.addr })
+    }
+
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    pub fn endpoint(&self, id: EndpointId) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.id == id)
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Requests granted and not yet released, over all endpoints.
+    pub fn inflight(&self) -> u32 {
+        self.endpoints.iter().map(|e| e.inflight).sum()
+    }
+
+    pub fn ready_count(&self) -> usize {
+        self.endpoints.iter().filter(|e| e.ready).count()
+    }
+
+    /// How long the first waiter has waited.
+    pub fn oldest_wait(&self, now: Instant) -> Option<Duration> {
+        self.queue
+            .first_key_value()
+            .map(|(_, w)| now.saturating_duration_since(w.since))
+    }
+
+    fn endpoint_mut(&mut self, id: EndpointId) -> Option<&mut Endpoint> {
+        self.endpoints.iter_mut().find(|e| e.id == id)
+    }
+
+    fn has_room(&self, endpoint: &Endpoint) -> bool {
+        endpoint.ready && (self.capacity == 0 || endpoint.inflight < self.capacity)
+    }
+
+    fn grant(&mut self, index: usize) -> Grant {
+        let endpoint = &mut self.endpoints[index];
+        endpoint.inflight += 1;
+        endpoint.served += 1;
+        Grant { endpoint: endpoint.id, addr: endpoint.addr }
+    }
+
+    /// Index of the endpoint the policy chooses, among those with room.
+    fn pick(&mut self) -> Option<usize> {
+        match self.policy {
+            Policy::FirstAvailable => self.endpoints.iter().position(|e| self.has_room(e)),
+            Policy::LeastLoaded => self
+                .endpoints
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| self.has_room(e))
+                .min_by_key(|(_, e)| e.inflight)
+                .map(|(i, _)| i),
+            Policy::PowerOfTwoChoices => self.pick_two_random(),
+        }
+    }
+
+    fn pick_two_random(&mut self) -> Option<usize> {
+        let ready = self.endpoints.iter().filter(|e| e.ready).count();
+        let nth_ready = |endpoints: &[Endpoint], n: usize| {
+            endpoints
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.ready)
+                .nth(n)
+                .map(|(i, _)| i)
+        };
+        match ready {
+            0 => None,
+            1 => nth_ready(&self.endpoints, 0),
+            _ => {
+                let a = self.rng.usize(..ready);
+                let mut b = self.rng.usize(..ready - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let a = nth_ready(&self.endpoints, a)?;
+                let b = nth_ready(&self.endpoints, b)?;
+                if self.endpoints[b].inflight < self.endpoints[a].inflight {
+                    Some(b)
+                } else {
+                    Some(a)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

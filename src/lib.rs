@@ -1,0 +1,23 @@
+//! sdgate: a concurrency-aware activator and reverse proxy for Stable
+//! Diffusion GPU pods.
+//!
+//! Request path: [`server`] -> [`proxy`] ([`router`] -> [`slot`]/[`gate`] ->
+//! [`forward`]). Control loop: [`provider`] + [`probe`] -> [`gate`].
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod gate;
+pub mod metrics;
+pub mod probe;
+pub mod provider;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod sim;
+pub mod slot;
+
+pub use config::Config;
+pub use server::Gateway;

@@ -1,0 +1,112 @@
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use sdgate::sim::SimOptions;
+use sdgate::{Config, Gateway};
+
+/// A concurrency-aware activator and reverse proxy for Stable Diffusion pods.
+#[derive(Parser)]
+#[command(name = "sdgate", version)]
+struct Cli {
+    /// YAML config file; without it, the built-in default config is used.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and print the effective config (defaults filled in).
+    Check,
+    /// Run one fake Stable Diffusion WebUI worker.
+    Sim {
+        /// Port to listen on.
+        #[arg(long, default_value_t = 7860)]
+        port: u16,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: IpAddr,
+        /// Time per sampling step ("50ms"); a request's `steps` defaults to 20.
+        #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+        step_time: Duration,
+        /// Size of the base64 image in each response.
+        #[arg(long, default_value_t = 65536)]
+        image_bytes: usize,
+        /// Wait this long before opening the port (a model loading).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        startup_delay: Duration,
+        /// Name sent in the X-Worker header (default sim-PORT).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("sdgate: cannot start the runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sdgate: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Sim { port, host, step_time, image_bytes, startup_delay, name }) => {
+            let options = SimOptions { step_time, image_bytes, name };
+            sdgate::sim::run(SocketAddr::new(host, port), startup_delay, options).await
+        }
+        Some(Command::Check) => {
+            let config = load(cli.config.as_ref())?;
+            print!("{}", config.to_yaml()?);
+            Ok(())
+        }
+        None => {
+            let config = load(cli.config.as_ref())?;
+            let gateway = Gateway::bind(config).await?;
+            gateway.run(sdgate::server::shutdown_signal()).await
+        }
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config> {
+    match path {
+        Some(path) => Config::load(path),
+        None => Config::default_config(),
+    }
+    .context("config")
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
+    }
+}

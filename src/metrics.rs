@@ -1,0 +1,178 @@
+//! Prometheus metrics (prefix `sdgate_`, label `service`).
+//!
+//! Per-service handles are resolved once, so the hot path only touches
+//! atomics; only `requests_total{code}` looks up a label per request.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Buckets for durations from milliseconds (proxy overhead) to ten minutes
+/// (a queued generation).
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    queue_depth: IntGaugeVec,
+    queue_wait: HistogramVec,
+    inflight: IntGaugeVec,
+    endpoints: IntGaugeVec,
+    upstream_errors: IntCounterVec,
+}
+
+/// The metrics of one service.
+#[derive(Clone)]
+pub struct ServiceMetrics {
+    service: String,
+    requests: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    endpoints: IntGaugeVec,
+    pub duration: Histogram,
+    pub queue_depth: IntGauge,
+    pub queue_wait: Histogram,
+    pub inflight: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let metrics = Self {
+            requests: IntCounterVec::new(
+                Opts::new("sdgate_requests_total", "Requests answered, by status code"),
+                &["service", "code"],
+            )
+            .expect("static metric definition"),
+            duration: histogram("sdgate_request_duration_seconds", "Time from arrival to response start"),
+            queue_depth: IntGaugeVec::new(
+                Opts::new("sdgate_queue_depth", "Requests waiting for a pod"),
+                &["service"],
+            )
+            .expect("static metric definition"),
+            queue_wait: histogram("sdgate_queue_wait_seconds", "Time a request waited for a pod"),
+            inflight: IntGaugeVec::new(
+                Opts::new("sdgate_inflight_requests", "Requests holding a pod slot"),
+                &["service"],
+            )
+            .expect("static metric definition"),
+            endpoints: IntGaugeVec::new(
+                Opts::new("sdgate_endpoints", "Endpoints by readiness state"),
+                &["service", "state"],
+            )
+            .expect("static metric definition"),
+            upstream_errors: IntCounterVec::new(
+                Opts::new("sdgate_upstream_errors_total", "Failures talking to pods, by kind"),
+                &["service", "kind"],
+            )
+            .expect("static metric definition"),
+            registry,
+        };
+        for collector in metrics.collectors() {
+            // Names are distinct constants; registering them cannot clash.
+            let _ = metrics.registry.register(collector);
+        }
+        metrics
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.requests.clone()),
+            Box::new(self.duration.clone()),
+            Box::new(self.queue_depth.clone()),
+            Box::new(self.queue_wait.clone()),
+            Box::new(self.inflight.clone()),
+            Box::new(self.endpoints.clone()),
+            Box::new(self.upstream_errors.clone()),
+        ]
+    }
+
+    pub fn service(&self, service: &str) -> ServiceMetrics {
+        ServiceMetrics {
+            service: service.to_string(),
+            requests: self.requests.clone(),
+            upstream_errors: self.upstream_errors.clone(),
+            endpoints: self.endpoints.clone(),
+            duration: self.duration.with_label_values(&[service]),
+            queue_depth: self.queue_depth.with_label_values(&[service]),
+            queue_wait: self.queue_wait.with_label_values(&[service]),
+            inflight: self.inflight.with_label_values(&[service]),
+        }
+    }
+
+    /// Counts a request answered before any service was chosen (404, 400).
+    pub fn unrouted(&self, code: u16) {
+        self.requests.with_label_values(&["", code_label(code)]).inc();
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ServiceMetrics {
+    pub fn answered(&self, code: u16) {
+        self.requests.with_label_values(&[&self.service, code_label(code)]).inc();
+    }
+
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors.with_label_values(&[&self.service, kind]).inc();
+    }
+
+    pub fn set_endpoints(&self, ready: usize, not_ready: usize) {
+        self.endpoints.with_label_values(&[&self.service, "ready"]).set(ready as i64);
+        self.endpoints.with_label_values(&[&self.service, "not_ready"]).set(not_ready as i64);
+    }
+}
+
+fn histogram(name: &str, help: &str) -> HistogramVec {
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec()), &["service"])
+        .expect("static metric definition")
+}
+
+/// Status codes as static strings, so counting allocates nothing.
+fn code_label(code: u16) -> &'static str {
+    match code {
+        101 => "101",
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        206 => "206",
+        301 => "301",
+        302 => "302",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        422 => "422",
+        429 => "429",
+        431 => "431",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,142 @@
+//! The listeners: the proxy's, with its client-input limits and graceful
+//! shutdown, and the admin one.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::admin;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::provider::Provider;
+use crate::proxy::Proxy;
+
+/// A bound, not yet running gateway.
+pub struct Gateway {
+    config: Config,
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    providers: Vec<Provider>,
+}
+
+impl Gateway {
+    /// Binds the listeners and starts the providers (endpoints and probes).
+    pub async fn bind(config: Config) -> Result<Self> {
+        let proxy = Arc::new(Proxy::new(&config, Metrics::new()));
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listen: cannot bind {}", config.listen))?;
+        let admin = match config.admin {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).await.with_context(|| format!("admin: cannot bind {addr}"))?)
+            }
+            None => None,
+        };
+        let providers = proxy
+            .services()
+            .iter()
+            .map(|service| Provider::start(&service.config, service.gate.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { config, proxy, listener, admin, providers })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and lets queued
+    /// and in-flight requests finish, at most `drain_timeout`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let Gateway { config, proxy, listener, admin, providers } = self;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            admin = admin.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
+            "sdgate listening"
+        );
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let admin_task = admin.map(|admin| tokio::spawn(admin::serve(admin, proxy.clone(), draining.clone())));
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.limits.header_read_timeout)
+            .max_buf_size(config.limits.max_header_bytes.max(8192) + 16 * 1024);
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, client) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            // Out of file descriptors and the like: keep serving.
+                            tracing::warn!(%error, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let proxy = proxy.clone();
+                    let service = service_fn(move |request| {
+                        let proxy = proxy.clone();
+                        async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
+                    });
+                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let connection = graceful.watch(connection.into_owned());
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%error, %client, "connection ended with an error");
+                        }
+                    });
+                }
+                _ = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(timeout = ?config.drain_timeout, "shutting down: draining requests");
+        tokio::select! {
+            _ = graceful.shutdown() => tracing::info!("drained"),
+            _ = tokio::time::sleep(config.drain_timeout) => tracing::warn!("drain timeout reached; exiting with requests still open"),
+        }
+        if let Some(task) = admin_task {
+            task.abort();
+        }
+        drop(providers);
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

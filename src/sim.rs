@@ -1,0 +1,398 @@
+//! `sdgate sim`: a fake Stable Diffusion WebUI (AUTOMATIC1111 API shape) for
+//! the demo, the tests and the benchmarks.
+//!
+//! Like the real one it serialises generations on one lock, so a second
+//! request sent to a busy worker silently waits inside it; the worker counts
+//! such overlaps, which a correct gateway never causes. Cheap calls
+//! (progress, interrupt, ping) answer during a generation.
+//!
+//! Routes: POST `/sdapi/v1/txt2img` and `/sdapi/v1/img2img`; GET
+//! `/sdapi/v1/progress`; POST `/sdapi/v1/interrupt` and `/sdapi/v1/skip`; GET
+//! `/sdapi/v1/options`; GET `/internal/ping`; a websocket echo at
+//! `/queue/join`; server-sent events at `/sim/events?count=N&interval_ms=M`;
+//! GET `/sim/stats`.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Role, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::body::{self, ResponseBody};
+
+/// How a fake worker behaves.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    /// Time one sampling step takes.
+    pub step_time: Duration,
+    /// Size of the base64 image in each generation's response.
+    pub image_bytes: usize,
+    /// Name reported in the `X-Worker` header; defaults to `sim-PORT`.
+    pub name: Option<String>,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        Self { step_time: Duration::from_millis(50), image_bytes: 64 * 1024, name: None }
+    }
+}
+
+/// What a worker has seen, from `/sim/stats`.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct SimStats {
+    pub name: String,
+    /// Generations answered.
+    pub served: u64,
+    /// Generation requests inside the worker right now (running or waiting
+    /// for the generation lock).
+    pub inflight: u64,
+    /// The most generation requests ever inside the worker at once.
+    pub max_inflight: u64,
+    /// Generation requests that arrived while another was inside.
+    pub overlaps: u64,
+    /// Interrupt calls received.
+    pub interrupts: u64,
+    /// The latest generations (at most 1000), oldest first.
+    pub jobs: Vec<JobRecord>,
+}
+
+/// One generation: its prompt, and when it arrived and ended, in microseconds
+/// since the first sim of this process started (comparable across the sims
+/// of one process).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct JobRecord {
+    pub prompt: String,
+    pub arrived_us: u64,
+    pub ended_us: u64,
+    pub interrupted: bool,
+}
+
+const JOB_HISTORY: usize = 1000;
+
+struct State {
+    options: SimOptions,
+    name: HeaderValue,
+    name_text: String,
+    image: String,
+    inflight: AtomicU64,
+    max_inflight: AtomicU64,
+    overlaps: AtomicU64,
+    served: AtomicU64,
+    interrupts: AtomicU64,
+    generation: tokio::sync::Mutex<()>,
+    progress: Mutex<Progress>,
+    jobs: Mutex<VecDeque<JobRecord>>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Progress {
+    step: u32,
+    steps: u32,
+    running: bool,
+    interrupted: bool,
+}
+
+/// A running in-process worker.
+pub struct SimHandle {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl SimHandle {
+    pub fn stats(&self) -> SimStats {
+        self.state.stats()
+    }
+
+    /// Stops accepting connections (open ones finish their requests).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+fn micros_since_origin() -> u64 {
+    origin().elapsed().as_micros() as u64
+}
+
+/// Starts a worker on `listener` in this process.
+pub fn spawn(listener: TcpListener, options: SimOptions) -> Result<SimHandle> {
+    let addr = listener.local_addr()?;
+    let state = Arc::new(State::new(options, addr.port()));
+    let task = tokio::spawn(serve(listener, state.clone()));
+    Ok(SimHandle { addr, state, task })
+}
+
+/// Runs a worker until the process ends: waits `startup_delay` (a model
+/// loading), then opens `addr`.
+pub async fn run(addr: SocketAddr, startup_delay: Duration, options: SimOptions) -> Result<()> {
+    origin();
+    tokio::time::sleep(startup_delay).await;
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("sim: cannot bind {addr}"))?;
+    let state = Arc::new(State::new(options, listener.local_addr()?.port()));
+    tracing::info!(addr = %listener.local_addr()?, name = %state.name_text, "sim worker listening");
+    serve(listener, state).await;
+    Ok(())
+}
+
+async fn serve(listener: TcpListener, state: Arc<State>) {
+    origin();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(state.answer(request).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Counts a generation request inside the worker until dropped, also when
+/// the connection closes mid-generation.
+struct Inside<'a>(&'a State);
+
+impl<'a> Inside<'a> {
+    fn enter(state: &'a State) -> Self {
+        let now = state.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_inflight.fetch_max(now, Ordering::SeqCst);
+        if now > 1 {
+            state.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        Inside(state)
+    }
+}
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl State {
+    fn new(options: SimOptions, port: u16) -> Self {
+        let name_text = options.name.clone().unwrap_or_else(|| format!("sim-{port}"));
+        let name = HeaderValue::from_str(&name_text).unwrap_or_else(|_| HeaderValue::from_static("sim"));
+        // A PNG signature in base64, padded to the requested size.
+        let mut image = String::from("iVBORw0KGgo");
+        image.extend(std::iter::repeat_n('A', options.image_bytes.saturating_sub(image.len())));
+        Self {
+            options,
+            name,
+            name_text,
+            image,
+            inflight: AtomicU64::new(0),
+            max_inflight: AtomicU64::new(0),
+            overlaps: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            interrupts: AtomicU64::new(0),
+            generation: tokio::sync::Mutex::new(()),
+            progress: Mutex::new(Progress::default()),
+            jobs: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn stats(&self) -> SimStats {
+        SimStats {
+            name: self.name_text.clone(),
+            served: self.served.load(Ordering::SeqCst),
+            inflight: self.inflight.load(Ordering::SeqCst),
+            max_inflight: self.max_inflight.load(Ordering::SeqCst),
+            overlaps: self.overlaps.load(Ordering::SeqCst),
+            interrupts: self.interrupts.load(Ordering::SeqCst),
+            jobs: lock(&self.jobs).iter().cloned().collect(),
+        }
+    }
+
+    async fn answer(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let mut response = match (request.method(), request.uri().path()) {
+            (&Method::POST, "/sdapi/v1/txt2img" | "/sdapi/v1/img2img") => self.generate(request).await,
+            (&Method::GET, "/sdapi/v1/progress") => json_response(self.progress()),
+            (&Method::POST, "/sdapi/v1/interrupt" | "/sdapi/v1/skip") => {
+                self.interrupts.fetch_add(1, Ordering::SeqCst);
+                lock(&self.progress).interrupted = true;
+                json_response(json!({}))
+            }
+            (&Method::GET, "/sdapi/v1/options") => json_response(json!({"sd_model_checkpoint": "sim.safetensors"})),
+            (&Method::GET, "/internal/ping") => json_response(json!({})),
+            (&Method::GET, "/sim/stats") => json_response(json!(self.stats())),
+            (&Method::GET, "/sim/events") => events(&request),
+            (&Method::GET, "/queue/join") => websocket_echo(request),
+            _ => status_response(StatusCode::NOT_FOUND, "not found"),
+        };
+        response.headers_mut().insert("x-worker", self.name.clone());
+        response
+    }
+
+    async fn generate(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let arrived_us = micros_since_origin();
+        let _inside = Inside::enter(self);
+        let payload: Value = match request.into_body().collect().await {
+            Ok(collected) => serde_json::from_slice(&collected.to_bytes()).unwrap_or(json!({})),
+            Err(_) => return status_response(StatusCode::BAD_REQUEST, "body read failed"),
+        };
+        let steps = payload.get("steps").and_then(Value::as_u64).unwrap_or(20).clamp(1, 10_000) as u32;
+        let prompt = payload.get("prompt").and_then(Value::as_str).unwrap_or("").to_string();
+        let _generation = self.generation.lock().await;
+        *lock(&self.progress) = Progress { step: 0, steps, running: true, interrupted: false };
+        let mut interrupted = false;
+        for step in 1..=steps {
+            tokio::time::sleep(self.options.step_time).await;
+            let mut progress = lock(&self.progress);
+            progress.step = step;
+            if progress.interrupted {
+                interrupted = true;
+                break;
+            }
+        }
+        lock(&self.progress).running = false;
+        let info = json!({"worker": self.name_text, "steps": steps, "interrupted": interrupted}).to_string();
+        let body = format!(
+            "{{\"images\":[\"{}\"],\"parameters\":{},\"info\":{}}}",
+            self.image,
+            payload,
+            Value::String(info)
+        );
+        self.served.fetch_add(1, Ordering::SeqCst);
+        let mut jobs = lock(&self.jobs);
+        if jobs.len() == JOB_HISTORY {
+            jobs.pop_front();
+        }
+        jobs.push_back(JobRecord { prompt, arrived_us, ended_us: micros_since_origin(), interrupted });
+        drop(jobs);
+        with_json_type(Response::new(body::full(body)))
+    }
+
+    fn progress(&self) -> Value {
+        let p = *lock(&self.progress);
+        let fraction = if p.running && p.steps > 0 { f64::from(p.step) / f64::from(p.steps) } else { 0.0 };
+        let left = p.steps.saturating_sub(p.step);
+        json!({
+            "progress": fraction,
+            "eta_relative": if p.running { self.options.step_time.as_secs_f64() * f64::from(left) } else { 0.0 },
+            "state": {
+                "job_count": u32::from(p.running),
+                "sampling_step": p.step,
+                "sampling_steps": p.steps,
+                "interrupted": p.interrupted,
+            },
+            "current_image": null,
+        })
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn with_json_type(mut response: Response<ResponseBody>) -> Response<ResponseBody> {
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn json_response(value: Value) -> Response<ResponseBody> {
+    with_json_type(Response::new(body::full(value.to_string())))
+}
+
+fn status_response(status: StatusCode, detail: &str) -> Response<ResponseBody> {
+    let mut response = json_response(json!({ "detail": detail }));
+    *response.status_mut() = status;
+    response
+}
+
+fn query_number(request: &Request<Incoming>, key: &str, default: u64) -> u64 {
+    request
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `count` server-sent events, `interval_ms` apart, each sent as it is made.
+fn events(request: &Request<Incoming>) -> Response<ResponseBody> {
+    let count = query_number(request, "count", 5);
+    let interval = Duration::from_millis(query_number(request, "interval_ms", 100));
+    let stream = futures_util::stream::unfold(0u64, move |i| async move {
+        if i == count {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(interval).await;
+        }
+        let frame = Frame::data(Bytes::from(format!("data: {i}\n\n")));
+        Some((Ok::<_, body::BoxError>(frame), i + 1))
+    });
+    let mut response = Response::new(StreamBody::new(stream).boxed_unsync());
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// Accepts a websocket and echoes its text and binary messages.
+fn websocket_echo(mut request: Request<Incoming>) -> Response<ResponseBody> {
+    let Some(key) = request.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return status_response(StatusCode::BAD_REQUEST, "websocket upgrade expected");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(message)) = socket.next().await {
+            match message {
+                Message::Text(_) | Message::Binary(_) => {
+                    if socket.send(message).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    });
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(value) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    response
+}

@@ -1,0 +1,222 @@
+//! The gate shared by a service's requests and its control loop, and the
+//! [`Slot`] that carries a pod's capacity.
+//!
+//! A [`Slot`] is the right to have one request on one pod. It is returned by
+//! `Drop`, never by remembering to call a release function (tower's
+//! `ConcurrencyLimit` permit, but owned by the upstream exchange rather than
+//! the client's future, because the pod stays busy after a client leaves).
+//! Dropping a slot hands the room straight to the next waiter, under the same
+//! lock, so no pod sits idle while a request it could take waits.
+//!
+//! Waiting is cancel-safe: a waiter that gives up leaves the queue, and a slot
+//! granted at the instant it gave up is dropped with its channel and so comes
+//! back; in-flight always returns to 0 when traffic stops.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, Notify};
+
+use crate::error::ProxyError;
+use crate::gate::{EndpointId, Gate, Grant, Ticket};
+use crate::metrics::ServiceMetrics;
+
+type Waiter = oneshot::Sender<Slot>;
+
+/// One service's gate, shared by its requests, probes and provider.
+pub struct SharedGate {
+    gate: Mutex<Gate<Waiter>>,
+    metrics: ServiceMetrics,
+    /// Woken when a request has to wait (the autoscaler's activation signal).
+    pub demand: Notify,
+}
+
+impl SharedGate {
+    pub fn new(capacity: u32, max_depth: usize, metrics: ServiceMetrics) -> Arc<Self> {
+        Arc::new(Self { gate: Mutex::new(Gate::new(capacity, max_depth)), metrics, demand: Notify::new() })
+    }
+
+    /// Locks the gate. A panic while holding the lock cannot leave the gate
+    /// half-updated (its methods do not panic), so a poisoned lock is used as is.
+    fn lock(&self) -> MutexGuard<'_, Gate<Waiter>> {
+        self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads the gate (for status pages and tests).
+    pub fn inspect<T>(&self, f: impl FnOnce(&Gate<Waiter>) -> T) -> T {
+        f(&self.lock())
+    }
+
+    /// A place in line for a new request.
+    pub fn arrive(&self) -> Ticket {
+        self.lock().arrive()
+    }
+
+    /// Waits, at `ticket`'s place in line, until a pod has room, at most
+    /// `timeout`.
+    pub async fn acquire(self: &Arc<Self>, ticket: Ticket, timeout: Duration) -> Result<Slot, ProxyError> {
+        let (tx, mut rx) = oneshot::channel();
+        {
+            let mut gate = self.lock();
+            if let Some(grant) = gate.try_dispatch(ticket) {
+                self.publish(&gate);
+                return Ok(Slot::new(self.clone(), grant));
+            }
+            if gate.enqueue(ticket, tx, Instant::now()).is_err() {
+                return Err(ProxyError::QueueFull(gate.queue_depth()));
+            }
+            self.publish(&gate);
+        }
+        self.demand.notify_one();
+        let mut leave = LeaveQueueOnDrop { gate: self, ticket: Some(ticket) };
+        match tokio::time::timeout(timeout, &mut rx).await {
+            Ok(Ok(slot)) => {
+                leave.ticket = None;
+                Ok(slot)
+            }
+            // The gate dropped the waiter without a slot: only when closing.
+            Ok(Err(_)) => Err(ProxyError::ShuttingDown),
+            Err(_) => {
+                if leave.leave() {
+                    return Err(ProxyError::QueueTimeout(timeout));
+                }
+                // Granted in the same instant the timer fired: use the slot.
+                rx.try_recv().map_err(|_| ProxyError::QueueTimeout(timeout))
+            }
+        }
+    }
+
+    /// An endpoint for a request that skips the gate (no slot).
+    pub fn any_ready(&self) -> Option<Grant> {
+        self.lock().any_ready()
+    }
+
+    pub fn add_endpoint(&self, addr: SocketAddr) -> EndpointId {
+        let mut gate = self.lock();
+        let id = gate.add_endpoint(addr);
+        self.publish_endpoints(&gate);
+        id
+    }
+
+    pub fn remove_endpoint(&self, id: EndpointId) {
+        let mut gate = self.lock();
+        gate.remove_endpoint(id);
+        self.publish(&gate);
+        self.publish_endpoints(&gate);
+    }
+
+    /// Marks an endpoint ready or not; a newly ready one takes waiters at once.
+    pub fn set_ready(self: &Arc<Self>, id: EndpointId, ready: bool) -> bool {
+        let mut gate = self.lock();
+        let changed = gate.set_ready(id, ready);
+        if changed {
+            if ready {
+                self.hand_out(&mut gate);
+            }
+            self.publish(&gate);
+            self.publish_endpoints(&gate);
+        }
+        changed
+    }
+
+    fn release(self: &Arc<Self>, endpoint: EndpointId) {
+        let mut gate = self.lock();
+        gate.release(endpoint);
+        self.hand_out(&mut gate);
+        self.publish(&gate);
+    }
+
+    /// Gives free room to waiters, in order, until one or the other runs out.
+    fn hand_out(self: &Arc<Self>, gate: &mut Gate<Waiter>) {
+        while let Some((waiter, grant)) = gate.next_grant() {
+            if let Err(mut slot) = waiter.send(Slot::new(self.clone(), grant)) {
+                // The waiter left: the room goes to the next one. The slot must
+                // not release itself (we hold the lock); release it here.
+                slot.armed = false;
+                gate.release(grant.endpoint);
+            }
+        }
+    }
+
+    fn publish(&self, gate: &Gate<Waiter>) {
+        self.metrics.queue_depth.set(gate.queue_depth() as i64);
+        self.metrics.inflight.set(i64::from(gate.inflight()));
+    }
+
+    fn publish_endpoints(&self, gate: &Gate<Waiter>) {
+        let ready = gate.ready_count();
+        self.metrics.set_endpoints(ready, gate.endpoints().len() - ready);
+    }
+
+    pub fn metrics(&self) -> &ServiceMetrics {
+        &self.metrics
+    }
+}
+
+/// Removes a waiter from the queue if its future is dropped (client gone).
+struct LeaveQueueOnDrop<'a> {
+    gate: &'a SharedGate,
+    ticket: Option<Ticket>,
+}
+
+impl LeaveQueueOnDrop<'_> {
+    /// True if the waiter was still queued (so no slot was granted).
+    fn leave(&mut self) -> bool {
+        let Some(ticket) = self.ticket.take() else { return false };
+        let mut gate = self.gate.lock();
+        let was_queued = gate.cancel(ticket).is_some();
+        self.gate.publish(&gate);
+        was_queued
+    }
+}
+
+impl Drop for LeaveQueueOnDrop<'_> {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+/// The right to have one request on one pod; dropping it frees the room.
+pub struct Slot {
+    gate: Arc<SharedGate>,
+    grant: Grant,
+    armed: bool,
+}
+
+impl Slot {
+    fn new(gate: Arc<SharedGate>, grant: Grant) -> Self {
+        Self { gate, grant, armed: true }
+    }
+
+    /// A slot-less stand-in for requests that skip the gate.
+    pub fn bypass(gate: Arc<SharedGate>, grant: Grant) -> Self {
+        Self { gate, grant, armed: false }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.grant.addr
+    }
+
+    pub fn endpoint(&self) -> EndpointId {
+        self.grant.endpoint
+    }
+
+    pub fn gate(&self) -> &Arc<SharedGate> {
+        &self.gate
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.armed {
+            self.gate.release(self.grant.endpoint);
+        }
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("grant", &self.grant).field("armed", &self.armed).finish()
+    }
+}
