@@ -200,7 +200,8 @@ fn default_failure_threshold() -> u32 {
 impl Config {
     /// Parses and validates YAML text.
     pub fn from_yaml(text: &str) -> Result<Self> {
-        let config: Config = serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
+            .map_err(|e| anyhow::anyhow!("{}", key_error(&e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -303,6 +304,23 @@ impl Backend {
             parse_addr(addr).with_context(|| format!("{key}.fixed[{j}]"))?;
         }
         Ok(())
+    }
+}
+
+/// "services[0].queue.timeout: <what is wrong> at line 4 column 12": the
+/// full path of the key, once (serde_yaml names only the enclosing mapping
+/// for errors raised by a field's own parser).
+fn key_error(error: &serde_path_to_error::Error<serde_yaml::Error>) -> String {
+    let path = error.path().to_string();
+    let inner = error.inner().to_string();
+    let message = match inner.split_once(": ") {
+        Some((prefix, rest)) if path.starts_with(prefix) => rest,
+        _ => inner.as_str(),
+    };
+    if path == "." {
+        message.to_string()
+    } else {
+        format!("{path}: {message}")
     }
 }
 

@@ -221,6 +221,11 @@ impl<W> Gate<W> {
         self.endpoints.iter().find(|e| e.id == id)
     }
 
+    /// Requests that have arrived so far (tickets handed out).
+    pub fn arrivals(&self) -> u64 {
+        self.next_ticket
+    }
+
     pub fn queue_depth(&self) -> usize {
         self.queue.len()
     }

@@ -22,7 +22,8 @@ use crate::error::ProxyError;
 use crate::gate::{EndpointId, Gate, Grant, Ticket};
 use crate::metrics::ServiceMetrics;
 
-type Waiter = oneshot::Sender<Slot>;
+/// What a queued request waits on: the channel its slot arrives by.
+pub type Waiter = oneshot::Sender<Slot>;
 
 /// One service's gate, shared by its requests, probes and provider.
 pub struct SharedGate {

@@ -1,0 +1,420 @@
+#!/usr/bin/env bash
+# Load benchmark: sdgate against HAProxy (and a direct connection) on loopback.
+#
+#   (a) tiny responses, container_concurrency 0: wrk against GET /sdapi/v1/options
+#       on one `sdgate sim` worker, directly, through HAProxy and through sdgate.
+#   (b) one generation at a time per worker (container_concurrency 1): hey sends
+#       192 POST txt2img (4 steps of 50ms) from 16 clients to 4 sim workers,
+#       through HAProxy (`maxconn 1` per server + queue) and through sdgate.
+#
+# Usage: bash benches/load.sh            (see benches/README.md for the knobs)
+# It installs hey, wrk, haproxy, curl and jq with apt-get when they are missing
+# (needs root), builds sdgate in release mode and only listens on 127.0.0.1.
+# Every process it starts is stopped on exit.
+
+set -euo pipefail
+
+# ---------------------------------------------------------------- settings
+DURATION=${DURATION:-10s}          # wrk run length in (a)
+WRK_THREADS=${WRK_THREADS:-2}
+WRK_CONNS=${WRK_CONNS:-64}
+REQUESTS=${REQUESTS:-192}          # hey -n in (b)
+CLIENTS=${CLIENTS:-16}             # hey -c in (b)
+WORKERS=${WORKERS:-4}              # sim workers in (b)
+STEPS=${STEPS:-4}                  # "steps" in each txt2img body
+STEP_TIME=${STEP_TIME:-50ms}       # sim --step-time
+IMAGE_BYTES=${IMAGE_BYTES:-65536}  # sim --image-bytes
+HOST_HEADER=${HOST_HEADER:-sd.bench.local}
+SIM_BASE_PORT=${SIM_BASE_PORT:-17860}  # workers on SIM_BASE_PORT .. +WORKERS-1
+GATE_PORT=${GATE_PORT:-18080}
+HAPROXY_PORT=${HAPROXY_PORT:-18081}
+ADMIN_PORT=${ADMIN_PORT:-19090}
+WAIT_SECS=${WAIT_SECS:-10}         # how long to wait for a port or readiness
+SKIP_BUILD=${SKIP_BUILD:-0}        # 1: use the existing target/release/sdgate
+KEEP_TMP=${KEEP_TMP:-0}            # 1: keep configs and logs after the run
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SDGATE="$ROOT/target/release/sdgate"
+BODY=$(printf '{"prompt":"x","steps":%d}' "$STEPS")
+
+log() { printf '[load.sh] %s\n' "$*" >&2; }
+die() { printf '[load.sh] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- processes
+TMP=$(mktemp -d /tmp/sdgate-load.XXXXXX)
+declare -A PIDS=()    # pid -> label
+
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    local pid
+    for pid in "${!PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${!PIDS[@]}"; do
+        local i
+        for i in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $status -ne 0 ]]; then
+        log "failed (exit $status); logs of the started processes:"
+        local f
+        for f in "$TMP"/*.log; do
+            [[ -e $f ]] || continue
+            printf -- '--- %s (last 20 lines)\n' "$(basename "$f")" >&2
+            tail -n 20 "$f" >&2 || true
+        done
+    fi
+    if [[ $KEEP_TMP == 1 || $status -ne 0 ]]; then
+        log "configs and logs kept in $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start LABEL CMD...: runs CMD in the background, output to $TMP/LABEL.log.
+LAST_PID=
+start() {
+    local label=$1
+    shift
+    "$@" >"$TMP/$label.log" 2>&1 &
+    LAST_PID=$!
+    PIDS[$LAST_PID]=$label
+}
+
+# stop PID: TERM, wait up to 5 s, then KILL.
+stop() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    unset "PIDS[$pid]"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+require_free() {
+    local port
+    for port in "$@"; do
+        port_open "$port" && die "port $port on 127.0.0.1 is already in use (set the *_PORT variables to move the benchmark)"
+    done
+    return 0
+}
+
+# wait_port PORT PID: until something listens on PORT, at most WAIT_SECS;
+# fails early if PID died.
+wait_port() {
+    local port=$1 pid=$2 label=${PIDS[$2]:-process} i
+    for i in $(seq 1 $((WAIT_SECS * 10))); do
+        port_open "$port" && return 0
+        kill -0 "$pid" 2>/dev/null || die "$label exited before listening on port $port (see $TMP/$label.log)"
+        sleep 0.1
+    done
+    die "$label did not listen on 127.0.0.1:$port within ${WAIT_SECS}s (see $TMP/$label.log)"
+}
+
+# wait_200 URL WHAT: until a GET of URL (with the Host header) answers 200.
+wait_200() {
+    local url=$1 what=$2 i code
+    for i in $(seq 1 $((WAIT_SECS * 10))); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' -m 2 -H "Host: $HOST_HEADER" "$url" || true)
+        [[ $code == 200 ]] && return 0
+        sleep 0.1
+    done
+    die "$what did not answer 200 at $url within ${WAIT_SECS}s (last status: ${code:-none})"
+}
+
+# wait_gate_ready N: until sdgate's admin metrics report N ready endpoints.
+wait_gate_ready() {
+    local want=$1 i ready=
+    for i in $(seq 1 $((WAIT_SECS * 10))); do
+        ready=$(curl -s -m 2 "http://127.0.0.1:$ADMIN_PORT/metrics" \
+            | awk '/^sdgate_endpoints\{/ && /state="ready"/ { print $NF; exit }' || true)
+        [[ -n $ready && ${ready%.*} -ge $want ]] && return 0
+        sleep 0.1
+    done
+    die "sdgate did not report $want ready endpoints within ${WAIT_SECS}s (last: ${ready:-no sdgate_endpoints metric})"
+}
+
+# ---------------------------------------------------------------- setup
+install_tools() {
+    local missing=() tool
+    for tool in hey wrk haproxy curl jq; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    [[ $(id -u) -eq 0 ]] || die "missing tools: ${missing[*]}; run as root or install them first"
+    command -v apt-get >/dev/null 2>&1 || die "missing tools: ${missing[*]}, and no apt-get to install them"
+    log "installing: ${missing[*]}"
+    # Keep package scripts from starting a system haproxy service.
+    local policy=/usr/sbin/policy-rc.d made_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
+    fi
+    local ok=1
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >"$TMP/apt.log" 2>&1 \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >>"$TMP/apt.log" 2>&1 \
+        || ok=0
+    [[ $made_policy -eq 1 ]] && rm -f "$policy"
+    [[ $ok -eq 1 ]] || { tail -n 20 "$TMP/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
+    for tool in "${missing[@]}"; do
+        command -v "$tool" >/dev/null 2>&1 || die "$tool still missing after apt-get install"
+    done
+}
+
+build() {
+    if [[ $SKIP_BUILD == 1 ]]; then
+        log "SKIP_BUILD=1: using $SDGATE"
+    else
+        log "cargo build --release"
+        (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+    fi
+    [[ -x $SDGATE ]] || die "$SDGATE not found"
+}
+
+# ---------------------------------------------------------------- helpers
+# start_workers N: N sims on SIM_BASE_PORT.., waits for each; sets WORKER_PIDS.
+WORKER_PIDS=()
+start_workers() {
+    local n=$1 i port
+    WORKER_PIDS=()
+    for ((i = 0; i < n; i++)); do
+        port=$((SIM_BASE_PORT + i))
+        start "sim-$port" env RUST_LOG=warn "$SDGATE" sim --port "$port" \
+            --step-time "$STEP_TIME" --image-bytes "$IMAGE_BYTES"
+        WORKER_PIDS+=("$LAST_PID")
+    done
+    for ((i = 0; i < n; i++)); do
+        wait_port $((SIM_BASE_PORT + i)) "${WORKER_PIDS[$i]}"
+    done
+}
+
+stop_workers() {
+    local pid
+    for pid in "${WORKER_PIDS[@]}"; do stop "$pid"; done
+    WORKER_PIDS=()
+}
+
+# worker_stats N: prints "SUM_OVERLAPS MAX_INFLIGHT SUM_SERVED" over N workers.
+worker_stats() {
+    local n=$1 i overlaps=0 inflight=0 served=0 json
+    for ((i = 0; i < n; i++)); do
+        json=$(curl -s -m 5 "http://127.0.0.1:$((SIM_BASE_PORT + i))/sim/stats") \
+            || die "cannot read /sim/stats from worker $((SIM_BASE_PORT + i))"
+        overlaps=$((overlaps + $(jq -r '.overlaps' <<<"$json")))
+        served=$((served + $(jq -r '.served' <<<"$json")))
+        local m
+        m=$(jq -r '.max_inflight' <<<"$json")
+        if ((m > inflight)); then inflight=$m; fi
+    done
+    echo "$overlaps $inflight $served"
+}
+
+backend_list() { # backend_list N -> "127.0.0.1:P1", "127.0.0.1:P2", ...
+    local n=$1 i out=
+    for ((i = 0; i < n; i++)); do
+        out+="${out:+, }\"127.0.0.1:$((SIM_BASE_PORT + i))\""
+    done
+    echo "$out"
+}
+
+write_gate_config() { # write_gate_config FILE CC N
+    local file=$1 cc=$2 n=$3
+    cat >"$file" <<EOF
+listen: 127.0.0.1:$GATE_PORT
+admin: 127.0.0.1:$ADMIN_PORT
+services:
+  - name: sd
+    hosts: ["*"]
+    container_concurrency: $cc
+    queue: { max_depth: 10000, timeout: 60s }
+    request_timeout: 120s
+    readiness: { tcp: true, period: 50ms }
+    backend: { fixed: [$(backend_list "$n")] }
+EOF
+}
+
+# write_haproxy_config FILE N SERVER_OPTS
+write_haproxy_config() {
+    local file=$1 n=$2 opts=$3 i
+    cat >"$file" <<EOF
+global
+    maxconn 10000
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout queue 60s
+
+frontend fe
+    bind 127.0.0.1:$HAPROXY_PORT
+    default_backend sd
+
+backend sd
+EOF
+    for ((i = 0; i < n; i++)); do
+        printf '    server s%d 127.0.0.1:%d%s\n' $((i + 1)) $((SIM_BASE_PORT + i)) "${opts:+ $opts}" >>"$file"
+    done
+}
+
+HAPROXY_PID=
+start_haproxy() { # start_haproxy CONFIG
+    haproxy -c -q -f "$1" || die "haproxy rejected $1"
+    start haproxy haproxy -db -f "$1"
+    HAPROXY_PID=$LAST_PID
+    wait_port "$HAPROXY_PORT" "$HAPROXY_PID"
+}
+
+GATE_PID=
+start_gate() { # start_gate CONFIG N_READY
+    "$SDGATE" --config "$1" check >/dev/null || die "sdgate rejected $1"
+    start sdgate env RUST_LOG=warn "$SDGATE" --config "$1"
+    GATE_PID=$LAST_PID
+    wait_port "$GATE_PORT" "$GATE_PID"
+    wait_gate_ready "$2"
+}
+
+duration_secs() { # 10s, 1m, 500ms -> seconds (integer, rounded up)
+    local d=$1
+    case $d in
+        *ms) echo $(((${d%ms} + 999) / 1000)) ;;
+        *s) echo "${d%s}" ;;
+        *m) echo $((${d%m} * 60)) ;;
+        *h) echo $((${d%h} * 3600)) ;;
+        *) echo "$d" ;;
+    esac
+}
+
+# run_wrk LABEL PORT: wrk against GET /sdapi/v1/options; appends a row to RESULTS_A.
+RESULTS_A=()
+declare -A RPS=() P99=()
+run_wrk() {
+    local label=$1 port=$2 out="$TMP/wrk-$1.txt" limit
+    limit=$(($(duration_secs "$DURATION") + 30))
+    log "(a) wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION -> $label (127.0.0.1:$port)"
+    timeout --signal=INT --kill-after=5 "$limit" \
+        wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$DURATION" --timeout 5s --latency \
+        -H "Host: $HOST_HEADER" "http://127.0.0.1:$port/sdapi/v1/options" >"$out" 2>&1 \
+        || die "wrk against $label failed: $(tail -n 5 "$out")"
+    local rps p99 p99ms total errors non2xx
+    rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
+    p99=$(awk '$1 == "99%" { print $2 }' "$out")
+    total=$(awk '/requests in/ { print $1 }' "$out")
+    non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$out")
+    errors=$(awk -F'[ ,]+' '/Socket errors:/ { print $5 + $7 + $9 + $11 }' "$out")
+    [[ -n $rps && -n $p99 ]] || die "cannot parse wrk output for $label: $(cat "$out")"
+    p99ms=$(awk -v v="$p99" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+        printf "%.2f", n }')
+    RPS[$label]=$rps
+    P99[$label]=$p99ms
+    RESULTS_A+=("| $label | $(printf '%.0f' "$rps") | $p99ms | ${total:-?} | $((${non2xx:-0} + ${errors:-0})) |")
+}
+
+# run_hey LABEL PORT: 192 POST txt2img; appends a row to RESULTS_B.
+RESULTS_B=()
+run_hey() {
+    local label=$1 port=$2 out="$TMP/hey-$1.txt"
+    log "(b) hey -n $REQUESTS -c $CLIENTS POST txt2img -> $label (127.0.0.1:$port)"
+    timeout --kill-after=5 600 \
+        hey -n "$REQUESTS" -c "$CLIENTS" -t 60 -m POST -T application/json -d "$BODY" \
+        -host "$HOST_HEADER" "http://127.0.0.1:$port/sdapi/v1/txt2img" >"$out" 2>&1 \
+        || die "hey against $label failed: $(tail -n 5 "$out")"
+    local total ok stats overlaps inflight served ratio
+    total=$(awk '/^ *Total:/ { print $2; exit }' "$out")
+    ok=$(awk '/\[200\]/ { print $2; exit }' "$out")
+    [[ -n $total ]] || die "cannot parse hey output for $label: $(cat "$out")"
+    stats=$(worker_stats "$WORKERS")
+    read -r overlaps inflight served <<<"$stats"
+    ratio=$(awk -v t="$total" -v i="$IDEAL" 'BEGIN { printf "%.3f", t / i }')
+    RESULTS_B+=("| $label | $(printf '%.2f' "$total") | $(printf '%.2f' "$IDEAL") | $ratio | ${ok:-0}/$REQUESTS | $served | $overlaps | $inflight |")
+}
+
+# ---------------------------------------------------------------- main
+install_tools
+build
+require_free $(seq "$SIM_BASE_PORT" $((SIM_BASE_PORT + WORKERS - 1))) "$GATE_PORT" "$HAPROXY_PORT" "$ADMIN_PORT"
+log "workdir $TMP; DURATION=$DURATION; $(nproc) CPUs"
+
+# (a) tiny responses, cc = 0, one worker.
+start_workers 1
+wait_200 "http://127.0.0.1:$SIM_BASE_PORT/sdapi/v1/options" "sim worker"
+run_wrk direct "$SIM_BASE_PORT"
+
+write_haproxy_config "$TMP/haproxy-a.cfg" 1 ""
+start_haproxy "$TMP/haproxy-a.cfg"
+wait_200 "http://127.0.0.1:$HAPROXY_PORT/sdapi/v1/options" "haproxy"
+run_wrk haproxy "$HAPROXY_PORT"
+stop "$HAPROXY_PID"
+
+write_gate_config "$TMP/sdgate-a.yaml" 0 1
+start_gate "$TMP/sdgate-a.yaml" 1
+wait_200 "http://127.0.0.1:$GATE_PORT/sdapi/v1/options" "sdgate"
+run_wrk sdgate "$GATE_PORT"
+stop "$GATE_PID"
+stop_workers
+
+# (b) cc = 1, WORKERS one-at-a-time workers.
+start_workers "$WORKERS"
+SERVICE=$(curl -s -o /dev/null -w '%{time_total}' -m 30 -X POST -H 'Content-Type: application/json' \
+    -d "$BODY" "http://127.0.0.1:$SIM_BASE_PORT/sdapi/v1/txt2img") || die "direct txt2img request failed"
+IDEAL=$(awk -v n="$REQUESTS" -v w="$WORKERS" -v s="$SERVICE" 'BEGIN { printf "%.4f", int((n + w - 1) / w) * s }')
+log "(b) one direct txt2img took ${SERVICE}s; ideal makespan ${IDEAL}s"
+stop_workers
+
+start_workers "$WORKERS"
+write_haproxy_config "$TMP/haproxy-b.cfg" "$WORKERS" "maxconn 1"
+start_haproxy "$TMP/haproxy-b.cfg"
+wait_200 "http://127.0.0.1:$HAPROXY_PORT/sdapi/v1/options" "haproxy"
+run_hey haproxy "$HAPROXY_PORT"
+stop "$HAPROXY_PID"
+stop_workers
+
+start_workers "$WORKERS"
+write_gate_config "$TMP/sdgate-b.yaml" 1 "$WORKERS"
+start_gate "$TMP/sdgate-b.yaml" "$WORKERS"
+wait_200 "http://127.0.0.1:$GATE_PORT/sdapi/v1/options" "sdgate"
+run_hey sdgate "$GATE_PORT"
+stop "$GATE_PID"
+stop_workers
+
+# ---------------------------------------------------------------- report
+RPS_RATIO=$(awk -v a="${RPS[sdgate]}" -v b="${RPS[haproxy]}" 'BEGIN { printf "%.2f", a / b }')
+P99_RATIO=$(awk -v a="${P99[sdgate]}" -v b="${P99[haproxy]}" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+
+cat <<EOF
+
+## (a) tiny responses, container_concurrency 0 — wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION GET /sdapi/v1/options, 1 sim worker
+
+| path | requests/s | p99 (ms) | requests | errors |
+| --- | ---: | ---: | ---: | ---: |
+$(printf '%s\n' "${RESULTS_A[@]}")
+
+sdgate/HAProxy: requests/s ${RPS_RATIO}x, p99 ${P99_RATIO}x
+
+## (b) container_concurrency 1 — hey -n $REQUESTS -c $CLIENTS POST txt2img (steps $STEPS, step-time $STEP_TIME), $WORKERS sim workers
+
+Ideal = ceil($REQUESTS/$WORKERS) x ${SERVICE}s (one direct request); served/overlaps/max_inflight from /sim/stats.
+
+| path | makespan (s) | ideal (s) | makespan/ideal | 200s | served | overlaps | max_inflight |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+$(printf '%s\n' "${RESULTS_B[@]}")
+
+($(nproc) CPUs, all processes on 127.0.0.1; load generator, proxy and workers share the CPUs.)
+EOF

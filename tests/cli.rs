@@ -1,0 +1,78 @@
+//! The binary: `sdgate check` on the shipped configs and a broken one, and a
+//! graceful drain on SIGTERM.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn check_passes_on_every_shipped_config() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let output = Command::new(sdgate_bin()).arg("check").arg("--config").arg(&path).output().unwrap();
+            assert!(output.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&output.stderr));
+            assert!(String::from_utf8_lossy(&output.stdout).contains("container_concurrency"));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "config/ holds the shipped examples");
+}
+
+#[test]
+fn check_without_a_file_prints_the_built_in_default() {
+    let output = Command::new(sdgate_bin()).arg("check").output().unwrap();
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("stable-diffusion"));
+}
+
+#[test]
+fn check_names_the_key_of_a_broken_config() {
+    let broken = TempFile::new(
+        "yaml",
+        "services:\n  - name: sd\n    hosts: [\"*\"]\n    queue: { max_depth: 10, timeout: forever }\n    backend: { fixed: [\"127.0.0.1:7860\"] }\n",
+    );
+    let output = Command::new(sdgate_bin()).arg("check").arg("--config").arg(&broken.path).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("services[0].queue.timeout"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_queued_and_inflight_requests_then_exits_0() {
+    let workers = sims(2, fast_sim(20)).await;
+    let addrs: Vec<_> = workers.iter().map(|w| w.addr).collect();
+    let mut gateway = GatewayProcess::start(&config_yaml(&addrs, 1, "")).await;
+    let client = client();
+    eventually("pods ready", || {
+        let admin = gateway.admin;
+        async move { metric(admin, "sdgate_endpoints{service=\"sd\",state=\"ready\"}").await == Some(2.0) }
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let (client, addr) = (client.clone(), gateway.addr);
+        tasks.push(tokio::spawn(async move { send(&client, txt2img(addr, &i.to_string(), 5)).await.status }));
+    }
+    eventually("10 requests queued or in flight", || {
+        let admin = gateway.admin;
+        async move {
+            let queued = metric(admin, "sdgate_queue_depth{service=\"sd\"}").await.unwrap_or(0.0);
+            let inflight = metric(admin, "sdgate_inflight_requests{service=\"sd\"}").await.unwrap_or(0.0);
+            queued + inflight == 10.0
+        }
+    })
+    .await;
+    gateway.signal("TERM");
+    for task in tasks {
+        assert_eq!(task.await.unwrap().as_u16(), 200);
+    }
+    let status = tokio::time::timeout(std::time::Duration::from_secs(15), gateway.child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let served: u64 = workers.iter().map(|w| w.stats().served).sum();
+    assert_eq!(served, 10);
+}

@@ -1,0 +1,305 @@
+//! Shared test harness: real listeners on 127.0.0.1 port 0, in-process sim
+//! workers, a gateway in-process or as the real binary, and waiting on
+//! conditions with a deadline instead of sleeping.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use sdgate::proxy::Proxy;
+use sdgate::sim::{SimHandle, SimOptions, SimStats};
+use sdgate::{Config, Gateway};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const HOST: &str = "stable-diffusion.default.example.com";
+
+/// Starts `n` in-process sim workers.
+pub async fn sims(n: usize, options: SimOptions) -> Vec<SimHandle> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
+        out.push(sdgate::sim::spawn(listener, options.clone()).expect("spawn sim"));
+    }
+    out
+}
+
+pub fn fast_sim(step_ms: u64) -> SimOptions {
+    SimOptions { step_time: Duration::from_millis(step_ms), image_bytes: 1024, name: None }
+}
+
+/// A free port on 127.0.0.1 (bound and released).
+pub async fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// A one-service config in front of `backends` with the given
+/// `container_concurrency`; `extra` is appended to the service (YAML lines
+/// indented by four spaces).
+pub fn config_yaml(backends: &[SocketAddr], cc: u32, extra: &str) -> String {
+    let fixed: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ndrain_timeout: 10s\nservices:\n  - name: sd\n    hosts: [\"{HOST}\"]\n    container_concurrency: {cc}\n    readiness: {{ http: /internal/ping, period: 20ms }}\n    backend: {{ fixed: [{}] }}\n{extra}",
+        fixed.join(", ")
+    )
+}
+
+/// A gateway running in this process.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub proxy: Arc<Proxy>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestGateway {
+    pub async fn start(yaml: &str) -> Self {
+        let config = Config::from_yaml(yaml).expect("valid test config");
+        let gateway = Gateway::bind(config).await.expect("bind gateway");
+        let addr = gateway.local_addr().expect("addr");
+        let admin = gateway.admin_addr().expect("admin addr");
+        let proxy = gateway.proxy().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.run(async move {
+            let _ = stopped.await;
+        }));
+        Self { addr, admin, proxy, stop: Some(stop), task }
+    }
+
+    /// Starts a gateway in front of `backends` and waits until they are all ready.
+    pub async fn in_front_of(backends: &[SocketAddr], cc: u32, extra: &str) -> Self {
+        let gateway = Self::start(&config_yaml(backends, cc, extra)).await;
+        let n = backends.len();
+        gateway.wait_for(|g| g.ready_count() == n, "all endpoints ready").await;
+        gateway
+    }
+
+    /// Waits until `check` holds for the first service's gate (5 s at most).
+    pub async fn wait_for(&self, check: impl Fn(&sdgate::gate::Gate<sdgate::slot::Waiter>) -> bool, what: &str) {
+        let gate = self.proxy.services()[0].gate.clone();
+        eventually(what, || {
+            let ok = gate.inspect(&check);
+            async move { ok }
+        })
+        .await;
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.proxy.services()[0].gate.inspect(|g| g.queue_depth())
+    }
+
+    pub fn inflight(&self) -> u32 {
+        self.proxy.services()[0].gate.inspect(|g| g.inflight())
+    }
+
+    pub fn arrivals(&self) -> u64 {
+        self.proxy.services()[0].gate.inspect(|g| g.arrivals())
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Polls `check` every 5 ms until it holds; panics after 10 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// An answer read in full.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", self.body))
+    }
+
+    pub fn worker(&self) -> String {
+        self.headers.get("x-worker").and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+    }
+
+    /// Asserts a JSON error body naming the service.
+    pub fn assert_json_error(&self, status: u16) {
+        assert_eq!(self.status.as_u16(), status, "body: {:?}", self.body);
+        assert_eq!(self.headers["content-type"], "application/json");
+        let json = self.json();
+        assert!(json["error"].as_str().is_some_and(|e| !e.is_empty()), "{json}");
+    }
+}
+
+pub async fn send(client: &TestClient, request: Request<Full<Bytes>>) -> Answer {
+    let response: Response<_> = client.request(request).await.expect("request reaches the gateway");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Answer { status: parts.status, headers: parts.headers, body }
+}
+
+pub fn txt2img(addr: SocketAddr, prompt: &str, steps: u32) -> Request<Full<Bytes>> {
+    let body = serde_json::json!({ "prompt": prompt, "steps": steps }).to_string();
+    Request::post(format!("http://{addr}/sdapi/v1/txt2img"))
+        .header("host", HOST)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request")
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("http://{addr}{path}"))
+        .header("host", HOST)
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
+
+/// Asserts that no worker ever held two generations.
+pub fn assert_no_overlap(stats: &[SimStats]) {
+    for s in stats {
+        assert_eq!(s.overlaps, 0, "{} saw overlapping generations", s.name);
+        assert!(s.max_inflight <= 1, "{} had {} generations at once", s.name, s.max_inflight);
+    }
+}
+
+/// A raw HTTP/1.1 request written on a socket, to model clients that leave.
+pub async fn raw_request(addr: SocketAddr, prompt: &str, steps: u32) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::json!({ "prompt": prompt, "steps": steps }).to_string();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST /sdapi/v1/txt2img HTTP/1.1\r\nhost: {HOST}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream
+}
+
+/// The sdgate binary built for these tests.
+pub fn sdgate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sdgate")
+}
+
+/// A gateway running as the real binary (for signals and memory).
+pub struct GatewayProcess {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    _config: TempFile,
+}
+
+impl GatewayProcess {
+    pub async fn start(yaml: &str) -> Self {
+        let config = TempFile::new("yaml", yaml);
+        let mut child = tokio::process::Command::new(sdgate_bin())
+            .arg("--config")
+            .arg(&config.path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start sdgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut addr, mut admin) = (None, None);
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("sdgate listening") {
+                    addr = field(&line, "listen=");
+                    admin = field(&line, "admin=");
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(found.is_ok(), "sdgate did not report its listen address");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, addr: addr.expect("listen address"), admin: admin.expect("admin address"), _config: config }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name} failed");
+    }
+}
+
+fn field(line: &str, key: &str) -> Option<SocketAddr> {
+    let start = line.find(key)? + key.len();
+    let rest = line[start..].trim_start_matches('"');
+    let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Reads the value of a metric line (exact name with labels) from a scrape.
+pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let answer = send(&client(), Request::get(format!("http://{admin}/metrics")).body(Full::new(Bytes::new())).ok()?).await;
+    let text = String::from_utf8_lossy(&answer.body).to_string();
+    text.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+}
+
+/// A file removed on drop.
+pub struct TempFile {
+    pub path: std::path::PathBuf,
+}
+
+impl TempFile {
+    pub fn new(extension: &str, contents: &str) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "sdgate-test-{}-{}.{extension}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::write(&path, contents).expect("write temp file");
+        Self { path }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
