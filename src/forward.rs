@@ -124,9 +124,12 @@ async fn run_exchange(
             }))
         }
     };
+    let switched_to = response.headers().get(header::UPGRADE).cloned();
     remove_hop_by_hop(response.headers_mut());
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_side) = upgrade {
+        if let (Some(client_side), Some(protocol)) = (upgrade, switched_to) {
+            response.headers_mut().insert(header::UPGRADE, protocol);
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             return Ok(tunnel(slot, response, client_side));
         }
     }
@@ -167,10 +170,6 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// of the tunnel.
 fn tunnel(slot: Slot, mut response: Response<Incoming>, client_side: OnUpgrade) -> Response<ResponseBody> {
     let pod_side = hyper::upgrade::on(&mut response);
-    if let Some(protocol) = response.headers().get(header::UPGRADE).cloned() {
-        response.headers_mut().insert(header::UPGRADE, protocol);
-        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
     tokio::spawn(async move {
         let _slot = slot;
         match tokio::try_join!(pod_side, client_side) {
