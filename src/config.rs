@@ -4,8 +4,8 @@
 //! Unknown keys are errors (a typo must not silently fall back to a default).
 //! Durations are written as "300s", "100ms", "5m".
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -73,7 +73,82 @@ pub struct ServiceConfig {
     pub connect_retries: u32,
     #[serde(default)]
     pub readiness: Readiness,
+    #[serde(default)]
+    pub scale: ScaleConfig,
     pub backend: Backend,
+}
+
+/// The autoscaler (Knative KPA rules; see `autoscale`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleConfig {
+    /// Fewest pods, also when idle (0 = scale to zero).
+    #[serde(default)]
+    pub min: u32,
+    /// Most pods.
+    #[serde(default = "default_max_scale")]
+    pub max: u32,
+    /// Fraction of `container_concurrency` each pod should be loaded to.
+    #[serde(default = "default_target_utilization")]
+    pub target_utilization: f64,
+    /// Demand is averaged over this window for normal decisions.
+    #[serde(default = "default_stable_window", with = "duration")]
+    pub stable_window: Duration,
+    /// A short window that takes over when it asks for twice the ready pods.
+    #[serde(default = "default_panic_window", with = "duration")]
+    pub panic_window: Duration,
+    /// After a stable window without demand, how long one pod stays.
+    #[serde(default = "default_grace", with = "duration")]
+    pub scale_to_zero_grace: Duration,
+    /// How often a decision is made (activation does not wait for it).
+    #[serde(default = "default_tick", with = "duration")]
+    pub tick: Duration,
+    /// `builtin`: sdgate decides; `external`: only export the metrics (KEDA/HPA).
+    #[serde(default)]
+    pub mode: ScaleMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleMode {
+    #[default]
+    Builtin,
+    External,
+}
+
+impl Default for ScaleConfig {
+    fn default() -> Self {
+        Self {
+            min: 0,
+            max: default_max_scale(),
+            target_utilization: default_target_utilization(),
+            stable_window: default_stable_window(),
+            panic_window: default_panic_window(),
+            scale_to_zero_grace: default_grace(),
+            tick: default_tick(),
+            mode: ScaleMode::Builtin,
+        }
+    }
+}
+
+/// Local worker processes, one endpoint each (the embedded default).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessBackend {
+    /// The worker command. In every argument and `env` value, `{port}` is
+    /// the worker's port, `{index}` its number (0, 1, ...), and `{sdgate}`
+    /// the path of the running sdgate executable.
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Worker i listens on port_base + i.
+    pub port_base: u16,
+    /// Address the workers listen on.
+    #[serde(default = "default_worker_host")]
+    pub host: IpAddr,
+    /// After SIGTERM, how long a stopping worker may take before SIGKILL.
+    #[serde(default = "default_stop_grace", with = "duration")]
+    pub stop_grace: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -118,6 +193,9 @@ pub struct Backend {
     /// A fixed list of `ip:port` addresses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fixed: Option<Vec<String>>,
+    /// Worker processes started and stopped by sdgate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessBackend>,
 }
 
 impl Default for Limits {
@@ -183,6 +261,30 @@ fn default_bypass() -> Vec<String> {
     ["/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip", "/internal/", "/file="]
         .map(String::from)
         .to_vec()
+}
+fn default_max_scale() -> u32 {
+    10
+}
+fn default_target_utilization() -> f64 {
+    1.0
+}
+fn default_stable_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_panic_window() -> Duration {
+    Duration::from_secs(6)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_tick() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_worker_host() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+fn default_stop_grace() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_probe_period() -> Duration {
     Duration::from_millis(50)
@@ -283,7 +385,11 @@ impl ServiceConfig {
             }
             _ => {}
         }
-        self.backend.validate(&format!("{key}.backend"))
+        self.scale.validate(&format!("{key}.scale"))?;
+        if self.scale.mode == ScaleMode::External && self.backend.process.is_some() {
+            bail!("{key}.scale.mode: external scaling cannot drive a process backend (use builtin)");
+        }
+        self.backend.validate(&format!("{key}.backend"), self.scale.max)
     }
 
     /// Whether `path` skips the gate.
@@ -292,19 +398,98 @@ impl ServiceConfig {
     }
 }
 
-impl Backend {
+impl ScaleConfig {
     fn validate(&self, key: &str) -> Result<()> {
-        let Some(fixed) = &self.fixed else {
-            bail!("{key}: one backend kind is required (fixed)");
-        };
-        if fixed.is_empty() {
-            bail!("{key}.fixed: at least one address is required");
+        if self.max == 0 {
+            bail!("{key}.max: must be at least 1");
         }
-        for (j, addr) in fixed.iter().enumerate() {
-            parse_addr(addr).with_context(|| format!("{key}.fixed[{j}]"))?;
+        if self.min > self.max {
+            bail!("{key}.min: {} is more than max ({})", self.min, self.max);
+        }
+        if !(self.target_utilization > 0.0 && self.target_utilization <= 1.0) {
+            bail!("{key}.target_utilization: must be in (0, 1]");
+        }
+        if self.panic_window.is_zero() || self.panic_window > self.stable_window {
+            bail!("{key}.panic_window: must be more than 0s and at most stable_window");
+        }
+        if self.tick.is_zero() {
+            bail!("{key}.tick: must be more than 0s");
         }
         Ok(())
     }
+}
+
+impl Backend {
+    fn validate(&self, key: &str, max_scale: u32) -> Result<()> {
+        match (&self.fixed, &self.process) {
+            (Some(fixed), None) => {
+                if fixed.is_empty() {
+                    bail!("{key}.fixed: at least one address is required");
+                }
+                for (j, addr) in fixed.iter().enumerate() {
+                    parse_addr(addr).with_context(|| format!("{key}.fixed[{j}]"))?;
+                }
+                Ok(())
+            }
+            (None, Some(process)) => process.validate(&format!("{key}.process"), max_scale),
+            (None, None) => bail!("{key}: one backend kind is required (fixed or process)"),
+            (Some(_), Some(_)) => bail!("{key}: give one backend kind, not several"),
+        }
+    }
+}
+
+impl ProcessBackend {
+    fn validate(&self, key: &str, max_scale: u32) -> Result<()> {
+        let Some(program) = self.command.first() else {
+            bail!("{key}.command: must name a program");
+        };
+        if program != SELF_PLACEHOLDER && find_program(program).is_none() {
+            bail!("{key}.command[0]: program {program:?} not found (neither a path to an executable nor on PATH)");
+        }
+        if u32::from(self.port_base) + max_scale > 65_535 {
+            bail!("{key}.port_base: port_base + scale.max exceeds 65535");
+        }
+        Ok(())
+    }
+
+    /// The command of worker `index`, placeholders filled in.
+    pub fn command_for(&self, index: u32) -> Vec<String> {
+        self.command.iter().map(|arg| self.fill(arg, index)).collect()
+    }
+
+    pub fn env_for(&self, index: u32) -> Vec<(String, String)> {
+        self.env.iter().map(|(k, v)| (k.clone(), self.fill(v, index))).collect()
+    }
+
+    pub fn port_for(&self, index: u32) -> u16 {
+        self.port_base.saturating_add(index as u16)
+    }
+
+    fn fill(&self, text: &str, index: u32) -> String {
+        let mut out = text.replace("{port}", &self.port_for(index).to_string()).replace("{index}", &index.to_string());
+        if out.contains(SELF_PLACEHOLDER) {
+            let me = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "sdgate".into());
+            out = out.replace(SELF_PLACEHOLDER, &me);
+        }
+        out
+    }
+}
+
+/// Stands for the running sdgate executable in a process command.
+pub const SELF_PLACEHOLDER: &str = "{sdgate}";
+
+/// Resolves a program as a shell would: a path if it has a '/', else PATH.
+pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &Path| {
+        path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = Path::new(program);
+        return executable(path).then(|| path.to_path_buf());
+    }
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths).map(|dir| dir.join(program)).find(|p| executable(p))
 }
 
 /// "services[0].queue.timeout: <what is wrong> at line 4 column 12": the

@@ -24,8 +24,8 @@ pub enum ProxyError {
     BodyOverLimit,
     #[error("queue full ({0} requests waiting)")]
     QueueFull(usize),
-    #[error("no pod became free within the queue timeout of {0:?}")]
-    QueueTimeout(Duration),
+    #[error("no pod became free within the queue timeout of {}{}", humantime::format_duration(*timeout), cause.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    QueueTimeout { timeout: Duration, cause: Option<String> },
     #[error("no ready pod for this request")]
     NoReadyEndpoint,
     #[error("pod {addr} did not start its response within {timeout:?}")]
@@ -46,7 +46,7 @@ impl ProxyError {
             ProxyError::QueueFull(_) | ProxyError::NoReadyEndpoint | ProxyError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::QueueTimeout(_) | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::QueueTimeout { .. } | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
     }

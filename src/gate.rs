@@ -78,10 +78,19 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Passed its readiness probe and may take new requests.
     pub ready: bool,
+    /// Being scaled away: takes no new requests, finishes those it holds.
+    pub draining: bool,
     /// Requests granted and not yet released.
     pub inflight: u32,
     /// Requests granted over the endpoint's life.
     pub served: u64,
+}
+
+impl Endpoint {
+    /// May take new requests.
+    pub fn is_serving(&self) -> bool {
+        self.ready && !self.draining
+    }
 }
 
 /// Why a waiter could not join the queue.
@@ -182,7 +191,7 @@ impl<W> Gate<W> {
     pub fn add_endpoint(&mut self, addr: SocketAddr) -> EndpointId {
         self.next_endpoint += 1;
         let id = EndpointId(self.next_endpoint);
-        self.endpoints.push(Endpoint { id, addr, ready: false, inflight: 0, served: 0 });
+        self.endpoints.push(Endpoint { id, addr, ready: false, draining: false, inflight: 0, served: 0 });
         id
     }
 
@@ -197,6 +206,13 @@ impl<W> Gate<W> {
         }
     }
 
+    /// Stops giving an endpoint new requests, for good (scale-down).
+    pub fn set_draining(&mut self, id: EndpointId) {
+        if let Some(endpoint) = self.endpoint_mut(id) {
+            endpoint.draining = true;
+        }
+    }
+
     /// Forgets an endpoint. Its outstanding grants release as no-ops.
     pub fn remove_endpoint(&mut self, id: EndpointId) -> Option<Endpoint> {
         let index = self.endpoints.iter().position(|e| e.id == id)?;
@@ -208,7 +224,7 @@ impl<W> Gate<W> {
     pub fn any_ready(&self) -> Option<Grant> {
         self.endpoints
             .iter()
-            .filter(|e| e.ready)
+            .filter(|e| e.is_serving())
             .min_by_key(|e| e.inflight)
             .map(|e| Grant { endpoint: e.id, addr: e.addr })
     }
@@ -235,8 +251,9 @@ impl<W> Gate<W> {
         self.endpoints.iter().map(|e| e.inflight).sum()
     }
 
+    /// Endpoints that may take new requests (ready and not draining).
     pub fn ready_count(&self) -> usize {
-        self.endpoints.iter().filter(|e| e.ready).count()
+        self.endpoints.iter().filter(|e| e.is_serving()).count()
     }
 
     /// How long the first waiter has waited.
@@ -251,7 +268,7 @@ impl<W> Gate<W> {
     }
 
     fn has_room(&self, endpoint: &Endpoint) -> bool {
-        endpoint.ready && (self.capacity == 0 || endpoint.inflight < self.capacity)
+        endpoint.is_serving() && (self.capacity == 0 || endpoint.inflight < self.capacity)
     }
 
     fn grant(&mut self, index: usize) -> Grant {
@@ -277,12 +294,12 @@ impl<W> Gate<W> {
     }
 
     fn pick_two_random(&mut self) -> Option<usize> {
-        let ready = self.endpoints.iter().filter(|e| e.ready).count();
+        let ready = self.ready_count();
         let nth_ready = |endpoints: &[Endpoint], n: usize| {
             endpoints
                 .iter()
                 .enumerate()
-                .filter(|(_, e)| e.ready)
+                .filter(|(_, e)| e.is_serving())
                 .nth(n)
                 .map(|(i, _)| i)
         };

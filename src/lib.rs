@@ -2,9 +2,11 @@
 //! Diffusion GPU pods.
 //!
 //! Request path: [`server`] -> [`proxy`] ([`router`] -> [`slot`]/[`gate`] ->
-//! [`forward`]). Control loop: [`provider`] + [`probe`] -> [`gate`].
+//! [`forward`]). Control loop: [`provider`] + [`probe`] -> [`gate`] ->
+//! [`autoscale`] -> [`provider`].
 
 pub mod admin;
+pub mod autoscale;
 pub mod body;
 pub mod config;
 pub mod error;

@@ -24,6 +24,7 @@ pub struct Metrics {
     inflight: IntGaugeVec,
     endpoints: IntGaugeVec,
     upstream_errors: IntCounterVec,
+    desired_replicas: IntGaugeVec,
 }
 
 /// The metrics of one service.
@@ -37,6 +38,7 @@ pub struct ServiceMetrics {
     pub queue_depth: IntGauge,
     pub queue_wait: Histogram,
     pub inflight: IntGauge,
+    pub desired_replicas: IntGauge,
 }
 
 impl Metrics {
@@ -70,6 +72,11 @@ impl Metrics {
                 &["service", "kind"],
             )
             .expect("static metric definition"),
+            desired_replicas: IntGaugeVec::new(
+                Opts::new("sdgate_desired_replicas", "Pods the autoscaler wants"),
+                &["service"],
+            )
+            .expect("static metric definition"),
             registry,
         };
         for collector in metrics.collectors() {
@@ -88,6 +95,7 @@ impl Metrics {
             Box::new(self.inflight.clone()),
             Box::new(self.endpoints.clone()),
             Box::new(self.upstream_errors.clone()),
+            Box::new(self.desired_replicas.clone()),
         ]
     }
 
@@ -101,6 +109,7 @@ impl Metrics {
             queue_depth: self.queue_depth.with_label_values(&[service]),
             queue_wait: self.queue_wait.with_label_values(&[service]),
             inflight: self.inflight.with_label_values(&[service]),
+            desired_replicas: self.desired_replicas.with_label_values(&[service]),
         }
     }
 

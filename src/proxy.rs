@@ -144,8 +144,8 @@ impl Proxy {
                 let acquired = gate.acquire(ticket, left).await;
                 trace.queue_wait = Some(arrived.elapsed());
                 match acquired {
-                    Err(ProxyError::QueueTimeout(_)) => {
-                        return Err(ProxyError::QueueTimeout(service.config.queue.timeout))
+                    Err(ProxyError::QueueTimeout { cause, .. }) => {
+                        return Err(ProxyError::QueueTimeout { timeout: service.config.queue.timeout, cause })
                     }
                     other => other?,
                 }

@@ -12,9 +12,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::admin;
-use crate::config::Config;
+use crate::autoscale;
+use crate::config::{Config, ScaleMode};
 use crate::metrics::Metrics;
 use crate::provider::Provider;
 use crate::proxy::Proxy;
@@ -26,6 +29,7 @@ pub struct Gateway {
     listener: TcpListener,
     admin: Option<TcpListener>,
     providers: Vec<Provider>,
+    autoscalers: Vec<JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -41,12 +45,23 @@ impl Gateway {
             }
             None => None,
         };
-        let providers = proxy
-            .services()
-            .iter()
-            .map(|service| Provider::start(&service.config, service.gate.clone()))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { config, proxy, listener, admin, providers })
+        let mut providers = Vec::new();
+        let mut autoscalers = Vec::new();
+        for service in proxy.services() {
+            let (desired_tx, desired_rx) = watch::channel(service.config.scale.min);
+            providers.push(Provider::start(&service.config, service.gate.clone(), desired_rx)?);
+            if service.config.scale.mode == ScaleMode::Builtin {
+                let settings = autoscale::Settings::new(&service.config.scale, service.config.container_concurrency);
+                autoscalers.push(tokio::spawn(autoscale::run(
+                    service.config.name.clone(),
+                    service.gate.clone(),
+                    settings,
+                    service.config.scale.tick,
+                    desired_tx,
+                )));
+            }
+        }
+        Ok(Self { config, proxy, listener, admin, providers, autoscalers })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -64,7 +79,7 @@ impl Gateway {
     /// Serves until `shutdown` completes, then stops accepting and lets queued
     /// and in-flight requests finish, at most `drain_timeout`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Gateway { config, proxy, listener, admin, providers } = self;
+        let Gateway { config, proxy, listener, admin, providers, autoscalers } = self;
         tracing::info!(
             listen = %listener.local_addr()?,
             admin = admin.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
@@ -120,7 +135,12 @@ impl Gateway {
         if let Some(task) = admin_task {
             task.abort();
         }
-        drop(providers);
+        for task in autoscalers {
+            task.abort();
+        }
+        for provider in providers {
+            provider.shutdown().await;
+        }
         Ok(())
     }
 }

@@ -28,6 +28,9 @@ pub type Waiter = oneshot::Sender<Slot>;
 /// One service's gate, shared by its requests, probes and provider.
 pub struct SharedGate {
     gate: Mutex<Gate<Waiter>>,
+    /// Why pods are not coming up, if the provider knows (told to requests
+    /// that time out waiting).
+    backend_error: Mutex<Option<String>>,
     metrics: ServiceMetrics,
     /// Woken when a request has to wait (the autoscaler's activation signal).
     pub demand: Notify,
@@ -35,7 +38,12 @@ pub struct SharedGate {
 
 impl SharedGate {
     pub fn new(capacity: u32, max_depth: usize, metrics: ServiceMetrics) -> Arc<Self> {
-        Arc::new(Self { gate: Mutex::new(Gate::new(capacity, max_depth)), metrics, demand: Notify::new() })
+        Arc::new(Self {
+            gate: Mutex::new(Gate::new(capacity, max_depth)),
+            backend_error: Mutex::new(None),
+            metrics,
+            demand: Notify::new(),
+        })
     }
 
     /// Locks the gate. A panic while holding the lock cannot leave the gate
@@ -80,12 +88,29 @@ impl SharedGate {
             Ok(Err(_)) => Err(ProxyError::ShuttingDown),
             Err(_) => {
                 if leave.leave() {
-                    return Err(ProxyError::QueueTimeout(timeout));
+                    return Err(self.timed_out(timeout));
                 }
                 // Granted in the same instant the timer fired: use the slot.
-                rx.try_recv().map_err(|_| ProxyError::QueueTimeout(timeout))
+                rx.try_recv().map_err(|_| self.timed_out(timeout))
             }
         }
+    }
+
+    fn timed_out(&self, timeout: Duration) -> ProxyError {
+        let cause = self.backend_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        ProxyError::QueueTimeout { timeout, cause }
+    }
+
+    /// Records why pods fail to come up (None once one is ready).
+    pub fn set_backend_error(&self, error: Option<String>) {
+        *self.backend_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
+    /// Stops giving an endpoint new requests (scale-down).
+    pub fn set_draining(&self, id: EndpointId) {
+        let mut gate = self.lock();
+        gate.set_draining(id);
+        self.publish_endpoints(&gate);
     }
 
     /// An endpoint for a request that skips the gate (no slot).
@@ -114,6 +139,7 @@ impl SharedGate {
         if changed {
             if ready {
                 self.hand_out(&mut gate);
+                self.set_backend_error(None);
             }
             self.publish(&gate);
             self.publish_endpoints(&gate);

@@ -1,0 +1,360 @@
+//! The built-in autoscaler: Knative's KPA rules (ANCHORS.md), per service.
+//!
+//! - Demand is queued + in-flight requests (queued ones count: they are what
+//!   more pods would serve), sampled every 100 ms and averaged over the
+//!   stable window (60 s by default) and the panic window (6 s).
+//! - desired = ceil(average demand / (container_concurrency x
+//!   target_utilization)), clamped to `[min, max]`.
+//! - Panic: when the panic window asks for at least twice the ready pods,
+//!   its figure is used and nothing scales down until a stable window has
+//!   passed without panic.
+//! - Scale-down is at most halving per decision; scale to zero only after
+//!   demand has been 0 for the stable window plus `scale_to_zero_grace`.
+//! - Activation: a request that must wait while no pod is wanted wakes the
+//!   scaler at once (no waiting for a tick).
+//!
+//! [`Autoscaler`] is pure (the clock is passed in) and unit-tested alone;
+//! [`run`] is the task around it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::config::ScaleConfig;
+use crate::slot::SharedGate;
+
+/// Why the desired replica count is what it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A request arrived with no pod wanted.
+    Activation,
+    /// The panic window asked for at least twice the ready pods.
+    Panic,
+    /// The stable window average.
+    Stable,
+    /// No demand for the stable window plus the grace period.
+    Idle,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Activation => "activation",
+            Reason::Panic => "panic",
+            Reason::Stable => "stable",
+            Reason::Idle => "idle",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub desired: u32,
+    pub reason: Reason,
+}
+
+/// The figures the rules need.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub min: u32,
+    pub max: u32,
+    /// Requests one pod should hold: cc x target_utilization (100 for cc = 0,
+    /// Knative's default target when concurrency is unlimited).
+    pub target: f64,
+    pub stable_window: Duration,
+    pub panic_window: Duration,
+    pub scale_to_zero_grace: Duration,
+}
+
+impl Settings {
+    pub fn new(scale: &ScaleConfig, container_concurrency: u32) -> Self {
+        let per_pod = if container_concurrency == 0 { 100.0 } else { f64::from(container_concurrency) };
+        Self {
+            min: scale.min,
+            max: scale.max,
+            target: (per_pod * scale.target_utilization).max(0.01),
+            stable_window: scale.stable_window,
+            panic_window: scale.panic_window,
+            scale_to_zero_grace: scale.scale_to_zero_grace,
+        }
+    }
+}
+
+pub struct Autoscaler {
+    settings: Settings,
+    samples: VecDeque<(Instant, u32)>,
+    desired: u32,
+    panic_until: Option<Instant>,
+    last_demand: Option<Instant>,
+}
+
+impl Autoscaler {
+    pub fn new(settings: Settings) -> Self {
+        let desired = settings.min;
+        Self { settings, samples: VecDeque::new(), desired, panic_until: None, last_demand: None }
+    }
+
+    pub fn desired(&self) -> u32 {
+        self.desired
+    }
+
+    /// Records the demand (queued + in flight) seen at `now`.
+    pub fn record(&mut self, now: Instant, demand: u32) {
+        self.samples.push_back((now, demand));
+        if demand > 0 {
+            self.last_demand = Some(now);
+        }
+        let horizon = self.settings.stable_window.max(self.settings.panic_window);
+        while self.samples.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) > horizon) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// A request is waiting: if no pod is wanted, want enough for the
+    /// demand right now, at once.
+    pub fn activate(&mut self, now: Instant, demand: u32) -> Option<Decision> {
+        if self.desired > 0 || demand == 0 {
+            return None;
+        }
+        self.record(now, demand);
+        let desired = self.clamp(self.pods_for(f64::from(demand)).max(1));
+        self.desired = desired;
+        Some(Decision { desired, reason: Reason::Activation })
+    }
+
+    /// The periodic decision, given how many pods are ready now.
+    pub fn decide(&mut self, now: Instant, ready: u32) -> Decision {
+        let stable = self.pods_for(self.average(now, self.settings.stable_window));
+        let panic = self.pods_for(self.average(now, self.settings.panic_window));
+        if panic > ready && panic >= 2 * ready.max(1) {
+            self.panic_until = Some(now + self.settings.stable_window);
+        }
+        let in_panic = self.panic_until.is_some_and(|until| now < until);
+        let decision = if in_panic {
+            Decision { desired: self.clamp(panic.max(self.desired)), reason: Reason::Panic }
+        } else {
+            self.panic_until = None;
+            self.stable_decision(now, stable, ready)
+        };
+        self.desired = decision.desired;
+        decision
+    }
+
+    fn stable_decision(&self, now: Instant, stable: u32, ready: u32) -> Decision {
+        // At most halve per decision (Knative's max scale-down rate of 2).
+        let floor = (ready.max(self.desired) / 2).min(self.desired);
+        let desired = stable.max(floor);
+        if desired > 0 {
+            return Decision { desired: self.clamp(desired), reason: Reason::Stable };
+        }
+        let idle_for = self.last_demand.map(|t| now.saturating_duration_since(t));
+        let grace = self.settings.stable_window + self.settings.scale_to_zero_grace;
+        if self.desired > 0 && idle_for.is_some_and(|idle| idle < grace) {
+            // Keep one pod warm through the grace period.
+            return Decision { desired: self.clamp(1), reason: Reason::Stable };
+        }
+        Decision { desired: self.clamp(0), reason: Reason::Idle }
+    }
+
+    /// Average demand over the last `window` (over the samples there are).
+    fn average(&self, now: Instant, window: Duration) -> f64 {
+        let (sum, count) = self
+            .samples
+            .iter()
+            .rev()
+            .take_while(|(t, _)| now.saturating_duration_since(*t) <= window)
+            .fold((0u64, 0u64), |(sum, count), (_, d)| (sum + u64::from(*d), count + 1));
+        if count == 0 {
+            0.0
+        } else {
+            sum as f64 / count as f64
+        }
+    }
+
+    fn pods_for(&self, demand: f64) -> u32 {
+        let pods = (demand / self.settings.target - 1e-9).ceil();
+        if pods <= 0.0 {
+            0
+        } else {
+            pods.min(f64::from(u32::MAX)) as u32
+        }
+    }
+
+    fn clamp(&self, desired: u32) -> u32 {
+        desired.clamp(self.settings.min, self.settings.max)
+    }
+}
+
+/// How often demand is sampled.
+const SAMPLE_PERIOD: Duration = Duration::from_millis(100);
+
+/// Drives one service's desired replica count: samples demand, decides every
+/// `tick`, and reacts to activation at once. Each change is sent on
+/// `desired` (the provider's scale call), logged with its reason, and
+/// exported as `sdgate_desired_replicas`.
+pub async fn run(service: String, gate: Arc<SharedGate>, settings: Settings, tick: Duration, desired: watch::Sender<u32>) {
+    let mut autoscaler = Autoscaler::new(settings);
+    let mut sample = tokio::time::interval(SAMPLE_PERIOD);
+    let mut decide = tokio::time::interval(tick);
+    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    decide.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let publish = |decision: Decision, demand: u32, ready: u32| {
+        gate.metrics().desired_replicas.set(i64::from(decision.desired));
+        if desired.send_if_modified(|current| std::mem::replace(current, decision.desired) != decision.desired) {
+            tracing::info!(
+                %service,
+                desired = decision.desired,
+                reason = decision.reason.as_str(),
+                demand,
+                ready,
+                "scale"
+            );
+        }
+    };
+    publish(Decision { desired: autoscaler.desired(), reason: Reason::Stable }, 0, 0);
+    loop {
+        tokio::select! {
+            _ = gate.demand.notified() => {
+                let (demand, ready) = demand_and_ready(&gate);
+                if let Some(decision) = autoscaler.activate(Instant::now(), demand) {
+                    publish(decision, demand, ready);
+                }
+            }
+            _ = sample.tick() => {
+                let (demand, _) = demand_and_ready(&gate);
+                autoscaler.record(Instant::now(), demand);
+            }
+            _ = decide.tick() => {
+                let (demand, ready) = demand_and_ready(&gate);
+                let decision = autoscaler.decide(Instant::now(), ready);
+                publish(decision, demand, ready);
+            }
+        }
+    }
+}
+
+fn demand_and_ready(gate: &SharedGate) -> (u32, u32) {
+    gate.inspect(|g| (g.queue_depth() as u32 + g.inflight(), g.ready_count() as u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            min: 0,
+            max: 10,
+            target: 1.0,
+            stable_window: Duration::from_secs(60),
+            panic_window: Duration::from_secs(6),
+            scale_to_zero_grace: Duration::from_secs(30),
+        }
+    }
+
+    /// Feeds `demand` every 100 ms for `for_secs`, deciding every 2 s like
+    /// the KPA tick; returns the last decision.
+    fn feed(a: &mut Autoscaler, clock: &mut Instant, demand: u32, for_secs: u64, ready: u32) -> Decision {
+        let mut last = None;
+        for step in 1..=for_secs * 10 {
+            *clock += Duration::from_millis(100);
+            a.record(*clock, demand);
+            if step % 20 == 0 {
+                last = Some(a.decide(*clock, ready));
+            }
+        }
+        last.expect("at least one decision")
+    }
+
+    #[test]
+    fn activation_from_zero_wants_pods_for_the_waiting_requests_at_once() {
+        let mut a = Autoscaler::new(settings());
+        let now = Instant::now();
+        assert_eq!(a.activate(now, 3), Some(Decision { desired: 3, reason: Reason::Activation }));
+        assert_eq!(a.activate(now, 5), None, "already activated");
+    }
+
+    #[test]
+    fn steady_demand_settles_on_demand_over_target() {
+        let mut a = Autoscaler::new(Settings { target: 2.0, ..settings() });
+        let mut clock = Instant::now();
+        let decision = feed(&mut a, &mut clock, 6, 70, 3);
+        assert_eq!(decision, Decision { desired: 3, reason: Reason::Stable });
+    }
+
+    #[test]
+    fn target_utilization_below_one_adds_headroom() {
+        let scale = ScaleConfig { target_utilization: 0.7, ..ScaleConfig::default() };
+        let mut a = Autoscaler::new(Settings { max: 100, ..Settings::new(&scale, 1) });
+        let mut clock = Instant::now();
+        assert_eq!(feed(&mut a, &mut clock, 7, 70, 10).desired, 10);
+    }
+
+    #[test]
+    fn a_burst_panics_and_scales_up_within_the_panic_window() {
+        let mut a = Autoscaler::new(settings());
+        let mut clock = Instant::now();
+        feed(&mut a, &mut clock, 1, 70, 1);
+        let decision = feed(&mut a, &mut clock, 8, 6, 1);
+        assert_eq!(decision, Decision { desired: 8, reason: Reason::Panic });
+    }
+
+    #[test]
+    fn panic_never_scales_down_until_a_stable_window_has_passed() {
+        let mut a = Autoscaler::new(settings());
+        let mut clock = Instant::now();
+        feed(&mut a, &mut clock, 1, 70, 1);
+        feed(&mut a, &mut clock, 8, 6, 1);
+        let during = feed(&mut a, &mut clock, 1, 30, 8);
+        assert_eq!(during, Decision { desired: 8, reason: Reason::Panic });
+        let after = feed(&mut a, &mut clock, 1, 40, 8);
+        assert_eq!(after.reason, Reason::Stable);
+        assert!(after.desired < 8);
+    }
+
+    #[test]
+    fn scale_down_at_most_halves_per_decision() {
+        let mut a = Autoscaler::new(settings());
+        let mut clock = Instant::now();
+        feed(&mut a, &mut clock, 8, 70, 8);
+        clock += Duration::from_millis(100);
+        a.record(clock, 0);
+        // Force the stable average low by replacing the window with zeros.
+        let mut b = Autoscaler { samples: VecDeque::new(), ..a };
+        b.record(clock, 0);
+        let decision = b.decide(clock, 8);
+        assert_eq!(decision, Decision { desired: 4, reason: Reason::Stable });
+    }
+
+    #[test]
+    fn scale_to_zero_waits_for_the_stable_window_plus_grace() {
+        let mut a = Autoscaler::new(settings());
+        let mut clock = Instant::now();
+        a.activate(clock, 1);
+        feed(&mut a, &mut clock, 1, 10, 1);
+        // 80 s idle: past the stable window (60 s) but inside the grace (30 s).
+        let held = feed(&mut a, &mut clock, 0, 80, 1);
+        assert_eq!(held, Decision { desired: 1, reason: Reason::Stable });
+        let zero = feed(&mut a, &mut clock, 0, 12, 1);
+        assert_eq!(zero, Decision { desired: 0, reason: Reason::Idle });
+    }
+
+    #[test]
+    fn min_and_max_bound_every_decision() {
+        let mut a = Autoscaler::new(Settings { min: 2, max: 4, ..settings() });
+        assert_eq!(a.desired(), 2);
+        let mut clock = Instant::now();
+        assert_eq!(feed(&mut a, &mut clock, 50, 10, 2).desired, 4);
+        assert_eq!(feed(&mut a, &mut clock, 0, 200, 4).desired, 2);
+        let mut zero = Autoscaler::new(Settings { max: 3, ..settings() });
+        assert_eq!(zero.activate(clock, 50).unwrap().desired, 3);
+    }
+
+    #[test]
+    fn unlimited_concurrency_targets_one_hundred_per_pod() {
+        let settings = Settings::new(&ScaleConfig::default(), 0);
+        assert_eq!(settings.target, 100.0);
+    }
+}
