@@ -30,6 +30,7 @@ pub struct Gateway {
     admin: Option<TcpListener>,
     providers: Vec<Provider>,
     autoscalers: Vec<JoinHandle<()>>,
+    desired: Vec<watch::Receiver<u32>>,
 }
 
 impl Gateway {
@@ -47,8 +48,10 @@ impl Gateway {
         };
         let mut providers = Vec::new();
         let mut autoscalers = Vec::new();
+        let mut desired = Vec::new();
         for service in proxy.services() {
             let (desired_tx, desired_rx) = watch::channel(service.config.scale.min);
+            desired.push(desired_rx.clone());
             providers.push(Provider::start(&service.config, service.gate.clone(), desired_rx)?);
             if service.config.scale.mode == ScaleMode::Builtin {
                 let settings = autoscale::Settings::new(&service.config.scale, service.config.container_concurrency);
@@ -61,7 +64,7 @@ impl Gateway {
                 )));
             }
         }
-        Ok(Self { config, proxy, listener, admin, providers, autoscalers })
+        Ok(Self { config, proxy, listener, admin, providers, autoscalers, desired })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -72,6 +75,12 @@ impl Gateway {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The desired replica count of service `index`, as its provider sees
+    /// it (each change is a scale call).
+    pub fn desired(&self, index: usize) -> Option<watch::Receiver<u32>> {
+        self.desired.get(index).cloned()
+    }
+
     pub fn proxy(&self) -> &Arc<Proxy> {
         &self.proxy
     }
@@ -79,7 +88,7 @@ impl Gateway {
     /// Serves until `shutdown` completes, then stops accepting and lets queued
     /// and in-flight requests finish, at most `drain_timeout`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Gateway { config, proxy, listener, admin, providers, autoscalers } = self;
+        let Gateway { config, proxy, listener, admin, providers, autoscalers, .. } = self;
         tracing::info!(
             listen = %listener.local_addr()?,
             admin = admin.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),

@@ -138,7 +138,9 @@ fn origin() -> Instant {
     *ORIGIN.get_or_init(Instant::now)
 }
 
-fn micros_since_origin() -> u64 {
+/// Microseconds since the first sim of this process started: the clock of
+/// [`JobRecord`] times.
+pub fn micros_since_origin() -> u64 {
     origin().elapsed().as_micros() as u64
 }
 

@@ -60,6 +60,8 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub proxy: Arc<Proxy>,
+    /// The first service's desired replica count (its provider's scale calls).
+    pub desired: tokio::sync::watch::Receiver<u32>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -71,11 +73,12 @@ impl TestGateway {
         let addr = gateway.local_addr().expect("addr");
         let admin = gateway.admin_addr().expect("admin addr");
         let proxy = gateway.proxy().clone();
+        let desired = gateway.desired(0).expect("one service");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.run(async move {
             let _ = stopped.await;
         }));
-        Self { addr, admin, proxy, stop: Some(stop), task }
+        Self { addr, admin, proxy, desired, stop: Some(stop), task }
     }
 
     /// Starts a gateway in front of `backends` and waits until they are all ready.
@@ -123,12 +126,21 @@ impl Drop for TestGateway {
 }
 
 /// Polls `check` every 5 ms until it holds; panics after 10 s.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    eventually_within(Duration::from_secs(10), what, check).await
+}
+
+/// Polls `check` every 5 ms until it holds; panics after `limit`.
+pub async fn eventually_within<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     while !check().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -302,4 +314,49 @@ impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Pids of live processes whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Zombies (state Z) have exited; they only wait to be reaped.
+            let zombie = stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
+            !zombie && String::from_utf8_lossy(&cmdline).contains(marker)
+        })
+        .collect()
+}
+
+/// A marker unique to this test run, to find its worker processes by.
+pub fn unique_marker(name: &str) -> String {
+    format!("sdgate-test-{name}-{}-{}", std::process::id(), free_port_sync())
+}
+
+fn free_port_sync() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// A base port with `count` free ports after it (checked now; tests pick
+/// distinct random bases so parallel tests do not collide).
+pub fn free_port_range(count: u16) -> u16 {
+    loop {
+        let base = 20_000 + fastrand::u16(0..4000) * 10;
+        if (base..base + count).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+    }
+}
+
+/// A config whose one service is a pool of `sdgate sim` worker processes
+/// tagged with `marker` (their `--name`), on ports from `port_base`.
+pub fn pool_yaml(marker: &str, port_base: u16, startup: &str, scale: &str, extra: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ndrain_timeout: 10s\nservices:\n  - name: sd\n    hosts: [\"{HOST}\"]\n    container_concurrency: 1\n    readiness: {{ http: /internal/ping, period: 20ms }}\n    scale: {{ {scale} }}\n    backend:\n      process:\n        command: [\"{}\", \"sim\", \"--port\", \"{{port}}\", \"--startup-delay\", \"{startup}\", \"--step-time\", \"10ms\", \"--name\", \"{marker}-{{index}}\"]\n        port_base: {port_base}\n        stop_grace: 2s\n{extra}",
+        sdgate_bin()
+    )
 }
