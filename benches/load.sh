@@ -60,7 +60,7 @@ cleanup() {
         kill -KILL "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
-    if [[ $status -ne 0 ]]; then
+    if [[ $status -ne 0 ]] && compgen -G "$TMP/*.log" >/dev/null; then
         log "failed (exit $status); logs of the started processes:"
         local f
         for f in "$TMP"/*.log; do
@@ -69,7 +69,7 @@ cleanup() {
             tail -n 20 "$f" >&2 || true
         done
     fi
-    if [[ $KEEP_TMP == 1 || $status -ne 0 ]]; then
+    if [[ $KEEP_TMP == 1 || ($status -ne 0 && -n $(ls -A "$TMP")) ]]; then
         log "configs and logs kept in $TMP"
     else
         rm -rf "$TMP"
@@ -251,7 +251,7 @@ write_haproxy_config() {
     local file=$1 n=$2 opts=$3 i
     cat >"$file" <<EOF
 global
-    maxconn 10000
+    maxconn 4096
 
 defaults
     mode http

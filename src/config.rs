@@ -287,7 +287,9 @@ fn default_stop_grace() -> Duration {
     Duration::from_secs(10)
 }
 fn default_probe_period() -> Duration {
-    Duration::from_millis(50)
+    // Knative's queue-proxy probes every 50 ms; half that keeps the time from
+    // a pod's port opening to its first request under 50 ms at p99.
+    Duration::from_millis(25)
 }
 fn default_ready_period() -> Duration {
     Duration::from_secs(1)
@@ -551,7 +553,7 @@ mod tests {
         assert_eq!(service.queue.max_depth, 10_000);
         assert_eq!(service.queue.timeout, Duration::from_secs(300));
         assert_eq!(service.request_timeout, Duration::from_secs(600));
-        assert_eq!(service.readiness.period, Duration::from_millis(50));
+        assert_eq!(service.readiness.period, Duration::from_millis(25));
         assert!(service.is_bypass("/sdapi/v1/progress?skip_current_image=false"));
         assert!(!service.is_bypass("/sdapi/v1/txt2img"));
     }

@@ -1,14 +1,16 @@
 //! Sending a granted request to its pod and streaming the answer back.
 //!
-//! The upstream exchange runs in its own task that owns the [`Slot`]: if the
-//! client leaves, the exchange still runs until the pod has finished answering
-//! (the body is read and discarded), bounded by `request_timeout`. Only then is
+//! The upstream exchange owns the [`Slot`] and always runs to its end: if the
+//! client leaves, the exchange goes on in the background until the pod has
+//! finished answering (the body is read and discarded), bounded by
+//! `request_timeout`. Only then is
 //! the slot freed, so a client that gives up cannot put a second generation on
 //! a busy pod (Knative frees it early and overloads the pod).
 //!
 //! Bodies stream both ways; hop-by-hop headers are removed; `X-Forwarded-*` are
 //! added; HTTP/1.1 upgrades (websockets) are tunnelled holding their slot.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -24,7 +27,6 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::oneshot;
 
 use crate::body::{BoxError, ResponseBody};
 use crate::error::ProxyError;
@@ -71,8 +73,9 @@ impl Forwarder {
         Self { client }
     }
 
-    /// Sends `request` to the slot's pod in a task that owns the slot, and
-    /// returns the response head once it arrives.
+    /// Sends `request` to the slot's pod and returns the response head once
+    /// it arrives. The exchange owns the slot and runs to its end even if the
+    /// caller stops waiting (client gone): see [`FinishOnDrop`].
     pub async fn exchange(
         &self,
         slot: Slot,
@@ -80,20 +83,54 @@ impl Forwarder {
         request_timeout: Duration,
         upgrade: Option<OnUpgrade>,
     ) -> Result<Response<ResponseBody>, ExchangeError> {
-        let (tx, rx) = oneshot::channel();
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            let outcome = run_exchange(client, slot, request, request_timeout, upgrade).await;
-            // If the client left, `outcome` is dropped here: a streaming body
-            // drains itself and then frees the slot (see `SlotBody`).
-            let _ = tx.send(outcome);
-        });
-        rx.await.unwrap_or_else(|_| {
-            Err(ExchangeError::Failed(ProxyError::Upstream {
-                addr: String::new(),
-                reason: "exchange task ended unexpectedly".into(),
-            }))
-        })
+        FinishOnDrop::new(run_exchange(self.client.clone(), slot, request, request_timeout, upgrade)).await
+    }
+}
+
+/// A future that is finished even if its caller drops it: dropped before
+/// completion, it is handed to the runtime to complete on its own. The
+/// exchange holds the pod's slot, so a client that leaves cannot free the slot
+/// before the pod has answered; on the common path (the client waits) this
+/// costs no task spawn. Its output, dropped in the background, drains the
+/// rest of the pod's answer (see [`SlotBody`]).
+pub struct FinishOnDrop<F: Future + Send + 'static>
+where
+    F::Output: Send + 'static,
+{
+    inner: Option<Pin<Box<F>>>,
+}
+
+impl<F: Future + Send + 'static> FinishOnDrop<F>
+where
+    F::Output: Send + 'static,
+{
+    pub fn new(future: F) -> Self {
+        Self { inner: Some(Box::pin(future)) }
+    }
+}
+
+impl<F: Future + Send + 'static> Future for FinishOnDrop<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(inner) = self.inner.as_mut() else { return Poll::Pending };
+        let output = std::task::ready!(inner.as_mut().poll(cx));
+        self.inner = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for FinishOnDrop<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        if let (Some(inner), Ok(runtime)) = (self.inner.take(), tokio::runtime::Handle::try_current()) {
+            runtime.spawn(inner);
+        }
     }
 }
 
@@ -195,11 +232,16 @@ pub fn upstream_request(
     pod: SocketAddr,
     body: ReplayableBody,
 ) -> Result<Request<ReplayableBody>, ProxyError> {
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let target: Uri = format!("http://{pod}{path}").parse().map_err(|_| ProxyError::Upstream {
-        addr: pod.to_string(),
-        reason: format!("cannot build a request URI for path {path:?}"),
-    })?;
+    let path = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let target = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(pod.to_string())
+        .path_and_query(path)
+        .build()
+        .map_err(|error| ProxyError::Upstream {
+            addr: pod.to_string(),
+            reason: format!("cannot build the request URI: {error}"),
+        })?;
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = target;

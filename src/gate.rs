@@ -256,11 +256,11 @@ impl<W> Gate<W> {
         self.endpoints.iter().filter(|e| e.is_serving()).count()
     }
 
-    /// How long the first waiter has waited.
+    /// How long the longest-waiting request has waited. (Not simply the
+    /// first in line: a retried request goes back to its old place with a
+    /// fresh wait.) Linear in the queue; for status pages, not the hot path.
     pub fn oldest_wait(&self, now: Instant) -> Option<Duration> {
-        self.queue
-            .first_key_value()
-            .map(|(_, w)| now.saturating_duration_since(w.since))
+        self.queue.values().map(|w| w.since).min().map(|since| now.saturating_duration_since(since))
     }
 
     fn endpoint_mut(&mut self, id: EndpointId) -> Option<&mut Endpoint> {

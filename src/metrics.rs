@@ -32,6 +32,8 @@ pub struct Metrics {
 pub struct ServiceMetrics {
     service: String,
     requests: IntCounterVec,
+    /// `requests_total{code="200"}`, resolved once: the common case.
+    ok: prometheus::IntCounter,
     upstream_errors: IntCounterVec,
     endpoints: IntGaugeVec,
     pub duration: Histogram,
@@ -103,6 +105,7 @@ impl Metrics {
         ServiceMetrics {
             service: service.to_string(),
             requests: self.requests.clone(),
+            ok: self.requests.with_label_values(&[service, "200"]),
             upstream_errors: self.upstream_errors.clone(),
             endpoints: self.endpoints.clone(),
             duration: self.duration.with_label_values(&[service]),
@@ -135,6 +138,9 @@ impl Default for Metrics {
 
 impl ServiceMetrics {
     pub fn answered(&self, code: u16) {
+        if code == 200 {
+            return self.ok.inc();
+        }
         self.requests.with_label_values(&[&self.service, code_label(code)]).inc();
     }
 

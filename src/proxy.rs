@@ -32,6 +32,24 @@ pub struct Proxy {
     metrics: Metrics,
 }
 
+/// What the log line of a request says of the request itself (taken only
+/// when the line will be written: the hot path allocates nothing for logs).
+struct LogLine {
+    method: http::Method,
+    uri: http::Uri,
+    host: String,
+}
+
+impl LogLine {
+    fn of(request: &Request<Incoming>) -> Self {
+        Self {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            host: router::request_host(request).unwrap_or("").to_string(),
+        }
+    }
+}
+
 /// What the log line of a request reports besides its status.
 #[derive(Default)]
 struct Trace {
@@ -69,15 +87,15 @@ impl Proxy {
     /// Answers one client request; never fails (errors become JSON responses).
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>, client: SocketAddr) -> Response<ResponseBody> {
         let start = Instant::now();
-        let method = request.method().clone();
-        let path = request.uri().path().to_string();
-        let host = router::request_host(&request).unwrap_or("").to_string();
+        let line = tracing::enabled!(tracing::Level::INFO).then(|| LogLine::of(&request));
         let index = match self.router.route(&request) {
             Ok(index) => index,
             Err(error) => {
                 let response = error.into_response(None);
                 self.metrics.unrouted(response.status().as_u16());
-                tracing::info!(%method, %host, %path, status = response.status().as_u16(), "unrouted");
+                if let Some(line) = line {
+                    tracing::info!(method = %line.method, host = %line.host, path = line.uri.path(), status = response.status().as_u16(), "unrouted");
+                }
                 return response;
             }
         };
@@ -97,10 +115,11 @@ impl Proxy {
         metrics.answered(status);
         metrics.duration.observe(start.elapsed().as_secs_f64());
         metrics.queue_wait.observe(trace.queue_wait.unwrap_or_default().as_secs_f64());
+        let Some(line) = line else { return response };
         tracing::info!(
-            %method,
-            %host,
-            %path,
+            method = %line.method,
+            host = %line.host,
+            path = line.uri.path(),
             status,
             service = %service.config.name,
             queue_ms = millis(trace.queue_wait),

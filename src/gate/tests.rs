@@ -1255,6 +1255,15 @@ impl Model {
         }
     }
 
+    /// A new request takes its ticket.
+    fn arrive(&mut self) -> Ticket {
+        let ticket = self.gate.arrive();
+        self.arrivals += 1;
+        assert!(self.last_ticket.map_or(true, |last| ticket > last));
+        self.last_ticket = Some(ticket);
+        ticket
+    }
+
     fn random_pod(&mut self) -> Option<usize> {
         (!self.pods.is_empty()).then(|| self.rng.usize(..self.pods.len()))
     }
@@ -1264,10 +1273,7 @@ impl Model {
         match self.rng.u32(0..100) {
             // A new request arrives.
             0..=31 => {
-                let ticket = self.gate.arrive();
-                self.arrivals += 1;
-                assert!(self.last_ticket.map_or(true, |last| ticket > last));
-                self.last_ticket = Some(ticket);
+                let ticket = self.arrive();
                 self.request(ticket);
             }
             // A request finishes; sometimes it failed to connect and retries
@@ -1278,6 +1284,18 @@ impl Model {
                 }
                 let (ticket, grant) = self.take_held();
                 self.gate.release(grant.endpoint);
+                if self.rng.u32(0..4) == 0 {
+                    // Someone asks between the release and the hand-over:
+                    // the gate alone must keep the queue's order.
+                    let ticket = if self.rng.bool() {
+                        ticket
+                    } else {
+                        self.arrive()
+                    };
+                    self.request(ticket);
+                    self.drain();
+                    return;
+                }
                 self.drain();
                 if self.rng.u32(0..5) == 0 {
                     self.request(ticket);
