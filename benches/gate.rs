@@ -79,9 +79,7 @@ fn power_of_two_pick(c: &mut Criterion) {
     c.bench_function("gate/p2c try_dispatch+release cc=0 16 pods", |b| {
         b.iter(|| {
             let ticket = gate.arrive();
-            let grant = gate
-                .try_dispatch(black_box(ticket))
-                .expect("cc=0 always has room");
+            let grant = gate.try_dispatch(black_box(ticket)).expect("cc=0 always has room");
             gate.release(black_box(grant.endpoint));
         })
     });
@@ -93,11 +91,8 @@ fn power_of_two_pick(c: &mut Criterion) {
 /// acquire+release, over all tasks.
 fn shared_gate(c: &mut Criterion) {
     const PODS: u16 = 4;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     let gate = SharedGate::new(1, 1024, Metrics::new().service("bench"));
     for n in 0..PODS {
         let id = gate.add_endpoint(addr(n));
@@ -119,10 +114,7 @@ fn shared_gate(c: &mut Criterion) {
                             tokio::spawn(async move {
                                 for _ in 0..rounds {
                                     let ticket = gate.arrive();
-                                    let slot = gate
-                                        .acquire(ticket, Duration::from_secs(60))
-                                        .await
-                                        .expect("a slot");
+                                    let slot = gate.acquire(ticket, Duration::from_secs(60)).await.expect("a slot");
                                     tokio::task::yield_now().await;
                                     drop(black_box(slot));
                                 }

@@ -32,10 +32,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<Atomi
 
 fn answer(request: &Request<Incoming>, proxy: &Proxy, draining: &AtomicBool) -> Response<ResponseBody> {
     match request.uri().path() {
-        "/metrics" => with_type(
-            Response::new(body::full(proxy.metrics().render())),
-            "text/plain; version=0.0.4; charset=utf-8",
-        ),
+        "/metrics" => {
+            with_type(Response::new(body::full(proxy.metrics().render())), "text/plain; version=0.0.4; charset=utf-8")
+        }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if draining.load(Ordering::Relaxed) => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),

@@ -194,7 +194,13 @@ const SAMPLE_PERIOD: Duration = Duration::from_millis(100);
 /// `tick`, and reacts to activation at once. Each change is sent on
 /// `desired` (the provider's scale call), logged with its reason, and
 /// exported as `sdgate_desired_replicas`.
-pub async fn run(service: String, gate: Arc<SharedGate>, settings: Settings, tick: Duration, desired: watch::Sender<u32>) {
+pub async fn run(
+    service: String,
+    gate: Arc<SharedGate>,
+    settings: Settings,
+    tick: Duration,
+    desired: watch::Sender<u32>,
+) {
     let mut autoscaler = Autoscaler::new(settings);
     let mut sample = tokio::time::interval(SAMPLE_PERIOD);
     let mut decide = tokio::time::interval(tick);

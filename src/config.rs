@@ -258,9 +258,7 @@ fn default_connect_retries() -> u32 {
     3
 }
 fn default_bypass() -> Vec<String> {
-    ["/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip", "/internal/", "/file="]
-        .map(String::from)
-        .to_vec()
+    ["/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip", "/internal/", "/file="].map(String::from).to_vec()
 }
 fn default_max_scale() -> u32 {
     10
@@ -311,8 +309,8 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         Self::from_yaml(&text).with_context(|| format!("invalid config {}", path.display()))
     }
 
@@ -483,9 +481,7 @@ pub const SELF_PLACEHOLDER: &str = "{sdgate}";
 /// Resolves a program as a shell would: a path if it has a '/', else PATH.
 pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let executable = |path: &Path| {
-        path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
+    let executable = |path: &Path| path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     if program.contains('/') {
         let path = Path::new(program);
         return executable(path).then(|| path.to_path_buf());
@@ -514,8 +510,7 @@ fn key_error(error: &serde_path_to_error::Error<serde_yaml::Error>) -> String {
 /// Parses `ip:port` (names are not resolved: the gateway must not depend on
 /// DNS on its data path).
 pub fn parse_addr(addr: &str) -> Result<SocketAddr> {
-    addr.parse::<SocketAddr>()
-        .map_err(|_| anyhow::anyhow!("{addr:?} is not an ip:port address"))
+    addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("{addr:?} is not an ip:port address"))
 }
 
 /// serde for durations written as "300s" / "100ms".
@@ -541,7 +536,9 @@ mod tests {
     use super::*;
 
     fn minimal(service: &str) -> String {
-        format!("services:\n  - name: sd\n    hosts: [\"*\"]\n    backend: {{ fixed: [\"127.0.0.1:7860\"] }}\n{service}")
+        format!(
+            "services:\n  - name: sd\n    hosts: [\"*\"]\n    backend: {{ fixed: [\"127.0.0.1:7860\"] }}\n{service}"
+        )
     }
 
     #[test]

@@ -233,15 +233,12 @@ pub fn upstream_request(
     body: ReplayableBody,
 ) -> Result<Request<ReplayableBody>, ProxyError> {
     let path = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let target = Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(pod.to_string())
-        .path_and_query(path)
-        .build()
-        .map_err(|error| ProxyError::Upstream {
+    let target = Uri::builder().scheme(Scheme::HTTP).authority(pod.to_string()).path_and_query(path).build().map_err(
+        |error| ProxyError::Upstream {
             addr: pod.to_string(),
             reason: format!("cannot build the request URI: {error}"),
-        })?;
+        },
+    )?;
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = target;

@@ -296,12 +296,7 @@ impl<W> Gate<W> {
     fn pick_two_random(&mut self) -> Option<usize> {
         let ready = self.ready_count();
         let nth_ready = |endpoints: &[Endpoint], n: usize| {
-            endpoints
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| e.is_serving())
-                .nth(n)
-                .map(|(i, _)| i)
+            endpoints.iter().enumerate().filter(|(_, e)| e.is_serving()).nth(n).map(|(i, _)| i)
         };
         match ready {
             0 => None,

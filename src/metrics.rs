@@ -4,15 +4,13 @@
 //! atomics; only `requests_total{code}` looks up a label per request.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets for durations from milliseconds (proxy overhead) to ten minutes
 /// (a queued generation).
-const DURATION_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-];
+const DURATION_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -53,11 +51,8 @@ impl Metrics {
             )
             .expect("static metric definition"),
             duration: histogram("sdgate_request_duration_seconds", "Time from arrival to response start"),
-            queue_depth: IntGaugeVec::new(
-                Opts::new("sdgate_queue_depth", "Requests waiting for a pod"),
-                &["service"],
-            )
-            .expect("static metric definition"),
+            queue_depth: IntGaugeVec::new(Opts::new("sdgate_queue_depth", "Requests waiting for a pod"), &["service"])
+                .expect("static metric definition"),
             queue_wait: histogram("sdgate_queue_wait_seconds", "Time a request waited for a pod"),
             inflight: IntGaugeVec::new(
                 Opts::new("sdgate_inflight_requests", "Requests holding a pod slot"),
@@ -161,29 +156,34 @@ fn histogram(name: &str, help: &str) -> HistogramVec {
 
 /// Status codes as static strings, so counting allocates nothing.
 fn code_label(code: u16) -> &'static str {
+    const EXACT: &[(u16, &str)] = &[
+        (101, "101"),
+        (200, "200"),
+        (201, "201"),
+        (204, "204"),
+        (206, "206"),
+        (301, "301"),
+        (302, "302"),
+        (304, "304"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (408, "408"),
+        (413, "413"),
+        (422, "422"),
+        (429, "429"),
+        (431, "431"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+    ];
+    if let Some((_, label)) = EXACT.iter().find(|(c, _)| *c == code) {
+        return label;
+    }
     match code {
-        101 => "101",
-        200 => "200",
-        201 => "201",
-        204 => "204",
-        206 => "206",
-        301 => "301",
-        302 => "302",
-        304 => "304",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        413 => "413",
-        422 => "422",
-        429 => "429",
-        431 => "431",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
         100..=199 => "1xx",
         200..=299 => "2xx",
         300..=399 => "3xx",

@@ -86,4 +86,3 @@ impl Prober {
         tokio::time::timeout(timeout, attempt).await.unwrap_or(false)
     }
 }
-

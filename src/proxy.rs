@@ -138,9 +138,8 @@ impl Proxy {
         trace: &mut Trace,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         self.check_limits(&request)?;
-        let mut upgrade = forward::upgrade_protocol(request.headers())
-            .is_some()
-            .then(|| hyper::upgrade::on(&mut request));
+        let mut upgrade =
+            forward::upgrade_protocol(request.headers()).is_some().then(|| hyper::upgrade::on(&mut request));
         let bypass = service.config.is_bypass(request.uri().path());
         let host = router::request_host(&request).map(str::to_string);
         let (parts, body) = request.into_parts();
@@ -170,14 +169,23 @@ impl Proxy {
                 }
             };
             trace.endpoint = Some(slot.addr());
-            let upstream =
-                forward::upstream_request(&parts.method, &parts.uri, &parts.headers, host.as_deref(), client, slot.addr(), body.clone())?;
+            let upstream = forward::upstream_request(
+                &parts.method,
+                &parts.uri,
+                &parts.headers,
+                host.as_deref(),
+                client,
+                slot.addr(),
+                body.clone(),
+            )?;
             let sent = Instant::now();
             let outcome = self.forwarder.exchange(slot, upstream, service.config.request_timeout, upgrade.take()).await;
             trace.upstream = Some(sent.elapsed());
             match outcome {
                 Ok(response) => return Ok(response),
-                Err(ExchangeError::NotSent { reason, upgrade: returned }) if attempt < service.config.connect_retries => {
+                Err(ExchangeError::NotSent { reason, upgrade: returned })
+                    if attempt < service.config.connect_retries =>
+                {
                     tracing::warn!(endpoint = ?trace.endpoint, %reason, "connect failed; trying another pod");
                     upgrade = returned;
                     attempt += 1;

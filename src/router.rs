@@ -45,10 +45,7 @@ impl Router {
         } else {
             self.by_host.get(name)
         };
-        found
-            .or(self.default.as_ref())
-            .copied()
-            .ok_or_else(|| ProxyError::UnknownHost(name.to_string()))
+        found.or(self.default.as_ref()).copied().ok_or_else(|| ProxyError::UnknownHost(name.to_string()))
     }
 }
 
@@ -116,10 +113,8 @@ mod tests {
 
     #[test]
     fn http2_authority_is_used() {
-        let request = Request::builder()
-            .uri("http://stable-diffusion.default.example.com/sdapi/v1/txt2img")
-            .body(())
-            .unwrap();
+        let request =
+            Request::builder().uri("http://stable-diffusion.default.example.com/sdapi/v1/txt2img").body(()).unwrap();
         assert_eq!(router().route(&request).unwrap(), 0);
     }
 }

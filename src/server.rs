@@ -37,13 +37,10 @@ impl Gateway {
     /// Binds the listeners and starts the providers (endpoints and probes).
     pub async fn bind(config: Config) -> Result<Self> {
         let proxy = Arc::new(Proxy::new(&config, Metrics::new()));
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("listen: cannot bind {}", config.listen))?;
+        let listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("listen: cannot bind {}", config.listen))?;
         let admin = match config.admin {
-            Some(addr) => {
-                Some(TcpListener::bind(addr).await.with_context(|| format!("admin: cannot bind {addr}"))?)
-            }
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("admin: cannot bind {addr}"))?),
             None => None,
         };
         let mut providers = Vec::new();

@@ -32,7 +32,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Role, Message};
+use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Role};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::body::{self, ResponseBody};
@@ -281,12 +281,8 @@ impl State {
         }
         lock(&self.progress).running = false;
         let info = json!({"worker": self.name_text, "steps": steps, "interrupted": interrupted}).to_string();
-        let body = format!(
-            "{{\"images\":[\"{}\"],\"parameters\":{},\"info\":{}}}",
-            self.image,
-            payload,
-            Value::String(info)
-        );
+        let body =
+            format!("{{\"images\":[\"{}\"],\"parameters\":{},\"info\":{}}}", self.image, payload, Value::String(info));
         self.served.fetch_add(1, Ordering::SeqCst);
         let mut jobs = lock(&self.jobs);
         if jobs.len() == JOB_HISTORY {
@@ -377,14 +373,12 @@ fn websocket_echo(mut request: Request<Incoming>) -> Response<ResponseBody> {
         let Ok(upgraded) = upgrade.await else { return };
         let mut socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         while let Some(Ok(message)) = socket.next().await {
-            match message {
-                Message::Text(_) | Message::Binary(_) => {
-                    if socket.send(message).await.is_err() {
-                        break;
-                    }
-                }
-                Message::Close(_) => break,
-                _ => {}
+            if message.is_close() {
+                break;
+            }
+            let echo = message.is_text() || message.is_binary();
+            if echo && socket.send(message).await.is_err() {
+                break;
             }
         }
     });

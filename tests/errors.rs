@@ -19,7 +19,9 @@ async fn a_full_queue_answers_503_with_retry_after() {
     for (i, wait) in [(0, "dispatched"), (1, "queued")] {
         let (client, addr) = (client.clone(), gateway.addr);
         held.push(tokio::spawn(async move { send(&client, txt2img(addr, &i.to_string(), 5)).await.status }));
-        gateway.wait_for(move |g| g.arrivals() == i + 1 && g.inflight() + g.queue_depth() as u32 == i as u32 + 1, wait).await;
+        gateway
+            .wait_for(move |g| g.arrivals() == i + 1 && g.inflight() + g.queue_depth() as u32 == i as u32 + 1, wait)
+            .await;
     }
     let answer = send(&client, txt2img(gateway.addr, "overflow", 1)).await;
     answer.assert_json_error(503);
@@ -87,8 +89,10 @@ async fn an_unknown_host_is_404_and_a_missing_host_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_are_431_and_oversized_bodies_413() {
     let workers = sims(1, fast_sim(1)).await;
-    let yaml = config_yaml(&[workers[0].addr], 1, "")
-        .replace("drain_timeout: 10s\n", "drain_timeout: 10s\nlimits: { max_header_bytes: 4096, max_body_bytes: 1000 }\n");
+    let yaml = config_yaml(&[workers[0].addr], 1, "").replace(
+        "drain_timeout: 10s\n",
+        "drain_timeout: 10s\nlimits: { max_header_bytes: 4096, max_body_bytes: 1000 }\n",
+    );
     let gateway = TestGateway::start(&yaml).await;
     gateway.wait_for(|g| g.ready_count() == 1, "ready").await;
     let client = client();
@@ -122,7 +126,11 @@ async fn a_worker_killed_mid_request_gives_502_and_frees_its_slot() {
     eventually("generation running on the worker", || {
         let client = client.clone();
         async move {
-            let stats = send(&client, Request::get(format!("http://{worker_addr}/sim/stats")).body(Full::new(Bytes::new())).unwrap()).await;
+            let stats = send(
+                &client,
+                Request::get(format!("http://{worker_addr}/sim/stats")).body(Full::new(Bytes::new())).unwrap(),
+            )
+            .await;
             stats.json()["inflight"] == 1
         }
     })
@@ -133,10 +141,7 @@ async fn a_worker_killed_mid_request_gives_502_and_frees_its_slot() {
     answer.assert_json_error(502);
     assert_eq!(answer.json()["service"], "sd");
     gateway.wait_for(|g| g.inflight() == 0, "in-flight back to 0").await;
-    assert_eq!(
-        metric(gateway.admin, "sdgate_upstream_errors_total{kind=\"failed\",service=\"sd\"}").await,
-        Some(1.0)
-    );
+    assert_eq!(metric(gateway.admin, "sdgate_upstream_errors_total{kind=\"failed\",service=\"sd\"}").await, Some(1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,8 @@ struct ProcessWatch {
 
 impl ProcessWatch {
     fn start(marker: &str) -> Self {
-        let (most, pids, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(BTreeSet::new())), Arc::new(AtomicBool::new(false)));
+        let (most, pids, stop) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(BTreeSet::new())), Arc::new(AtomicBool::new(false)));
         let (m, p, s, marker) = (most.clone(), pids.clone(), stop.clone(), marker.to_string());
         std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
@@ -138,7 +139,11 @@ async fn fifty_concurrent_clients_never_get_more_than_max_workers() {
 async fn the_first_request_at_zero_calls_scale_without_waiting_for_a_tick() {
     // No pod, and a decision tick of an hour: only activation can scale.
     let port = free_port().await;
-    let yaml = config_yaml(&[format!("127.0.0.1:{port}").parse().unwrap()], 1, "    scale: { tick: 3600s }\n    queue: { timeout: 2s }\n");
+    let yaml = config_yaml(
+        &[format!("127.0.0.1:{port}").parse().unwrap()],
+        1,
+        "    scale: { tick: 3600s }\n    queue: { timeout: 2s }\n",
+    );
     let gateway = TestGateway::start(&yaml).await;
     let mut desired = gateway.desired.clone();
     assert_eq!(*desired.borrow_and_update(), 0);
@@ -148,10 +153,7 @@ async fn the_first_request_at_zero_calls_scale_without_waiting_for_a_tick() {
     };
     tokio::time::timeout(Duration::from_secs(1), desired.changed()).await.expect("scale call").unwrap();
     assert_eq!(*desired.borrow(), 1);
-    assert_eq!(
-        metric(gateway.admin, "sdgate_desired_replicas{service=\"sd\"}").await,
-        Some(1.0)
-    );
+    assert_eq!(metric(gateway.admin, "sdgate_desired_replicas{service=\"sd\"}").await, Some(1.0));
     request.await.unwrap().assert_json_error(504);
 }
 

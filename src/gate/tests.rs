@@ -37,19 +37,14 @@ fn loads(gate: &Gate<Ticket>) -> Vec<u32> {
 /// A new request that finds room at once.
 fn admit(gate: &mut Gate<Ticket>) -> Grant {
     let ticket = gate.arrive();
-    gate.try_dispatch(ticket)
-        .expect("a pod has room for a newcomer")
+    gate.try_dispatch(ticket).expect("a pod has room for a newcomer")
 }
 
 /// A new request that finds no room and joins the queue.
 fn wait(gate: &mut Gate<Ticket>, now: Instant) -> Ticket {
     let ticket = gate.arrive();
-    assert!(
-        gate.try_dispatch(ticket).is_none(),
-        "expected no room for {ticket:?}"
-    );
-    gate.enqueue(ticket, ticket, now)
-        .expect("room in the queue");
+    assert!(gate.try_dispatch(ticket).is_none(), "expected no room for {ticket:?}");
+    gate.enqueue(ticket, ticket, now).expect("room in the queue");
     ticket
 }
 
@@ -100,13 +95,7 @@ fn every_arrival_gets_a_later_ticket_than_the_one_before() {
 fn a_cc1_pod_holds_one_request_at_a_time() {
     let (mut gate, pods) = gate_with(1, 10, 1);
     let grant = admit(&mut gate);
-    assert_eq!(
-        grant,
-        Grant {
-            endpoint: pods[0],
-            addr: addr(0)
-        }
-    );
+    assert_eq!(grant, Grant { endpoint: pods[0], addr: addr(0) });
     for _ in 0..5 {
         let ticket = gate.arrive();
         assert!(gate.try_dispatch(ticket).is_none());
@@ -183,11 +172,7 @@ fn queued_waiters_never_push_a_pod_over_its_capacity() {
             let granted = drain(&mut gate);
             assert_eq!(granted.len(), 1, "cc={cc}: one release frees one place");
             assert_eq!(granted[0].1.endpoint, pods[round % 2]);
-            assert!(
-                loads(&gate).iter().all(|&load| load == cc),
-                "cc={cc}: {:?}",
-                loads(&gate)
-            );
+            assert!(loads(&gate).iter().all(|&load| load == cc), "cc={cc}: {:?}", loads(&gate));
         }
     }
 }
@@ -202,11 +187,7 @@ fn unlimited_capacity_never_queues_while_a_pod_is_ready() {
     gate.set_ready(pods[0], false);
     gate.set_ready(pods[2], false);
     for _ in 0..1000 {
-        assert_eq!(
-            admit(&mut gate).endpoint,
-            pods[1],
-            "the only ready pod takes everything"
-        );
+        assert_eq!(admit(&mut gate).endpoint, pods[1], "the only ready pod takes everything");
     }
     gate.set_ready(pods[0], true);
     gate.set_ready(pods[2], true);
@@ -225,10 +206,7 @@ fn unlimited_capacity_spreads_load_over_the_ready_pods() {
     }
     let loads = loads(&gate);
     let (min, max) = (*loads.iter().min().unwrap(), *loads.iter().max().unwrap());
-    assert!(
-        max - min <= 4,
-        "power of two choices keeps pods balanced: {loads:?}"
-    );
+    assert!(max - min <= 4, "power of two choices keeps pods balanced: {loads:?}");
     assert_eq!(loads.iter().sum::<u32>(), 4000);
 }
 
@@ -287,10 +265,7 @@ fn unlimited_capacity_with_no_ready_pod_queues_and_serves_everyone_once_one_is_r
 fn first_available_packs_requests_onto_the_first_pod() {
     let (mut gate, pods) = gate_with(3, 10, 3);
     let chosen: Vec<EndpointId> = (0..7).map(|_| admit(&mut gate).endpoint).collect();
-    assert_eq!(
-        chosen,
-        [pods[0], pods[0], pods[0], pods[1], pods[1], pods[1], pods[2]]
-    );
+    assert_eq!(chosen, [pods[0], pods[0], pods[0], pods[1], pods[1], pods[1], pods[2]]);
 
     // Room freed on the first pod is used before the idler last pod.
     gate.release(pods[0]);
@@ -320,10 +295,7 @@ fn first_available_skips_pods_that_are_not_ready() {
 fn least_loaded_spreads_requests_when_cc_is_above_three() {
     let (mut gate, pods) = gate_with(4, 10, 3);
     let chosen: Vec<EndpointId> = (0..6).map(|_| admit(&mut gate).endpoint).collect();
-    assert_eq!(
-        chosen,
-        [pods[0], pods[1], pods[2], pods[0], pods[1], pods[2]]
-    );
+    assert_eq!(chosen, [pods[0], pods[1], pods[2], pods[0], pods[1], pods[2]]);
 
     gate.release(pods[1]);
     gate.release(pods[1]);
@@ -425,11 +397,7 @@ fn a_newcomer_never_overtakes_the_queue() {
     gate.release(pods[0]);
     let newcomer = gate.arrive();
     assert!(gate.try_dispatch(newcomer).is_none());
-    assert_eq!(
-        inflight_of(&gate, pods[0]),
-        0,
-        "the refused newcomer took nothing"
-    );
+    assert_eq!(inflight_of(&gate, pods[0]), 0, "the refused newcomer took nothing");
     gate.enqueue(newcomer, newcomer, now).unwrap();
     assert_eq!(tickets(&drain(&mut gate)), [waiter]);
     gate.release(pods[0]);
@@ -445,9 +413,7 @@ fn an_earlier_ticket_is_not_held_back_by_later_waiters() {
     let late = wait(&mut gate, now);
     gate.release(holder.endpoint);
     // `early` arrived before `late`, so it may take the free room at once.
-    let grant = gate
-        .try_dispatch(early)
-        .expect("an older ticket is first in line");
+    let grant = gate.try_dispatch(early).expect("an older ticket is first in line");
     assert_eq!(grant.endpoint, pods[0]);
     assert!(drain(&mut gate).is_empty());
     assert_eq!(gate.queue_depth(), 1);
@@ -473,11 +439,7 @@ fn a_retried_request_goes_back_to_its_original_place() {
     assert_eq!(gate.queue_depth(), 2);
 
     gate.release(pods[0]);
-    assert_eq!(
-        tickets(&drain(&mut gate)),
-        [first],
-        "the retry is ahead of later arrivals"
-    );
+    assert_eq!(tickets(&drain(&mut gate)), [first], "the retry is ahead of later arrivals");
     gate.release(pods[0]);
     assert_eq!(tickets(&drain(&mut gate)), [third]);
 }
@@ -584,11 +546,7 @@ fn cancelling_a_granted_request_returns_none() {
 
     assert_eq!(gate.cancel(queued), None, "granted from the queue");
     assert_eq!(gate.cancel(direct), None, "granted without queueing");
-    assert_eq!(
-        inflight_of(&gate, pods[0]),
-        1,
-        "cancelling a granted ticket frees nothing"
-    );
+    assert_eq!(inflight_of(&gate, pods[0]), 1, "cancelling a granted ticket frees nothing");
 }
 
 #[test]
@@ -616,10 +574,7 @@ fn a_new_endpoint_starts_not_ready_and_takes_nothing() {
         let pod = gate.add_endpoint(addr(0));
         let endpoint = gate.endpoint(pod).unwrap();
         assert!(!endpoint.ready);
-        assert_eq!(
-            (endpoint.inflight, endpoint.served, endpoint.addr),
-            (0, 0, addr(0))
-        );
+        assert_eq!((endpoint.inflight, endpoint.served, endpoint.addr), (0, 0, addr(0)));
         assert_eq!(gate.ready_count(), 0);
         let waiter = wait(&mut gate, now);
         assert!(drain(&mut gate).is_empty(), "cc={cc}");
@@ -705,10 +660,7 @@ fn releasing_on_a_removed_pod_is_a_noop() {
     }
     assert_eq!(loads(&gate), [2, 1]);
     let removed = gate.remove_endpoint(pods[0]).expect("pod was known");
-    assert_eq!(
-        (removed.id, removed.inflight, removed.served),
-        (pods[0], 2, 2)
-    );
+    assert_eq!((removed.id, removed.inflight, removed.served), (pods[0], 2, 2));
     assert_eq!(gate.endpoint(pods[0]), None);
     assert_eq!(gate.inflight(), 1);
 
@@ -735,13 +687,7 @@ fn waiters_are_not_granted_a_removed_pod() {
     assert!(gate.set_ready(replacement, true));
     let granted = drain(&mut gate);
     assert_eq!(tickets(&granted), [waiter]);
-    assert_eq!(
-        granted[0].1,
-        Grant {
-            endpoint: replacement,
-            addr: addr(1)
-        }
-    );
+    assert_eq!(granted[0].1, Grant { endpoint: replacement, addr: addr(1) });
 }
 
 #[test]
@@ -817,13 +763,7 @@ fn any_ready_picks_the_least_loaded_ready_pod() {
     }
     gate.release(pods[2]);
     assert_eq!(loads(&gate), [2, 2, 1]);
-    assert_eq!(
-        gate.any_ready(),
-        Some(Grant {
-            endpoint: pods[2],
-            addr: addr(2)
-        })
-    );
+    assert_eq!(gate.any_ready(), Some(Grant { endpoint: pods[2], addr: addr(2) }));
 
     // An idle pod that is not ready is not a candidate.
     gate.release(pods[0]);
@@ -866,16 +806,10 @@ fn oldest_wait_measures_how_long_the_first_waiter_has_waited() {
     admit(&mut gate);
     let first = wait(&mut gate, start);
     wait(&mut gate, start + Duration::from_secs(2));
-    assert_eq!(
-        gate.oldest_wait(start + Duration::from_secs(5)),
-        Some(Duration::from_secs(5))
-    );
+    assert_eq!(gate.oldest_wait(start + Duration::from_secs(5)), Some(Duration::from_secs(5)));
 
     assert_eq!(gate.cancel(first), Some(first));
-    assert_eq!(
-        gate.oldest_wait(start + Duration::from_secs(5)),
-        Some(Duration::from_secs(3))
-    );
+    assert_eq!(gate.oldest_wait(start + Duration::from_secs(5)), Some(Duration::from_secs(3)));
     // A clock reading from before the waiter arrived does not panic.
     assert_eq!(gate.oldest_wait(start), Some(Duration::ZERO));
 
@@ -888,10 +822,7 @@ fn oldest_wait_measures_how_long_the_first_waiter_has_waited() {
 fn the_counters_track_grants_waiters_and_readiness() {
     let now = Instant::now();
     let mut gate: Gate<Ticket> = Gate::new(2, 10);
-    assert_eq!(
-        (gate.inflight(), gate.queue_depth(), gate.ready_count()),
-        (0, 0, 0)
-    );
+    assert_eq!((gate.inflight(), gate.queue_depth(), gate.ready_count()), (0, 0, 0));
     let a = gate.add_endpoint(addr(0));
     let b = gate.add_endpoint(addr(1));
     assert_eq!((gate.endpoints().len(), gate.ready_count()), (2, 0));
@@ -913,10 +844,7 @@ fn the_counters_track_grants_waiters_and_readiness() {
     gate.release(b);
     assert_eq!(gate.inflight(), 2);
     gate.remove_endpoint(b);
-    assert_eq!(
-        (gate.inflight(), gate.ready_count(), gate.endpoints().len()),
-        (1, 1, 1)
-    );
+    assert_eq!((gate.inflight(), gate.ready_count(), gate.endpoints().len()), (1, 1, 1));
     gate.release(a);
     assert_eq!(gate.inflight(), 0);
 }
@@ -971,18 +899,11 @@ fn a_draining_pod_finishes_its_requests_but_takes_no_new_ones() {
     let endpoint = gate.endpoint(pods[0]).unwrap();
     assert!(endpoint.ready && endpoint.draining && !endpoint.is_serving());
     assert_eq!(endpoint.inflight, 1);
-    assert_eq!(
-        gate.ready_count(),
-        0,
-        "a draining pod does not count as ready"
-    );
+    assert_eq!(gate.ready_count(), 0, "a draining pod does not count as ready");
 
     let waiter = wait(&mut gate, now);
     gate.release(pods[0]);
-    assert!(
-        drain(&mut gate).is_empty(),
-        "room on a draining pod is not handed out"
-    );
+    assert!(drain(&mut gate).is_empty(), "room on a draining pod is not handed out");
     assert_eq!(gate.inflight(), 0);
     assert_eq!(gate.cancel(waiter), Some(waiter));
 }
@@ -996,11 +917,7 @@ fn a_draining_pod_stays_draining_when_its_probe_passes_again() {
     assert!(gate.endpoint(pods[0]).unwrap().draining);
     let ticket = gate.arrive();
     assert!(gate.try_dispatch(ticket).is_none());
-    assert_eq!(
-        gate.any_ready(),
-        None,
-        "bypass calls avoid a draining pod too"
-    );
+    assert_eq!(gate.any_ready(), None, "bypass calls avoid a draining pod too");
 }
 
 #[test]
@@ -1018,9 +935,7 @@ fn waiters_go_to_the_pods_that_are_not_draining() {
             }
         }
         gate.release(pods[1]);
-        assert!(drain(&mut gate)
-            .iter()
-            .all(|(_, grant)| grant.endpoint == pods[1]));
+        assert!(drain(&mut gate).iter().all(|(_, grant)| grant.endpoint == pods[1]));
         assert_eq!(inflight_of(&gate, pods[0]) + inflight_of(&gate, pods[2]), 0);
         assert_eq!(gate.any_ready().map(|g| g.endpoint), Some(pods[1]));
     }
@@ -1143,17 +1058,9 @@ impl Model {
 
     /// Checks a grant against capacity, policy and FIFO, before it is recorded.
     fn check_choice(&self, ticket: Ticket, grant: Grant) {
-        let rooms: Vec<(EndpointId, u32)> = self
-            .pods
-            .iter()
-            .filter(|pod| self.has_room(pod))
-            .map(|pod| (pod.id, pod.load))
-            .collect();
-        let pod = self
-            .pods
-            .iter()
-            .find(|pod| pod.id == grant.endpoint)
-            .expect("granted a known pod");
+        let rooms: Vec<(EndpointId, u32)> =
+            self.pods.iter().filter(|pod| self.has_room(pod)).map(|pod| (pod.id, pod.load)).collect();
+        let pod = self.pods.iter().find(|pod| pod.id == grant.endpoint).expect("granted a known pod");
         assert_eq!(grant.addr, pod.addr);
         assert!(
             self.has_room(pod),
@@ -1175,9 +1082,7 @@ impl Model {
                 // busiest pod when there are two to compare.
                 if rooms.len() >= 2 {
                     assert!(
-                        rooms
-                            .iter()
-                            .any(|(id, other)| *id != grant.endpoint && *other >= pod.load),
+                        rooms.iter().any(|(id, other)| *id != grant.endpoint && *other >= pod.load),
                         "p2c chose the busiest pod {:?} among {rooms:?}",
                         grant.endpoint
                     );
@@ -1201,45 +1106,30 @@ impl Model {
     /// Hands freed room to waiters, as the async layer does.
     fn drain(&mut self) {
         while let Some((ticket, grant)) = self.gate.next_grant() {
-            let (&head, _) = self
-                .queued
-                .first_key_value()
-                .expect("granted from an empty queue");
+            let (&head, _) = self.queued.first_key_value().expect("granted from an empty queue");
             assert_eq!(ticket, head, "next_grant serves the earliest ticket");
             self.queued.remove(&ticket);
             self.record(ticket, grant);
             self.stats.granted_from_queue += 1;
         }
-        assert!(
-            self.queued.is_empty() || !self.any_room(),
-            "drained while a waiter could be served"
-        );
+        assert!(self.queued.is_empty() || !self.any_room(), "drained while a waiter could be served");
     }
 
     /// A request (new or retried) asks for a pod, and waits if it gets none.
     fn request(&mut self, ticket: Ticket) {
         let head = self.queued.keys().next().copied();
-        let first_in_line = head.map_or(true, |head| ticket < head);
+        let first_in_line = head.is_none_or(|head| ticket < head);
         let expect_grant = first_in_line && self.any_room();
         match self.gate.try_dispatch(ticket) {
             Some(grant) => {
-                assert!(
-                    expect_grant,
-                    "{ticket:?} dispatched although it should wait"
-                );
+                assert!(expect_grant, "{ticket:?} dispatched although it should wait");
                 self.record(ticket, grant);
             }
             None => {
-                assert!(
-                    !expect_grant,
-                    "{ticket:?} refused although it is first and a pod has room"
-                );
+                assert!(!expect_grant, "{ticket:?} refused although it is first and a pod has room");
                 match self.gate.enqueue(ticket, ticket, self.now) {
                     Ok(()) => {
-                        assert!(
-                            self.queued.len() < self.max_depth,
-                            "queue grew past its depth"
-                        );
+                        assert!(self.queued.len() < self.max_depth, "queue grew past its depth");
                         if head.is_some_and(|head| ticket < head) {
                             self.stats.retried_ahead_of_waiters += 1;
                         }
@@ -1259,7 +1149,7 @@ impl Model {
     fn arrive(&mut self) -> Ticket {
         let ticket = self.gate.arrive();
         self.arrivals += 1;
-        assert!(self.last_ticket.map_or(true, |last| ticket > last));
+        assert!(self.last_ticket.is_none_or(|last| ticket > last));
         self.last_ticket = Some(ticket);
         ticket
     }
@@ -1287,11 +1177,7 @@ impl Model {
                 if self.rng.u32(0..4) == 0 {
                     // Someone asks between the release and the hand-over:
                     // the gate alone must keep the queue's order.
-                    let ticket = if self.rng.bool() {
-                        ticket
-                    } else {
-                        self.arrive()
-                    };
+                    let ticket = if self.rng.bool() { ticket } else { self.arrive() };
                     self.request(ticket);
                     self.drain();
                     return;
@@ -1323,20 +1209,10 @@ impl Model {
                 self.addrs += 1;
                 let addr = addr(self.addrs);
                 let id = self.gate.add_endpoint(addr);
-                assert!(
-                    self.last_endpoint.map_or(true, |last| id > last),
-                    "id reused"
-                );
+                assert!(self.last_endpoint.is_none_or(|last| id > last), "id reused");
                 self.last_endpoint = Some(id);
                 let (ready, draining, served, load) = (false, false, 0, 0);
-                self.pods.push(Pod {
-                    id,
-                    addr,
-                    ready,
-                    draining,
-                    served,
-                    load,
-                });
+                self.pods.push(Pod { id, addr, ready, draining, served, load });
             }
             // A probe passes.
             78..=88 => {
@@ -1400,22 +1276,10 @@ impl Model {
             assert_eq!(endpoint.draining, pod.draining);
             assert_eq!(endpoint.is_serving(), pod.serving());
             assert_eq!(endpoint.served, pod.served, "{:?} served", pod.id);
-            let held = self
-                .held
-                .iter()
-                .filter(|(_, grant)| grant.endpoint == pod.id)
-                .count() as u32;
+            let held = self.held.iter().filter(|(_, grant)| grant.endpoint == pod.id).count() as u32;
             assert_eq!(held, pod.load, "the test's own account of {:?}", pod.id);
-            assert_eq!(
-                endpoint.inflight, held,
-                "{:?} in flight vs grants held",
-                pod.id
-            );
-            assert!(
-                capacity == 0 || endpoint.inflight <= capacity,
-                "{:?} over capacity {capacity}",
-                pod.id
-            );
+            assert_eq!(endpoint.inflight, held, "{:?} in flight vs grants held", pod.id);
+            assert!(capacity == 0 || endpoint.inflight <= capacity, "{:?} over capacity {capacity}", pod.id);
             total += held;
         }
         assert_eq!(self.gate.inflight(), total);
@@ -1425,33 +1289,18 @@ impl Model {
 
         assert_eq!(self.gate.queue_depth(), self.queued.len());
         assert!(self.gate.queue_depth() <= self.max_depth);
-        assert!(
-            self.queued.is_empty() || !self.any_room(),
-            "work-conserving: a waiter waits while a pod has room"
-        );
-        let oldest = self.queued.first_key_value();
-        let oldest = oldest.map(|(_, &since)| self.now.saturating_duration_since(since));
+        assert!(self.queued.is_empty() || !self.any_room(), "work-conserving: a waiter waits while a pod has room");
+        // The longest wait, which is not always the first in line's: a retry
+        // goes back to its old place with a fresh wait.
+        let oldest = self.queued.values().min().map(|&since| self.now.saturating_duration_since(since));
         assert_eq!(self.gate.oldest_wait(self.now), oldest);
 
         match self.gate.any_ready() {
             None => assert_eq!(serving, 0),
             Some(grant) => {
-                let least = self
-                    .pods
-                    .iter()
-                    .filter(|pod| pod.serving())
-                    .map(|pod| pod.load)
-                    .min();
-                let pod = self
-                    .pods
-                    .iter()
-                    .find(|pod| pod.id == grant.endpoint)
-                    .expect("a known pod");
-                assert!(
-                    pod.serving(),
-                    "any_ready chose {:?}, which takes nothing",
-                    pod.id
-                );
+                let least = self.pods.iter().filter(|pod| pod.serving()).map(|pod| pod.load).min();
+                let pod = self.pods.iter().find(|pod| pod.id == grant.endpoint).expect("a known pod");
+                assert!(pod.serving(), "any_ready chose {:?}, which takes nothing", pod.id);
                 assert_eq!(Some(pod.load), least, "any_ready picks the least loaded");
                 assert_eq!(grant.addr, pod.addr);
             }

@@ -196,10 +196,7 @@ pub fn txt2img(addr: SocketAddr, prompt: &str, steps: u32) -> Request<Full<Bytes
 }
 
 pub fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
-    Request::get(format!("http://{addr}{path}"))
-        .header("host", HOST)
-        .body(Full::new(Bytes::new()))
-        .expect("request")
+    Request::get(format!("http://{addr}{path}")).header("host", HOST).body(Full::new(Bytes::new())).expect("request")
 }
 
 /// Asserts that no worker ever held two generations.
@@ -286,7 +283,8 @@ fn field(line: &str, key: &str) -> Option<SocketAddr> {
 
 /// Reads the value of a metric line (exact name with labels) from a scrape.
 pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
-    let answer = send(&client(), Request::get(format!("http://{admin}/metrics")).body(Full::new(Bytes::new())).ok()?).await;
+    let answer =
+        send(&client(), Request::get(format!("http://{admin}/metrics")).body(Full::new(Bytes::new())).ok()?).await;
     let text = String::from_utf8_lossy(&answer.body).to_string();
     text.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
 }
