@@ -1,8 +1,10 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`.
+//! The admin listener: `/` (the dashboard page), `/status` (JSON),
+//! `/metrics`, `/healthz`, `/readyz`.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -14,15 +16,20 @@ use tokio::net::TcpListener;
 
 use crate::body::{self, ResponseBody};
 use crate::proxy::Proxy;
+use crate::status::Status;
+
+/// The dashboard: one self-contained page (no CDN) that polls `/status`.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<AtomicBool>) {
+    let started = Instant::now();
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let proxy = proxy.clone();
         let draining = draining.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = answer(&request, &proxy, &draining);
+                let response = answer(&request, &proxy, &draining, started);
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
@@ -30,8 +37,13 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<Atomi
     }
 }
 
-fn answer(request: &Request<Incoming>, proxy: &Proxy, draining: &AtomicBool) -> Response<ResponseBody> {
+fn answer(request: &Request<Incoming>, proxy: &Proxy, draining: &AtomicBool, started: Instant) -> Response<ResponseBody> {
     match request.uri().path() {
+        "/" => with_type(Response::new(body::full(DASHBOARD)), "text/html; charset=utf-8"),
+        "/status" => {
+            let status = serde_json::to_vec(&Status::of(proxy, started)).unwrap_or_default();
+            with_type(Response::new(body::full(status)), "application/json")
+        }
         "/metrics" => {
             with_type(Response::new(body::full(proxy.metrics().render())), "text/plain; version=0.0.4; charset=utf-8")
         }

@@ -209,6 +209,7 @@ pub async fn run(
     let publish = |decision: Decision, demand: u32, ready: u32| {
         gate.metrics().desired_replicas.set(i64::from(decision.desired));
         if desired.send_if_modified(|current| std::mem::replace(current, decision.desired) != decision.desired) {
+            gate.record_scale(decision.desired, decision.reason.as_str());
             tracing::info!(
                 %service,
                 desired = decision.desired,

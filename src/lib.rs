@@ -20,6 +20,7 @@ pub mod router;
 pub mod server;
 pub mod sim;
 pub mod slot;
+pub mod status;
 
 pub use config::Config;
 pub use server::Gateway;

@@ -23,6 +23,7 @@ pub struct Metrics {
     endpoints: IntGaugeVec,
     upstream_errors: IntCounterVec,
     desired_replicas: IntGaugeVec,
+    cold_start: HistogramVec,
 }
 
 /// The metrics of one service.
@@ -39,6 +40,7 @@ pub struct ServiceMetrics {
     pub queue_wait: Histogram,
     pub inflight: IntGauge,
     pub desired_replicas: IntGauge,
+    pub cold_start: Histogram,
 }
 
 impl Metrics {
@@ -74,12 +76,18 @@ impl Metrics {
                 &["service"],
             )
             .expect("static metric definition"),
+            cold_start: histogram(
+                "sdgate_cold_start_seconds",
+                "From a request waiting with no pod ready to the first pod ready",
+            ),
             registry,
         };
         for collector in metrics.collectors() {
             // Names are distinct constants; registering them cannot clash.
             let _ = metrics.registry.register(collector);
         }
+        // process_cpu_seconds_total, process_resident_memory_bytes, ...
+        let _ = metrics.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
         metrics
     }
 
@@ -93,6 +101,7 @@ impl Metrics {
             Box::new(self.endpoints.clone()),
             Box::new(self.upstream_errors.clone()),
             Box::new(self.desired_replicas.clone()),
+            Box::new(self.cold_start.clone()),
         ]
     }
 
@@ -108,6 +117,7 @@ impl Metrics {
             queue_wait: self.queue_wait.with_label_values(&[service]),
             inflight: self.inflight.with_label_values(&[service]),
             desired_replicas: self.desired_replicas.with_label_values(&[service]),
+            cold_start: self.cold_start.with_label_values(&[service]),
         }
     }
 
@@ -189,5 +199,68 @@ fn code_label(code: u16) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+/// The answers of the last minute (at most 4096), for rates and percentiles
+/// on the status page; Prometheus has the full history.
+#[derive(Default)]
+pub struct Recent {
+    answers: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u16, f32)>>,
+}
+
+/// What [`Recent`] reports.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RecentSummary {
+    pub window_seconds: f64,
+    pub requests: usize,
+    pub requests_per_second: f64,
+    /// Share of answers that were not 5xx (1.0 with no answers).
+    pub success_rate: f64,
+    pub codes: std::collections::BTreeMap<u16, usize>,
+    /// Latency percentiles in seconds: p50, p90, p95, p99.
+    pub latency_seconds: std::collections::BTreeMap<&'static str, f64>,
+}
+
+const RECENT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+const RECENT_MAX: usize = 4096;
+
+impl Recent {
+    pub fn record(&self, code: u16, took: std::time::Duration) {
+        let now = std::time::Instant::now();
+        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        if answers.len() == RECENT_MAX {
+            answers.pop_front();
+        }
+        answers.push_back((now, code, took.as_secs_f32()));
+    }
+
+    pub fn summary(&self) -> RecentSummary {
+        let now = std::time::Instant::now();
+        let answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        let recent: Vec<_> = answers.iter().filter(|(t, _, _)| now.duration_since(*t) <= RECENT_WINDOW).collect();
+        let window = recent.first().map_or(RECENT_WINDOW, |(t, _, _)| now.duration_since(*t)).max(std::time::Duration::from_secs(1));
+        let mut codes = std::collections::BTreeMap::new();
+        for (_, code, _) in &recent {
+            *codes.entry(*code).or_insert(0) += 1;
+        }
+        let failed = recent.iter().filter(|(_, code, _)| *code >= 500).count();
+        let mut latencies: Vec<f32> = recent.iter().map(|(_, _, took)| *took).collect();
+        latencies.sort_by(f32::total_cmp);
+        let mut latency_seconds = std::collections::BTreeMap::new();
+        if !latencies.is_empty() {
+            for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99)] {
+                let index = ((latencies.len() - 1) as f64 * q).round() as usize;
+                latency_seconds.insert(name, f64::from(latencies[index]));
+            }
+        }
+        RecentSummary {
+            window_seconds: window.as_secs_f64(),
+            requests: recent.len(),
+            requests_per_second: recent.len() as f64 / window.as_secs_f64(),
+            success_rate: if recent.is_empty() { 1.0 } else { 1.0 - failed as f64 / recent.len() as f64 },
+            codes,
+            latency_seconds,
+        }
     }
 }

@@ -85,13 +85,15 @@ impl Proxy {
     }
 
     /// Answers one client request; never fails (errors become JSON responses).
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, client: SocketAddr) -> Response<ResponseBody> {
+    pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>, client: SocketAddr) -> Response<ResponseBody> {
         let start = Instant::now();
+        let request_id = request_id(&mut request);
         let line = tracing::enabled!(tracing::Level::INFO).then(|| LogLine::of(&request));
         let index = match self.router.route(&request) {
             Ok(index) => index,
             Err(error) => {
-                let response = error.into_response(None);
+                let mut response = error.into_response(None);
+                response.headers_mut().insert(X_REQUEST_ID, request_id);
                 self.metrics.unrouted(response.status().as_u16());
                 if let Some(line) = line {
                     tracing::info!(method = %line.method, host = %line.host, path = line.uri.path(), status = response.status().as_u16(), "unrouted");
@@ -101,7 +103,7 @@ impl Proxy {
         };
         let service = &self.services[index];
         let mut trace = Trace::default();
-        let response = match self.serve(service, request, client, &mut trace).await {
+        let mut response = match self.serve(service, request, client, &mut trace).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(kind) = error.upstream_kind() {
@@ -112,8 +114,10 @@ impl Proxy {
         };
         let status = response.status().as_u16();
         let metrics = service.gate.metrics();
+        let took = start.elapsed();
         metrics.answered(status);
-        metrics.duration.observe(start.elapsed().as_secs_f64());
+        metrics.duration.observe(took.as_secs_f64());
+        service.gate.recent.record(status, took);
         metrics.queue_wait.observe(trace.queue_wait.unwrap_or_default().as_secs_f64());
         let Some(line) = line else { return response };
         tracing::info!(
@@ -125,8 +129,10 @@ impl Proxy {
             queue_ms = millis(trace.queue_wait),
             upstream_ms = millis(trace.upstream),
             endpoint = trace.endpoint.map(|a| a.to_string()).unwrap_or_default(),
+            request_id = request_id.to_str().unwrap_or(""),
             "request"
         );
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
         response
     }
 
@@ -218,6 +224,20 @@ impl Proxy {
         }
         Ok(())
     }
+}
+
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// The request's id: the client's `X-Request-Id` if it sent one, else a new
+/// random one; set on the request so the pod sees it too.
+fn request_id<B>(request: &mut Request<B>) -> http::HeaderValue {
+    if let Some(id) = request.headers().get(&X_REQUEST_ID) {
+        return id.clone();
+    }
+    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let value = http::HeaderValue::from_str(&id).unwrap_or_else(|_| http::HeaderValue::from_static("0"));
+    request.headers_mut().insert(X_REQUEST_ID, value.clone());
+    value
 }
 
 fn millis(duration: Option<Duration>) -> f64 {

@@ -20,7 +20,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::error::ProxyError;
 use crate::gate::{EndpointId, Gate, Grant, Ticket};
-use crate::metrics::ServiceMetrics;
+use crate::metrics::{Recent, ServiceMetrics};
 
 /// What a queued request waits on: the channel its slot arrives by.
 pub type Waiter = oneshot::Sender<Slot>;
@@ -34,6 +34,20 @@ pub struct SharedGate {
     metrics: ServiceMetrics,
     /// Woken when a request has to wait (the autoscaler's activation signal).
     pub demand: Notify,
+    /// When a request first waited with no pod ready (a cold start under way).
+    cold_since: Mutex<Option<Instant>>,
+    /// The autoscaler's latest change, for the status page.
+    last_scale: Mutex<Option<ScaleEvent>>,
+    /// Recent answers, for rates and percentiles on the status page.
+    pub recent: Recent,
+}
+
+/// A change of the desired replica count and why.
+#[derive(Clone, Debug)]
+pub struct ScaleEvent {
+    pub desired: u32,
+    pub reason: &'static str,
+    pub at: Instant,
 }
 
 impl SharedGate {
@@ -43,13 +57,16 @@ impl SharedGate {
             backend_error: Mutex::new(None),
             metrics,
             demand: Notify::new(),
+            cold_since: Mutex::new(None),
+            last_scale: Mutex::new(None),
+            recent: Recent::default(),
         })
     }
 
     /// Locks the gate. A panic while holding the lock cannot leave the gate
     /// half-updated (its methods do not panic), so a poisoned lock is used as is.
     fn lock(&self) -> MutexGuard<'_, Gate<Waiter>> {
-        self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.gate)
     }
 
     /// Reads the gate (for status pages and tests).
@@ -72,8 +89,12 @@ impl SharedGate {
                 self.publish(&gate);
                 return Ok(Slot::new(self.clone(), grant));
             }
-            if gate.enqueue(ticket, tx, Instant::now()).is_err() {
+            let now = Instant::now();
+            if gate.enqueue(ticket, tx, now).is_err() {
                 return Err(ProxyError::QueueFull(gate.queue_depth()));
+            }
+            if gate.ready_count() == 0 {
+                lock(&self.cold_since).get_or_insert(now);
             }
             self.publish(&gate);
         }
@@ -97,13 +118,28 @@ impl SharedGate {
     }
 
     fn timed_out(&self, timeout: Duration) -> ProxyError {
-        let cause = self.backend_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        ProxyError::QueueTimeout { timeout, cause }
+        ProxyError::QueueTimeout { timeout, cause: lock(&self.backend_error).clone() }
     }
 
     /// Records why pods fail to come up (None once one is ready).
     pub fn set_backend_error(&self, error: Option<String>) {
-        *self.backend_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+        *lock(&self.backend_error) = error;
+    }
+
+    /// A first pod became ready: if requests were waiting for one, that was a
+    /// cold start (`sdgate_cold_start_seconds`, from the first waiting request).
+    fn cold_start_ended(&self) {
+        if let Some(since) = lock(&self.cold_since).take() {
+            self.metrics.cold_start.observe(since.elapsed().as_secs_f64());
+        }
+    }
+
+    pub fn record_scale(&self, desired: u32, reason: &'static str) {
+        *lock(&self.last_scale) = Some(ScaleEvent { desired, reason, at: Instant::now() });
+    }
+
+    pub fn last_scale(&self) -> Option<ScaleEvent> {
+        lock(&self.last_scale).clone()
     }
 
     /// Stops giving an endpoint new requests (scale-down).
@@ -138,6 +174,9 @@ impl SharedGate {
         let changed = gate.set_ready(id, ready);
         if changed {
             if ready {
+                if gate.ready_count() == 1 {
+                    self.cold_start_ended();
+                }
                 self.hand_out(&mut gate);
                 self.set_backend_error(None);
             }
@@ -179,6 +218,10 @@ impl SharedGate {
     pub fn metrics(&self) -> &ServiceMetrics {
         &self.metrics
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Removes a waiter from the queue if its future is dropped (client gone).
