@@ -37,7 +37,12 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<Atomi
     }
 }
 
-fn answer(request: &Request<Incoming>, proxy: &Proxy, draining: &AtomicBool, started: Instant) -> Response<ResponseBody> {
+fn answer(
+    request: &Request<Incoming>,
+    proxy: &Proxy,
+    draining: &AtomicBool,
+    started: Instant,
+) -> Response<ResponseBody> {
     match request.uri().path() {
         "/" => with_type(Response::new(body::full(DASHBOARD)), "text/html; charset=utf-8"),
         "/status" => {

@@ -75,7 +75,55 @@ pub struct ServiceConfig {
     pub readiness: Readiness,
     #[serde(default)]
     pub scale: ScaleConfig,
+    /// Session affinity with a signed cookie; omit to disable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<AffinityConfig>,
+    /// When a client leaves during its generation, POST this path to the pod
+    /// (e.g. `/sdapi/v1/interrupt`) so it stops early. The slot is still held
+    /// until the pod answers the original request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupt_on_disconnect: Option<String>,
     pub backend: Backend,
+}
+
+/// Session affinity (see `affinity`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityConfig {
+    /// Cookie name.
+    #[serde(default = "default_cookie")]
+    pub cookie: String,
+    /// Idle time after which a session is forgotten; the cookie's Max-Age,
+    /// renewed on every answer (sliding).
+    #[serde(default = "default_affinity_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// `strict`: wait for the session's pod; `prefer`: take it when free.
+    #[serde(default)]
+    pub mode: AffinityMode,
+    /// Always mark the cookie Secure (it is also when X-Forwarded-Proto is https).
+    #[serde(default)]
+    pub secure: bool,
+    /// A request header that names the session for API clients without
+    /// cookies (e.g. `X-Session-Key`); omit to disable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// File holding the signing key (SDGATE_AFFINITY_KEY takes precedence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// File holding the previous key, still accepted (SDGATE_AFFINITY_PREVIOUS_KEY).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_key_file: Option<std::path::PathBuf>,
+    /// Most sessions remembered; the oldest idle ones are dropped first.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AffinityMode {
+    #[default]
+    Strict,
+    Prefer,
 }
 
 /// The autoscaler (Knative KPA rules; see `autoscale`).
@@ -260,6 +308,15 @@ fn default_connect_retries() -> u32 {
 fn default_bypass() -> Vec<String> {
     ["/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip", "/internal/", "/file="].map(String::from).to_vec()
 }
+fn default_cookie() -> String {
+    "sd".to_string()
+}
+fn default_affinity_timeout() -> Duration {
+    Duration::from_secs(1800)
+}
+fn default_max_sessions() -> usize {
+    100_000
+}
 fn default_max_scale() -> u32 {
     10
 }
@@ -386,6 +443,29 @@ impl ServiceConfig {
             _ => {}
         }
         self.scale.validate(&format!("{key}.scale"))?;
+        if let Some(affinity) = &self.affinity {
+            if affinity.cookie.is_empty()
+                || !affinity.cookie.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                bail!("{key}.affinity.cookie: {:?} is not a valid cookie name", affinity.cookie);
+            }
+            if affinity.timeout.is_zero() {
+                bail!("{key}.affinity.timeout: must be more than 0s");
+            }
+            if affinity.max_sessions == 0 {
+                bail!("{key}.affinity.max_sessions: must be at least 1");
+            }
+            if let Some(header) = &affinity.header {
+                if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    bail!("{key}.affinity.header: {header:?} is not a header name");
+                }
+            }
+        }
+        if let Some(path) = &self.interrupt_on_disconnect {
+            if !path.starts_with('/') {
+                bail!("{key}.interrupt_on_disconnect: {path:?} must start with '/'");
+            }
+        }
         if self.scale.mode == ScaleMode::External && self.backend.process.is_some() {
             bail!("{key}.scale.mode: external scaling cannot drive a process backend (use builtin)");
         }

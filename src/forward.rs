@@ -82,10 +82,47 @@ impl Forwarder {
         request: Request<ReplayableBody>,
         request_timeout: Duration,
         upgrade: Option<OnUpgrade>,
+        on_abandon: Option<Abandon>,
     ) -> Result<Response<ResponseBody>, ExchangeError> {
-        FinishOnDrop::new(run_exchange(self.client.clone(), slot, request, request_timeout, upgrade)).await
+        let mut exchange =
+            FinishOnDrop::new(run_exchange(self.client.clone(), slot, request, request_timeout, upgrade));
+        exchange.on_abandon = on_abandon;
+        exchange.await
+    }
+
+    /// What to do when a client leaves before its pod answered: POST `path`
+    /// to the pod (e.g. `/sdapi/v1/interrupt`) so it stops the generation.
+    /// The call takes no slot; the original exchange keeps its slot until the
+    /// pod has answered it.
+    pub fn interrupt(&self, pod: SocketAddr, path: &str, host: Option<&str>) -> Abandon {
+        let client = self.client.clone();
+        let uri = format!("http://{pod}{path}");
+        let host = host.and_then(|h| HeaderValue::from_str(h).ok());
+        Box::new(move || {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+            runtime.spawn(async move {
+                let mut request = Request::post(uri.as_str());
+                if let Some(host) = host {
+                    request = request.header(header::HOST, host);
+                }
+                let Ok(request) = request
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(ReplayableBody::new(crate::body::full(Bytes::from_static(b"{}"))))
+                else {
+                    return;
+                };
+                match tokio::time::timeout(Duration::from_secs(10), client.request(request)).await {
+                    Ok(Ok(response)) => tracing::info!(%uri, status = response.status().as_u16(), "client left: interrupted its generation"),
+                    Ok(Err(error)) => tracing::warn!(%uri, %error, "client left: interrupt failed"),
+                    Err(_) => tracing::warn!(%uri, "client left: interrupt timed out"),
+                }
+            });
+        })
     }
 }
+
+/// Called when a client leaves before its pod has answered.
+pub type Abandon = Box<dyn FnOnce() + Send>;
 
 /// A future that is finished even if its caller drops it: dropped before
 /// completion, it is handed to the runtime to complete on its own. The
@@ -98,6 +135,8 @@ where
     F::Output: Send + 'static,
 {
     inner: Option<Pin<Box<F>>>,
+    /// Called if the future is dropped before it finished.
+    pub on_abandon: Option<Abandon>,
 }
 
 impl<F: Future + Send + 'static> FinishOnDrop<F>
@@ -105,7 +144,7 @@ where
     F::Output: Send + 'static,
 {
     pub fn new(future: F) -> Self {
-        Self { inner: Some(Box::pin(future)) }
+        Self { inner: Some(Box::pin(future)), on_abandon: None }
     }
 }
 
@@ -130,6 +169,9 @@ where
     fn drop(&mut self) {
         if let (Some(inner), Ok(runtime)) = (self.inner.take(), tokio::runtime::Handle::try_current()) {
             runtime.spawn(inner);
+            if let Some(on_abandon) = self.on_abandon.take() {
+                on_abandon();
+            }
         }
     }
 }

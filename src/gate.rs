@@ -93,6 +93,16 @@ impl Endpoint {
     }
 }
 
+/// A session's pod. A strict pin waits for its pod (in that pod's FIFO turn)
+/// even while others are idle; a preferring pin takes its pod when it has
+/// room and any pod otherwise. A pin to a pod that is gone, not ready or
+/// draining is ignored: the session moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pin {
+    pub endpoint: EndpointId,
+    pub strict: bool,
+}
+
 /// Why a waiter could not join the queue.
 #[derive(Debug, PartialEq, Eq)]
 pub struct QueueFull<W>(pub W);
@@ -100,6 +110,7 @@ pub struct QueueFull<W>(pub W);
 struct Waiting<W> {
     waiter: W,
     since: Instant,
+    pin: Option<Pin>,
 }
 
 pub struct Gate<W> {
@@ -142,22 +153,39 @@ impl<W> Gate<W> {
     /// Grants an endpoint at once if one has room and nobody who arrived
     /// earlier is waiting (FIFO: a newcomer never overtakes the queue).
     pub fn try_dispatch(&mut self, ticket: Ticket) -> Option<Grant> {
-        if let Some((first, _)) = self.queue.first_key_value() {
-            if *first < ticket {
-                return None;
-            }
+        self.try_dispatch_pinned(ticket, None)
+    }
+
+    /// [`Gate::try_dispatch`] for a request that may be pinned to a pod: it
+    /// is granted a pod that has room and that no earlier waiter could take
+    /// (waiters strictly pinned elsewhere do not hold it back).
+    pub fn try_dispatch_pinned(&mut self, ticket: Ticket, pin: Option<Pin>) -> Option<Grant> {
+        let index = self.pick_for(pin)?;
+        let endpoint = self.endpoints[index].id;
+        if self.queue.range(..ticket).any(|(_, w)| self.could_take(w.pin, endpoint)) {
+            return None;
         }
-        let index = self.pick()?;
         Some(self.grant(index))
     }
 
     /// Puts a waiter in line at its ticket's place. Refused when the queue
     /// is full; the waiter comes back so the caller can answer it.
     pub fn enqueue(&mut self, ticket: Ticket, waiter: W, now: Instant) -> Result<(), QueueFull<W>> {
+        self.enqueue_pinned(ticket, None, waiter, now)
+    }
+
+    /// [`Gate::enqueue`] for a request that may be pinned to a pod.
+    pub fn enqueue_pinned(
+        &mut self,
+        ticket: Ticket,
+        pin: Option<Pin>,
+        waiter: W,
+        now: Instant,
+    ) -> Result<(), QueueFull<W>> {
         if self.queue.len() >= self.max_depth {
             return Err(QueueFull(waiter));
         }
-        self.queue.insert(ticket, Waiting { waiter, since: now });
+        self.queue.insert(ticket, Waiting { waiter, since: now, pin });
         Ok(())
     }
 
@@ -170,11 +198,18 @@ impl<W> Gate<W> {
     /// Hands the first waiter an endpoint, if one has room. Call until `None`
     /// after anything that frees room (release, an endpoint becoming ready).
     pub fn next_grant(&mut self) -> Option<(W, Grant)> {
-        if self.queue.is_empty() {
+        if self.queue.is_empty() || !self.endpoints.iter().any(|e| self.has_room(e)) {
             return None;
         }
-        let index = self.pick()?;
-        let (_, waiting) = self.queue.pop_first()?;
+        // The first waiter that some pod with room can take: usually the
+        // head of the line; behind strictly pinned waiters whose pods are
+        // busy, someone else.
+        let (&ticket, waiting) = self.queue.iter().find(|(_, w)| match self.pin_holds(w.pin) {
+            Some(pin) if pin.strict => self.endpoint(pin.endpoint).is_some_and(|e| self.has_room(e)),
+            _ => true,
+        })?;
+        let index = self.pick_for(waiting.pin)?;
+        let waiting = self.queue.remove(&ticket)?;
         Some((waiting.waiter, self.grant(index)))
     }
 
@@ -276,6 +311,33 @@ impl<W> Gate<W> {
         endpoint.inflight += 1;
         endpoint.served += 1;
         Grant { endpoint: endpoint.id, addr: endpoint.addr }
+    }
+
+    /// Whether the pin names a pod that may take requests (else it is moot).
+    fn pin_holds(&self, pin: Option<Pin>) -> Option<Pin> {
+        pin.filter(|p| self.endpoint(p.endpoint).is_some_and(Endpoint::is_serving))
+    }
+
+    /// Whether a waiter with this pin could be given `endpoint`.
+    fn could_take(&self, pin: Option<Pin>, endpoint: EndpointId) -> bool {
+        match self.pin_holds(pin) {
+            Some(pin) if pin.strict => pin.endpoint == endpoint,
+            _ => true,
+        }
+    }
+
+    /// Index of the endpoint a request with this pin gets now, if any.
+    fn pick_for(&mut self, pin: Option<Pin>) -> Option<usize> {
+        if let Some(pin) = self.pin_holds(pin) {
+            let index = self.endpoints.iter().position(|e| e.id == pin.endpoint)?;
+            if self.has_room(&self.endpoints[index]) {
+                return Some(index);
+            }
+            if pin.strict {
+                return None;
+            }
+        }
+        self.pick()
     }
 
     /// Index of the endpoint the policy chooses, among those with room.

@@ -6,6 +6,7 @@
 //! [`autoscale`] -> [`provider`].
 
 pub mod admin;
+pub mod affinity;
 pub mod autoscale;
 pub mod body;
 pub mod config;

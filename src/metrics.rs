@@ -24,6 +24,7 @@ pub struct Metrics {
     upstream_errors: IntCounterVec,
     desired_replicas: IntGaugeVec,
     cold_start: HistogramVec,
+    affinity: IntCounterVec,
 }
 
 /// The metrics of one service.
@@ -41,6 +42,7 @@ pub struct ServiceMetrics {
     pub inflight: IntGauge,
     pub desired_replicas: IntGauge,
     pub cold_start: Histogram,
+    affinity: IntCounterVec,
 }
 
 impl Metrics {
@@ -80,6 +82,11 @@ impl Metrics {
                 "sdgate_cold_start_seconds",
                 "From a request waiting with no pod ready to the first pod ready",
             ),
+            affinity: IntCounterVec::new(
+                Opts::new("sdgate_affinity_total", "Requests with session affinity, by outcome"),
+                &["service", "result"],
+            )
+            .expect("static metric definition"),
             registry,
         };
         for collector in metrics.collectors() {
@@ -102,6 +109,7 @@ impl Metrics {
             Box::new(self.upstream_errors.clone()),
             Box::new(self.desired_replicas.clone()),
             Box::new(self.cold_start.clone()),
+            Box::new(self.affinity.clone()),
         ]
     }
 
@@ -118,6 +126,7 @@ impl Metrics {
             inflight: self.inflight.with_label_values(&[service]),
             desired_replicas: self.desired_replicas.with_label_values(&[service]),
             cold_start: self.cold_start.with_label_values(&[service]),
+            affinity: self.affinity.clone(),
         }
     }
 
@@ -147,6 +156,11 @@ impl ServiceMetrics {
             return self.ok.inc();
         }
         self.requests.with_label_values(&[&self.service, code_label(code)]).inc();
+    }
+
+    /// `result`: new, hit, repinned or invalid.
+    pub fn affinity(&self, result: &str) {
+        self.affinity.with_label_values(&[&self.service, result]).inc();
     }
 
     pub fn upstream_error(&self, kind: &str) {
@@ -239,7 +253,10 @@ impl Recent {
         let now = std::time::Instant::now();
         let answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
         let recent: Vec<_> = answers.iter().filter(|(t, _, _)| now.duration_since(*t) <= RECENT_WINDOW).collect();
-        let window = recent.first().map_or(RECENT_WINDOW, |(t, _, _)| now.duration_since(*t)).max(std::time::Duration::from_secs(1));
+        let window = recent
+            .first()
+            .map_or(RECENT_WINDOW, |(t, _, _)| now.duration_since(*t))
+            .max(std::time::Duration::from_secs(1));
         let mut codes = std::collections::BTreeMap::new();
         for (_, code, _) in &recent {
             *codes.entry(*code).or_insert(0) += 1;

@@ -9,18 +9,53 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant as TokioInstant;
 
+use crate::affinity::{Affinity, Presented, SessionId, Signer};
 use crate::body::ResponseBody;
-use crate::config::{Config, Limits, ServiceConfig};
+use crate::config::{AffinityMode, Config, Limits, ServiceConfig};
 use crate::error::ProxyError;
 use crate::forward::{self, ExchangeError, Forwarder, ReplayableBody};
+use crate::gate::{EndpointId, Pin};
 use crate::metrics::Metrics;
 use crate::router::{self, Router};
 use crate::slot::{SharedGate, Slot};
 
-/// One configured service and its gate.
+/// One configured service, its gate and its session affinity.
 pub struct Service {
     pub config: ServiceConfig,
     pub gate: Arc<SharedGate>,
+    pub affinity: Option<Arc<Affinity>>,
+}
+
+/// The session a request belongs to, for a service with affinity.
+struct SessionRequest {
+    id: SessionId,
+    presented: Presented,
+    pinned: Option<EndpointId>,
+}
+
+impl SessionRequest {
+    /// The request's session: the one it presents, or a new one (none for a
+    /// `bypass` request that presents none: progress polls do not start sessions).
+    fn of(affinity: &Affinity, headers: &http::HeaderMap, bypass: bool) -> Option<Self> {
+        let presented = affinity.presented(headers);
+        let (id, pinned) = match presented {
+            Presented::Valid(id) => (id, affinity.sessions.get(&id, Instant::now())),
+            _ if bypass => return None,
+            _ => (affinity.new_session(), None),
+        };
+        Some(Self { id, presented, pinned })
+    }
+
+    /// Records where the request went; returns the `sdgate_affinity_total` result.
+    fn settle(&self, affinity: &Affinity, endpoint: EndpointId) -> &'static str {
+        affinity.sessions.set(self.id, endpoint, Instant::now());
+        match (self.presented, self.pinned) {
+            (Presented::Invalid, _) => "invalid",
+            (Presented::Nothing, _) => "new",
+            (Presented::Valid(_), Some(pinned)) if pinned == endpoint => "hit",
+            (Presented::Valid(_), _) => "repinned",
+        }
+    }
 }
 
 /// Everything a request needs, shared by all connections.
@@ -59,21 +94,29 @@ struct Trace {
 }
 
 impl Proxy {
-    pub fn new(config: &Config, metrics: Metrics) -> Self {
+    pub fn new(config: &Config, metrics: Metrics) -> anyhow::Result<Self> {
         let router = Router::new(config.services.iter().map(|s| s.hosts.as_slice()));
         let services = config
             .services
             .iter()
-            .map(|service| Service {
-                config: service.clone(),
-                gate: SharedGate::new(
+            .map(|service| {
+                let affinity = match &service.affinity {
+                    Some(affinity) => {
+                        let signer = Signer::from_environment(affinity, &service.name)?;
+                        Some(Arc::new(Affinity::new(affinity.clone(), signer)))
+                    }
+                    None => None,
+                };
+                let gate = SharedGate::with_sessions(
                     service.container_concurrency,
                     service.queue.max_depth,
                     metrics.service(&service.name),
-                ),
+                    affinity.as_ref().map(|a| a.sessions.clone()),
+                );
+                Ok(Service { config: service.clone(), gate, affinity })
             })
-            .collect();
-        Self { router, services, forwarder: Forwarder::new(), limits: config.limits.clone(), metrics }
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { router, services, forwarder: Forwarder::new(), limits: config.limits.clone(), metrics })
     }
 
     pub fn services(&self) -> &[Service] {
@@ -148,7 +191,13 @@ impl Proxy {
             forward::upgrade_protocol(request.headers()).is_some().then(|| hyper::upgrade::on(&mut request));
         let bypass = service.config.is_bypass(request.uri().path());
         let host = router::request_host(&request).map(str::to_string);
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        let session = service.affinity.as_deref().and_then(|a| SessionRequest::of(a, &parts.headers, bypass));
+        if let Some(affinity) = &service.affinity {
+            affinity.strip_cookie(&mut parts.headers);
+        }
+        let pinned = session.as_ref().and_then(|s| s.pinned);
+        let pin = pinned.map(|endpoint| Pin { endpoint, strict: self.strict(service) });
         let body = match self.limits.max_body_bytes {
             Some(max) => Limited::new(body, max as usize).boxed_unsync(),
             None => body.map_err(Into::into).boxed_unsync(),
@@ -161,11 +210,11 @@ impl Proxy {
         let mut attempt = 0;
         loop {
             let slot = if bypass {
-                let grant = gate.any_ready().ok_or(ProxyError::NoReadyEndpoint)?;
+                let grant = gate.any_ready(pinned).ok_or(ProxyError::NoReadyEndpoint)?;
                 Slot::bypass(gate.clone(), grant)
             } else {
                 let left = deadline.saturating_duration_since(TokioInstant::now());
-                let acquired = gate.acquire(ticket, left).await;
+                let acquired = gate.acquire_pinned(ticket, pin, left).await;
                 trace.queue_wait = Some(arrived.elapsed());
                 match acquired {
                     Err(ProxyError::QueueTimeout { cause, .. }) => {
@@ -175,6 +224,12 @@ impl Proxy {
                 }
             };
             trace.endpoint = Some(slot.addr());
+            // The session lives where it was last sent (pinned at dispatch, so
+            // a later request's move is not undone by an earlier one's answer).
+            let affinity_result = match (&service.affinity, &session) {
+                (Some(affinity), Some(session)) if !bypass => Some(session.settle(affinity, slot.endpoint())),
+                _ => None,
+            };
             let upstream = forward::upstream_request(
                 &parts.method,
                 &parts.uri,
@@ -185,10 +240,28 @@ impl Proxy {
                 body.clone(),
             )?;
             let sent = Instant::now();
-            let outcome = self.forwarder.exchange(slot, upstream, service.config.request_timeout, upgrade.take()).await;
+            let on_abandon = match (&service.config.interrupt_on_disconnect, bypass) {
+                (Some(path), false) => Some(self.forwarder.interrupt(slot.addr(), path, host.as_deref())),
+                _ => None,
+            };
+            let outcome = self
+                .forwarder
+                .exchange(slot, upstream, service.config.request_timeout, upgrade.take(), on_abandon)
+                .await;
             trace.upstream = Some(sent.elapsed());
             match outcome {
-                Ok(response) => return Ok(response),
+                Ok(mut response) => {
+                    if let (Some(affinity), Some(session)) = (&service.affinity, &session) {
+                        if let Some(result) = affinity_result {
+                            service.gate.metrics().affinity(result);
+                        }
+                        let secure = parts.headers.get("x-forwarded-proto").is_some_and(|v| v == "https");
+                        if let Some(cookie) = affinity.set_cookie(&session.id, secure) {
+                            response.headers_mut().append(http::header::SET_COOKIE, cookie);
+                        }
+                    }
+                    return Ok(response);
+                }
                 Err(ExchangeError::NotSent { reason, upgrade: returned })
                     if attempt < service.config.connect_retries =>
                 {
@@ -203,6 +276,10 @@ impl Proxy {
                 Err(ExchangeError::Failed(error)) => return Err(error),
             }
         }
+    }
+
+    fn strict(&self, service: &Service) -> bool {
+        service.affinity.as_ref().is_some_and(|a| a.config.mode == AffinityMode::Strict)
     }
 
     /// Refuses oversized input before it takes a place in the queue.

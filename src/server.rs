@@ -36,7 +36,7 @@ pub struct Gateway {
 impl Gateway {
     /// Binds the listeners and starts the providers (endpoints and probes).
     pub async fn bind(config: Config) -> Result<Self> {
-        let proxy = Arc::new(Proxy::new(&config, Metrics::new()));
+        let proxy = Arc::new(Proxy::new(&config, Metrics::new())?);
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("listen: cannot bind {}", config.listen))?;
         let admin = match config.admin {

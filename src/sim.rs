@@ -10,7 +10,7 @@
 //! `/sdapi/v1/progress`; POST `/sdapi/v1/interrupt` and `/sdapi/v1/skip`; GET
 //! `/sdapi/v1/options`; GET `/internal/ping`; a websocket echo at
 //! `/queue/join`; server-sent events at `/sim/events?count=N&interval_ms=M`;
-//! GET `/sim/stats`.
+//! GET `/sim/stats`; GET `/sim/headers` (the request's headers, as JSON).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -250,6 +250,7 @@ impl State {
             (&Method::GET, "/sdapi/v1/options") => json_response(json!({"sd_model_checkpoint": "sim.safetensors"})),
             (&Method::GET, "/internal/ping") => json_response(json!({})),
             (&Method::GET, "/sim/stats") => json_response(json!(self.stats())),
+            (&Method::GET, "/sim/headers") => json_response(headers_json(&request)),
             (&Method::GET, "/sim/events") => events(&request),
             (&Method::GET, "/queue/join") => websocket_echo(request),
             _ => status_response(StatusCode::NOT_FOUND, "not found"),
@@ -328,6 +329,16 @@ fn status_response(status: StatusCode, detail: &str) -> Response<ResponseBody> {
     let mut response = json_response(json!({ "detail": detail }));
     *response.status_mut() = status;
     response
+}
+
+/// The request's headers as a JSON object (for checking what a proxy sends).
+fn headers_json(request: &Request<Incoming>) -> Value {
+    let map: serde_json::Map<String, Value> = request
+        .headers()
+        .iter()
+        .map(|(name, value)| (name.to_string(), Value::String(value.to_str().unwrap_or("").to_string())))
+        .collect();
+    Value::Object(map)
 }
 
 fn query_number(request: &Request<Incoming>, key: &str, default: u64) -> u64 {

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
+use crate::affinity::Sessions;
 use crate::error::ProxyError;
-use crate::gate::{EndpointId, Gate, Grant, Ticket};
+use crate::gate::{EndpointId, Gate, Grant, Pin, Ticket};
 use crate::metrics::{Recent, ServiceMetrics};
 
 /// What a queued request waits on: the channel its slot arrives by.
@@ -40,6 +41,9 @@ pub struct SharedGate {
     last_scale: Mutex<Option<ScaleEvent>>,
     /// Recent answers, for rates and percentiles on the status page.
     pub recent: Recent,
+    /// The service's session pins, when it has affinity (the status page and
+    /// scale-down count live sessions per pod).
+    pub sessions: Option<Arc<Sessions>>,
 }
 
 /// A change of the desired replica count and why.
@@ -52,6 +56,15 @@ pub struct ScaleEvent {
 
 impl SharedGate {
     pub fn new(capacity: u32, max_depth: usize, metrics: ServiceMetrics) -> Arc<Self> {
+        Self::with_sessions(capacity, max_depth, metrics, None)
+    }
+
+    pub fn with_sessions(
+        capacity: u32,
+        max_depth: usize,
+        metrics: ServiceMetrics,
+        sessions: Option<Arc<Sessions>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             gate: Mutex::new(Gate::new(capacity, max_depth)),
             backend_error: Mutex::new(None),
@@ -60,6 +73,7 @@ impl SharedGate {
             cold_since: Mutex::new(None),
             last_scale: Mutex::new(None),
             recent: Recent::default(),
+            sessions,
         })
     }
 
@@ -82,15 +96,25 @@ impl SharedGate {
     /// Waits, at `ticket`'s place in line, until a pod has room, at most
     /// `timeout`.
     pub async fn acquire(self: &Arc<Self>, ticket: Ticket, timeout: Duration) -> Result<Slot, ProxyError> {
+        self.acquire_pinned(ticket, None, timeout).await
+    }
+
+    /// [`SharedGate::acquire`] for a request that may be pinned to a pod.
+    pub async fn acquire_pinned(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        pin: Option<Pin>,
+        timeout: Duration,
+    ) -> Result<Slot, ProxyError> {
         let (tx, mut rx) = oneshot::channel();
         {
             let mut gate = self.lock();
-            if let Some(grant) = gate.try_dispatch(ticket) {
+            if let Some(grant) = gate.try_dispatch_pinned(ticket, pin) {
                 self.publish(&gate);
                 return Ok(Slot::new(self.clone(), grant));
             }
             let now = Instant::now();
-            if gate.enqueue(ticket, tx, now).is_err() {
+            if gate.enqueue_pinned(ticket, pin, tx, now).is_err() {
                 return Err(ProxyError::QueueFull(gate.queue_depth()));
             }
             if gate.ready_count() == 0 {
@@ -142,16 +166,22 @@ impl SharedGate {
         lock(&self.last_scale).clone()
     }
 
-    /// Stops giving an endpoint new requests (scale-down).
-    pub fn set_draining(&self, id: EndpointId) {
+    /// Stops giving an endpoint new requests (scale-down); waiters pinned to
+    /// it may now go elsewhere.
+    pub fn set_draining(self: &Arc<Self>, id: EndpointId) {
         let mut gate = self.lock();
         gate.set_draining(id);
+        self.hand_out(&mut gate);
+        self.publish(&gate);
         self.publish_endpoints(&gate);
     }
 
-    /// An endpoint for a request that skips the gate (no slot).
-    pub fn any_ready(&self) -> Option<Grant> {
-        self.lock().any_ready()
+    /// An endpoint for a request that skips the gate (no slot): the pinned
+    /// one if it may take requests, else any ready one.
+    pub fn any_ready(&self, pin: Option<EndpointId>) -> Option<Grant> {
+        let gate = self.lock();
+        let pinned = pin.and_then(|id| gate.endpoint(id)).filter(|e| e.is_serving());
+        pinned.map(|e| Grant { endpoint: e.id, addr: e.addr }).or_else(|| gate.any_ready())
     }
 
     pub fn add_endpoint(&self, addr: SocketAddr) -> EndpointId {
@@ -161,9 +191,11 @@ impl SharedGate {
         id
     }
 
-    pub fn remove_endpoint(&self, id: EndpointId) {
+    /// Forgets an endpoint; waiters pinned to it may now go elsewhere.
+    pub fn remove_endpoint(self: &Arc<Self>, id: EndpointId) {
         let mut gate = self.lock();
         gate.remove_endpoint(id);
+        self.hand_out(&mut gate);
         self.publish(&gate);
         self.publish_endpoints(&gate);
     }
@@ -177,9 +209,10 @@ impl SharedGate {
                 if gate.ready_count() == 1 {
                     self.cold_start_ended();
                 }
-                self.hand_out(&mut gate);
                 self.set_backend_error(None);
             }
+            // Ready: it takes waiters. Not ready: waiters pinned to it move.
+            self.hand_out(&mut gate);
             self.publish(&gate);
             self.publish_endpoints(&gate);
         }

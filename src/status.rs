@@ -74,7 +74,7 @@ impl ServiceStatus {
                         "not_ready"
                     },
                     inflight: e.inflight,
-                    sessions: 0,
+                    sessions: gate.sessions.as_ref().map_or(0, |s| s.count_for(e.id, now)),
                     served: e.served,
                 })
                 .collect();

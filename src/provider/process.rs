@@ -145,19 +145,32 @@ impl ProcessPool {
         }
     }
 
+    /// The worker to scale away: idle before busy, starting before ready,
+    /// fewest live sessions, highest index.
     fn drain_candidate(&self) -> Option<u32> {
-        self.gate.inspect(|gate| {
-            self.workers
+        let now = std::time::Instant::now();
+        let sessions = |endpoint| self.gate.sessions.as_ref().map_or(0, |s| s.count_for(endpoint, now));
+        let running: Vec<(u32, EndpointId)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| matches!(w.phase, Phase::Running))
+            .map(|(index, w)| (*index, w.endpoint))
+            .collect();
+        let states = self.gate.inspect(|gate| {
+            running
                 .iter()
-                .filter(|(_, w)| matches!(w.phase, Phase::Running))
-                .max_by_key(|(index, w)| {
-                    let endpoint = gate.endpoint(w.endpoint);
-                    let idle = endpoint.is_some_and(|e| e.inflight == 0);
-                    let starting = endpoint.is_some_and(|e| !e.ready);
-                    (idle, starting, **index)
+                .map(|(index, endpoint)| {
+                    let e = gate.endpoint(*endpoint);
+                    (*index, *endpoint, e.is_some_and(|e| e.inflight == 0), e.is_some_and(|e| !e.ready))
                 })
-                .map(|(index, _)| *index)
-        })
+                .collect::<Vec<_>>()
+        });
+        states
+            .into_iter()
+            .max_by_key(|(index, endpoint, idle, starting)| {
+                (*idle, *starting, std::cmp::Reverse(sessions(*endpoint)), *index)
+            })
+            .map(|(index, ..)| index)
     }
 
     fn start(&mut self, index: u32) {

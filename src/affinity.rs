@@ -1,0 +1,432 @@
+//! Session affinity: the `sd` cookie and the pin table.
+//!
+//! Guarantees:
+//! - the cookie is opaque and signed: `hex(session id (16 bytes) || expiry
+//!   (unix seconds, 8 bytes) || HMAC-SHA256 over both, first 16 bytes)`. It
+//!   never contains a pod address, so it cannot be forged to aim at a pod;
+//!   a cookie that fails verification (garbled, forged, expired, another key)
+//!   starts a new session, never an error;
+//! - a cookie signed with the previous key (rotation) is still accepted and
+//!   re-issued with the current one;
+//! - the pin table (session -> pod) forgets sessions idle for the timeout and
+//!   never holds more than `max_sessions`, so a flood of new sessions cannot
+//!   exhaust memory.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Read;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use cookie::{Cookie, SameSite};
+use hmac::{Hmac, Mac};
+use http::{header, HeaderMap, HeaderValue};
+use sha2::Sha256;
+
+use crate::config::AffinityConfig;
+use crate::gate::EndpointId;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The environment variable holding the signing key.
+pub const KEY_ENV: &str = "SDGATE_AFFINITY_KEY";
+/// The environment variable holding the previous key, still accepted.
+pub const PREVIOUS_KEY_ENV: &str = "SDGATE_AFFINITY_PREVIOUS_KEY";
+
+const ID_LEN: usize = 16;
+const EXPIRY_LEN: usize = 8;
+const MAC_LEN: usize = 16;
+const TOKEN_LEN: usize = ID_LEN + EXPIRY_LEN + MAC_LEN;
+
+/// A session's identity: random, opaque, meaningful only to this table.
+pub type SessionId = [u8; ID_LEN];
+
+/// What a request's cookie (or session header) said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presented {
+    /// No cookie: a new session.
+    Nothing,
+    /// A cookie that failed verification: a new session.
+    Invalid,
+    /// A valid session.
+    Valid(SessionId),
+}
+
+/// Signs and verifies session tokens.
+pub struct Signer {
+    current: HmacSha256,
+    previous: Option<HmacSha256>,
+}
+
+impl Signer {
+    /// The key comes from `SDGATE_AFFINITY_KEY`, else the config's `key_file`;
+    /// with neither, a random key (sessions then do not survive a restart nor
+    /// span several sdgate replicas, and a warning says so).
+    pub fn from_environment(config: &AffinityConfig, service: &str) -> Result<Self> {
+        let key = match (std::env::var(KEY_ENV).ok(), &config.key_file) {
+            (Some(key), _) if !key.is_empty() => key.into_bytes(),
+            (_, Some(path)) => std::fs::read(path).with_context(|| format!("affinity key file {}", path.display()))?,
+            _ => {
+                tracing::warn!(
+                    %service,
+                    "no {KEY_ENV} or affinity.key_file: using a random key; sessions will not survive a restart \
+                     or span sdgate replicas"
+                );
+                random_key()?
+            }
+        };
+        let previous = match (std::env::var(PREVIOUS_KEY_ENV).ok(), &config.previous_key_file) {
+            (Some(key), _) if !key.is_empty() => Some(key.into_bytes()),
+            (_, Some(path)) => {
+                Some(std::fs::read(path).with_context(|| format!("affinity key file {}", path.display()))?)
+            }
+            _ => None,
+        };
+        Self::new(&key, previous.as_deref())
+    }
+
+    pub fn new(key: &[u8], previous: Option<&[u8]>) -> Result<Self> {
+        let mac = |key: &[u8]| HmacSha256::new_from_slice(key).map_err(|_| anyhow::anyhow!("bad affinity key"));
+        Ok(Self { current: mac(key)?, previous: previous.map(mac).transpose()? })
+    }
+
+    /// A token for `id`, valid until `expires` (unix seconds).
+    pub fn sign(&self, id: &SessionId, expires: u64) -> String {
+        let mut token = [0u8; TOKEN_LEN];
+        token[..ID_LEN].copy_from_slice(id);
+        token[ID_LEN..ID_LEN + EXPIRY_LEN].copy_from_slice(&expires.to_be_bytes());
+        let mut mac = self.current.clone();
+        mac.update(&token[..ID_LEN + EXPIRY_LEN]);
+        token[ID_LEN + EXPIRY_LEN..].copy_from_slice(&mac.finalize().into_bytes()[..MAC_LEN]);
+        hex(&token)
+    }
+
+    /// The session a token names, if it is well-formed, signed by the current
+    /// or previous key (compared in constant time), and not expired at `now`.
+    pub fn verify(&self, token: &str, now: u64) -> Option<SessionId> {
+        let token = unhex::<TOKEN_LEN>(token)?;
+        let (signed, tag) = token.split_at(ID_LEN + EXPIRY_LEN);
+        let valid = |key: &HmacSha256| {
+            let mut mac = key.clone();
+            mac.update(signed);
+            mac.verify_truncated_left(tag).is_ok()
+        };
+        if !valid(&self.current) && !self.previous.as_ref().is_some_and(valid) {
+            return None;
+        }
+        let mut expiry = [0u8; EXPIRY_LEN];
+        expiry.copy_from_slice(&signed[ID_LEN..]);
+        if u64::from_be_bytes(expiry) <= now {
+            return None;
+        }
+        let mut id = [0u8; ID_LEN];
+        id.copy_from_slice(&signed[..ID_LEN]);
+        Some(id)
+    }
+
+    /// A stable session for a client-chosen key (`X-Session-Key`): the same
+    /// key always names the same session, and cannot name another's.
+    pub fn session_for_key(&self, key: &[u8]) -> SessionId {
+        let mut mac = self.current.clone();
+        mac.update(b"session-key:");
+        mac.update(key);
+        let mut id = [0u8; ID_LEN];
+        id.copy_from_slice(&mac.finalize().into_bytes()[..ID_LEN]);
+        id
+    }
+}
+
+/// One service's affinity: the cookie, the signer and the pin table.
+pub struct Affinity {
+    pub config: AffinityConfig,
+    signer: Signer,
+    pub sessions: std::sync::Arc<Sessions>,
+}
+
+impl Affinity {
+    pub fn new(config: AffinityConfig, signer: Signer) -> Self {
+        let sessions = std::sync::Arc::new(Sessions::new(config.max_sessions, config.timeout));
+        Self { config, signer, sessions }
+    }
+
+    /// The session a request presents: a valid cookie, else a valid token or
+    /// key in the session header.
+    pub fn presented(&self, headers: &HeaderMap) -> Presented {
+        let now = unix_now();
+        let mut presented = Presented::Nothing;
+        for value in headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()) {
+            for cookie in Cookie::split_parse(value).flatten() {
+                if cookie.name() == self.config.cookie {
+                    match self.signer.verify(cookie.value(), now) {
+                        Some(id) => return Presented::Valid(id),
+                        None => presented = Presented::Invalid,
+                    }
+                }
+            }
+        }
+        if let Some(header) = &self.config.header {
+            if let Some(value) = headers.get(header.as_str()).filter(|v| !v.is_empty()) {
+                let text = value.to_str().unwrap_or("");
+                let id = self.signer.verify(text, now).unwrap_or_else(|| self.signer.session_for_key(value.as_bytes()));
+                return Presented::Valid(id);
+            }
+        }
+        presented
+    }
+
+    /// A new session id.
+    pub fn new_session(&self) -> SessionId {
+        let mut id = [0u8; ID_LEN];
+        for chunk in id.chunks_mut(8) {
+            chunk.copy_from_slice(&fastrand::u64(..).to_le_bytes()[..chunk.len()]);
+        }
+        id
+    }
+
+    /// The `Set-Cookie` value that (re)issues `id` for another `timeout`.
+    pub fn set_cookie(&self, id: &SessionId, secure: bool) -> Option<HeaderValue> {
+        let timeout = self.config.timeout;
+        let token = self.signer.sign(id, unix_now() + timeout.as_secs());
+        let cookie = Cookie::build((self.config.cookie.as_str(), token))
+            .path("/")
+            .http_only(true)
+            .same_site(SameSite::Lax)
+            .secure(secure || self.config.secure)
+            .max_age(cookie::time::Duration::seconds(i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX)));
+        HeaderValue::from_str(&cookie.to_string()).ok()
+    }
+
+    /// Removes the affinity cookie from the request the pod will see.
+    pub fn strip_cookie(&self, headers: &mut HeaderMap) {
+        if !headers.contains_key(header::COOKIE) {
+            return;
+        }
+        let kept: Vec<String> = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .map(str::trim)
+            .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some(self.config.cookie.as_str()))
+            .map(str::to_string)
+            .collect();
+        headers.remove(header::COOKIE);
+        if !kept.is_empty() {
+            if let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
+                headers.insert(header::COOKIE, value);
+            }
+        }
+    }
+}
+
+/// The pin table: session -> pod, forgetting idle sessions, bounded in size.
+pub struct Sessions {
+    table: Mutex<Table>,
+    max: usize,
+    idle: Duration,
+}
+
+#[derive(Default)]
+struct Table {
+    pins: HashMap<SessionId, Pin>,
+    /// Sessions in the order they were pinned: eviction candidates, oldest
+    /// first (a recently used one gets a second chance at the back).
+    order: VecDeque<SessionId>,
+}
+
+struct Pin {
+    endpoint: EndpointId,
+    last_used: Instant,
+}
+
+impl Sessions {
+    pub fn new(max: usize, idle: Duration) -> Self {
+        Self { table: Mutex::new(Table::default()), max: max.max(1), idle }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pod a live session is pinned to.
+    pub fn get(&self, id: &SessionId, now: Instant) -> Option<EndpointId> {
+        let mut table = self.lock();
+        match table.pins.get(id) {
+            Some(pin) if now.saturating_duration_since(pin.last_used) < self.idle => Some(pin.endpoint),
+            Some(_) => {
+                table.pins.remove(id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Pins (or re-pins, or refreshes) a session.
+    pub fn set(&self, id: SessionId, endpoint: EndpointId, now: Instant) {
+        let mut table = self.lock();
+        if let Some(pin) = table.pins.get_mut(&id) {
+            pin.endpoint = endpoint;
+            pin.last_used = now;
+            return;
+        }
+        while table.pins.len() >= self.max {
+            self.evict_one(&mut table, now);
+        }
+        table.pins.insert(id, Pin { endpoint, last_used: now });
+        table.order.push_back(id);
+    }
+
+    /// Drops the oldest-pinned session, unless it was used within the last
+    /// tenth of the idle timeout (then it goes to the back, once per pass).
+    fn evict_one(&self, table: &mut Table, now: Instant) {
+        let recent = self.idle / 10;
+        // A bounded look for a second chance: under a flood every session is
+        // recent, and scanning them all per insert would be quadratic.
+        for _ in 0..table.order.len().min(8) {
+            let Some(id) = table.order.pop_front() else { break };
+            let Some(pin) = table.pins.get(&id) else { continue };
+            if now.saturating_duration_since(pin.last_used) < recent {
+                table.order.push_back(id);
+                continue;
+            }
+            table.pins.remove(&id);
+            return;
+        }
+        // Every session is in active use: drop the oldest pinned anyway.
+        while let Some(id) = table.order.pop_front() {
+            if table.pins.remove(&id).is_some() {
+                return;
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().pins.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Live sessions pinned to `endpoint` (linear: for status and scale-down).
+    pub fn count_for(&self, endpoint: EndpointId, now: Instant) -> usize {
+        self.lock()
+            .pins
+            .values()
+            .filter(|p| p.endpoint == endpoint && now.saturating_duration_since(p.last_used) < self.idle)
+            .count()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn random_key() -> Result<Vec<u8>> {
+    let mut key = vec![0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .context("cannot read /dev/urandom for a random affinity key")?;
+    Ok(key)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let text = text.as_bytes();
+    if text.len() != N * 2 {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; N];
+    for (i, pair) in text.chunks_exact(2).enumerate() {
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer() -> Signer {
+        Signer::new(b"current key", Some(b"previous key")).unwrap()
+    }
+
+    #[test]
+    fn a_signed_token_verifies_until_it_expires() {
+        let id = [7u8; ID_LEN];
+        let token = signer().sign(&id, 1000);
+        assert_eq!(token.len(), TOKEN_LEN * 2);
+        assert_eq!(signer().verify(&token, 999), Some(id));
+        assert_eq!(signer().verify(&token, 1000), None);
+    }
+
+    #[test]
+    fn any_flipped_character_breaks_the_token() {
+        let token = signer().sign(&[1u8; ID_LEN], u64::MAX);
+        for i in 0..token.len() {
+            let mut bytes = token.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'0' { b'1' } else { b'0' };
+            assert_eq!(signer().verify(std::str::from_utf8(&bytes).unwrap(), 0), None, "position {i}");
+        }
+    }
+
+    #[test]
+    fn the_previous_key_still_verifies_but_a_foreign_one_does_not() {
+        let old = Signer::new(b"previous key", None).unwrap();
+        let foreign = Signer::new(b"someone else", None).unwrap();
+        let id = [3u8; ID_LEN];
+        assert_eq!(signer().verify(&old.sign(&id, u64::MAX), 0), Some(id));
+        assert_eq!(signer().verify(&foreign.sign(&id, u64::MAX), 0), None);
+    }
+
+    #[test]
+    fn garbage_is_not_a_session() {
+        for junk in ["", "zz", "not hex at all", &"a".repeat(TOKEN_LEN * 2), &"0".repeat(TOKEN_LEN * 2 + 2)] {
+            assert_eq!(signer().verify(junk, 0), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn the_pin_table_forgets_idle_sessions() {
+        let sessions = Sessions::new(10, Duration::from_secs(60));
+        let now = Instant::now();
+        sessions.set([1; ID_LEN], EndpointId(1), now);
+        assert_eq!(sessions.get(&[1; ID_LEN], now + Duration::from_secs(59)), Some(EndpointId(1)));
+        assert_eq!(sessions.get(&[1; ID_LEN], now + Duration::from_secs(61)), None);
+        assert!(sessions.is_empty());
+    }
+
+    #[test]
+    fn the_pin_table_stays_within_its_bound_and_keeps_active_sessions() {
+        let sessions = Sessions::new(100, Duration::from_secs(1800));
+        let start = Instant::now();
+        let active = [0xAA; ID_LEN];
+        sessions.set(active, EndpointId(9), start);
+        for i in 0..10_000u32 {
+            let now = start + Duration::from_millis(u64::from(i) * 100);
+            let mut id = [0u8; ID_LEN];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            sessions.set(id, EndpointId(1), now);
+            if i % 50 == 0 {
+                sessions.set(active, EndpointId(9), now);
+            }
+            assert!(sessions.len() <= 100);
+        }
+        let end = start + Duration::from_millis(999_900);
+        assert_eq!(sessions.get(&active, end), Some(EndpointId(9)), "an active session survives the flood");
+    }
+}
