@@ -136,15 +136,17 @@ impl Autoscaler {
             Decision { desired: self.clamp(panic.max(self.desired)), reason: Reason::Panic }
         } else {
             self.panic_until = None;
-            self.stable_decision(now, stable, ready)
+            self.stable_decision(now, stable)
         };
         self.desired = decision.desired;
         decision
     }
 
-    fn stable_decision(&self, now: Instant, stable: u32, ready: u32) -> Decision {
-        // At most halve per decision (Knative's max scale-down rate of 2).
-        let floor = (ready.max(self.desired) / 2).min(self.desired);
+    fn stable_decision(&self, now: Instant, stable: u32) -> Decision {
+        // At most halve per decision (Knative's max scale-down rate of 2),
+        // from what was wanted: pods the provider does not remove (a fixed
+        // backend) must not hold the desired count up.
+        let floor = self.desired / 2;
         let desired = stable.max(floor);
         if desired > 0 {
             return Decision { desired: self.clamp(desired), reason: Reason::Stable };
@@ -333,6 +335,17 @@ mod tests {
         b.record(clock, 0);
         let decision = b.decide(clock, 8);
         assert_eq!(decision, Decision { desired: 4, reason: Reason::Stable });
+    }
+
+    #[test]
+    fn pods_that_stay_ready_do_not_hold_the_desired_count_up() {
+        // A fixed backend: two pods are always ready, whatever is desired.
+        let mut a = Autoscaler::new(settings());
+        let mut clock = Instant::now();
+        a.activate(clock, 1);
+        feed(&mut a, &mut clock, 1, 10, 2);
+        let zero = feed(&mut a, &mut clock, 0, 100, 2);
+        assert_eq!(zero, Decision { desired: 0, reason: Reason::Idle });
     }
 
     #[test]

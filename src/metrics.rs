@@ -167,9 +167,12 @@ impl ServiceMetrics {
         self.upstream_errors.with_label_values(&[&self.service, kind]).inc();
     }
 
-    pub fn set_endpoints(&self, ready: usize, not_ready: usize) {
+    /// Endpoints by state: ready (taking requests), not_ready (starting or
+    /// failing its probe), draining (finishing its requests before it goes).
+    pub fn set_endpoints(&self, ready: usize, not_ready: usize, draining: usize) {
         self.endpoints.with_label_values(&[&self.service, "ready"]).set(ready as i64);
         self.endpoints.with_label_values(&[&self.service, "not_ready"]).set(not_ready as i64);
+        self.endpoints.with_label_values(&[&self.service, "draining"]).set(draining as i64);
     }
 }
 
@@ -199,6 +202,7 @@ fn code_label(code: u16) -> &'static str {
         (422, "422"),
         (429, "429"),
         (431, "431"),
+        (499, "499"),
         (500, "500"),
         (502, "502"),
         (503, "503"),

@@ -88,6 +88,8 @@ impl LogLine {
 /// What the log line of a request reports besides its status.
 #[derive(Default)]
 struct Trace {
+    /// When the request joined the queue.
+    arrived: Option<Instant>,
     queue_wait: Option<Duration>,
     upstream: Option<Duration>,
     endpoint: Option<SocketAddr>,
@@ -145,8 +147,10 @@ impl Proxy {
             }
         };
         let service = &self.services[index];
-        let mut trace = Trace::default();
-        let mut response = match self.serve(service, request, client, &mut trace).await {
+        // Counts the request even if its client leaves before the answer
+        // (then the future is dropped and the record says 499).
+        let mut record = Record { service, start, line, request_id, trace: Trace::default(), done: false };
+        let response = match self.serve(service, request, client, &mut record.trace).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(kind) = error.upstream_kind() {
@@ -155,28 +159,7 @@ impl Proxy {
                 error.into_response(Some(&service.config.name))
             }
         };
-        let status = response.status().as_u16();
-        let metrics = service.gate.metrics();
-        let took = start.elapsed();
-        metrics.answered(status);
-        metrics.duration.observe(took.as_secs_f64());
-        service.gate.recent.record(status, took);
-        metrics.queue_wait.observe(trace.queue_wait.unwrap_or_default().as_secs_f64());
-        let Some(line) = line else { return response };
-        tracing::info!(
-            method = %line.method,
-            host = %line.host,
-            path = line.uri.path(),
-            status,
-            service = %service.config.name,
-            queue_ms = millis(trace.queue_wait),
-            upstream_ms = millis(trace.upstream),
-            endpoint = trace.endpoint.map(|a| a.to_string()).unwrap_or_default(),
-            request_id = request_id.to_str().unwrap_or(""),
-            "request"
-        );
-        response.headers_mut().insert(X_REQUEST_ID, request_id);
-        response
+        record.finish(response)
     }
 
     async fn serve(
@@ -206,6 +189,7 @@ impl Proxy {
         let gate = &service.gate;
         let ticket = gate.arrive();
         let arrived = TokioInstant::now();
+        trace.arrived = Some(arrived.into_std());
         let deadline = arrived + service.config.queue.timeout;
         let mut attempt = 0;
         loop {
@@ -300,6 +284,65 @@ impl Proxy {
             }
         }
         Ok(())
+    }
+}
+
+/// Status recorded for a request whose client left before its answer
+/// (nginx's "client closed request").
+const CLIENT_LEFT: u16 = 499;
+
+/// Counts and logs one routed request exactly once: when it is answered, or
+/// when its client leaves first.
+struct Record<'a> {
+    service: &'a Service,
+    start: Instant,
+    line: Option<LogLine>,
+    request_id: http::HeaderValue,
+    trace: Trace,
+    done: bool,
+}
+
+impl Record<'_> {
+    fn finish(mut self, mut response: Response<ResponseBody>) -> Response<ResponseBody> {
+        self.record(response.status().as_u16());
+        response.headers_mut().insert(X_REQUEST_ID, self.request_id.clone());
+        response
+    }
+
+    fn record(&mut self, status: u16) {
+        self.done = true;
+        let gate = &self.service.gate;
+        let metrics = gate.metrics();
+        let took = self.start.elapsed();
+        metrics.answered(status);
+        metrics.duration.observe(took.as_secs_f64());
+        gate.recent.record(status, took);
+        // A request that left while queued waited until it left.
+        let queue_wait = self.trace.queue_wait.or_else(|| self.trace.arrived.map(|t| t.elapsed()));
+        metrics.queue_wait.observe(queue_wait.unwrap_or_default().as_secs_f64());
+        let Some(line) = &self.line else { return };
+        let trace = &self.trace;
+        tracing::info!(
+            method = %line.method,
+            host = %line.host,
+            path = line.uri.path(),
+            status,
+            service = %self.service.config.name,
+            queue_ms = millis(queue_wait),
+            upstream_ms = millis(trace.upstream),
+            endpoint = trace.endpoint.map(|a| a.to_string()).unwrap_or_default(),
+            request_id = self.request_id.to_str().unwrap_or(""),
+            "{}",
+            if status == CLIENT_LEFT { "client left" } else { "request" }
+        );
+    }
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(CLIENT_LEFT);
+        }
     }
 }
 

@@ -65,6 +65,8 @@ impl SharedGate {
         metrics: ServiceMetrics,
         sessions: Option<Arc<Sessions>>,
     ) -> Arc<Self> {
+        // Every state has a series from the start, zero endpoints included.
+        metrics.set_endpoints(0, 0, 0);
         Arc::new(Self {
             gate: Mutex::new(Gate::new(capacity, max_depth)),
             backend_error: Mutex::new(None),
@@ -245,7 +247,8 @@ impl SharedGate {
 
     fn publish_endpoints(&self, gate: &Gate<Waiter>) {
         let ready = gate.ready_count();
-        self.metrics.set_endpoints(ready, gate.endpoints().len() - ready);
+        let draining = gate.endpoints().iter().filter(|e| e.draining).count();
+        self.metrics.set_endpoints(ready, gate.endpoints().len() - ready - draining, draining);
     }
 
     pub fn metrics(&self) -> &ServiceMetrics {
@@ -269,6 +272,11 @@ impl LeaveQueueOnDrop<'_> {
         let Some(ticket) = self.ticket.take() else { return false };
         let mut gate = self.gate.lock();
         let was_queued = gate.cancel(ticket).is_some();
+        if gate.queue_depth() == 0 {
+            // Nobody waits for the cold start any more: a pod that becomes
+            // ready later ends no cold start a client saw.
+            lock(&self.gate.cold_since).take();
+        }
         self.gate.publish(&gate);
         was_queued
     }

@@ -263,6 +263,8 @@ async fn a_scale_from_zero_records_exactly_one_cold_start_of_plausible_length() 
     let gateway = TestGateway::start(&pool_yaml(&marker, port_base, "1s", scale, "")).await;
     let cold_count = "sdgate_cold_start_seconds_count{service=\"sd\"}";
     assert_eq!(metric(gateway.admin, cold_count).await, Some(0.0), "no cold start before any request");
+    let ready = "sdgate_endpoints{service=\"sd\",state=\"ready\"}";
+    assert_eq!(metric(gateway.admin, ready).await, Some(0.0), "a series even with no endpoint at all");
 
     let client = client();
     let mut tasks = Vec::new();
@@ -427,5 +429,71 @@ async fn the_admin_root_serves_a_self_contained_dashboard_that_polls_status() {
     }
     // The page's data source answers.
     assert_eq!(status(gateway.admin).await["services"][0]["name"], "sd");
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_are_counted_as_499_and_every_answer_carries_a_request_id() {
+    // No tracing subscriber here: the log line is off, as at RUST_LOG=warn.
+    assert!(!tracing::enabled!(tracing::Level::INFO));
+    let worker = sims(1, fast_sim(50)).await;
+    let gateway = TestGateway::in_front_of(&[worker[0].addr], 1, "").await;
+    gateway.wait_for(|g| g.ready_count() == 1, "the pod ready").await;
+
+    // One generation on the pod (1 s), one behind it in line; both clients leave.
+    let dispatched = raw_request(gateway.addr, "left while generating", 20).await;
+    gateway.wait_for(|g| g.inflight() == 1, "the first request on the pod").await;
+    let queued = raw_request(gateway.addr, "left while queued", 1).await;
+    gateway.wait_for(|g| g.queue_depth() == 1, "the second request in line").await;
+    drop(queued);
+    drop(dispatched);
+    let left = "sdgate_requests_total{code=\"499\",service=\"sd\"}";
+    eventually("both departures counted", || async move { metric(gateway.admin, left).await == Some(2.0) }).await;
+    gateway.wait_for(|g| g.inflight() == 0 && g.queue_depth() == 0, "the pod finished and freed").await;
+    assert_eq!(worker[0].stats().served, 1, "the queued request never reached the pod");
+
+    // A request id is made when the client sends none, kept when it does,
+    // and passed to the pod.
+    let client = client();
+    let made = send(&client, txt2img(gateway.addr, "id", 1)).await;
+    let id = made.headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+    assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "made id {id:?}");
+    let mut request = get(gateway.addr, "/sim/headers");
+    request.headers_mut().insert("x-request-id", http::HeaderValue::from_static("client-chosen-7"));
+    let kept = send(&client, request).await;
+    assert_eq!(kept.headers["x-request-id"], "client-chosen-7");
+    assert_eq!(kept.json()["x-request-id"], "client-chosen-7", "the pod saw the client's id");
+    let unknown = send(&client, txt2img_to(gateway.addr, "nobody.example.com", "lost", 1)).await;
+    unknown.assert_json_error(404);
+    assert!(unknown.headers.contains_key("x-request-id"), "errors carry the id too");
+
+    let scrape = Scrape::of(gateway.admin).await;
+    assert_eq!(scrape.codes("sd"), BTreeMap::from([("200".to_string(), 2.0), ("499".to_string(), 2.0)]));
+    for histogram in ["sdgate_queue_wait_seconds_count", "sdgate_request_duration_seconds_count"] {
+        assert_eq!(scrape.value(histogram, &[("service", "sd")]), Some(4.0), "{histogram}");
+    }
+    let recent = &status(gateway.admin).await["services"][0]["recent"];
+    assert_eq!(recent["codes"], serde_json::json!({ "200": 2, "499": 2 }));
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_that_times_out_before_any_pod_is_ready_is_not_a_cold_start() {
+    let port = free_port().await;
+    let pod: SocketAddr = ([127, 0, 0, 1], port).into();
+    let gateway = TestGateway::start(&config_yaml(&[pod], 1, "    queue: { timeout: 200ms }\n")).await;
+    let client = client();
+    send(&client, txt2img(gateway.addr, "nobody home", 1)).await.assert_json_error(504);
+
+    // The pod comes up later, with nobody waiting for it.
+    let listener = tokio::net::TcpListener::bind(pod).await.expect("bind the pod's port");
+    let _worker = sdgate::sim::spawn(listener, fast_sim(1)).expect("spawn sim");
+    gateway.wait_for(|g| g.ready_count() == 1, "the pod ready").await;
+    assert_eq!(send(&client, txt2img(gateway.addr, "warm", 1)).await.status, 200);
+    let scrape = Scrape::of(gateway.admin).await;
+    assert_eq!(scrape.value("sdgate_cold_start_seconds_count", &[("service", "sd")]), Some(0.0));
+    for (state, count) in [("ready", 1.0), ("not_ready", 0.0), ("draining", 0.0)] {
+        assert_eq!(scrape.value("sdgate_endpoints", &[("service", "sd"), ("state", state)]), Some(count), "{state}");
+    }
     gateway.shutdown().await;
 }
