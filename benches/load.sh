@@ -32,6 +32,7 @@ ADMIN_PORT=${ADMIN_PORT:-19090}
 WAIT_SECS=${WAIT_SECS:-10}         # how long to wait for a port or readiness
 SKIP_BUILD=${SKIP_BUILD:-0}        # 1: use the existing target/release/sdgate
 KEEP_TMP=${KEEP_TMP:-0}            # 1: keep configs and logs after the run
+PARTS=${PARTS:-ab}                 # which parts to run: a, b or ab
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SDGATE="$ROOT/target/release/sdgate"
@@ -300,17 +301,23 @@ duration_secs() { # 10s, 1m, 500ms -> seconds (integer, rounded up)
     esac
 }
 
-# run_wrk LABEL PORT: wrk against GET /sdapi/v1/options; appends a row to RESULTS_A.
+# cpu_ticks PID: user and system CPU ticks the process has used so far.
+cpu_ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
+
+# run_wrk LABEL PORT [PROXY_PID]: wrk against GET /sdapi/v1/options; appends a
+# row to RESULTS_A, with the proxy's CPU time per request when PROXY_PID is given.
 RESULTS_A=()
 declare -A RPS=() P99=()
 run_wrk() {
-    local label=$1 port=$2 out="$TMP/wrk-$1.txt" limit
+    local label=$1 port=$2 pid=${3:-} out="$TMP/wrk-$1.txt" limit u0=0 s0=0 u1=0 s1=0
     limit=$(($(duration_secs "$DURATION") + 30))
     log "(a) wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION -> $label (127.0.0.1:$port)"
+    [[ -n $pid ]] && read -r u0 s0 < <(cpu_ticks "$pid")
     timeout --signal=INT --kill-after=5 "$limit" \
         wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$DURATION" --timeout 5s --latency \
         -H "Host: $HOST_HEADER" "http://127.0.0.1:$port/sdapi/v1/options" >"$out" 2>&1 \
         || die "wrk against $label failed: $(tail -n 5 "$out")"
+    [[ -n $pid ]] && read -r u1 s1 < <(cpu_ticks "$pid")
     local rps p99 p99ms total errors non2xx
     rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
     p99=$(awk '$1 == "99%" { print $2 }' "$out")
@@ -324,7 +331,12 @@ run_wrk() {
         printf "%.2f", n }')
     RPS[$label]=$rps
     P99[$label]=$p99ms
-    RESULTS_A+=("| $label | $(printf '%.0f' "$rps") | $p99ms | ${total:-?} | $((${non2xx:-0} + ${errors:-0})) |")
+    local cpu="-"
+    if [[ -n $pid && ${total:-0} -gt 0 ]]; then
+        cpu=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$(getconf CLK_TCK)" -v n="$total" \
+            'BEGIN { printf "%.1f + %.1f", u / t / n * 1e6, s / t / n * 1e6 }')
+    fi
+    RESULTS_A+=("| $label | $(printf '%.0f' "$rps") | $p99ms | ${total:-?} | $((${non2xx:-0} + ${errors:-0})) | $cpu |")
 }
 
 # run_hey LABEL PORT: 192 POST txt2img; appends a row to RESULTS_B.
@@ -353,6 +365,7 @@ require_free $(seq "$SIM_BASE_PORT" $((SIM_BASE_PORT + WORKERS - 1))) "$GATE_POR
 log "workdir $TMP; DURATION=$DURATION; $(nproc) CPUs"
 
 # (a) tiny responses, cc = 0, one worker.
+if [[ $PARTS == *a* ]]; then
 start_workers 1
 wait_200 "http://127.0.0.1:$SIM_BASE_PORT/sdapi/v1/options" "sim worker"
 run_wrk direct "$SIM_BASE_PORT"
@@ -360,17 +373,19 @@ run_wrk direct "$SIM_BASE_PORT"
 write_haproxy_config "$TMP/haproxy-a.cfg" 1 ""
 start_haproxy "$TMP/haproxy-a.cfg"
 wait_200 "http://127.0.0.1:$HAPROXY_PORT/sdapi/v1/options" "haproxy"
-run_wrk haproxy "$HAPROXY_PORT"
+run_wrk haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
 stop "$HAPROXY_PID"
 
 write_gate_config "$TMP/sdgate-a.yaml" 0 1
 start_gate "$TMP/sdgate-a.yaml" 1
 wait_200 "http://127.0.0.1:$GATE_PORT/sdapi/v1/options" "sdgate"
-run_wrk sdgate "$GATE_PORT"
+run_wrk sdgate "$GATE_PORT" "$GATE_PID"
 stop "$GATE_PID"
 stop_workers
+fi
 
 # (b) cc = 1, WORKERS one-at-a-time workers.
+if [[ $PARTS == *b* ]]; then
 start_workers "$WORKERS"
 SERVICE=$(curl -s -o /dev/null -w '%{time_total}' -m 30 -X POST -H 'Content-Type: application/json' \
     -d "$BODY" "http://127.0.0.1:$SIM_BASE_PORT/sdapi/v1/txt2img") || die "direct txt2img request failed"
@@ -393,20 +408,25 @@ wait_200 "http://127.0.0.1:$GATE_PORT/sdapi/v1/options" "sdgate"
 run_hey sdgate "$GATE_PORT"
 stop "$GATE_PID"
 stop_workers
+fi
 
 # ---------------------------------------------------------------- report
+if [[ $PARTS == *a* ]]; then
 RPS_RATIO=$(awk -v a="${RPS[sdgate]}" -v b="${RPS[haproxy]}" 'BEGIN { printf "%.2f", a / b }')
 P99_RATIO=$(awk -v a="${P99[sdgate]}" -v b="${P99[haproxy]}" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
-
 cat <<EOF
 
 ## (a) tiny responses, container_concurrency 0 — wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION GET /sdapi/v1/options, 1 sim worker
 
-| path | requests/s | p99 (ms) | requests | errors |
-| --- | ---: | ---: | ---: | ---: |
+| path | requests/s | p99 (ms) | requests | errors | proxy CPU per request, user + system (us) |
+| --- | ---: | ---: | ---: | ---: | ---: |
 $(printf '%s\n' "${RESULTS_A[@]}")
 
 sdgate/HAProxy: requests/s ${RPS_RATIO}x, p99 ${P99_RATIO}x
+EOF
+fi
+if [[ $PARTS == *b* ]]; then
+cat <<EOF
 
 ## (b) container_concurrency 1 — hey -n $REQUESTS -c $CLIENTS POST txt2img (steps $STEPS, step-time $STEP_TIME), $WORKERS sim workers
 
@@ -415,6 +435,7 @@ Ideal = ceil($REQUESTS/$WORKERS) x ${SERVICE}s (one direct request); served/over
 | path | makespan (s) | ideal (s) | makespan/ideal | 200s | served | overlaps | max_inflight |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
 $(printf '%s\n' "${RESULTS_B[@]}")
-
-($(nproc) CPUs, all processes on 127.0.0.1; load generator, proxy and workers share the CPUs.)
 EOF
+fi
+echo
+echo "($(nproc) CPUs, all processes on 127.0.0.1; load generator, proxy and workers share the CPUs.)"

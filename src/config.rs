@@ -30,6 +30,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     #[serde(default)]
     pub limits: Limits,
+    /// Threads serving client connections, each with its own single-threaded
+    /// runtime and pod connection pool; 0 = one per CPU.
+    #[serde(default)]
+    pub threads: usize,
     pub services: Vec<ServiceConfig>,
 }
 

@@ -1,7 +1,7 @@
 //! sdgate: a concurrency-aware activator and reverse proxy for Stable
 //! Diffusion GPU pods.
 //!
-//! Request path: [`server`] -> [`proxy`] ([`router`] -> [`slot`]/[`gate`] ->
+//! Request path: [`server`] ([`threads`]) -> [`proxy`] ([`router`] -> [`slot`]/[`gate`] ->
 //! [`forward`]). Control loop: [`provider`] + [`probe`] -> [`gate`] ->
 //! [`autoscale`] -> [`provider`].
 
@@ -22,6 +22,7 @@ pub mod server;
 pub mod sim;
 pub mod slot;
 pub mod status;
+pub mod threads;
 
 pub use config::Config;
 pub use server::Gateway;

@@ -62,7 +62,9 @@ impl SessionRequest {
 pub struct Proxy {
     router: Router,
     services: Vec<Service>,
-    forwarder: Forwarder,
+    /// One pod connection pool per serving thread, so a request and its
+    /// pod connection live on the same thread.
+    forwarders: Vec<Forwarder>,
     limits: Limits,
     metrics: Metrics,
 }
@@ -118,7 +120,13 @@ impl Proxy {
                 Ok(Service { config: service.clone(), gate, affinity })
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(Self { router, services, forwarder: Forwarder::new(), limits: config.limits.clone(), metrics })
+        let forwarders = (0..crate::threads::count(config.threads)).map(|_| Forwarder::new()).collect();
+        Ok(Self { router, services, forwarders, limits: config.limits.clone(), metrics })
+    }
+
+    /// The pod connection pool of the serving thread this runs on.
+    fn forwarder(&self) -> &Forwarder {
+        &self.forwarders[crate::threads::current() % self.forwarders.len()]
     }
 
     pub fn services(&self) -> &[Service] {
@@ -225,11 +233,11 @@ impl Proxy {
             )?;
             let sent = Instant::now();
             let on_abandon = match (&service.config.interrupt_on_disconnect, bypass) {
-                (Some(path), false) => Some(self.forwarder.interrupt(slot.addr(), path, host.as_deref())),
+                (Some(path), false) => Some(self.forwarder().interrupt(slot.addr(), path, host.as_deref())),
                 _ => None,
             };
             let outcome = self
-                .forwarder
+                .forwarder()
                 .exchange(slot, upstream, service.config.request_timeout, upgrade.take(), on_abandon)
                 .await;
             trace.upstream = Some(sent.elapsed());

@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -21,6 +21,7 @@ use crate::config::{Config, ScaleMode};
 use crate::metrics::Metrics;
 use crate::provider::Provider;
 use crate::proxy::Proxy;
+use crate::threads::{self, ServingThreads};
 
 /// A bound, not yet running gateway.
 pub struct Gateway {
@@ -100,6 +101,7 @@ impl Gateway {
             .timer(TokioTimer::new())
             .header_read_timeout(config.limits.header_read_timeout)
             .max_buf_size(config.limits.max_header_bytes.max(8192) + 16 * 1024);
+        let mut threads = ServingThreads::start(threads::count(config.threads))?;
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
@@ -115,18 +117,15 @@ impl Gateway {
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    let proxy = proxy.clone();
-                    let service = service_fn(move |request| {
-                        let proxy = proxy.clone();
-                        async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
-                    });
-                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    let connection = graceful.watch(connection.into_owned());
-                    tokio::spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%error, %client, "connection ended with an error");
+                    // The connection moves to a serving thread's runtime.
+                    let stream = match stream.into_std() {
+                        Ok(stream) => stream,
+                        Err(error) => {
+                            tracing::warn!(%error, %client, "cannot hand the connection over");
+                            continue;
                         }
-                    });
+                    };
+                    threads.next_runtime().spawn(serve_connection(stream, client, proxy.clone(), builder.clone(), graceful.watcher()));
                 }
                 _ = &mut shutdown => break,
             }
@@ -141,6 +140,7 @@ impl Gateway {
         if let Some(task) = admin_task {
             task.abort();
         }
+        threads.stop().await;
         for task in autoscalers {
             task.abort();
         }
@@ -148,6 +148,28 @@ impl Gateway {
             provider.shutdown().await;
         }
         Ok(())
+    }
+}
+
+/// Serves one client connection, on the serving thread it was handed to.
+async fn serve_connection(
+    stream: std::net::TcpStream,
+    client: SocketAddr,
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    graceful: Watcher,
+) {
+    let stream = match TcpStream::from_std(stream) {
+        Ok(stream) => stream,
+        Err(error) => return tracing::warn!(%error, %client, "cannot register the connection"),
+    };
+    let service = service_fn(move |request| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
+    });
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    if let Err(error) = graceful.watch(connection.into_owned()).await {
+        tracing::debug!(%error, %client, "connection ended with an error");
     }
 }
 
