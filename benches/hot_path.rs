@@ -1,0 +1,89 @@
+//! What a request pays besides the gate: recording its metrics, and, with
+//! session affinity, verifying its cookie, looking up and updating its pin,
+//! and signing the cookie it gets back.
+//!
+//! Run with `cargo bench --bench hot_path` (about half a minute on two cores).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{header, HeaderMap, HeaderValue};
+use sdgate::affinity::{Affinity, Presented, Signer};
+use sdgate::config::{AffinityConfig, AffinityMode};
+use sdgate::gate::EndpointId;
+use sdgate::metrics::{Metrics, Recent};
+
+/// The metrics one answered request updates (what `proxy` records).
+fn metrics_per_request(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let service = metrics.service("stable-diffusion");
+    let recent = Recent::default();
+    c.bench_function("metrics/record one answer", |b| {
+        b.iter(|| {
+            service.answered(black_box(200));
+            service.duration.observe(black_box(1.25));
+            service.queue_wait.observe(black_box(0.0));
+            recent.record(200, black_box(Duration::from_millis(1250)));
+        })
+    });
+}
+
+fn affinity() -> Affinity {
+    let config = AffinityConfig {
+        cookie: "sd".to_string(),
+        timeout: Duration::from_secs(1800),
+        mode: AffinityMode::Strict,
+        secure: false,
+        header: None,
+        key_file: None,
+        previous_key_file: None,
+        max_sessions: 100_000,
+    };
+    let signer = Signer::new(b"a benchmark key, 32 bytes long..", Some(b"the previous key")).expect("signer");
+    Affinity::new(config, signer)
+}
+
+fn cookies(c: &mut Criterion) {
+    let affinity = affinity();
+    let id = affinity.new_session();
+    let issued = affinity.set_cookie(&id, false).expect("a cookie");
+    let token = issued.to_str().expect("ascii").split(';').next().expect("name=value").to_string();
+    let mut headers = HeaderMap::new();
+    // A browser's Cookie header: the session among other cookies.
+    let cookie = format!("_ga=GA1.1.123456789.1700000000; theme=dark; {token}; lang=en");
+    headers.insert(header::COOKIE, HeaderValue::from_str(&cookie).expect("header"));
+    assert!(matches!(affinity.presented(&headers), Presented::Valid(found) if found == id));
+    c.bench_function("affinity/verify the sd cookie among 4", |b| {
+        b.iter(|| black_box(affinity.presented(black_box(&headers))))
+    });
+    c.bench_function("affinity/sign and build Set-Cookie", |b| {
+        b.iter(|| black_box(affinity.set_cookie(black_box(&id), false)))
+    });
+}
+
+/// The pin table with 100 000 live sessions: one lookup and one update per
+/// request.
+fn pin_table(c: &mut Criterion) {
+    let affinity = affinity();
+    let now = Instant::now();
+    let ids: Vec<_> = (0..100_000u64)
+        .map(|n| {
+            let id = affinity.new_session();
+            affinity.sessions.set(id, EndpointId(n % 8), now);
+            id
+        })
+        .collect();
+    let mut n = 0usize;
+    c.bench_function("affinity/pin get+set, 100k sessions", |b| {
+        b.iter(|| {
+            n = (n + 7919) % ids.len();
+            let id = &ids[n];
+            let pinned = affinity.sessions.get(black_box(id), now);
+            affinity.sessions.set(*id, pinned.unwrap_or(EndpointId(0)), now);
+        })
+    });
+}
+
+criterion_group!(benches, metrics_per_request, cookies, pin_table);
+criterion_main!(benches);
