@@ -257,3 +257,52 @@ async fn a_worker_that_exits_at_once_is_retried_with_backoff_and_waiters_are_tol
     // Backoff 0.5 s, 1 s, 2 s...: a handful of attempts in 2.5 s, not a hot loop.
     assert!((2..=6).contains(&attempts), "{attempts} start attempts in 2.5 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_down_drains_the_worker_holding_the_fewest_sessions() {
+    use sdgate::affinity::Sessions;
+    use sdgate::provider::Provider;
+    use sdgate::slot::SharedGate;
+
+    let marker = unique_marker("sessions");
+    let port_base = free_port_range(2);
+    let config = sdgate::Config::from_yaml(&pool_yaml(&marker, port_base, "0s", "max: 2", "")).expect("config");
+    let sessions = Arc::new(Sessions::new(1000, Duration::from_secs(1800)));
+    let metrics = sdgate::metrics::Metrics::new();
+    let gate = SharedGate::with_sessions(1, 100, metrics.service("sd"), Some(sessions.clone()));
+    // The provider alone, driven by hand: two workers, then one.
+    let (desired, desired_rx) = tokio::sync::watch::channel(2);
+    let provider = Provider::start(&config.services[0], gate.clone(), desired_rx).expect("provider");
+    let ready = |n: usize| {
+        let gate = gate.clone();
+        move || {
+            let count = gate.inspect(|g| g.ready_count());
+            async move { count == n }
+        }
+    };
+    eventually("two workers ready", ready(2)).await;
+    let endpoint_on = |port: u16| {
+        gate.inspect(|g| g.endpoints().iter().find(|e| e.addr.port() == port).map(|e| e.id)).expect("endpoint")
+    };
+    let (low, high) = (endpoint_on(port_base), endpoint_on(port_base + 1));
+    // Sessions live on the higher-index worker, the one that would go first
+    // if sessions did not count.
+    for n in 0..3u8 {
+        sessions.set([n; 16], high, std::time::Instant::now());
+    }
+    desired.send(1).expect("provider listening");
+    eventually("the sessionless worker gone", || {
+        let gone = gate.inspect(|g| g.endpoint(low).is_none());
+        async move { gone }
+    })
+    .await;
+    assert!(gate.inspect(|g| g.endpoint(high).is_some_and(|e| e.is_serving())), "the worker with sessions stays");
+    assert!(processes_with(&format!("{marker}-0")).is_empty(), "worker 0 exited");
+    assert_eq!(processes_with(&format!("{marker}-1")).len(), 1, "worker 1 still runs");
+    provider.shutdown().await;
+    eventually("no worker left", || {
+        let left = processes_with(&marker).len();
+        async move { left == 0 }
+    })
+    .await;
+}
