@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{header, HeaderMap, HeaderValue};
 use sdgate::affinity::{Affinity, Presented, Signer};
-use sdgate::config::{AffinityConfig, AffinityMode};
+use sdgate::config::AffinityConfig;
 use sdgate::gate::EndpointId;
 use sdgate::metrics::{Metrics, Recent};
 
@@ -30,16 +30,7 @@ fn metrics_per_request(c: &mut Criterion) {
 }
 
 fn affinity() -> Affinity {
-    let config = AffinityConfig {
-        cookie: "sd".to_string(),
-        timeout: Duration::from_secs(1800),
-        mode: AffinityMode::Strict,
-        secure: false,
-        header: None,
-        key_file: None,
-        previous_key_file: None,
-        max_sessions: 100_000,
-    };
+    let config = AffinityConfig::default();
     let signer = Signer::new(b"a benchmark key, 32 bytes long..", Some(b"the previous key")).expect("signer");
     Affinity::new(config, signer)
 }

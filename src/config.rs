@@ -122,6 +122,22 @@ pub struct AffinityConfig {
     pub max_sessions: usize,
 }
 
+impl Default for AffinityConfig {
+    /// The defaults a config gets for `affinity: {}`.
+    fn default() -> Self {
+        Self {
+            cookie: default_cookie(),
+            timeout: default_affinity_timeout(),
+            mode: AffinityMode::default(),
+            secure: false,
+            header: None,
+            key_file: None,
+            previous_key_file: None,
+            max_sessions: default_max_sessions(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AffinityMode {

@@ -194,12 +194,24 @@ async fn the_cookie_is_http_only_lax_for_half_an_hour_on_every_path() {
     assert!(secure.headers["set-cookie"].to_str().unwrap().contains("; Secure"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_strict_session_waits_for_its_busy_worker_while_another_is_idle() {
+/// Two workers behind affinity in `mode`: a session's first request ("first")
+/// found its home worker, and the session's 15-step "long" generation now
+/// keeps that worker busy while the other one is idle.
+struct BusyHome {
+    workers: Vec<sdgate::sim::SimHandle>,
+    gateway: TestGateway,
+    client: TestClient,
+    jar: Jar,
+    home: String,
+    long: tokio::task::JoinHandle<Answer>,
+    _keys: (TempFile, TempFile),
+}
+
+async fn busy_home(mode: &str) -> BusyHome {
     let workers = sims(2, fast_sim(20)).await;
     let addrs: Vec<_> = workers.iter().map(|w| w.addr).collect();
     let keys = keys();
-    let gateway = TestGateway::in_front_of(&addrs, 1, &affinity("strict", &keys, "")).await;
+    let gateway = TestGateway::in_front_of(&addrs, 1, &affinity(mode, &keys, "")).await;
     let client = client();
     let mut jar = Jar::default();
     let home = jar.send(&client, txt2img(gateway.addr, "first", 1)).await.worker();
@@ -208,6 +220,12 @@ async fn a_strict_session_waits_for_its_busy_worker_while_another_is_idle() {
         tokio::spawn(async move { send(&client, jar.prepare(txt2img(addr, "long", 15))).await })
     };
     gateway.wait_for(|g| g.inflight() == 1, "long generation running").await;
+    BusyHome { workers, gateway, client, jar, home, long, _keys: keys }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_session_waits_for_its_busy_worker_while_another_is_idle() {
+    let BusyHome { workers, gateway, client, jar, home, long, _keys } = busy_home("strict").await;
     let next = {
         let (client, addr, jar) = (client.clone(), gateway.addr, jar.clone());
         tokio::spawn(async move { send(&client, jar.prepare(txt2img(addr, "next", 1))).await })
@@ -226,18 +244,7 @@ async fn a_strict_session_waits_for_its_busy_worker_while_another_is_idle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preferring_session_takes_an_idle_worker_when_its_own_is_busy() {
-    let workers = sims(2, fast_sim(20)).await;
-    let addrs: Vec<_> = workers.iter().map(|w| w.addr).collect();
-    let keys = keys();
-    let gateway = TestGateway::in_front_of(&addrs, 1, &affinity("prefer", &keys, "")).await;
-    let client = client();
-    let mut jar = Jar::default();
-    let home = jar.send(&client, txt2img(gateway.addr, "first", 1)).await.worker();
-    let long = {
-        let (client, addr, jar) = (client.clone(), gateway.addr, jar.clone());
-        tokio::spawn(async move { send(&client, jar.prepare(txt2img(addr, "long", 15))).await })
-    };
-    gateway.wait_for(|g| g.inflight() == 1, "long generation running").await;
+    let BusyHome { workers: _workers, gateway, client, mut jar, home, long, _keys } = busy_home("prefer").await;
     let moved = jar.send(&client, txt2img(gateway.addr, "moved", 1)).await;
     assert_ne!(moved.worker(), home, "prefer mode does not wait for a busy worker");
     assert_eq!(long.await.unwrap().worker(), home);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue};
 use sdgate::affinity::{Affinity, Presented, Signer};
-use sdgate::config::{AffinityConfig, AffinityMode};
+use sdgate::config::AffinityConfig;
 use sdgate::gate::EndpointId;
 
 struct Counting;
@@ -33,16 +33,7 @@ static ALLOCATOR: Counting = Counting;
 #[test]
 fn a_million_random_cookies_leave_the_pin_table_within_its_bound() {
     const BOUND: usize = 10_000;
-    let config = AffinityConfig {
-        cookie: "sd".into(),
-        timeout: Duration::from_secs(1800),
-        mode: AffinityMode::Strict,
-        secure: false,
-        header: None,
-        key_file: None,
-        previous_key_file: None,
-        max_sessions: BOUND,
-    };
+    let config = AffinityConfig { max_sessions: BOUND, ..AffinityConfig::default() };
     let affinity = Affinity::new(config, Signer::new(b"key", None).unwrap());
     let now = Instant::now();
     let before = LIVE_BYTES.load(Ordering::Relaxed);

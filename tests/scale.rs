@@ -192,16 +192,18 @@ async fn a_worker_killed_mid_request_is_replaced_and_only_its_request_fails() {
     assert!(processes_with(&marker).is_empty(), "shutdown stops the workers");
 }
 
+/// sdgate as a process with two workers running.
+async fn gateway_with_two_workers(name: &str) -> (GatewayProcess, String) {
+    let marker = unique_marker(name);
+    let port_base = free_port_range(2);
+    let gateway = GatewayProcess::start(&pool_yaml(&marker, port_base, "0s", "min: 2, max: 2", "")).await;
+    processes_become(&marker, 2, "two workers running").await;
+    (gateway, marker)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_to_sdgate_leaves_no_worker_behind() {
-    let marker = unique_marker("term");
-    let port_base = free_port_range(2);
-    let mut gateway = GatewayProcess::start(&pool_yaml(&marker, port_base, "0s", "min: 2, max: 2", "")).await;
-    eventually("two workers running", || {
-        let n = processes_with(&marker).len();
-        async move { n == 2 }
-    })
-    .await;
+    let (mut gateway, marker) = gateway_with_two_workers("term").await;
     gateway.signal("TERM");
     let status = tokio::time::timeout(Duration::from_secs(15), gateway.child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "{status:?}");
@@ -210,21 +212,10 @@ async fn sigterm_to_sdgate_leaves_no_worker_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_to_sdgate_leaves_no_worker_behind() {
-    let marker = unique_marker("kill");
-    let port_base = free_port_range(2);
-    let mut gateway = GatewayProcess::start(&pool_yaml(&marker, port_base, "0s", "min: 2, max: 2", "")).await;
-    eventually("two workers running", || {
-        let n = processes_with(&marker).len();
-        async move { n == 2 }
-    })
-    .await;
+    let (mut gateway, marker) = gateway_with_two_workers("kill").await;
     gateway.signal("KILL");
     let _ = gateway.child.wait().await;
-    eventually("workers died with sdgate", || {
-        let n = processes_with(&marker).len();
-        async move { n == 0 }
-    })
-    .await;
+    processes_become(&marker, 0, "workers died with sdgate").await;
 }
 
 #[test]
@@ -300,9 +291,5 @@ async fn scale_down_drains_the_worker_holding_the_fewest_sessions() {
     assert!(processes_with(&format!("{marker}-0")).is_empty(), "worker 0 exited");
     assert_eq!(processes_with(&format!("{marker}-1")).len(), 1, "worker 1 still runs");
     provider.shutdown().await;
-    eventually("no worker left", || {
-        let left = processes_with(&marker).len();
-        async move { left == 0 }
-    })
-    .await;
+    processes_become(&marker, 0, "no worker left").await;
 }

@@ -339,6 +339,15 @@ fn free_port_sync() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
+/// Waits until exactly `count` processes carry `marker` on their command line.
+pub async fn processes_become(marker: &str, count: usize, what: &str) {
+    eventually(what, || {
+        let n = processes_with(marker).len();
+        async move { n == count }
+    })
+    .await;
+}
+
 /// A base port with `count` free ports after it (checked now; tests pick
 /// distinct random bases so parallel tests do not collide).
 pub fn free_port_range(count: u16) -> u16 {
