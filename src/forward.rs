@@ -94,10 +94,10 @@ impl Forwarder {
     /// to the pod (e.g. `/sdapi/v1/interrupt`) so it stops the generation.
     /// The call takes no slot; the original exchange keeps its slot until the
     /// pod has answered it.
-    pub fn interrupt(&self, pod: SocketAddr, path: &str, host: Option<&str>) -> Abandon {
+    pub fn interrupt(&self, pod: SocketAddr, path: &str, host: Option<&HeaderValue>) -> Abandon {
         let client = self.client.clone();
         let uri = format!("http://{pod}{path}");
-        let host = host.and_then(|h| HeaderValue::from_str(h).ok());
+        let host = host.cloned();
         Box::new(move || {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
             runtime.spawn(async move {
@@ -263,29 +263,49 @@ fn tunnel(slot: Slot, mut response: Response<Incoming>, client_side: OnUpgrade) 
     response.map(|_| crate::body::empty())
 }
 
+/// Who a client connection comes from, worked out once per connection.
+#[derive(Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client's IP as an `X-Forwarded-For` entry.
+    ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { addr, ip }
+    }
+}
+
 /// Builds the request a pod receives: absolute URI to the pod, HTTP/1.1, the
 /// client's Host kept, hop-by-hop headers removed, `X-Forwarded-*` added.
 pub fn upstream_request(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-    host: Option<&str>,
-    client: SocketAddr,
+    host: Option<&HeaderValue>,
+    peer: &Peer,
     pod: SocketAddr,
     body: ReplayableBody,
 ) -> Result<Request<ReplayableBody>, ProxyError> {
     let path = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let target = Uri::builder().scheme(Scheme::HTTP).authority(pod.to_string()).path_and_query(path).build().map_err(
-        |error| ProxyError::Upstream {
-            addr: pod.to_string(),
-            reason: format!("cannot build the request URI: {error}"),
-        },
-    )?;
+    let target =
+        Uri::builder().scheme(Scheme::HTTP).authority(authority_of(pod)).path_and_query(path).build().map_err(
+            |error| ProxyError::Upstream {
+                addr: pod.to_string(),
+                reason: format!("cannot build the request URI: {error}"),
+            },
+        )?;
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = target;
     *request.version_mut() = Version::HTTP_11;
-    let mut out = headers.clone();
+    // Room for the headers added below, so that adding them does not regrow the map.
+    let mut out = HeaderMap::with_capacity(headers.len() + 4);
+    for (name, value) in headers {
+        out.append(name.clone(), value.clone());
+    }
     let upgrade = upgrade_protocol(headers).cloned();
     remove_hop_by_hop(&mut out);
     if let Some(protocol) = upgrade {
@@ -294,17 +314,13 @@ pub fn upstream_request(
     }
     if let Some(host) = host {
         if !out.contains_key(header::HOST) {
-            if let Ok(value) = HeaderValue::from_str(host) {
-                out.insert(header::HOST, value);
-            }
+            out.insert(header::HOST, host.clone());
         }
         if !out.contains_key(X_FORWARDED_HOST) {
-            if let Ok(value) = HeaderValue::from_str(host) {
-                out.insert(X_FORWARDED_HOST, value);
-            }
+            out.insert(X_FORWARDED_HOST, host.clone());
         }
     }
-    append_forwarded_for(&mut out, client);
+    append_forwarded_for(&mut out, &peer.ip);
     if !out.contains_key(X_FORWARDED_PROTO) {
         out.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
@@ -312,16 +328,39 @@ pub fn upstream_request(
     Ok(request)
 }
 
+/// `pod` as a URI authority, made once per pod and thread.
+fn authority_of(pod: SocketAddr) -> http::uri::Authority {
+    thread_local! {
+        static AUTHORITIES: std::cell::RefCell<std::collections::HashMap<SocketAddr, http::uri::Authority>> =
+            Default::default();
+    }
+    AUTHORITIES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(authority) = cache.get(&pod) {
+            return authority.clone();
+        }
+        let Ok(authority) = http::uri::Authority::try_from(pod.to_string()) else {
+            return http::uri::Authority::from_static("invalid");
+        };
+        // Pods come and go (scale, restarts on new ports): keep the cache small.
+        if cache.len() >= 1024 {
+            cache.clear();
+        }
+        cache.insert(pod, authority.clone());
+        authority
+    })
+}
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
-    let ip = client.ip().to_string();
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {ip}"),
-        None => ip,
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+    let Some(previous) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) else {
+        headers.insert(X_FORWARDED_FOR, ip.clone());
+        return;
     };
+    let value = format!("{previous}, {}", ip.to_str().unwrap_or("unknown"));
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR, value);
     }
@@ -342,6 +381,9 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<&HeaderValue> {
 /// Removes the headers that describe one connection, not the message
 /// (RFC 9110 7.6.1), including those the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -367,13 +409,28 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// Whether a header describes one connection only (RFC 9110 7.6.1), or is
+/// one a proxy must not pass on (`Proxy-*`, `TE`, `Trailer`, ...).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::PROXY_AUTHENTICATE
+        || name == "keep-alive"
+        || name == "proxy-connection"
+}
+
 /// The client's request body, shared so that a request whose connection
 /// failed before sending can be sent again: the body is only taken out of the
 /// shared cell when the client polls it for the first time, which happens
 /// after the connection to the pod is up.
 #[derive(Clone)]
 pub struct ReplayableBody {
-    cell: Arc<Mutex<BodyCell>>,
+    /// None for a request without a body (nothing to share).
+    cell: Option<Arc<Mutex<BodyCell>>>,
 }
 
 struct BodyCell {
@@ -383,16 +440,21 @@ struct BodyCell {
 
 impl ReplayableBody {
     pub fn new(body: RequestBody) -> Self {
-        Self { cell: Arc::new(Mutex::new(BodyCell { body: Some(body), read: false })) }
+        Self { cell: Some(Arc::new(Mutex::new(BodyCell { body: Some(body), read: false }))) }
+    }
+
+    /// The body of a request that has none.
+    pub fn empty() -> Self {
+        Self { cell: None }
     }
 
     /// Whether any part of the body has been asked for by a connection.
     pub fn was_read(&self) -> bool {
-        self.lock().read
+        self.lock().is_some_and(|cell| cell.read)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BodyCell> {
-        self.cell.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> Option<std::sync::MutexGuard<'_, BodyCell>> {
+        self.cell.as_ref().map(|cell| cell.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 }
 
@@ -401,7 +463,7 @@ impl Body for ReplayableBody {
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut cell = self.lock();
+        let Some(mut cell) = self.lock() else { return Poll::Ready(None) };
         cell.read = true;
         match cell.body.as_mut() {
             Some(body) => Pin::new(body).poll_frame(cx),
@@ -410,11 +472,13 @@ impl Body for ReplayableBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.lock().body.as_ref().is_none_or(|b| b.is_end_stream())
+        self.lock().is_none_or(|cell| cell.body.as_ref().is_none_or(|b| b.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.lock().body.as_ref().map(|b| b.size_hint()).unwrap_or_else(|| SizeHint::with_exact(0))
+        self.lock()
+            .and_then(|cell| cell.body.as_ref().map(|b| b.size_hint()))
+            .unwrap_or_else(|| SizeHint::with_exact(0))
     }
 }
 
@@ -524,8 +588,8 @@ mod tests {
             &Method::POST,
             &"/sdapi/v1/txt2img?x=1".parse().unwrap(),
             &headers,
-            Some("sd.example.com"),
-            "192.0.2.7:5555".parse().unwrap(),
+            Some(&HeaderValue::from_static("sd.example.com")),
+            &Peer::new("192.0.2.7:5555".parse().unwrap()),
             "127.0.0.1:7860".parse().unwrap(),
             body,
         )

@@ -13,7 +13,7 @@ use crate::affinity::{Affinity, Presented, SessionId, Signer};
 use crate::body::ResponseBody;
 use crate::config::{AffinityMode, Config, Limits, ServiceConfig};
 use crate::error::ProxyError;
-use crate::forward::{self, ExchangeError, Forwarder, ReplayableBody};
+use crate::forward::{self, ExchangeError, Forwarder, Peer, ReplayableBody};
 use crate::gate::{EndpointId, Pin};
 use crate::metrics::Metrics;
 use crate::router::{self, Router};
@@ -138,7 +138,7 @@ impl Proxy {
     }
 
     /// Answers one client request; never fails (errors become JSON responses).
-    pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>, client: SocketAddr) -> Response<ResponseBody> {
+    pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>, peer: Arc<Peer>) -> Response<ResponseBody> {
         let start = Instant::now();
         let request_id = request_id(&mut request);
         let line = tracing::enabled!(tracing::Level::INFO).then(|| LogLine::of(&request));
@@ -158,7 +158,7 @@ impl Proxy {
         // Counts the request even if its client leaves before the answer
         // (then the future is dropped and the record says 499).
         let mut record = Record { service, start, line, request_id, trace: Trace::default(), done: false };
-        let response = match self.serve(service, request, client, &mut record.trace).await {
+        let response = match self.serve(service, request, &peer, &mut record.trace).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(kind) = error.upstream_kind() {
@@ -174,14 +174,14 @@ impl Proxy {
         &self,
         service: &Service,
         mut request: Request<Incoming>,
-        client: SocketAddr,
+        peer: &Peer,
         trace: &mut Trace,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         self.check_limits(&request)?;
         let mut upgrade =
             forward::upgrade_protocol(request.headers()).is_some().then(|| hyper::upgrade::on(&mut request));
         let bypass = service.config.is_bypass(request.uri().path());
-        let host = router::request_host(&request).map(str::to_string);
+        let host = router::request_host_value(&request);
         let (mut parts, body) = request.into_parts();
         let session = service.affinity.as_deref().and_then(|a| SessionRequest::of(a, &parts.headers, bypass));
         if let Some(affinity) = &service.affinity {
@@ -190,10 +190,10 @@ impl Proxy {
         let pinned = session.as_ref().and_then(|s| s.pinned);
         let pin = pinned.map(|endpoint| Pin { endpoint, strict: self.strict(service) });
         let body = match self.limits.max_body_bytes {
-            Some(max) => Limited::new(body, max as usize).boxed_unsync(),
-            None => body.map_err(Into::into).boxed_unsync(),
+            _ if http_body::Body::is_end_stream(&body) => ReplayableBody::empty(),
+            Some(max) => ReplayableBody::new(Limited::new(body, max as usize).boxed_unsync()),
+            None => ReplayableBody::new(body.map_err(Into::into).boxed_unsync()),
         };
-        let body = ReplayableBody::new(body);
         let gate = &service.gate;
         let ticket = gate.arrive();
         let arrived = TokioInstant::now();
@@ -226,14 +226,14 @@ impl Proxy {
                 &parts.method,
                 &parts.uri,
                 &parts.headers,
-                host.as_deref(),
-                client,
+                host.as_ref(),
+                peer,
                 slot.addr(),
                 body.clone(),
             )?;
             let sent = Instant::now();
             let on_abandon = match (&service.config.interrupt_on_disconnect, bypass) {
-                (Some(path), false) => Some(self.forwarder().interrupt(slot.addr(), path, host.as_deref())),
+                (Some(path), false) => Some(self.forwarder().interrupt(slot.addr(), path, host.as_ref())),
                 _ => None,
             };
             let outcome = self
@@ -362,8 +362,13 @@ fn request_id<B>(request: &mut Request<B>) -> http::HeaderValue {
     if let Some(id) = request.headers().get(&X_REQUEST_ID) {
         return id.clone();
     }
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    let value = http::HeaderValue::from_str(&id).unwrap_or_else(|_| http::HeaderValue::from_static("0"));
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    for (i, byte) in fastrand::u128(..).to_be_bytes().into_iter().enumerate() {
+        id[2 * i] = HEX[usize::from(byte >> 4)];
+        id[2 * i + 1] = HEX[usize::from(byte & 0xf)];
+    }
+    let value = http::HeaderValue::from_bytes(&id).unwrap_or_else(|_| http::HeaderValue::from_static("0"));
     request.headers_mut().insert(X_REQUEST_ID, value.clone());
     value
 }

@@ -58,6 +58,15 @@ pub fn request_host<B>(request: &Request<B>) -> Option<&str> {
     request.headers().get(http::header::HOST)?.to_str().ok()
 }
 
+/// [`request_host`] as a header value, for passing on to the pod (the Host
+/// header itself when there is one: no copy).
+pub fn request_host_value<B>(request: &Request<B>) -> Option<http::HeaderValue> {
+    if let Some(authority) = request.uri().authority() {
+        return http::HeaderValue::from_str(authority.as_str()).ok();
+    }
+    request.headers().get(http::header::HOST).cloned()
+}
+
 fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // [::1]:8080

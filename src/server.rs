@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use crate::admin;
 use crate::autoscale;
 use crate::config::{Config, ScaleMode};
+use crate::forward::Peer;
 use crate::metrics::Metrics;
 use crate::provider::Provider;
 use crate::proxy::Proxy;
@@ -163,9 +164,10 @@ async fn serve_connection(
         Ok(stream) => stream,
         Err(error) => return tracing::warn!(%error, %client, "cannot register the connection"),
     };
+    let peer = Arc::new(Peer::new(client));
     let service = service_fn(move |request| {
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
+        let (proxy, peer) = (proxy.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     if let Err(error) = graceful.watch(connection.into_owned()).await {

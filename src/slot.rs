@@ -108,13 +108,13 @@ impl SharedGate {
         pin: Option<Pin>,
         timeout: Duration,
     ) -> Result<Slot, ProxyError> {
-        let (tx, mut rx) = oneshot::channel();
-        {
+        let mut rx = {
             let mut gate = self.lock();
             if let Some(grant) = gate.try_dispatch_pinned(ticket, pin) {
                 self.publish(&gate);
                 return Ok(Slot::new(self.clone(), grant));
             }
+            let (tx, rx) = oneshot::channel();
             let now = Instant::now();
             if gate.enqueue_pinned(ticket, pin, tx, now).is_err() {
                 return Err(ProxyError::QueueFull(gate.queue_depth()));
@@ -123,7 +123,8 @@ impl SharedGate {
                 lock(&self.cold_since).get_or_insert(now);
             }
             self.publish(&gate);
-        }
+            rx
+        };
         self.demand.notify_one();
         let mut leave = LeaveQueueOnDrop { gate: self, ticket: Some(ticket) };
         match tokio::time::timeout(timeout, &mut rx).await {
