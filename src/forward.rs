@@ -290,13 +290,14 @@ pub fn upstream_request(
     body: ReplayableBody,
 ) -> Result<Request<ReplayableBody>, ProxyError> {
     let path = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let target =
-        Uri::builder().scheme(Scheme::HTTP).authority(authority_of(pod)).path_and_query(path).build().map_err(
-            |error| ProxyError::Upstream {
-                addr: pod.to_string(),
-                reason: format!("cannot build the request URI: {error}"),
-            },
-        )?;
+    let cannot = |reason: String| ProxyError::Upstream { addr: pod.to_string(), reason };
+    let authority = authority_of(pod).ok_or_else(|| cannot("cannot use the address as a URI authority".into()))?;
+    let target = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .map_err(|error| cannot(format!("cannot build the request URI: {error}")))?;
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = target;
@@ -329,7 +330,7 @@ pub fn upstream_request(
 }
 
 /// `pod` as a URI authority, made once per pod and thread.
-fn authority_of(pod: SocketAddr) -> http::uri::Authority {
+fn authority_of(pod: SocketAddr) -> Option<http::uri::Authority> {
     thread_local! {
         static AUTHORITIES: std::cell::RefCell<std::collections::HashMap<SocketAddr, http::uri::Authority>> =
             Default::default();
@@ -337,17 +338,15 @@ fn authority_of(pod: SocketAddr) -> http::uri::Authority {
     AUTHORITIES.with(|cache| {
         let mut cache = cache.borrow_mut();
         if let Some(authority) = cache.get(&pod) {
-            return authority.clone();
+            return Some(authority.clone());
         }
-        let Ok(authority) = http::uri::Authority::try_from(pod.to_string()) else {
-            return http::uri::Authority::from_static("invalid");
-        };
+        let authority = http::uri::Authority::try_from(pod.to_string()).ok()?;
         // Pods come and go (scale, restarts on new ports): keep the cache small.
         if cache.len() >= 1024 {
             cache.clear();
         }
         cache.insert(pod, authority.clone());
-        authority
+        Some(authority)
     })
 }
 

@@ -202,6 +202,7 @@ impl Proxy {
         let mut attempt = 0;
         loop {
             let slot = if bypass {
+                trace.queue_wait = Some(Duration::ZERO);
                 let grant = gate.any_ready(pinned).ok_or(ProxyError::NoReadyEndpoint)?;
                 Slot::bypass(gate.clone(), grant)
             } else {

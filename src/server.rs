@@ -93,6 +93,7 @@ impl Gateway {
             admin = admin.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
             "sdgate listening"
         );
+        let mut threads = ServingThreads::start(threads::count(config.threads))?;
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let admin_task = admin.map(|admin| tokio::spawn(admin::serve(admin, proxy.clone(), draining.clone())));
 
@@ -102,7 +103,6 @@ impl Gateway {
             .timer(TokioTimer::new())
             .header_read_timeout(config.limits.header_read_timeout)
             .max_buf_size(config.limits.max_header_bytes.max(8192) + 16 * 1024);
-        let mut threads = ServingThreads::start(threads::count(config.threads))?;
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {

@@ -3,9 +3,10 @@
 //! Each serving thread runs a single-threaded tokio runtime and has its own
 //! pool of connections to the pods. A client connection is handed to one
 //! thread (round robin) when accepted and lives there until it closes, so the
-//! tasks of one request (client side, wait at the gate, pod side) wake each
-//! other without crossing threads: no work stealing, no futex wake-ups between
-//! them. Measured with `benches/load.sh` (a), this takes about a quarter of
+//! client-side and pod-side connection tasks of a request wake each other
+//! without crossing threads: no work stealing, no futex wake-ups between them
+//! (a request that waited in line is woken by whoever freed its pod, possibly
+//! from another thread). Measured with `benches/load.sh` (a), this takes about a quarter of
 //! the CPU per request away compared with tokio's multi-threaded scheduler.
 //! The gate itself is shared by all threads (a short mutex).
 //!
@@ -53,15 +54,18 @@ impl ServingThreads {
     pub fn start(count: usize) -> Result<Self> {
         let mut threads = Vec::with_capacity(count.max(1));
         for index in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start a serving thread's runtime")?;
-            let handle = runtime.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
+            let (started, handle) = std::sync::mpsc::sync_channel(1);
+            // The runtime is made and dropped on its own thread (a runtime
+            // may not be dropped inside another one).
             let join = std::thread::Builder::new()
                 .name(format!("sdgate-serve-{index}"))
                 .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime,
+                        Err(error) => return drop(started.send(Err(error))),
+                    };
+                    let _ = started.send(Ok(runtime.handle().clone()));
                     INDEX.with(|i| i.set(index));
                     runtime.block_on(async {
                         let _ = stopped.await;
@@ -71,7 +75,11 @@ impl ServingThreads {
                     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
                 })
                 .context("cannot start a serving thread")?;
-            threads.push(Thread { runtime: handle, stop: Some(stop), join: Some(join) });
+            let runtime = handle
+                .recv()
+                .context("a serving thread ended at start")?
+                .context("cannot start a serving thread's runtime")?;
+            threads.push(Thread { runtime, stop: Some(stop), join: Some(join) });
         }
         Ok(Self { threads, next: 0 })
     }

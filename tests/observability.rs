@@ -497,3 +497,19 @@ async fn a_wait_that_times_out_before_any_pod_is_ready_is_not_a_cold_start() {
     }
     gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bypass_request_records_no_queue_wait_however_long_the_pod_takes() {
+    let worker = sims(1, fast_sim(50)).await;
+    // txt2img skips the gate here, so its 1 s generation is all upstream time.
+    let extra = "    bypass: [\"/sdapi/v1/txt2img\"]\n";
+    let gateway = TestGateway::in_front_of(&[worker[0].addr], 1, extra).await;
+    assert_eq!(send(&client(), txt2img(gateway.addr, "bypassing", 20)).await.status, 200);
+    let scrape = Scrape::of(gateway.admin).await;
+    let sd = [("service", "sd")];
+    assert_eq!(scrape.value("sdgate_queue_wait_seconds_count", &sd), Some(1.0));
+    assert_eq!(scrape.value("sdgate_queue_wait_seconds_sum", &sd), Some(0.0), "a bypass request never waits");
+    let took = scrape.value("sdgate_request_duration_seconds_sum", &sd).unwrap();
+    assert!(took >= 0.9, "the generation took {took} s");
+    gateway.shutdown().await;
+}
