@@ -126,3 +126,27 @@ impl Drop for ServingThreads {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_means_one_thread_per_cpu_and_anything_else_is_taken_as_is() {
+        assert!(count(0) >= 1);
+        assert_eq!(count(3), 3);
+    }
+
+    #[tokio::test]
+    async fn connections_go_round_robin_and_each_thread_knows_its_index() {
+        let mut threads = ServingThreads::start(3).expect("threads");
+        assert_eq!(threads.len(), 3);
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let index = threads.next_runtime().spawn(async { current() }).await.expect("task ran");
+            seen.push(index);
+        }
+        assert_eq!(seen, [0, 1, 2, 0, 1, 2]);
+        threads.stop().await;
+    }
+}

@@ -44,10 +44,13 @@ async fn the_seeds_hey_run_gets_fifty_200s_and_no_worker_runs_two_generations() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_clients_on_two_workers_are_served_in_arrival_order() {
+async fn twenty_clients_on_two_workers_are_served_in_arrival_order_across_four_serving_threads() {
     let workers = sims(2, fast_sim(5)).await;
     let addrs: Vec<_> = workers.iter().map(|w| w.addr).collect();
-    let gateway = TestGateway::in_front_of(&addrs, 1, "").await;
+    // Four serving threads whatever the CPU count: the clients' connections
+    // spread over them, and the gate's order and limit hold across threads.
+    let gateway = TestGateway::start(&with_threads(&config_yaml(&addrs, 1, ""), 4)).await;
+    gateway.wait_for(|g| g.ready_count() == 2, "both workers ready").await;
     let client = client();
     let clients = Arc::new(Semaphore::new(20));
     let mut tasks = Vec::new();

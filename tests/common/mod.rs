@@ -55,6 +55,11 @@ pub fn config_yaml(backends: &[SocketAddr], cc: u32, extra: &str) -> String {
     )
 }
 
+/// `yaml` (a whole config) with `threads` serving threads.
+pub fn with_threads(yaml: &str, threads: usize) -> String {
+    format!("threads: {threads}\n{yaml}")
+}
+
 /// A gateway running in this process.
 pub struct TestGateway {
     pub addr: SocketAddr,
