@@ -90,50 +90,46 @@ pub struct ServiceConfig {
     pub backend: Backend,
 }
 
-/// Session affinity (see `affinity`).
+/// Session affinity (see `affinity`). A key left out takes its value from
+/// `Default` (one place for the defaults).
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct AffinityConfig {
     /// Cookie name.
-    #[serde(default = "default_cookie")]
     pub cookie: String,
     /// Idle time after which a session is forgotten; the cookie's Max-Age,
     /// renewed on every answer (sliding).
-    #[serde(default = "default_affinity_timeout", with = "duration")]
+    #[serde(with = "duration")]
     pub timeout: Duration,
     /// `strict`: wait for the session's pod; `prefer`: take it when free.
-    #[serde(default)]
     pub mode: AffinityMode,
     /// Always mark the cookie Secure (it is also when X-Forwarded-Proto is https).
-    #[serde(default)]
     pub secure: bool,
     /// A request header that names the session for API clients without
     /// cookies (e.g. `X-Session-Key`); omit to disable.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub header: Option<String>,
     /// File holding the signing key (SDGATE_AFFINITY_KEY takes precedence).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<std::path::PathBuf>,
     /// File holding the previous key, still accepted (SDGATE_AFFINITY_PREVIOUS_KEY).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_key_file: Option<std::path::PathBuf>,
     /// Most sessions remembered; the oldest idle ones are dropped first.
-    #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
 }
 
 impl Default for AffinityConfig {
-    /// The defaults a config gets for `affinity: {}`.
     fn default() -> Self {
         Self {
-            cookie: default_cookie(),
-            timeout: default_affinity_timeout(),
+            cookie: "sd".to_string(),
+            timeout: Duration::from_secs(1800),
             mode: AffinityMode::default(),
             secure: false,
             header: None,
             key_file: None,
             previous_key_file: None,
-            max_sessions: default_max_sessions(),
+            max_sessions: 100_000,
         }
     }
 }
@@ -327,15 +323,6 @@ fn default_connect_retries() -> u32 {
 }
 fn default_bypass() -> Vec<String> {
     ["/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip", "/internal/", "/file="].map(String::from).to_vec()
-}
-fn default_cookie() -> String {
-    "sd".to_string()
-}
-fn default_affinity_timeout() -> Duration {
-    Duration::from_secs(1800)
-}
-fn default_max_sessions() -> usize {
-    100_000
 }
 fn default_max_scale() -> u32 {
     10
