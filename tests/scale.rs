@@ -171,7 +171,14 @@ async fn a_worker_killed_mid_request_is_replaced_and_only_its_request_fails() {
         let (client, addr) = (client.clone(), gateway.addr);
         tasks.push(tokio::spawn(async move { send(&client, txt2img(addr, &i.to_string(), 30)).await }));
     }
-    gateway.wait_for(|g| g.inflight() == 2, "both workers busy").await;
+    gateway.wait_for(|g| g.inflight() == 2, "both workers given a request").await;
+    // A slot is granted before its request reaches the worker; a worker killed
+    // in between is a refused connection, which is retried elsewhere (no 502).
+    eventually("both workers generating", || async move {
+        let stats = worker_stats(port_base, 2).await;
+        stats.len() == 2 && stats.iter().all(|s| s.inflight == 1)
+    })
+    .await;
     let victim = *before.iter().next().unwrap();
     assert!(std::process::Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
     let mut failed = 0;
