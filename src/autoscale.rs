@@ -227,17 +227,17 @@ pub async fn run(
         tokio::select! {
             _ = gate.demand.notified() => {
                 let (demand, ready) = demand_and_ready(&gate);
-                if let Some(decision) = autoscaler.activate(Instant::now(), demand) {
+                if let Some(decision) = autoscaler.activate(tokio::time::Instant::now().into_std(), demand) {
                     publish(decision, demand, ready);
                 }
             }
             _ = sample.tick() => {
                 let (demand, _) = demand_and_ready(&gate);
-                autoscaler.record(Instant::now(), demand);
+                autoscaler.record(tokio::time::Instant::now().into_std(), demand);
             }
             _ = decide.tick() => {
                 let (demand, ready) = demand_and_ready(&gate);
-                let decision = autoscaler.decide(Instant::now(), ready);
+                let decision = autoscaler.decide(tokio::time::Instant::now().into_std(), ready);
                 publish(decision, demand, ready);
             }
         }

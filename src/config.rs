@@ -34,6 +34,9 @@ pub struct Config {
     /// runtime and pod connection pool; 0 = one per CPU.
     #[serde(default)]
     pub threads: usize,
+    /// Several replicas, one active (Kubernetes Lease); omit: always active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_election: Option<LeaderElection>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -87,6 +90,8 @@ pub struct ServiceConfig {
     /// until the pod answers the original request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interrupt_on_disconnect: Option<String>,
+    /// Written as a map of one key (`{ fixed: [...] }`), not a YAML tag.
+    #[serde(with = "serde_yaml::with::singleton_map")]
     pub backend: Backend,
 }
 
@@ -250,16 +255,76 @@ pub struct Readiness {
     pub failure_threshold: u32,
 }
 
-/// Where the pods are. Exactly one kind must be given.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Backend {
-    /// A fixed list of `ip:port` addresses.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fixed: Option<Vec<String>>,
+/// Where the pods are: exactly one kind, written as a map of one key
+/// (`backend: { fixed: [...] }`, `{ process: {...} }`, `{ kubernetes: {...} }`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Backend {
+    /// A fixed list of `host:port` addresses; names are resolved at start and
+    /// again every few seconds, each address found being one endpoint.
+    Fixed(Vec<String>),
     /// Worker processes started and stopped by sdgate.
+    Process(ProcessBackend),
+    /// The pods of a Kubernetes Deployment, found by watching the API and
+    /// scaled through the Deployment's scale subresource.
+    Kubernetes(KubernetesBackend),
+}
+
+impl Backend {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Backend::Fixed(_) => "fixed",
+            Backend::Process(_) => "process",
+            Backend::Kubernetes(_) => "kubernetes",
+        }
+    }
+}
+
+/// A Kubernetes Deployment whose pods are the endpoints.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesBackend {
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The Deployment sdgate scales (its `scale` subresource).
+    pub deployment: String,
+    /// The pods' port: a number, or the name of a container port.
+    pub port: PortRef,
+    /// A label selector (`app=sd,tier=gpu`) for the pods; default: the
+    /// Deployment's own `spec.selector.matchLabels`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub process: Option<ProcessBackend>,
+    pub selector: Option<String>,
+}
+
+/// A port by number or by the name of a container port.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+/// Several sdgate replicas, one active: a `coordination.k8s.io` Lease elects
+/// the replica that dispatches to pods and scales them; the others answer
+/// `/readyz` 503 and take over when the lease lapses.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderElection {
+    /// The Lease's name.
+    #[serde(default = "default_lease_name")]
+    pub lease: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// This replica's identity; default: the `POD_NAME` environment variable,
+    /// else the host name and process id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// A lease not renewed for this long is free to take.
+    #[serde(default = "default_lease_duration", with = "duration")]
+    pub lease_duration: Duration,
+    /// How often the holder renews it (and a standby tries to take it).
+    #[serde(default = "default_renew_period", with = "duration")]
+    pub renew_period: Duration,
 }
 
 impl Default for Limits {
@@ -342,6 +407,18 @@ fn default_grace() -> Duration {
 fn default_tick() -> Duration {
     Duration::from_secs(2)
 }
+fn default_namespace() -> String {
+    "default".to_string()
+}
+fn default_lease_name() -> String {
+    "sdgate".to_string()
+}
+fn default_lease_duration() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_renew_period() -> Duration {
+    Duration::from_secs(2)
+}
 fn default_worker_host() -> IpAddr {
     IpAddr::from([127, 0, 0, 1])
 }
@@ -393,6 +470,9 @@ impl Config {
         }
         if self.limits.max_header_bytes < 1024 {
             bail!("limits.max_header_bytes: must be at least 1024");
+        }
+        if let Some(election) = &self.leader_election {
+            election.validate()?;
         }
         let mut names = HashSet::new();
         let mut hosts = HashSet::new();
@@ -473,7 +553,7 @@ impl ServiceConfig {
                 bail!("{key}.interrupt_on_disconnect: {path:?} must start with '/'");
             }
         }
-        if self.scale.mode == ScaleMode::External && self.backend.process.is_some() {
+        if self.scale.mode == ScaleMode::External && matches!(self.backend, Backend::Process(_)) {
             bail!("{key}.scale.mode: external scaling cannot drive a process backend (use builtin)");
         }
         self.backend.validate(&format!("{key}.backend"), self.scale.max)
@@ -508,20 +588,67 @@ impl ScaleConfig {
 
 impl Backend {
     fn validate(&self, key: &str, max_scale: u32) -> Result<()> {
-        match (&self.fixed, &self.process) {
-            (Some(fixed), None) => {
+        match self {
+            Backend::Fixed(fixed) => {
                 if fixed.is_empty() {
                     bail!("{key}.fixed: at least one address is required");
                 }
                 for (j, addr) in fixed.iter().enumerate() {
-                    parse_addr(addr).with_context(|| format!("{key}.fixed[{j}]"))?;
+                    split_host_port(addr).with_context(|| format!("{key}.fixed[{j}]"))?;
                 }
                 Ok(())
             }
-            (None, Some(process)) => process.validate(&format!("{key}.process"), max_scale),
-            (None, None) => bail!("{key}: one backend kind is required (fixed or process)"),
-            (Some(_), Some(_)) => bail!("{key}: give one backend kind, not several"),
+            Backend::Process(process) => process.validate(&format!("{key}.process"), max_scale),
+            Backend::Kubernetes(kubernetes) => kubernetes.validate(&format!("{key}.kubernetes")),
         }
+    }
+}
+
+impl KubernetesBackend {
+    fn validate(&self, key: &str) -> Result<()> {
+        if self.namespace.is_empty() {
+            bail!("{key}.namespace: must not be empty");
+        }
+        if self.deployment.is_empty() {
+            bail!("{key}.deployment: must not be empty");
+        }
+        match &self.port {
+            PortRef::Number(0) => bail!("{key}.port: must not be 0"),
+            PortRef::Name(name) if name.is_empty() => bail!("{key}.port: must not be empty"),
+            _ => {}
+        }
+        if let Some(selector) = &self.selector {
+            if selector.split(',').any(|term| term.trim().is_empty()) {
+                bail!("{key}.selector: {selector:?} is not a label selector like \"app=sd\"");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LeaderElection {
+    fn validate(&self) -> Result<()> {
+        if self.lease.is_empty() || self.namespace.is_empty() {
+            bail!("leader_election: lease and namespace must not be empty");
+        }
+        if self.renew_period.is_zero() || self.renew_period * 2 > self.lease_duration {
+            bail!("leader_election.renew_period: must be more than 0s and at most half of lease_duration");
+        }
+        Ok(())
+    }
+
+    /// This replica's identity in the Lease.
+    pub fn identity(&self) -> String {
+        if let Some(identity) = &self.identity {
+            return identity.clone();
+        }
+        if let Ok(name) = std::env::var("POD_NAME") {
+            if !name.is_empty() {
+                return name;
+            }
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
     }
 }
 
@@ -594,10 +721,26 @@ fn key_error(error: &serde_path_to_error::Error<serde_yaml::Error>) -> String {
     }
 }
 
-/// Parses `ip:port` (names are not resolved: the gateway must not depend on
-/// DNS on its data path).
+/// Parses `ip:port`.
 pub fn parse_addr(addr: &str) -> Result<SocketAddr> {
     addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("{addr:?} is not an ip:port address"))
+}
+
+/// Splits `host:port` (an IP or a DNS name such as a headless Service's
+/// `sd-0.sd.default.svc`), checking both parts. Names are resolved by the
+/// fixed provider, off the data path.
+pub fn split_host_port(addr: &str) -> Result<(String, u16)> {
+    if let Ok(addr) = addr.parse::<SocketAddr>() {
+        return Ok((addr.ip().to_string(), addr.port()));
+    }
+    let bad = || anyhow::anyhow!("{addr:?} is not a host:port address");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if port == 0 || host.is_empty() || !host.trim_end_matches('.').split('.').all(label_ok) {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
 }
 
 /// serde for durations written as "300s" / "100ms".

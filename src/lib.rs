@@ -2,8 +2,9 @@
 //! Diffusion GPU pods.
 //!
 //! Request path: [`server`] ([`threads`]) -> [`proxy`] ([`router`] -> [`slot`]/[`gate`] ->
-//! [`forward`]). Control loop: [`provider`] + [`probe`] -> [`gate`] ->
-//! [`autoscale`] -> [`provider`].
+//! [`forward`]). Control loop: [`provider`] (fixed, process, kubernetes) + [`probe`] ->
+//! [`provider::Endpoints`] -> [`gate`] -> [`autoscale`] -> [`provider`]; [`leader`] decides
+//! which replica runs it.
 
 pub mod admin;
 pub mod affinity;

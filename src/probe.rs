@@ -8,7 +8,6 @@
 //! probe then brings it back.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::Request;
@@ -20,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Readiness;
 use crate::gate::EndpointId;
-use crate::slot::SharedGate;
+use crate::provider::Endpoints;
 
 /// How a probe checks a pod.
 #[derive(Clone)]
@@ -38,16 +37,15 @@ impl Prober {
     }
 
     /// Probes `endpoint` until the task is aborted (the endpoint was removed).
-    pub fn spawn(&self, gate: Arc<SharedGate>, endpoint: EndpointId, addr: SocketAddr) -> JoinHandle<()> {
+    pub fn spawn(&self, endpoints: Endpoints, endpoint: EndpointId, addr: SocketAddr) -> JoinHandle<()> {
         let prober = self.clone();
-        tokio::spawn(async move { prober.run(gate, endpoint, addr).await })
+        tokio::spawn(async move { prober.run(endpoints, endpoint, addr).await })
     }
 
-    async fn run(self, gate: Arc<SharedGate>, endpoint: EndpointId, addr: SocketAddr) {
+    async fn run(self, gate: Endpoints, endpoint: EndpointId, addr: SocketAddr) {
         let mut failures = 0u32;
         loop {
-            let ready = gate.inspect(|g| g.endpoint(endpoint).map(|e| e.ready));
-            let Some(ready) = ready else { return };
+            let Some(ready) = gate.is_ready(endpoint) else { return };
             let ok = self.check(addr).await;
             if ok {
                 failures = 0;

@@ -39,7 +39,7 @@ impl SessionRequest {
     fn of(affinity: &Affinity, headers: &http::HeaderMap, bypass: bool) -> Option<Self> {
         let presented = affinity.presented(headers);
         let (id, pinned) = match presented {
-            Presented::Valid(id) => (id, affinity.sessions.get(&id, Instant::now())),
+            Presented::Valid(id) => (id, affinity.sessions.get(&id, tokio::time::Instant::now().into_std())),
             _ if bypass => return None,
             _ => (affinity.new_session(), None),
         };
@@ -48,7 +48,7 @@ impl SessionRequest {
 
     /// Records where the request went; returns the `sdgate_affinity_total` result.
     fn settle(&self, affinity: &Affinity, endpoint: EndpointId) -> &'static str {
-        affinity.sessions.set(self.id, endpoint, Instant::now());
+        affinity.sessions.set(self.id, endpoint, tokio::time::Instant::now().into_std());
         match (self.presented, self.pinned) {
             (Presented::Invalid, _) => "invalid",
             (Presented::Nothing, _) => "new",

@@ -20,7 +20,7 @@ use crate::autoscale;
 use crate::config::{Config, ScaleMode};
 use crate::forward::Peer;
 use crate::metrics::Metrics;
-use crate::provider::Provider;
+use crate::provider;
 use crate::proxy::Proxy;
 use crate::threads::{self, ServingThreads};
 
@@ -30,7 +30,7 @@ pub struct Gateway {
     proxy: Arc<Proxy>,
     listener: TcpListener,
     admin: Option<TcpListener>,
-    providers: Vec<Provider>,
+    providers: Vec<provider::Running>,
     autoscalers: Vec<JoinHandle<()>>,
     desired: Vec<watch::Receiver<u32>>,
 }
@@ -51,7 +51,7 @@ impl Gateway {
         for service in proxy.services() {
             let (desired_tx, desired_rx) = watch::channel(service.config.scale.min);
             desired.push(desired_rx.clone());
-            providers.push(Provider::start(&service.config, service.gate.clone(), desired_rx)?);
+            providers.push(provider::start(&service.config, service.gate.clone(), desired_rx)?);
             if service.config.scale.mode == ScaleMode::Builtin {
                 let settings = autoscale::Settings::new(&service.config.scale, service.config.container_concurrency);
                 autoscalers.push(tokio::spawn(autoscale::run(

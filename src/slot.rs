@@ -115,7 +115,7 @@ impl SharedGate {
                 return Ok(Slot::new(self.clone(), grant));
             }
             let (tx, rx) = oneshot::channel();
-            let now = Instant::now();
+            let now = tokio::time::Instant::now().into_std();
             if gate.enqueue_pinned(ticket, pin, tx, now).is_err() {
                 return Err(ProxyError::QueueFull(gate.queue_depth()));
             }
@@ -162,7 +162,7 @@ impl SharedGate {
     }
 
     pub fn record_scale(&self, desired: u32, reason: &'static str) {
-        *lock(&self.last_scale) = Some(ScaleEvent { desired, reason, at: Instant::now() });
+        *lock(&self.last_scale) = Some(ScaleEvent { desired, reason, at: tokio::time::Instant::now().into_std() });
     }
 
     pub fn last_scale(&self) -> Option<ScaleEvent> {

@@ -259,7 +259,6 @@ async fn a_worker_that_exits_at_once_is_retried_with_backoff_and_waiters_are_tol
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_down_drains_the_worker_holding_the_fewest_sessions() {
     use sdgate::affinity::Sessions;
-    use sdgate::provider::Provider;
     use sdgate::slot::SharedGate;
 
     let marker = unique_marker("sessions");
@@ -270,7 +269,7 @@ async fn scale_down_drains_the_worker_holding_the_fewest_sessions() {
     let gate = SharedGate::with_sessions(1, 100, metrics.service("sd"), Some(sessions.clone()));
     // The provider alone, driven by hand: two workers, then one.
     let (desired, desired_rx) = tokio::sync::watch::channel(2);
-    let provider = Provider::start(&config.services[0], gate.clone(), desired_rx).expect("provider");
+    let provider = sdgate::provider::start(&config.services[0], gate.clone(), desired_rx).expect("provider");
     let ready = |n: usize| {
         let gate = gate.clone();
         move || {

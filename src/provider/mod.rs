@@ -1,67 +1,86 @@
 //! Where a service's endpoints come from, and how their number changes.
 //!
-//! A provider adds endpoints to the service's gate (not ready), starts their
-//! readiness probes, removes them when they go away, and follows the desired
-//! replica count it is sent on a `watch` channel (its scale call). The gate
-//! never knows which provider it has.
+//! Every backend implements [`Provider`]: it adds endpoints (not ready) to
+//! its service through a narrow [`Endpoints`] handle, probes them or learns
+//! their readiness, removes them when they go away, and follows the desired
+//! replica count it is sent on a `watch` channel (its scale call). It never
+//! sees the gate's locks, queue or metrics; the gate never knows which
+//! provider it has. Scale-down everywhere uses one drain policy
+//! ([`drain::choose`]).
 //!
-//! - `fixed`: a static list of addresses; cannot scale.
+//! - `fixed`: a list of `host:port` addresses (names re-resolved); cannot scale.
 //! - `process`: local worker processes (the embedded default).
+//! - `kubernetes`: the pods of a Deployment, watched through the API and
+//!   scaled through its scale subresource.
 
+pub mod drain;
+pub mod endpoints;
 pub mod fixed;
+pub mod kubernetes;
 pub mod process;
 
+use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Result;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::ServiceConfig;
+use crate::config::{Backend, ServiceConfig};
 use crate::slot::SharedGate;
 
-/// The running provider of one service.
-pub struct Provider {
-    tasks: Vec<JoinHandle<()>>,
+pub use endpoints::Endpoints;
+
+/// What a provider runs with.
+pub struct Context {
+    pub service: ServiceConfig,
+    pub endpoints: Endpoints,
+    /// The autoscaler's desired replica count (its scale call).
+    pub desired: watch::Receiver<u32>,
+    /// Fires when the gateway stops: stop what was started and return.
+    pub stop: oneshot::Receiver<()>,
+}
+
+/// A backend: runs until `stop` fires, keeping the service's endpoints in
+/// step with where the pods are.
+pub trait Provider: Send + 'static {
+    fn run(self, cx: Context) -> impl Future<Output = ()> + Send;
+}
+
+/// A provider running in its task.
+pub struct Running {
+    task: Option<JoinHandle<()>>,
     stop: Option<oneshot::Sender<()>>,
 }
 
-impl Provider {
-    /// Starts the provider the service's `backend` names.
-    pub fn start(config: &ServiceConfig, gate: Arc<SharedGate>, desired: watch::Receiver<u32>) -> Result<Self> {
-        if let Some(addrs) = &config.backend.fixed {
-            return Ok(Self { tasks: fixed::start(addrs, &config.readiness, gate)?, stop: None });
-        }
-        if let Some(backend) = &config.backend.process {
-            let (stop, stopped) = oneshot::channel();
-            let task = tokio::spawn(process::run(
-                config.name.clone(),
-                backend.clone(),
-                config.readiness.clone(),
-                gate,
-                desired,
-                stopped,
-            ));
-            return Ok(Self { tasks: vec![task], stop: Some(stop) });
-        }
-        anyhow::bail!("service {}: no backend configured", config.name)
-    }
+/// Starts the provider the service's `backend` names.
+pub fn start(config: &ServiceConfig, gate: Arc<SharedGate>, desired: watch::Receiver<u32>) -> Result<Running> {
+    let (stop_tx, stop) = oneshot::channel();
+    let cx = Context { service: config.clone(), endpoints: Endpoints::new(gate), desired, stop };
+    let task = match &config.backend {
+        Backend::Fixed(addrs) => tokio::spawn(fixed::Fixed::new(addrs)?.run(cx)),
+        Backend::Process(backend) => tokio::spawn(process::Pool::new(backend.clone()).run(cx)),
+        Backend::Kubernetes(backend) => tokio::spawn(kubernetes::Kubernetes::new(backend.clone()).run(cx)),
+    };
+    Ok(Running { task: Some(task), stop: Some(stop_tx) })
+}
 
+impl Running {
     /// Stops what the provider started (worker processes included) and waits
     /// for it.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
-            for task in self.tasks.drain(..) {
-                let _ = task.await;
-            }
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
         }
     }
 }
 
-impl Drop for Provider {
+impl Drop for Running {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        if let Some(task) = &self.task {
             task.abort();
         }
     }

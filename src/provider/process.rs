@@ -14,19 +14,18 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::config::{ProcessBackend, Readiness};
+use crate::config::ProcessBackend;
 use crate::gate::EndpointId;
 use crate::probe::Prober;
-use crate::slot::SharedGate;
+use crate::provider::{Context, Endpoints, Provider};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -61,10 +60,56 @@ struct Exit {
     status: std::io::Result<ExitStatus>,
 }
 
-pub struct ProcessPool {
+/// The `process` backend.
+pub struct Pool {
+    backend: ProcessBackend,
+}
+
+impl Pool {
+    pub fn new(backend: ProcessBackend) -> Self {
+        Self { backend }
+    }
+}
+
+impl Provider for Pool {
+    /// Runs the pool until `stop` fires, then stops every worker.
+    async fn run(self, cx: Context) {
+        let Context { service, endpoints, mut desired, mut stop } = cx;
+        let (exits_tx, exits) = mpsc::unbounded_channel();
+        let mut pool = ProcessPool {
+            service: service.name.clone(),
+            backend: self.backend,
+            endpoints,
+            prober: Prober::new(service.readiness.clone()),
+            workers: BTreeMap::new(),
+            restarts: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            exits_tx,
+            exits,
+            desired: *desired.borrow_and_update(),
+        };
+        pool.reconcile();
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        loop {
+            tokio::select! {
+                changed = desired.changed() => {
+                    if changed.is_err() { break; }
+                    pool.desired = *desired.borrow_and_update();
+                    pool.reconcile();
+                }
+                Some(exit) = pool.exits.recv() => pool.on_exit(exit),
+                _ = housekeeping.tick() => pool.housekeeping(),
+                _ = &mut stop => break,
+            }
+        }
+        pool.stop_all().await;
+    }
+}
+
+struct ProcessPool {
     service: String,
     backend: ProcessBackend,
-    gate: Arc<SharedGate>,
+    endpoints: Endpoints,
     prober: Prober,
     workers: BTreeMap<u32, Worker>,
     restarts: BTreeMap<u32, Restart>,
@@ -73,45 +118,6 @@ pub struct ProcessPool {
     exits_tx: mpsc::UnboundedSender<Exit>,
     exits: mpsc::UnboundedReceiver<Exit>,
     desired: u32,
-}
-
-/// Runs the pool until `stop` fires, then stops every worker.
-pub async fn run(
-    service: String,
-    backend: ProcessBackend,
-    readiness: Readiness,
-    gate: Arc<SharedGate>,
-    mut desired: watch::Receiver<u32>,
-    mut stop: oneshot::Receiver<()>,
-) {
-    let (exits_tx, exits) = mpsc::unbounded_channel();
-    let mut pool = ProcessPool {
-        service,
-        backend,
-        gate,
-        prober: Prober::new(readiness),
-        workers: BTreeMap::new(),
-        restarts: BTreeMap::new(),
-        failures: BTreeMap::new(),
-        exits_tx,
-        exits,
-        desired: *desired.borrow_and_update(),
-    };
-    pool.reconcile();
-    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-    loop {
-        tokio::select! {
-            changed = desired.changed() => {
-                if changed.is_err() { break; }
-                pool.desired = *desired.borrow_and_update();
-                pool.reconcile();
-            }
-            Some(exit) = pool.exits.recv() => pool.on_exit(exit),
-            _ = housekeeping.tick() => pool.housekeeping(),
-            _ = &mut stop => break,
-        }
-    }
-    pool.stop_all().await;
 }
 
 impl ProcessPool {
@@ -139,38 +145,21 @@ impl ProcessPool {
             let Some(index) = self.drain_candidate() else { break };
             if let Some(worker) = self.workers.get_mut(&index) {
                 worker.phase = Phase::Draining;
-                self.gate.set_draining(worker.endpoint);
+                self.endpoints.set_draining(worker.endpoint);
                 tracing::info!(service = %self.service, worker = index, "draining worker");
             }
         }
     }
 
-    /// The worker to scale away: idle before busy, starting before ready,
-    /// fewest live sessions, highest index.
+    /// The worker to scale away, by the shared drain policy.
     fn drain_candidate(&self) -> Option<u32> {
-        let now = std::time::Instant::now();
-        let sessions = |endpoint| self.gate.sessions.as_ref().map_or(0, |s| s.count_for(endpoint, now));
         let running: Vec<(u32, EndpointId)> = self
             .workers
             .iter()
             .filter(|(_, w)| matches!(w.phase, Phase::Running))
             .map(|(index, w)| (*index, w.endpoint))
             .collect();
-        let states = self.gate.inspect(|gate| {
-            running
-                .iter()
-                .map(|(index, endpoint)| {
-                    let e = gate.endpoint(*endpoint);
-                    (*index, *endpoint, e.is_some_and(|e| e.inflight == 0), e.is_some_and(|e| !e.ready))
-                })
-                .collect::<Vec<_>>()
-        });
-        states
-            .into_iter()
-            .max_by_key(|(index, endpoint, idle, starting)| {
-                (*idle, *starting, std::cmp::Reverse(sessions(*endpoint)), *index)
-            })
-            .map(|(index, ..)| index)
+        self.endpoints.drain_order(&running).first().copied()
     }
 
     fn start(&mut self, index: u32) {
@@ -178,8 +167,8 @@ impl ProcessPool {
         let addr = SocketAddr::new(self.backend.host, self.backend.port_for(index));
         match spawn_worker(&self.service, index, &argv, self.backend.env_for(index), self.exits_tx.clone()) {
             Ok(pid) => {
-                let endpoint = self.gate.add_endpoint(addr);
-                let probe = self.prober.spawn(self.gate.clone(), endpoint, addr);
+                let endpoint = self.endpoints.add(addr);
+                let probe = self.prober.spawn(self.endpoints.clone(), endpoint, addr);
                 tracing::info!(service = %self.service, worker = index, pid, %addr, "started worker");
                 let worker = Worker { pid, endpoint, probe, phase: Phase::Running, started: Instant::now() };
                 self.workers.insert(index, worker);
@@ -198,8 +187,8 @@ impl ProcessPool {
         }
         let Some(worker) = self.workers.remove(&exit.index) else { return };
         worker.probe.abort();
-        let was_ready = self.gate.inspect(|g| g.endpoint(worker.endpoint).is_some_and(|e| e.ready || e.served > 0));
-        self.gate.remove_endpoint(worker.endpoint);
+        let was_ready = self.endpoints.ever_served(worker.endpoint);
+        self.endpoints.remove(worker.endpoint);
         let status = match exit.status {
             Ok(status) => status.to_string(),
             Err(error) => error.to_string(),
@@ -232,7 +221,7 @@ impl ProcessPool {
     /// requests why, and try again later.
     fn fail(&mut self, index: u32, message: String) {
         tracing::warn!(service = %self.service, worker = index, "{message}");
-        self.gate.set_backend_error(Some(message));
+        self.endpoints.report_error(Some(message));
         *self.failures.entry(index).or_insert(0) += 1;
         self.schedule_restart(index);
     }
@@ -253,13 +242,13 @@ impl ProcessPool {
                 self.start(index);
             }
         }
-        if self.gate.inspect(|g| g.ready_count() > 0) {
+        if self.endpoints.any_ready() {
             self.failures.retain(|index, _| !self.workers.contains_key(index));
         }
         for (index, worker) in &mut self.workers {
             match worker.phase {
                 Phase::Draining => {
-                    let idle = self.gate.inspect(|g| g.endpoint(worker.endpoint).is_none_or(|e| e.inflight == 0));
+                    let idle = self.endpoints.is_idle(worker.endpoint);
                     if idle {
                         tracing::info!(service = %self.service, worker = index, pid = worker.pid, "stopping drained worker");
                         signal_group(worker.pid, Signal::Term);
@@ -280,7 +269,7 @@ impl ProcessPool {
     async fn stop_all(&mut self) {
         for worker in self.workers.values() {
             worker.probe.abort();
-            self.gate.set_draining(worker.endpoint);
+            self.endpoints.set_draining(worker.endpoint);
             signal_group(worker.pid, Signal::Term);
         }
         let deadline = Instant::now() + self.backend.stop_grace;
@@ -288,7 +277,7 @@ impl ProcessPool {
             match tokio::time::timeout_at(deadline, self.exits.recv()).await {
                 Ok(Some(exit)) => {
                     if let Some(worker) = self.workers.remove(&exit.index) {
-                        self.gate.remove_endpoint(worker.endpoint);
+                        self.endpoints.remove(worker.endpoint);
                     }
                 }
                 Ok(None) => break,

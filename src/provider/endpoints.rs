@@ -1,0 +1,89 @@
+//! The narrow handle a provider (and its probes) gets on its service's gate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::gate::EndpointId;
+use crate::provider::drain::{self, Candidate};
+use crate::slot::SharedGate;
+
+/// Add, remove, mark ready or draining, report a backend error, and pick
+/// what to drain: all a provider may do to the gate.
+#[derive(Clone)]
+pub struct Endpoints {
+    gate: Arc<SharedGate>,
+}
+
+impl Endpoints {
+    pub fn new(gate: Arc<SharedGate>) -> Self {
+        Self { gate }
+    }
+
+    /// A new endpoint, not ready until a probe says so.
+    pub fn add(&self, addr: SocketAddr) -> EndpointId {
+        self.gate.add_endpoint(addr)
+    }
+
+    /// Forgets an endpoint; its in-flight requests finish or fail on their own.
+    pub fn remove(&self, id: EndpointId) {
+        self.gate.remove_endpoint(id);
+    }
+
+    /// Returns whether the state changed.
+    pub fn set_ready(&self, id: EndpointId, ready: bool) -> bool {
+        self.gate.set_ready(id, ready)
+    }
+
+    /// No new requests, for good; those it holds finish.
+    pub fn set_draining(&self, id: EndpointId) {
+        self.gate.set_draining(id);
+    }
+
+    /// Whether the endpoint is ready; `None` once it is gone.
+    pub fn is_ready(&self, id: EndpointId) -> Option<bool> {
+        self.gate.inspect(|g| g.endpoint(id).map(|e| e.ready))
+    }
+
+    /// Holds no request (or is gone).
+    pub fn is_idle(&self, id: EndpointId) -> bool {
+        self.gate.inspect(|g| g.endpoint(id).is_none_or(|e| e.inflight == 0))
+    }
+
+    /// Has been ready or served (so a death is not a failure to start).
+    pub fn ever_served(&self, id: EndpointId) -> bool {
+        self.gate.inspect(|g| g.endpoint(id).is_some_and(|e| e.ready || e.served > 0))
+    }
+
+    /// Some endpoint may take requests.
+    pub fn any_ready(&self) -> bool {
+        self.gate.inspect(|g| g.ready_count() > 0)
+    }
+
+    /// Why pods are not coming up (told to requests that time out waiting);
+    /// `None` once the cause is gone.
+    pub fn report_error(&self, error: Option<String>) {
+        self.gate.set_backend_error(error);
+    }
+
+    /// The shared drain policy over `(key, endpoint)` pairs: the keys ordered
+    /// cheapest to lose first (idle, not ready, fewest sessions, highest key).
+    pub fn drain_order<K: Ord + Clone>(&self, candidates: &[(K, EndpointId)]) -> Vec<K> {
+        let now = tokio::time::Instant::now().into_std();
+        let sessions = |id| self.gate.sessions.as_ref().map_or(0, |s| s.count_for(id, now));
+        let states: Vec<(K, EndpointId, bool, bool)> = self.gate.inspect(|g| {
+            candidates
+                .iter()
+                .map(|(key, id)| {
+                    let e = g.endpoint(*id);
+                    (key.clone(), *id, e.is_none_or(|e| e.inflight == 0), e.is_none_or(|e| !e.ready))
+                })
+                .collect()
+        });
+        drain::order(states.into_iter().map(|(key, id, idle, not_ready)| Candidate {
+            key,
+            idle,
+            not_ready,
+            sessions: sessions(id),
+        }))
+    }
+}
