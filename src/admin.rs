@@ -54,6 +54,7 @@ fn answer(
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if draining.load(Ordering::Relaxed) => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" if !proxy.is_active() => text(StatusCode::SERVICE_UNAVAILABLE, "standby\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }

@@ -294,6 +294,11 @@ pub struct KubernetesBackend {
     /// Deployment's own `spec.selector.matchLabels`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// A kubeconfig file; default: the pod's service account in a cluster,
+    /// else `KUBECONFIG` or `~/.kube/config` (an `http://` server such as
+    /// `kubectl proxy` works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 /// A port by number or by the name of a container port.
@@ -325,6 +330,9 @@ pub struct LeaderElection {
     /// How often the holder renews it (and a standby tries to take it).
     #[serde(default = "default_renew_period", with = "duration")]
     pub renew_period: Duration,
+    /// A kubeconfig file (as `backend.kubernetes.kubeconfig`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 impl Default for Limits {

@@ -34,6 +34,8 @@ pub enum ProxyError {
     Upstream { addr: String, reason: String },
     #[error("sdgate is shutting down")]
     ShuttingDown,
+    #[error("this sdgate replica is a standby; another one is active")]
+    Standby,
 }
 
 impl ProxyError {
@@ -43,7 +45,7 @@ impl ProxyError {
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge(_) | ProxyError::BodyOverLimit => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::QueueFull(_) | ProxyError::NoReadyEndpoint | ProxyError::ShuttingDown => {
+            ProxyError::QueueFull(_) | ProxyError::NoReadyEndpoint | ProxyError::ShuttingDown | ProxyError::Standby => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::QueueTimeout { .. } | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -55,7 +57,7 @@ impl ProxyError {
     fn retry_after(&self) -> Option<u32> {
         match self {
             ProxyError::QueueFull(_) | ProxyError::NoReadyEndpoint => Some(5),
-            ProxyError::ShuttingDown => Some(1),
+            ProxyError::ShuttingDown | ProxyError::Standby => Some(1),
             _ => None,
         }
     }

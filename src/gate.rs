@@ -248,6 +248,13 @@ impl<W> Gate<W> {
         }
     }
 
+    /// Takes a drained endpoint back (a scale-down that was called off).
+    pub fn undrain(&mut self, id: EndpointId) {
+        if let Some(endpoint) = self.endpoint_mut(id) {
+            endpoint.draining = false;
+        }
+    }
+
     /// Forgets an endpoint. Its outstanding grants release as no-ops.
     pub fn remove_endpoint(&mut self, id: EndpointId) -> Option<Endpoint> {
         let index = self.endpoints.iter().position(|e| e.id == id)?;

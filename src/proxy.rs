@@ -67,6 +67,8 @@ pub struct Proxy {
     forwarders: Vec<Forwarder>,
     limits: Limits,
     metrics: Metrics,
+    /// Dispatches to pods (false on a standby replica: see `leader`).
+    active: std::sync::atomic::AtomicBool,
 }
 
 /// What the log line of a request says of the request itself (taken only
@@ -121,7 +123,8 @@ impl Proxy {
             })
             .collect::<anyhow::Result<_>>()?;
         let forwarders = (0..crate::threads::count(config.threads)).map(|_| Forwarder::new()).collect();
-        Ok(Self { router, services, forwarders, limits: config.limits.clone(), metrics })
+        let active = std::sync::atomic::AtomicBool::new(config.leader_election.is_none());
+        Ok(Self { router, services, forwarders, limits: config.limits.clone(), metrics, active })
     }
 
     /// The pod connection pool of the serving thread this runs on.
@@ -135,6 +138,15 @@ impl Proxy {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Whether this replica dispatches to pods (holds the lease, or runs alone).
+    pub fn is_active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set_active(&self, active: bool) {
+        self.active.store(active, std::sync::atomic::Ordering::Release);
     }
 
     /// Answers one client request; never fails (errors become JSON responses).
@@ -177,6 +189,9 @@ impl Proxy {
         peer: &Peer,
         trace: &mut Trace,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        if !self.is_active() {
+            return Err(ProxyError::Standby);
+        }
         self.check_limits(&request)?;
         let mut upgrade =
             forward::upgrade_protocol(request.headers()).is_some().then(|| hyper::upgrade::on(&mut request));

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use crate::admin;
 use crate::autoscale;
 use crate::config::{Config, ScaleMode};
+use crate::leader;
 use crate::forward::Peer;
 use crate::metrics::Metrics;
 use crate::provider;
@@ -30,31 +31,29 @@ pub struct Gateway {
     proxy: Arc<Proxy>,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    /// The control loop, once this replica is active (at once without
+    /// leader election).
+    control: Option<Control>,
+}
+
+/// The control loop of every service: providers and autoscalers.
+struct Control {
     providers: Vec<provider::Running>,
     autoscalers: Vec<JoinHandle<()>>,
     desired: Vec<watch::Receiver<u32>>,
 }
 
-impl Gateway {
-    /// Binds the listeners and starts the providers (endpoints and probes).
-    pub async fn bind(config: Config) -> Result<Self> {
-        let proxy = Arc::new(Proxy::new(&config, Metrics::new())?);
-        let listener =
-            TcpListener::bind(config.listen).await.with_context(|| format!("listen: cannot bind {}", config.listen))?;
-        let admin = match config.admin {
-            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("admin: cannot bind {addr}"))?),
-            None => None,
-        };
-        let mut providers = Vec::new();
-        let mut autoscalers = Vec::new();
-        let mut desired = Vec::new();
+impl Control {
+    /// Starts each service's provider (endpoints and probes) and autoscaler.
+    fn start(proxy: &Proxy) -> Result<Self> {
+        let mut control = Control { providers: Vec::new(), autoscalers: Vec::new(), desired: Vec::new() };
         for service in proxy.services() {
             let (desired_tx, desired_rx) = watch::channel(service.config.scale.min);
-            desired.push(desired_rx.clone());
-            providers.push(provider::start(&service.config, service.gate.clone(), desired_rx)?);
+            control.desired.push(desired_rx.clone());
+            control.providers.push(provider::start(&service.config, service.gate.clone(), desired_rx)?);
             if service.config.scale.mode == ScaleMode::Builtin {
                 let settings = autoscale::Settings::new(&service.config.scale, service.config.container_concurrency);
-                autoscalers.push(tokio::spawn(autoscale::run(
+                control.autoscalers.push(tokio::spawn(autoscale::run(
                     service.config.name.clone(),
                     service.gate.clone(),
                     settings,
@@ -63,7 +62,35 @@ impl Gateway {
                 )));
             }
         }
-        Ok(Self { config, proxy, listener, admin, providers, autoscalers, desired })
+        Ok(control)
+    }
+
+    async fn stop(self) {
+        for task in self.autoscalers {
+            task.abort();
+        }
+        for provider in self.providers {
+            provider.shutdown().await;
+        }
+    }
+}
+
+impl Gateway {
+    /// Binds the listeners and, unless leader election decides, starts the
+    /// providers (endpoints and probes) and autoscalers.
+    pub async fn bind(config: Config) -> Result<Self> {
+        let proxy = Arc::new(Proxy::new(&config, Metrics::new())?);
+        let listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("listen: cannot bind {}", config.listen))?;
+        let admin = match config.admin {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("admin: cannot bind {addr}"))?),
+            None => None,
+        };
+        let control = match config.leader_election {
+            None => Some(Control::start(&proxy)?),
+            Some(_) => None,
+        };
+        Ok(Self { config, proxy, listener, admin, control })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -77,7 +104,7 @@ impl Gateway {
     /// The desired replica count of service `index`, as its provider sees
     /// it (each change is a scale call).
     pub fn desired(&self, index: usize) -> Option<watch::Receiver<u32>> {
-        self.desired.get(index).cloned()
+        self.control.as_ref().and_then(|c| c.desired.get(index).cloned())
     }
 
     pub fn proxy(&self) -> &Arc<Proxy> {
@@ -87,7 +114,7 @@ impl Gateway {
     /// Serves until `shutdown` completes, then stops accepting and lets queued
     /// and in-flight requests finish, at most `drain_timeout`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Gateway { config, proxy, listener, admin, providers, autoscalers, .. } = self;
+        let Gateway { config, proxy, listener, admin, mut control } = self;
         tracing::info!(
             listen = %listener.local_addr()?,
             admin = admin.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
@@ -105,8 +132,28 @@ impl Gateway {
             .max_buf_size(config.limits.max_header_bytes.max(8192) + 16 * 1024);
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
+        let (active_tx, mut active) = watch::channel(control.is_some());
+        let mut election = config.leader_election.clone().map(|election| tokio::spawn(leader::run(election, active_tx)));
+        let mut lost: Option<anyhow::Error> = None;
         loop {
             tokio::select! {
+                changed = active.changed(), if control.is_none() => {
+                    if changed.is_ok() && *active.borrow_and_update() {
+                        control = Some(Control::start(&proxy)?);
+                        proxy.set_active(true);
+                    }
+                }
+                ended = async { match &mut election { Some(task) => task.await, None => std::future::pending().await } } => {
+                    // Lost the lease: stop dispatching now; the process exits
+                    // and comes back as a standby.
+                    proxy.set_active(false);
+                    lost = Some(match ended {
+                        Ok(Err(error)) => error,
+                        Ok(Ok(())) => anyhow::anyhow!("leader election ended"),
+                        Err(error) => anyhow::anyhow!("leader election failed: {error}"),
+                    });
+                    break;
+                }
                 accepted = listener.accept() => {
                     let (stream, client) = match accepted {
                         Ok(accepted) => accepted,
@@ -133,6 +180,9 @@ impl Gateway {
         }
         drop(listener);
         draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(error) = lost {
+            return Err(error);
+        }
         tracing::info!(timeout = ?config.drain_timeout, "shutting down: draining requests");
         tokio::select! {
             _ = graceful.shutdown() => tracing::info!("drained"),
@@ -142,11 +192,11 @@ impl Gateway {
             task.abort();
         }
         threads.stop().await;
-        for task in autoscalers {
+        if let Some(task) = election {
             task.abort();
         }
-        for provider in providers {
-            provider.shutdown().await;
+        if let Some(control) = control {
+            control.stop().await;
         }
         Ok(())
     }

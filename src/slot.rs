@@ -179,6 +179,15 @@ impl SharedGate {
         self.publish_endpoints(&gate);
     }
 
+    /// Takes a drained endpoint back; it takes waiters at once.
+    pub fn undrain(self: &Arc<Self>, id: EndpointId) {
+        let mut gate = self.lock();
+        gate.undrain(id);
+        self.hand_out(&mut gate);
+        self.publish(&gate);
+        self.publish_endpoints(&gate);
+    }
+
     /// An endpoint for a request that skips the gate (no slot): the pinned
     /// one if it may take requests, else any ready one.
     pub fn any_ready(&self, pin: Option<EndpointId>) -> Option<Grant> {

@@ -39,6 +39,11 @@ impl Endpoints {
         self.gate.set_draining(id);
     }
 
+    /// Serves again after a drain that was called off.
+    pub fn undrain(&self, id: EndpointId) {
+        self.gate.undrain(id);
+    }
+
     /// Whether the endpoint is ready; `None` once it is gone.
     pub fn is_ready(&self, id: EndpointId) -> Option<bool> {
         self.gate.inspect(|g| g.endpoint(id).map(|e| e.ready))

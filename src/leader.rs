@@ -1,0 +1,150 @@
+//! Leader election over a `coordination.k8s.io/v1` Lease, so that two or
+//! more sdgate replicas never dispatch to the same pods at once (one gate
+//! per service, one `container_concurrency` count that is exact).
+//!
+//! - Every `renew_period` each replica reads the Lease. The holder renews
+//!   it; a standby takes it when it is free, or when it has seen the same
+//!   version of it for `lease_duration` (its own clock: no trust in the
+//!   other replica's clock, as client-go's leader election).
+//! - Every write carries the version it read: of two replicas racing for a
+//!   free lease the API lets one win (409 Conflict for the other).
+//! - The holder that cannot renew for `lease_duration - renew_period` (so
+//!   before anyone else may take it), or finds it taken, has lost it:
+//!   [`run`] returns an error and the process exits, to come back as a
+//!   standby. Requests it held in flight are cut.
+//!
+//! Takeover after the holder dies: at most `lease_duration + 2 x
+//! renew_period` (14 s with the defaults of 10 s and 2 s).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, PostParams};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::LeaderElection;
+
+/// Follows the lease until it is lost; `active` says whether this replica
+/// holds it.
+pub async fn run(config: LeaderElection, active: watch::Sender<bool>) -> Result<()> {
+    let identity = config.identity();
+    let api = loop {
+        match crate::provider::kubernetes::client(config.kubeconfig.as_deref()).await {
+            Ok(client) => break Api::<Lease>::namespaced(client, &config.namespace),
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "leader election: no Kubernetes API; retrying");
+                tokio::time::sleep(config.renew_period).await;
+            }
+        }
+    };
+    tracing::info!(lease = %config.lease, %identity, "leader election: standing by");
+    let mut elector = Elector { api, config, identity, observed: None, renewed: None };
+    let mut tick = tokio::time::interval(elector.config.renew_period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let leading = *active.borrow();
+        let now = Instant::now();
+        match elector.try_hold(now).await {
+            Ok(true) => {
+                elector.renewed = Some(now);
+                if !leading {
+                    tracing::info!(lease = %elector.config.lease, identity = %elector.identity, "leader election: this replica is now active");
+                    let _ = active.send(true);
+                }
+            }
+            Ok(false) if leading => bail!("leader election: lease {} was taken by another replica", elector.config.lease),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "leader election: cannot read or write the lease");
+                let deadline = elector.config.lease_duration.saturating_sub(elector.config.renew_period);
+                if leading && elector.renewed.is_none_or(|at| now.duration_since(at) >= deadline) {
+                    bail!("leader election: could not renew lease {} within {deadline:?}", elector.config.lease);
+                }
+            }
+        }
+    }
+}
+
+struct Elector {
+    api: Api<Lease>,
+    config: LeaderElection,
+    identity: String,
+    /// The other holder's lease version we last saw change, and when.
+    observed: Option<(String, Instant)>,
+    /// When this replica last renewed.
+    renewed: Option<Instant>,
+}
+
+impl Elector {
+    /// Renews or takes the lease; `Ok(true)` when this replica holds it now.
+    async fn try_hold(&mut self, now: Instant) -> Result<bool> {
+        let name = self.config.lease.clone();
+        let Some(lease) = self.api.get_opt(&name).await.with_context(|| format!("get lease {name}"))? else {
+            return self.write(None, 0).await;
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
+        let transitions = spec.lease_transitions.unwrap_or(0);
+        if holder == Some(self.identity.as_str()) {
+            return self.write(Some(lease), transitions).await;
+        }
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
+        let seen_at = match &self.observed {
+            Some((seen, at)) if *seen == version => *at,
+            _ => {
+                self.observed = Some((version, now));
+                now
+            }
+        };
+        let duration = spec
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(self.config.lease_duration, Duration::from_secs);
+        if holder.is_some() && now.duration_since(seen_at) < duration {
+            return Ok(false);
+        }
+        self.write(Some(lease), transitions + 1).await
+    }
+
+    /// Writes the lease as held by this replica, at the version read (a
+    /// conflict means another replica wrote first: not held).
+    async fn write(&self, current: Option<Lease>, transitions: i32) -> Result<bool> {
+        let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+        let renewing = current.as_ref().and_then(|l| l.spec.as_ref()).and_then(|s| s.holder_identity.as_deref())
+            == Some(self.identity.as_str());
+        let acquired = match &current {
+            Some(lease) if renewing => lease.spec.as_ref().and_then(|s| s.acquire_time.clone()),
+            _ => None,
+        };
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(self.config.lease.clone()),
+                namespace: Some(self.config.namespace.clone()),
+                resource_version: current.as_ref().and_then(|l| l.metadata.resource_version.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.identity.clone()),
+                lease_duration_seconds: Some(self.config.lease_duration.as_secs().max(1) as i32),
+                acquire_time: Some(acquired.unwrap_or_else(|| now.clone())),
+                renew_time: Some(now),
+                lease_transitions: Some(transitions),
+                ..LeaseSpec::default()
+            }),
+        };
+        let params = PostParams::default();
+        let written = match current {
+            None => self.api.create(&params, &lease).await,
+            Some(_) => self.api.replace(&self.config.lease, &params, &lease).await,
+        };
+        match written {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Err(error) => Err(error).with_context(|| format!("write lease {}", self.config.lease)),
+        }
+    }
+}
