@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod gate;
+pub mod knative;
 pub mod leader;
 pub mod metrics;
 pub mod probe;

@@ -25,6 +25,11 @@ struct Cli {
 enum Command {
     /// Validate the config and print the effective config (defaults filled in).
     Check,
+    /// Turn a Knative Service YAML (FILE, or - for stdin) into an sdgate config, printed on stdout.
+    ImportKnative {
+        /// The Knative Service YAML.
+        file: PathBuf,
+    },
     /// Run one fake Stable Diffusion WebUI worker.
     Sim {
         /// Port to listen on.
@@ -78,6 +83,20 @@ async fn run(cli: Cli) -> Result<()> {
         Some(Command::Sim { port, host, step_time, image_bytes, startup_delay, name }) => {
             let options = SimOptions { step_time, image_bytes, name };
             sdgate::sim::run(SocketAddr::new(host, port), startup_delay, options).await
+        }
+        Some(Command::ImportKnative { file }) => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("cannot read the standard input")?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
+            };
+            let imported =
+                sdgate::knative::import(&text).with_context(|| format!("cannot import {}", file.display()))?;
+            for warning in &imported.warnings {
+                eprintln!("warning: {warning}");
+            }
+            print!("{}", imported.to_yaml(&file.display().to_string())?);
+            Ok(())
         }
         Some(Command::Check) => {
             let config = load(cli.config.as_ref())?;

@@ -1,0 +1,408 @@
+//! deploy/: every resource the kustomization lists deserialises into its
+//! k8s-openapi type with no unknown field; the ConfigMap's config is one sdgate
+//! accepts; the Deployment reads it where the ConfigMap is mounted; the Role
+//! grants exactly what the code calls; Services, probes, the ServiceMonitor and
+//! the KEDA example point at names and ports that exist. With `kubectl` on PATH
+//! (or SDGATE_RENDERED naming its output, tests/deploy/render.sh), the real
+//! `kubectl kustomize deploy/` output passes the same typed check.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+// (apiGroup, resource, verbs): what the kubernetes backend and the leader election call.
+use sdgate::provider::kubernetes::RBAC;
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+/// Every YAML document of `text` as JSON, empty documents skipped.
+fn documents(text: &str, origin: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    let mut out = Vec::new();
+    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(document).unwrap_or_else(|e| panic!("{origin} document {i}: {e}"));
+        if !value.is_null() {
+            out.push(serde_json::to_value(value).unwrap_or_else(|e| panic!("{origin} document {i}: {e}")));
+        }
+    }
+    out
+}
+
+/// The resources deploy/kustomization.yaml lists, every document of each.
+fn listed_resources() -> Vec<Value> {
+    let text = std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).expect("deploy/kustomization.yaml");
+    let kustomization: serde_yaml::Value = serde_yaml::from_str(&text).expect("kustomization YAML");
+    assert_eq!(kustomization["kind"].as_str(), Some("Kustomization"));
+    let files = kustomization["resources"].as_sequence().expect("resources: a list");
+    assert!(!files.is_empty());
+    let mut resources = Vec::new();
+    for file in files {
+        let file = file.as_str().expect("a resource is a file name");
+        let text = std::fs::read_to_string(deploy_dir().join(file)).unwrap_or_else(|e| panic!("deploy/{file}: {e}"));
+        resources.extend(documents(&text, file));
+    }
+    resources
+}
+
+/// Paths of `original` that `typed` (its re-serialised typed value) lacks or
+/// changed: the fields the type does not know (k8s-openapi ignores them).
+fn lost_fields(original: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+    match (original, typed) {
+        (Value::Object(original), Value::Object(typed)) => {
+            for (key, value) in original {
+                let here = format!("{path}.{key}");
+                match typed.get(key) {
+                    _ if value.is_null() => {}
+                    None => out.push(format!("{here} (unknown field)")),
+                    Some(typed) => lost_fields(value, typed, &here, out),
+                }
+            }
+        }
+        (Value::Array(original), Value::Array(typed)) => {
+            if original.len() != typed.len() {
+                out.push(format!("{path} ({} items, typed {})", original.len(), typed.len()));
+            }
+            for (i, (original, typed)) in original.iter().zip(typed).enumerate() {
+                lost_fields(original, typed, &format!("{path}[{i}]"), out);
+            }
+        }
+        // A quantity written as a number comes back as its text.
+        (Value::Number(n), Value::String(s)) if n.to_string() == *s => {}
+        (original, typed) if original == typed => {}
+        (original, typed) => out.push(format!("{path} ({original} became {typed})")),
+    }
+}
+
+/// Deserialises into `T`, then checks that no field was dropped.
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(value: &Value, what: &str) -> T {
+    let typed: T = serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let again = serde_json::to_value(&typed).unwrap();
+    let mut lost = Vec::new();
+    lost_fields(value, &again, "", &mut lost);
+    assert!(lost.is_empty(), "{what}: fields k8s-openapi does not know: {lost:#?}");
+    typed
+}
+
+/// The typed objects of a set of documents.
+#[derive(Default)]
+struct Objects {
+    deployments: Vec<Deployment>,
+    services: Vec<Service>,
+    service_accounts: Vec<ServiceAccount>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
+    config_maps: Vec<ConfigMap>,
+    secrets: Vec<Secret>,
+    /// (kind, namespace, name) of each.
+    ids: BTreeSet<(String, String, String)>,
+}
+
+fn load(documents: &[Value]) -> Objects {
+    let mut objects = Objects::default();
+    for document in documents {
+        let kind = document["kind"].as_str().expect("every document has a kind");
+        let name = document["metadata"]["name"].as_str().expect("every document has a name");
+        let namespace = document["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+        let what = format!("{kind} {name}");
+        match kind {
+            "Deployment" => objects.deployments.push(typed(document, &what)),
+            "Service" => objects.services.push(typed(document, &what)),
+            "ServiceAccount" => objects.service_accounts.push(typed(document, &what)),
+            "Role" => objects.roles.push(typed(document, &what)),
+            "RoleBinding" => objects.role_bindings.push(typed(document, &what)),
+            "ConfigMap" => objects.config_maps.push(typed(document, &what)),
+            "Secret" => objects.secrets.push(typed(document, &what)),
+            other => panic!("{what}: no k8s-openapi type is checked for kind {other}"),
+        }
+        let id = (kind.to_string(), namespace, name.to_string());
+        assert!(objects.ids.insert(id.clone()), "{id:?} twice");
+    }
+    objects
+}
+
+fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+    meta.name.as_deref().unwrap_or("")
+}
+
+impl Objects {
+    fn deployment(&self, name: &str) -> &Deployment {
+        self.deployments.iter().find(|d| name_of(&d.metadata) == name).unwrap_or_else(|| panic!("Deployment {name}"))
+    }
+
+    fn service(&self, name: &str) -> &Service {
+        self.services.iter().find(|s| name_of(&s.metadata) == name).unwrap_or_else(|| panic!("Service {name}"))
+    }
+}
+
+fn container<'a>(deployment: &'a Deployment, name: &str) -> &'a Container {
+    let pod = deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("a pod spec");
+    pod.containers.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("container {name}"))
+}
+
+fn pod_labels(deployment: &Deployment) -> std::collections::BTreeMap<String, String> {
+    let template = &deployment.spec.as_ref().expect("spec").template;
+    template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default()
+}
+
+/// The container port a Service's or probe's port refers to.
+fn container_port(container: &Container, port: &IntOrString) -> i32 {
+    let ports = container.ports.as_deref().unwrap_or_default();
+    match port {
+        IntOrString::Int(n) => {
+            assert!(ports.iter().any(|p| p.container_port == *n), "{}: no container port {n}", container.name);
+            *n
+        }
+        IntOrString::String(name) => {
+            ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("{}: no container port named {name}", container.name))
+                .container_port
+        }
+    }
+}
+
+fn sdgate_config(objects: &Objects) -> sdgate::Config {
+    let config_map =
+        objects.config_maps.iter().find(|c| name_of(&c.metadata) == "sdgate-config").expect("sdgate-config");
+    let text = config_map.data.as_ref().and_then(|d| d.get("config.yaml")).expect("data: config.yaml");
+    sdgate::Config::from_yaml(text).unwrap_or_else(|e| panic!("the ConfigMap's config: {e:#}"))
+}
+
+#[test]
+fn every_listed_resource_is_a_known_kind_with_no_unknown_field() {
+    let objects = load(&listed_resources());
+    assert_eq!(objects.deployments.len(), 2, "sdgate and stable-diffusion");
+    assert!(objects.secrets.is_empty(), "the affinity Secret is the user's to create, with a random key");
+    for kind in ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service"] {
+        assert!(objects.ids.iter().any(|(k, _, _)| k == kind), "no {kind}");
+    }
+    for (kind, namespace, name) in &objects.ids {
+        assert_eq!(namespace, "default", "{kind} {name}: the namespace the config and the Role name");
+    }
+}
+
+#[test]
+fn the_configmap_config_passes_check_and_names_the_sd_deployment() {
+    let objects = load(&listed_resources());
+    let config = sdgate_config(&objects);
+    assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(config.admin.map(|a| a.to_string()).as_deref(), Some("0.0.0.0:9090"));
+    let election = config.leader_election.as_ref().expect("leader_election: two replicas");
+    assert_eq!((election.lease.as_str(), election.namespace.as_str()), ("sdgate", "default"));
+    let service = &config.services[0];
+    assert_eq!(service.name, "stable-diffusion");
+    assert_eq!(service.hosts, ["stable-diffusion.default.example.com"]);
+    assert_eq!(service.container_concurrency, 1);
+    let affinity = service.affinity.as_ref().expect("affinity");
+    assert_eq!((affinity.cookie.as_str(), affinity.timeout.as_secs()), ("sd", 1800));
+    assert!(service.readiness.tcp);
+    assert_eq!((service.scale.min, service.scale.max), (0, 10));
+    let sdgate::config::Backend::Kubernetes(k8s) = &service.backend else { panic!("{:?}", service.backend) };
+    assert_eq!(k8s.namespace, "default");
+    let sd = objects.deployment(&k8s.deployment);
+    assert_eq!(sd.spec.as_ref().and_then(|s| s.replicas), Some(0), "the SD Deployment starts at zero");
+    let sd_container = container(sd, "stable-diffusion");
+    let sdgate::config::PortRef::Number(port) = k8s.port else { panic!("{:?}", k8s.port) };
+    container_port(sd_container, &IntOrString::Int(i32::from(port)));
+}
+
+#[test]
+fn the_sd_deployment_mirrors_the_seeds() {
+    let objects = load(&listed_resources());
+    let sd = objects.deployment("stable-diffusion");
+    assert_eq!(pod_labels(sd).get("app").map(String::as_str), Some("stable-diffusion"));
+    let c = container(sd, "stable-diffusion");
+    assert!(c
+        .image
+        .as_deref()
+        .is_some_and(|i| i.starts_with("yunqi-registry.cn-shanghai.cr.aliyuncs.com/lab/stable-diffusion@sha256:")));
+    let command: Vec<_> = c.command.iter().flatten().chain(c.args.iter().flatten()).map(String::as_str).collect();
+    assert_eq!(command, ["python3", "launch.py", "--listen", "--skip-torch-cuda-test", "--api"]);
+    let probe = c.readiness_probe.as_ref().and_then(|p| p.tcp_socket.as_ref()).expect("tcp readiness probe");
+    assert_eq!(container_port(c, &probe.port), 7860);
+    let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref()).expect("limits");
+    assert_eq!(limits.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("1"));
+}
+
+#[test]
+fn the_sdgate_deployment_reads_the_configmap_where_it_is_mounted() {
+    let objects = load(&listed_resources());
+    let deployment = objects.deployment("sdgate");
+    let spec = deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("sdgate"));
+    let c = container(deployment, "sdgate");
+
+    // --config PATH, PATH inside a mount of the ConfigMap, its file a key of it.
+    let args = c.args.as_deref().unwrap_or_default();
+    let at = args.iter().position(|a| a == "--config").expect("--config");
+    let path = Path::new(&args[at + 1]);
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| path.parent() == Some(Path::new(&m.mount_path)))
+        .unwrap_or_else(|| panic!("no volume mounted at {}", path.display()));
+    assert!(mount.sub_path.is_none(), "a subPath mount would not see ConfigMap updates");
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name).expect("the mounted volume");
+    let source = volume.config_map.as_ref().expect("a configMap volume");
+    assert_eq!(source.name, "sdgate-config");
+    let key = path.file_name().unwrap().to_str().unwrap();
+    assert!(source.items.is_none(), "every key mounted under its own name");
+    let config_map = objects.config_maps.iter().find(|c| name_of(&c.metadata) == "sdgate-config").unwrap();
+    assert!(config_map.data.as_ref().is_some_and(|d| d.contains_key(key)), "ConfigMap key {key}");
+
+    // POD_NAME from the downward API, the affinity key from the user's Secret.
+    let env = c.env.as_deref().unwrap_or_default();
+    let var = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value_from.clone());
+    let pod_name = var("POD_NAME").and_then(|v| v.field_ref).expect("POD_NAME from fieldRef");
+    assert_eq!(pod_name.field_path, "metadata.name");
+    let key_ref = var("SDGATE_AFFINITY_KEY").and_then(|v| v.secret_key_ref).expect("SDGATE_AFFINITY_KEY from a Secret");
+    assert_eq!((key_ref.name.as_str(), key_ref.key.as_str()), ("sdgate-affinity", "key"));
+
+    // Probes on the admin listener, which the config puts on 9090.
+    let config = sdgate_config(&objects);
+    let admin = config.admin.expect("admin listener").port();
+    for (probe, path) in [(&c.readiness_probe, "/readyz"), (&c.liveness_probe, "/healthz")] {
+        let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{path} probe"));
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(container_port(c, &get.port), i32::from(admin), "{path} on the admin port");
+    }
+    assert!(c.resources.as_ref().and_then(|r| r.requests.as_ref()).is_some(), "resource requests");
+
+    // The Services reach the right ports of these pods.
+    let labels = pod_labels(deployment);
+    let public = objects.service("sdgate");
+    let public_spec = public.spec.as_ref().unwrap();
+    assert_eq!(public_spec.type_.as_deref(), Some("LoadBalancer"));
+    let http = public_spec.ports.iter().flatten().find(|p| p.name.as_deref() == Some("http")).expect("port http");
+    assert_eq!(http.port, 80);
+    assert_eq!(container_port(c, http.target_port.as_ref().unwrap()), i32::from(config.listen.port()));
+    assert!(
+        !public_spec.ports.iter().flatten().any(|p| p.name.as_deref() == Some("admin")),
+        "the admin listener stays off the LoadBalancer"
+    );
+    for service in &objects.services {
+        let selector = service.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default();
+        if selector.get("app").map(String::as_str) == Some("sdgate") {
+            assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)), "{}", name_of(&service.metadata));
+        }
+    }
+}
+
+#[test]
+fn the_role_grants_exactly_what_the_code_calls() {
+    let objects = load(&listed_resources());
+    assert_eq!(objects.roles.len(), 1);
+    let role = &objects.roles[0];
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none(), "{rule:?}");
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    assert!(granted.insert((group.clone(), resource.clone(), verb.clone())), "granted twice: {rule:?}");
+                }
+            }
+        }
+    }
+    let wanted: BTreeSet<_> = RBAC
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(move |v| (group.to_string(), resource.to_string(), v.to_string()))
+        })
+        .collect();
+    assert_eq!(granted, wanted);
+
+    let binding = &objects.role_bindings[0];
+    assert_eq!((binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()), ("Role", name_of(&role.metadata)));
+    let subject = &binding.subjects.as_ref().expect("subjects")[0];
+    assert_eq!((subject.kind.as_str(), subject.name.as_str()), ("ServiceAccount", "sdgate"));
+    assert_eq!(name_of(&objects.service_accounts[0].metadata), "sdgate");
+}
+
+#[test]
+fn the_servicemonitor_and_keda_examples_match_the_manifests() {
+    let objects = load(&listed_resources());
+    let text = std::fs::read_to_string(deploy_dir().join("servicemonitor.yaml")).unwrap();
+    let monitor = documents(&text, "servicemonitor.yaml").into_iter().find(|d| d["kind"] == "ServiceMonitor").unwrap();
+    let match_labels = monitor["spec"]["selector"]["matchLabels"].as_object().expect("matchLabels");
+    let namespaces = monitor["spec"]["namespaceSelector"]["matchNames"].as_array().expect("matchNames");
+    let port = monitor["spec"]["endpoints"][0]["port"].as_str().expect("endpoint port");
+    let selected: Vec<_> = objects
+        .services
+        .iter()
+        .filter(|s| {
+            let labels = s.metadata.labels.clone().unwrap_or_default();
+            match_labels.iter().all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+        })
+        .collect();
+    assert_eq!(selected.len(), 1, "the ServiceMonitor selects one Service");
+    let admin = selected[0];
+    assert!(namespaces.iter().any(|n| n.as_str() == admin.metadata.namespace.as_deref()));
+    let admin_port = admin.spec.as_ref().unwrap().ports.iter().flatten().find(|p| p.name.as_deref() == Some(port));
+    let admin_port = admin_port.unwrap_or_else(|| panic!("Service {} has no port {port}", name_of(&admin.metadata)));
+    let config = sdgate_config(&objects);
+    let sdgate = container(objects.deployment("sdgate"), "sdgate");
+    assert_eq!(
+        container_port(sdgate, admin_port.target_port.as_ref().unwrap()),
+        i32::from(config.admin.unwrap().port())
+    );
+
+    let text = std::fs::read_to_string(deploy_dir().join("keda-scaledobject.yaml")).unwrap();
+    let keda = &documents(&text, "keda-scaledobject.yaml")[0];
+    let target = keda["spec"]["scaleTargetRef"]["name"].as_str().unwrap();
+    let sdgate::config::Backend::Kubernetes(k8s) = &config.services[0].backend else { panic!() };
+    assert_eq!(target, k8s.deployment, "KEDA scales the Deployment sdgate fronts");
+    let query = keda["spec"]["triggers"][0]["metadata"]["query"].as_str().unwrap();
+    assert!(query.contains(&format!("service=\"{}\"", config.services[0].name)), "{query}");
+    assert_eq!(config.services[0].scale.mode, sdgate::config::ScaleMode::Builtin, "KEDA off by default: not both");
+}
+
+#[test]
+fn unknown_fields_are_caught() {
+    // The check itself: k8s-openapi would silently drop these.
+    let document = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "name": "x" },
+        "spec": { "replica": 2, "selector": {}, "template": { "spec": { "containers": [
+            { "name": "c", "image": "i", "readinessProbe": { "httpGet": { "path": "/", "port": 1 }, "period": 1 } }
+        ] } } }
+    });
+    let typed: Deployment = serde_json::from_value(document.clone()).unwrap();
+    let mut lost = Vec::new();
+    lost_fields(&document, &serde_json::to_value(&typed).unwrap(), "", &mut lost);
+    assert_eq!(
+        lost,
+        [".spec.replica (unknown field)", ".spec.template.spec.containers[0].readinessProbe.period (unknown field)"]
+    );
+}
+
+/// The real renderer: its output is typed the same way and holds the same
+/// objects. Skipped (with a note) where kubectl is not installed, unless
+/// SDGATE_RENDERED names a rendered file (tests/deploy/render.sh).
+#[test]
+fn kubectl_kustomize_renders_the_same_objects() {
+    let rendered = match std::env::var_os("SDGATE_RENDERED") {
+        Some(path) => std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("SDGATE_RENDERED: {e}")),
+        None => match std::process::Command::new("kubectl").arg("kustomize").arg(deploy_dir()).output() {
+            Ok(output) => {
+                assert!(output.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&output.stderr));
+                String::from_utf8(output.stdout).unwrap()
+            }
+            Err(_) => {
+                eprintln!("skipped: kubectl is not installed (tests/deploy/render.sh installs it)");
+                return;
+            }
+        },
+    };
+    let rendered = load(&documents(&rendered, "kubectl kustomize"));
+    assert_eq!(rendered.ids, load(&listed_resources()).ids);
+}
