@@ -90,9 +90,41 @@ pub struct ServiceConfig {
     /// until the pod answers the original request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interrupt_on_disconnect: Option<String>,
+    /// How sdgate learns that a pod it gave up on (timeout, reset, client
+    /// gone mid-answer) has finished the job: until then the pod is
+    /// quarantined and takes no request. `null` turns it off.
+    #[serde(default = "default_idle_check")]
+    pub idle_check: Option<IdleCheck>,
     /// Written as a map of one key (`{ fixed: [...] }`), not a YAML tag.
     #[serde(with = "serde_yaml::with::singleton_map")]
     pub backend: Backend,
+}
+
+/// The idle check of a quarantined pod (see `quarantine`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdleCheck {
+    /// GET this path: idle when it answers 2xx (with the WebUI's progress
+    /// JSON, when `state.job_count` is 0) or 404 (no such API: nothing more
+    /// to learn); busy otherwise, or when it does not answer.
+    pub path: String,
+    /// Poll period.
+    #[serde(with = "duration")]
+    pub period: Duration,
+    /// A pod still busy after this is logged as failed; it stays out of
+    /// rotation until it is idle.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for IdleCheck {
+    fn default() -> Self {
+        Self {
+            path: "/sdapi/v1/progress".to_string(),
+            period: Duration::from_millis(100),
+            timeout: Duration::from_secs(600),
+        }
+    }
 }
 
 /// Session affinity (see `affinity`). A key left out takes its value from
@@ -397,6 +429,9 @@ fn default_connect_retries() -> u32 {
 fn default_bypass() -> Vec<String> {
     ["/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip", "/internal/", "/file="].map(String::from).to_vec()
 }
+fn default_idle_check() -> Option<IdleCheck> {
+    Some(IdleCheck::default())
+}
 fn default_max_scale() -> u32 {
     10
 }
@@ -554,6 +589,14 @@ impl ServiceConfig {
                 if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
                     bail!("{key}.affinity.header: {header:?} is not a header name");
                 }
+            }
+        }
+        if let Some(check) = &self.idle_check {
+            if !check.path.starts_with('/') {
+                bail!("{key}.idle_check.path: {:?} must start with '/'", check.path);
+            }
+            if check.period.is_zero() || check.timeout.is_zero() {
+                bail!("{key}.idle_check: period and timeout must be more than 0s");
             }
         }
         if let Some(path) = &self.interrupt_on_disconnect {
@@ -744,7 +787,8 @@ pub fn split_host_port(addr: &str) -> Result<(String, u16)> {
     let bad = || anyhow::anyhow!("{addr:?} is not a host:port address");
     let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
-    let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    let label_ok =
+        |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
     if port == 0 || host.is_empty() || !host.trim_end_matches('.').split('.').all(label_ok) {
         return Err(bad());
     }

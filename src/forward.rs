@@ -195,12 +195,17 @@ async fn run_exchange(
             slot.gate().metrics().upstream_error("connect");
             return Err(ExchangeError::NotSent { reason: error_chain(&error), upgrade });
         }
-        Ok(Err(error)) => return Err(ExchangeError::Failed(upstream_failure(addr, &error))),
+        Ok(Err(error)) => {
+            // Sent, at least in part: the pod may be working on it.
+            crate::quarantine::hold(slot, "failed before answering");
+            return Err(ExchangeError::Failed(upstream_failure(addr, &error)));
+        }
         Err(_) => {
+            crate::quarantine::hold(slot, "request_timeout");
             return Err(ExchangeError::Failed(ProxyError::UpstreamTimeout {
                 addr: addr.to_string(),
                 timeout: request_timeout,
-            }))
+            }));
         }
     };
     let switched_to = response.headers().get(header::UPGRADE).cloned();
@@ -499,6 +504,14 @@ impl Body for SlotBody {
             Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
             Poll::Pending => false,
         };
+        if let Poll::Ready(Some(Err(error))) = &polled {
+            // The pod broke off its answer: it may be dead, or still working.
+            if let Some(slot) = self.slot.take() {
+                tracing::warn!(pod = %slot.addr(), %error, "pod broke off its answer");
+                slot.gate().metrics().upstream_error("reset");
+                crate::quarantine::hold(slot, "answer broken off");
+            }
+        }
         if finished {
             // The pod has answered in full: free its slot now, not when the
             // client's connection gets around to dropping this body.
@@ -525,15 +538,20 @@ impl Drop for SlotBody {
             let drained = tokio::time::timeout(drain_within, async {
                 while let Some(frame) = inner.frame().await {
                     if frame.is_err() {
-                        break;
+                        return false;
                     }
                 }
+                true
             })
             .await;
-            if drained.is_err() {
-                tracing::warn!(pod = %slot.addr(), "pod still answering a departed client after {drain_within:?}; freeing its slot");
+            match drained {
+                Ok(true) => drop(slot),
+                Ok(false) => crate::quarantine::hold(slot, "answer broken off"),
+                Err(_) => {
+                    tracing::warn!(pod = %slot.addr(), "pod still answering a departed client after {drain_within:?}");
+                    crate::quarantine::hold(slot, "answer not finished within request_timeout");
+                }
             }
-            drop(slot);
         });
     }
 }

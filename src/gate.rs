@@ -80,6 +80,9 @@ pub struct Endpoint {
     pub ready: bool,
     /// Being scaled away: takes no new requests, finishes those it holds.
     pub draining: bool,
+    /// Exchanges sdgate gave up on while the pod may still be working on
+    /// them: no new request until each has passed an idle check.
+    pub quarantined: u32,
     /// Requests granted and not yet released.
     pub inflight: u32,
     /// Requests granted over the endpoint's life.
@@ -89,7 +92,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// May take new requests.
     pub fn is_serving(&self) -> bool {
-        self.ready && !self.draining
+        self.ready && !self.draining && self.quarantined == 0
     }
 }
 
@@ -226,7 +229,15 @@ impl<W> Gate<W> {
     pub fn add_endpoint(&mut self, addr: SocketAddr) -> EndpointId {
         self.next_endpoint += 1;
         let id = EndpointId(self.next_endpoint);
-        self.endpoints.push(Endpoint { id, addr, ready: false, draining: false, inflight: 0, served: 0 });
+        self.endpoints.push(Endpoint {
+            id,
+            addr,
+            ready: false,
+            draining: false,
+            quarantined: 0,
+            inflight: 0,
+            served: 0,
+        });
         id
     }
 
@@ -245,6 +256,14 @@ impl<W> Gate<W> {
     pub fn set_draining(&mut self, id: EndpointId) {
         if let Some(endpoint) = self.endpoint_mut(id) {
             endpoint.draining = true;
+        }
+    }
+
+    /// Puts an endpoint in quarantine (`true`) or lets one quarantined
+    /// exchange out (`false`); it serves again once none is left.
+    pub fn quarantine(&mut self, id: EndpointId, on: bool) {
+        if let Some(endpoint) = self.endpoint_mut(id) {
+            endpoint.quarantined = if on { endpoint.quarantined + 1 } else { endpoint.quarantined.saturating_sub(1) };
         }
     }
 

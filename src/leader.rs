@@ -56,7 +56,9 @@ pub async fn run(config: LeaderElection, active: watch::Sender<bool>) -> Result<
                     let _ = active.send(true);
                 }
             }
-            Ok(false) if leading => bail!("leader election: lease {} was taken by another replica", elector.config.lease),
+            Ok(false) if leading => {
+                bail!("leader election: lease {} was taken by another replica", elector.config.lease)
+            }
             Ok(false) => {}
             Err(error) => {
                 tracing::warn!(error = %format!("{error:#}"), "leader election: cannot read or write the lease");

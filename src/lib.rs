@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod probe;
 pub mod provider;
 pub mod proxy;
+pub mod quarantine;
 pub mod router;
 pub mod server;
 pub mod sim;

@@ -50,6 +50,10 @@ enum Command {
         /// Name sent in the X-Worker header (default sim-PORT).
         #[arg(long)]
         name: Option<String>,
+        /// Stop a generation when its client disconnects (the real WebUI
+        /// finishes it, and so does the sim by default).
+        #[arg(long)]
+        cancel_on_disconnect: bool,
     },
 }
 
@@ -80,8 +84,8 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Some(Command::Sim { port, host, step_time, image_bytes, startup_delay, name }) => {
-            let options = SimOptions { step_time, image_bytes, name };
+        Some(Command::Sim { port, host, step_time, image_bytes, startup_delay, name, cancel_on_disconnect }) => {
+            let options = SimOptions { step_time, image_bytes, name, cancel_on_disconnect };
             sdgate::sim::run(SocketAddr::new(host, port), startup_delay, options).await
         }
         Some(Command::ImportKnative { file }) => {
@@ -105,6 +109,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         None => {
             let config = load(cli.config.as_ref())?;
+            sdgate::server::ignore_sighup()?;
             let gateway = Gateway::bind(config).await?;
             gateway.run(sdgate::server::shutdown_signal()).await
         }

@@ -22,10 +22,14 @@ pub struct Metrics {
     inflight: IntGaugeVec,
     endpoints: IntGaugeVec,
     upstream_errors: IntCounterVec,
+    quarantined: IntCounterVec,
     desired_replicas: IntGaugeVec,
     cold_start: HistogramVec,
     affinity: IntCounterVec,
 }
+
+/// Every `sdgate_upstream_errors_total{kind}`: each has a series from the start.
+pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "failed", "timeout", "reset"];
 
 /// The metrics of one service.
 #[derive(Clone)]
@@ -35,6 +39,7 @@ pub struct ServiceMetrics {
     /// `requests_total{code="200"}`, resolved once: the common case.
     ok: prometheus::IntCounter,
     upstream_errors: IntCounterVec,
+    quarantined: IntCounterVec,
     endpoints: IntGaugeVec,
     pub duration: Histogram,
     pub queue_depth: IntGauge,
@@ -73,6 +78,14 @@ impl Metrics {
                 &["service", "kind"],
             )
             .expect("static metric definition"),
+            quarantined: IntCounterVec::new(
+                Opts::new(
+                    "sdgate_quarantined_total",
+                    "Pods taken out of rotation until an idle check passed, after sdgate gave up on an exchange",
+                ),
+                &["service"],
+            )
+            .expect("static metric definition"),
             desired_replicas: IntGaugeVec::new(
                 Opts::new("sdgate_desired_replicas", "Pods the autoscaler wants"),
                 &["service"],
@@ -107,6 +120,7 @@ impl Metrics {
             Box::new(self.inflight.clone()),
             Box::new(self.endpoints.clone()),
             Box::new(self.upstream_errors.clone()),
+            Box::new(self.quarantined.clone()),
             Box::new(self.desired_replicas.clone()),
             Box::new(self.cold_start.clone()),
             Box::new(self.affinity.clone()),
@@ -114,11 +128,17 @@ impl Metrics {
     }
 
     pub fn service(&self, service: &str) -> ServiceMetrics {
+        // Dashboards and alerts see every error kind at 0 before the first one.
+        for kind in UPSTREAM_ERROR_KINDS {
+            self.upstream_errors.with_label_values(&[service, kind]);
+        }
+        self.quarantined.with_label_values(&[service]);
         ServiceMetrics {
             service: service.to_string(),
             requests: self.requests.clone(),
             ok: self.requests.with_label_values(&[service, "200"]),
             upstream_errors: self.upstream_errors.clone(),
+            quarantined: self.quarantined.clone(),
             endpoints: self.endpoints.clone(),
             duration: self.duration.with_label_values(&[service]),
             queue_depth: self.queue_depth.with_label_values(&[service]),
@@ -168,11 +188,18 @@ impl ServiceMetrics {
     }
 
     /// Endpoints by state: ready (taking requests), not_ready (starting or
-    /// failing its probe), draining (finishing its requests before it goes).
-    pub fn set_endpoints(&self, ready: usize, not_ready: usize, draining: usize) {
+    /// failing its probe), draining (finishing its requests before it goes),
+    /// quarantined (maybe still busy with a job sdgate gave up on).
+    pub fn set_endpoints(&self, ready: usize, not_ready: usize, draining: usize, quarantined: usize) {
         self.endpoints.with_label_values(&[&self.service, "ready"]).set(ready as i64);
         self.endpoints.with_label_values(&[&self.service, "not_ready"]).set(not_ready as i64);
         self.endpoints.with_label_values(&[&self.service, "draining"]).set(draining as i64);
+        self.endpoints.with_label_values(&[&self.service, "quarantined"]).set(quarantined as i64);
+    }
+
+    /// A pod went into quarantine (`sdgate_quarantined_total`).
+    pub fn quarantined(&self) {
+        self.quarantined.with_label_values(&[&self.service]).inc();
     }
 }
 

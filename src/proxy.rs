@@ -119,6 +119,7 @@ impl Proxy {
                     metrics.service(&service.name),
                     affinity.as_ref().map(|a| a.sessions.clone()),
                 );
+                gate.set_quarantine_policy(crate::quarantine::Policy::of(service));
                 Ok(Service { config: service.clone(), gate, affinity })
             })
             .collect::<anyhow::Result<_>>()?;

@@ -18,8 +18,8 @@ use tokio::task::JoinHandle;
 use crate::admin;
 use crate::autoscale;
 use crate::config::{Config, ScaleMode};
-use crate::leader;
 use crate::forward::Peer;
+use crate::leader;
 use crate::metrics::Metrics;
 use crate::provider;
 use crate::proxy::Proxy;
@@ -133,7 +133,8 @@ impl Gateway {
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         let (active_tx, mut active) = watch::channel(control.is_some());
-        let mut election = config.leader_election.clone().map(|election| tokio::spawn(leader::run(election, active_tx)));
+        let mut election =
+            config.leader_election.clone().map(|election| tokio::spawn(leader::run(election, active_tx)));
         let mut lost: Option<anyhow::Error> = None;
         loop {
             tokio::select! {
@@ -223,6 +224,19 @@ async fn serve_connection(
     if let Err(error) = graceful.watch(connection.into_owned()).await {
         tracing::debug!(%error, %client, "connection ended with an error");
     }
+}
+
+/// Takes SIGHUP, which would otherwise kill the process with every request
+/// in flight: it is logged (config reload is not built yet).
+pub fn ignore_sighup() -> Result<()> {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::warn!("SIGHUP received: configuration reload is not supported yet; carrying on");
+        }
+    });
+    Ok(())
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -3,8 +3,11 @@
 //!
 //! Like the real one it serialises generations on one lock, so a second
 //! request sent to a busy worker silently waits inside it; the worker counts
-//! such overlaps, which a correct gateway never causes. Cheap calls
-//! (progress, interrupt, ping) answer during a generation.
+//! such overlaps, which a correct gateway never causes. Like the real one it
+//! finishes a generation whose client has left (unless
+//! `--cancel-on-disconnect`), answers malformed JSON with 422, and returns
+//! a decodable PNG (base64). Cheap calls (progress, interrupt, ping) answer
+//! during a generation.
 //!
 //! Routes: POST `/sdapi/v1/txt2img` and `/sdapi/v1/img2img`; GET
 //! `/sdapi/v1/progress`; POST `/sdapi/v1/interrupt` and `/sdapi/v1/skip`; GET
@@ -46,11 +49,15 @@ pub struct SimOptions {
     pub image_bytes: usize,
     /// Name reported in the `X-Worker` header; defaults to `sim-PORT`.
     pub name: Option<String>,
+    /// Stop a generation when its client disconnects. The real WebUI does
+    /// not (FastAPI runs the job to the end), and neither does the sim by
+    /// default: a gateway must not be tested against a kinder worker.
+    pub cancel_on_disconnect: bool,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        Self { step_time: Duration::from_millis(50), image_bytes: 64 * 1024, name: None }
+        Self { step_time: Duration::from_millis(50), image_bytes: 64 * 1024, name: None, cancel_on_disconnect: false }
     }
 }
 
@@ -207,9 +214,7 @@ impl State {
     fn new(options: SimOptions, port: u16) -> Self {
         let name_text = options.name.clone().unwrap_or_else(|| format!("sim-{port}"));
         let name = HeaderValue::from_str(&name_text).unwrap_or_else(|_| HeaderValue::from_static("sim"));
-        // A PNG signature in base64, padded to the requested size.
-        let mut image = String::from("iVBORw0KGgo");
-        image.extend(std::iter::repeat_n('A', options.image_bytes.saturating_sub(image.len())));
+        let image = png_base64(options.image_bytes);
         Self {
             options,
             name,
@@ -238,7 +243,7 @@ impl State {
         }
     }
 
-    async fn answer(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn answer(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
         let mut response = match (request.method(), request.uri().path()) {
             (&Method::POST, "/sdapi/v1/txt2img" | "/sdapi/v1/img2img") => self.generate(request).await,
             (&Method::GET, "/sdapi/v1/progress") => json_response(self.progress()),
@@ -259,13 +264,31 @@ impl State {
         response
     }
 
-    async fn generate(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn generate(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
         let arrived_us = micros_since_origin();
-        let _inside = Inside::enter(self);
-        let payload: Value = match request.into_body().collect().await {
-            Ok(collected) => serde_json::from_slice(&collected.to_bytes()).unwrap_or(json!({})),
+        let payload = match request.into_body().collect().await {
+            Ok(collected) => collected.to_bytes(),
             Err(_) => return status_response(StatusCode::BAD_REQUEST, "body read failed"),
         };
+        let payload: Value = match serde_json::from_slice::<Value>(&payload) {
+            Ok(value) if value.is_object() => value,
+            _ if payload.is_empty() => json!({}),
+            _ => return status_response(StatusCode::UNPROCESSABLE_ENTITY, "request body is not a JSON object"),
+        };
+        if self.options.cancel_on_disconnect {
+            return self.run_job(payload, arrived_us).await;
+        }
+        // The job runs to its end even if the connection closes (the
+        // handler's future is dropped, the task is not).
+        let state = self.clone();
+        match tokio::spawn(async move { state.run_job(payload, arrived_us).await }).await {
+            Ok(response) => response,
+            Err(_) => status_response(StatusCode::INTERNAL_SERVER_ERROR, "generation failed"),
+        }
+    }
+
+    async fn run_job(&self, payload: Value, arrived_us: u64) -> Response<ResponseBody> {
+        let _inside = Inside::enter(self);
         let steps = payload.get("steps").and_then(Value::as_u64).unwrap_or(20).clamp(1, 10_000) as u32;
         let prompt = payload.get("prompt").and_then(Value::as_str).unwrap_or("").to_string();
         let _generation = self.generation.lock().await;
@@ -310,6 +333,59 @@ impl State {
             "current_image": null,
         })
     }
+}
+
+/// A 1x1 grey PNG (signature, IHDR, IDAT), then IEND.
+const PNG_HEAD: [u8; 55] = [
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x00, 0x00, 0x00, 0x00, 0x3a, 0x7e, 0x9b, 0x55, 0x00, 0x00, 0x00, 0x0a, 0x49,
+    0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x68, 0x00, 0x00, 0x00, 0x82, 0x00, 0x81, 0x77, 0xcd, 0x72, 0xb6,
+];
+const PNG_END: [u8; 12] = [0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82];
+
+/// A decodable PNG, in base64, of about `size` characters: a 1x1 image plus
+/// a private ancillary chunk (`sdPd`, skipped by decoders) as padding, the
+/// size of a real answer's image.
+pub fn png_base64(size: usize) -> String {
+    let fixed = PNG_HEAD.len() + PNG_END.len() + 12;
+    let padding = (size * 3 / 4).saturating_sub(fixed);
+    let mut png = Vec::with_capacity(fixed + padding);
+    png.extend_from_slice(&PNG_HEAD);
+    let mut chunk = b"sdPd".to_vec();
+    chunk.resize(4 + padding, 0);
+    png.extend_from_slice(&(padding as u32).to_be_bytes());
+    png.extend_from_slice(&chunk);
+    png.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    png.extend_from_slice(&PNG_END);
+    base64(&png)
+}
+
+/// CRC-32 (IEEE), as PNG chunks carry.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for group in data.chunks(3) {
+        let n = group.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -44,6 +44,8 @@ pub struct SharedGate {
     /// The service's session pins, when it has affinity (the status page and
     /// scale-down count live sessions per pod).
     pub sessions: Option<Arc<Sessions>>,
+    /// How a pod sdgate gave up on is known to be idle again (none: freed at once).
+    quarantine: std::sync::OnceLock<Arc<crate::quarantine::Policy>>,
 }
 
 /// A change of the desired replica count and why.
@@ -66,7 +68,7 @@ impl SharedGate {
         sessions: Option<Arc<Sessions>>,
     ) -> Arc<Self> {
         // Every state has a series from the start, zero endpoints included.
-        metrics.set_endpoints(0, 0, 0);
+        metrics.set_endpoints(0, 0, 0, 0);
         Arc::new(Self {
             gate: Mutex::new(Gate::new(capacity, max_depth)),
             backend_error: Mutex::new(None),
@@ -76,7 +78,19 @@ impl SharedGate {
             last_scale: Mutex::new(None),
             recent: Recent::default(),
             sessions,
+            quarantine: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the quarantine policy (once, when the service is built).
+    pub fn set_quarantine_policy(&self, policy: Option<Arc<crate::quarantine::Policy>>) {
+        if let Some(policy) = policy {
+            let _ = self.quarantine.set(policy);
+        }
+    }
+
+    pub fn quarantine_policy(&self) -> Option<Arc<crate::quarantine::Policy>> {
+        self.quarantine.get().cloned()
     }
 
     /// Locks the gate. A panic while holding the lock cannot leave the gate
@@ -179,6 +193,15 @@ impl SharedGate {
         self.publish_endpoints(&gate);
     }
 
+    /// See [`Gate::quarantine`]; an endpoint out of quarantine takes waiters at once.
+    pub fn quarantine(self: &Arc<Self>, id: EndpointId, on: bool) {
+        let mut gate = self.lock();
+        gate.quarantine(id, on);
+        self.hand_out(&mut gate);
+        self.publish(&gate);
+        self.publish_endpoints(&gate);
+    }
+
     /// Takes a drained endpoint back; it takes waiters at once.
     pub fn undrain(self: &Arc<Self>, id: EndpointId) {
         let mut gate = self.lock();
@@ -258,7 +281,9 @@ impl SharedGate {
     fn publish_endpoints(&self, gate: &Gate<Waiter>) {
         let ready = gate.ready_count();
         let draining = gate.endpoints().iter().filter(|e| e.draining).count();
-        self.metrics.set_endpoints(ready, gate.endpoints().len() - ready - draining, draining);
+        let quarantined = gate.endpoints().iter().filter(|e| !e.draining && e.quarantined > 0).count();
+        let not_ready = gate.endpoints().len() - ready - draining - quarantined;
+        self.metrics.set_endpoints(ready, not_ready, draining, quarantined);
     }
 
     pub fn metrics(&self) -> &ServiceMetrics {

@@ -121,7 +121,8 @@ impl Kubernetes {
 
         let pods_api: Api<Pod> = Api::namespaced(client.clone(), &backend.namespace);
         let slices_api: Api<EndpointSlice> = Api::namespaced(client, &backend.namespace);
-        let mut pod_events = watcher(pods_api.clone(), watcher::Config::default().labels(&selector)).default_backoff().boxed();
+        let mut pod_events =
+            watcher(pods_api.clone(), watcher::Config::default().labels(&selector)).default_backoff().boxed();
         let mut slice_events = watcher(slices_api, watcher::Config::default()).default_backoff().boxed();
         let mut state = State {
             service: service.name.clone(),
@@ -249,7 +250,8 @@ impl State {
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         let terminating = pod.metadata.deletion_timestamp.is_some() || matches!(phase, Some("Succeeded" | "Failed"));
         let addr = self.address_of(pod);
-        let entry = self.pods.entry(name.clone()).or_insert(PodEntry { addr: None, endpoint: None, terminating: false });
+        let entry =
+            self.pods.entry(name.clone()).or_insert(PodEntry { addr: None, endpoint: None, terminating: false });
         if entry.addr != addr {
             // A new IP (or none any more): the old endpoint is another pod now.
             if let Some((id, probe)) = entry.endpoint.take() {
@@ -428,7 +430,9 @@ impl Scaler {
             Err(error) => {
                 self.retry_at = Some(Instant::now() + Duration::from_secs(1));
                 tracing::warn!(service = %state.service, deployment = %self.name, %error, "cannot scale the deployment");
-                state.endpoints.report_error(Some(format!("kubernetes backend: cannot scale deployment {}: {error}", self.name)));
+                state
+                    .endpoints
+                    .report_error(Some(format!("kubernetes backend: cannot scale deployment {}: {error}", self.name)));
             }
         }
     }

@@ -35,7 +35,7 @@ pub async fn sims(n: usize, options: SimOptions) -> Vec<SimHandle> {
 }
 
 pub fn fast_sim(step_ms: u64) -> SimOptions {
-    SimOptions { step_time: Duration::from_millis(step_ms), image_bytes: 1024, name: None }
+    SimOptions { step_time: Duration::from_millis(step_ms), image_bytes: 1024, ..SimOptions::default() }
 }
 
 /// A free port on 127.0.0.1 (bound and released).

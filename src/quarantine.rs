@@ -1,0 +1,145 @@
+//! Quarantine: the slot of an exchange sdgate gave up on is freed only once
+//! its pod is known to be idle.
+//!
+//! The SD WebUI finishes a job whose client left (FastAPI runs it to the
+//! end), so when sdgate stops waiting (request_timeout, the pod reset the
+//! connection mid-answer, a departed client's answer still unread after
+//! `request_timeout`) the pod may still be generating. Freeing the slot then
+//! would put a second generation on it. Instead the slot is kept and the
+//! endpoint quarantined (no new request, even with `container_concurrency`
+//! above 1) while an idle check is polled every `idle_check.period`:
+//! `interrupt_on_disconnect` is sent first where configured. Queued requests
+//! go to other pods meanwhile. A pod still busy after `idle_check.timeout` is
+//! logged as failed and stays out until it is idle (or is removed).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+
+use crate::config::IdleCheck;
+use crate::slot::Slot;
+
+/// How one service checks that a pod is idle.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub check: IdleCheck,
+    /// POSTed to the pod before polling (e.g. `/sdapi/v1/interrupt`).
+    pub interrupt: Option<String>,
+}
+
+/// Each idle-check request may take this long.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Keeps `slot` until its pod is idle (see the module docs); without a
+/// policy (`idle_check: null`) the slot is freed at once.
+pub fn hold(slot: Slot, why: &'static str) {
+    let gate = slot.gate().clone();
+    let Some(policy) = gate.quarantine_policy() else { return };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    let (endpoint, addr) = (slot.endpoint(), slot.addr());
+    gate.quarantine(endpoint, true);
+    gate.metrics().quarantined();
+    tracing::warn!(pod = %addr, why, "pod may still be working: quarantined until an idle check passes");
+    runtime.spawn(async move {
+        let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        if let Some(path) = &policy.interrupt {
+            send(&client, addr, http::Method::POST, path).await;
+        }
+        let started = Instant::now();
+        let mut failed = false;
+        loop {
+            if gate.inspect(|g| g.endpoint(endpoint).is_none()) {
+                break;
+            }
+            if is_idle(&client, addr, &policy.check.path).await {
+                tracing::info!(pod = %addr, after = ?started.elapsed(), "pod idle again: back in rotation");
+                break;
+            }
+            if !failed && started.elapsed() >= policy.check.timeout {
+                failed = true;
+                tracing::error!(pod = %addr, timeout = ?policy.check.timeout, "pod still busy: failed, kept out of rotation until idle");
+            }
+            tokio::time::sleep(policy.check.period).await;
+        }
+        gate.quarantine(endpoint, false);
+        drop(slot);
+    });
+}
+
+/// What a call to the pod got: an answer, a refused connection (nothing
+/// listens: the process and its job are gone), or nothing (hung, or busy
+/// past the check's timeout).
+enum Reply {
+    Answer(StatusCode, Bytes),
+    Refused,
+    Nothing,
+}
+
+async fn send(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    addr: SocketAddr,
+    method: http::Method,
+    path: &str,
+) -> Reply {
+    let Ok(request) = Request::builder().method(method).uri(format!("http://{addr}{path}")).body(Empty::new()) else {
+        return Reply::Nothing;
+    };
+    let attempt = async {
+        match client.request(request).await {
+            Ok(response) => {
+                let status = response.status();
+                match Limited::new(response.into_body(), 64 * 1024).collect().await {
+                    Ok(body) => Reply::Answer(status, body.to_bytes()),
+                    Err(_) => Reply::Nothing,
+                }
+            }
+            Err(error) if error.is_connect() => Reply::Refused,
+            Err(_) => Reply::Nothing,
+        }
+    };
+    tokio::time::timeout(CHECK_TIMEOUT, attempt).await.unwrap_or(Reply::Nothing)
+}
+
+/// Idle: 2xx (with the WebUI's progress JSON, `state.job_count` 0), 404 (no
+/// such API), or nothing listening (the job died with its process).
+async fn is_idle(client: &Client<HttpConnector, Empty<Bytes>>, addr: SocketAddr, path: &str) -> bool {
+    match send(client, addr, http::Method::GET, path).await {
+        Reply::Answer(StatusCode::NOT_FOUND, _) | Reply::Refused => true,
+        Reply::Answer(status, body) => status.is_success() && jobs_running(&body) == 0,
+        Reply::Nothing => false,
+    }
+}
+
+/// `state.job_count` of a WebUI progress answer (0 when there is none).
+fn jobs_running(body: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/state/job_count").and_then(serde_json::Value::as_u64))
+        .unwrap_or(0)
+}
+
+impl Policy {
+    pub fn of(service: &crate::config::ServiceConfig) -> Option<Arc<Self>> {
+        let check = service.idle_check.clone()?;
+        Some(Arc::new(Self { check, interrupt: service.interrupt_on_disconnect.clone() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_webui_progress_says_whether_a_job_runs() {
+        assert_eq!(jobs_running(br#"{"progress":0.5,"state":{"job_count":1}}"#), 1);
+        assert_eq!(jobs_running(br#"{"progress":0,"state":{"job_count":0}}"#), 0);
+        assert_eq!(jobs_running(b"ok"), 0);
+    }
+}

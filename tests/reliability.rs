@@ -1,0 +1,118 @@
+//! Reliability: a pod never runs two generations, even when sdgate gives up
+//! on an exchange while the pod (like the real WebUI) keeps generating.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use sdgate::sim::SimStats;
+
+/// One worker that keeps generating after its client left; a
+/// request_timeout shorter than a generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_generation_keeps_its_pod_until_the_pod_is_idle() {
+    let workers = sims(1, fast_sim(20)).await;
+    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, "    request_timeout: 150ms\n").await;
+    gateway.wait_for(|g| g.ready_count() == 1, "pod ready").await;
+    let client = client();
+    // 20 steps of 20 ms: the pod works 400 ms, sdgate gives up after 150 ms.
+    let first = send(&client, txt2img(gateway.addr, "too long", 20)).await;
+    first.assert_json_error(504);
+    // The next requests must wait for the pod to finish, not land on it now.
+    let later: Vec<_> = (0..3)
+        .map(|i| {
+            let (client, addr) = (client.clone(), gateway.addr);
+            tokio::spawn(async move { send(&client, txt2img(addr, &format!("after {i}"), 2)).await.status })
+        })
+        .collect();
+    for task in later {
+        assert_eq!(task.await.unwrap().as_u16(), 200);
+    }
+    let stats = workers[0].stats();
+    assert_eq!(stats.served, 4, "the abandoned job ran to its end, then the three others");
+    assert_no_overlap(&[stats]);
+    assert_eq!(metric(gateway.admin, "sdgate_quarantined_total{service=\"sd\"}").await, Some(1.0));
+    assert_eq!(metric(gateway.admin, "sdgate_upstream_errors_total{kind=\"timeout\",service=\"sd\"}").await, Some(1.0));
+    gateway.wait_for(|g| g.inflight() == 0 && g.ready_count() == 1, "pod back in rotation").await;
+}
+
+/// A pod frozen (SIGSTOP) past request_timeout, then resumed: it finishes
+/// the job sdgate gave up on before it gets another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_frozen_past_the_timeout_gets_nothing_until_it_has_finished() {
+    let port = free_port().await;
+    let mut worker = tokio::process::Command::new(sdgate_bin())
+        .args(["sim", "--port", &port.to_string(), "--step-time", "20ms"])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = worker.id().unwrap().to_string();
+    let worker_addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let gateway = TestGateway::in_front_of(&[worker_addr], 1, "    request_timeout: 300ms\n").await;
+    gateway.wait_for(|g| g.ready_count() == 1, "pod ready").await;
+    let client = client();
+    let frozen = {
+        let (client, addr) = (client.clone(), gateway.addr);
+        tokio::spawn(async move { send(&client, txt2img(addr, "frozen", 10)).await })
+    };
+    eventually("generation running", || {
+        let client = client.clone();
+        async move { send(&client, get(worker_addr, "/sim/stats")).await.json()["inflight"] == 1 }
+    })
+    .await;
+    signal(&pid, "STOP");
+    frozen.await.unwrap().assert_json_error(504);
+    let later: Vec<_> = (0..3)
+        .map(|i| {
+            let (client, addr) = (client.clone(), gateway.addr);
+            tokio::spawn(async move { send(&client, txt2img(addr, &format!("after {i}"), 2)).await.status })
+        })
+        .collect();
+    // Frozen past several idle checks: nothing may be sent to it.
+    gateway.wait_for(|g| g.queue_depth() == 3, "the later requests wait").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gateway.queue_depth(), 3, "no request dispatched to the frozen pod");
+    signal(&pid, "CONT");
+    for task in later {
+        assert_eq!(task.await.unwrap().as_u16(), 200);
+    }
+    let stats: SimStats = serde_json::from_value(send(&client, get(worker_addr, "/sim/stats")).await.json()).unwrap();
+    assert_eq!(stats.served, 4);
+    assert_no_overlap(&[stats]);
+    let _ = worker.start_kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_requests_in_flight_kills_nothing() {
+    let workers = sims(2, fast_sim(20)).await;
+    let addrs: Vec<_> = workers.iter().map(|w| w.addr).collect();
+    let gateway = GatewayProcess::start(&config_yaml(&addrs, 1, "")).await;
+    let client = client();
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let (client, addr) = (client.clone(), gateway.addr);
+            tokio::spawn(async move { send(&client, txt2img(addr, &format!("hup {i}"), 10)).await.status })
+        })
+        .collect();
+    eventually("generations running", || {
+        let busy = workers.iter().any(|w| w.stats().inflight > 0);
+        async move { busy }
+    })
+    .await;
+    gateway.signal("HUP");
+    for task in tasks {
+        assert_eq!(task.await.unwrap().as_u16(), 200);
+    }
+    let answer = send(&client, txt2img(gateway.addr, "after hup", 1)).await;
+    assert_eq!(answer.status.as_u16(), 200, "still serving");
+    let mut gateway = gateway;
+    assert!(gateway.child.try_wait().unwrap().is_none(), "sdgate still runs");
+}
+
+fn signal(pid: &str, name: &str) {
+    let status = std::process::Command::new("kill").arg(format!("-{name}")).arg(pid).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{name} {pid} failed");
+}
