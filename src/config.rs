@@ -53,6 +53,18 @@ pub struct Limits {
     /// Larger request bodies are answered 413; omit for no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
+    /// Request bodies up to this size are read in full before the request
+    /// takes a pod (a slow upload holds no pod); larger ones stream.
+    #[serde(default = "default_buffer_body_bytes")]
+    pub buffer_body_bytes: usize,
+    /// A request body must arrive within this (408 otherwise).
+    #[serde(default = "default_body_read_timeout", with = "duration")]
+    pub body_read_timeout: Duration,
+    /// Pod answers up to this size are read in full before the client gets
+    /// them, so the pod is free when it has answered, not when a slow client
+    /// has read; larger ones, server-sent events and websockets stream.
+    #[serde(default = "default_buffer_response_bytes")]
+    pub buffer_response_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -373,6 +385,9 @@ impl Default for Limits {
             header_read_timeout: default_header_read_timeout(),
             max_header_bytes: default_max_header_bytes(),
             max_body_bytes: None,
+            buffer_body_bytes: default_buffer_body_bytes(),
+            body_read_timeout: default_body_read_timeout(),
+            buffer_response_bytes: default_buffer_response_bytes(),
         }
     }
 }
@@ -410,6 +425,15 @@ fn default_header_read_timeout() -> Duration {
 }
 fn default_max_header_bytes() -> usize {
     64 * 1024
+}
+fn default_buffer_body_bytes() -> usize {
+    16 << 20
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_buffer_response_bytes() -> usize {
+    64 << 20
 }
 fn default_cc() -> u32 {
     1

@@ -22,6 +22,10 @@ pub enum ProxyError {
     BodyTooLarge(u64),
     #[error("request body larger than the configured limit")]
     BodyOverLimit,
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(Duration),
+    #[error("cannot read the request body: {0}")]
+    BadBody(String),
     #[error("queue full ({0} requests waiting)")]
     QueueFull(usize),
     #[error("no pod became free within the queue timeout of {}{}", humantime::format_duration(*timeout), cause.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
@@ -41,7 +45,8 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::MissingHost => StatusCode::BAD_REQUEST,
+            ProxyError::MissingHost | ProxyError::BadBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge(_) | ProxyError::BodyOverLimit => StatusCode::PAYLOAD_TOO_LARGE,

@@ -28,7 +28,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::body::{BoxError, ResponseBody};
+use crate::body::{BoxError, Buffered, ResponseBody};
 use crate::error::ProxyError;
 use crate::slot::Slot;
 
@@ -80,12 +80,11 @@ impl Forwarder {
         &self,
         slot: Slot,
         request: Request<ReplayableBody>,
-        request_timeout: Duration,
+        limits: ExchangeLimits,
         upgrade: Option<OnUpgrade>,
         on_abandon: Option<Abandon>,
     ) -> Result<Response<ResponseBody>, ExchangeError> {
-        let mut exchange =
-            FinishOnDrop::new(run_exchange(self.client.clone(), slot, request, request_timeout, upgrade));
+        let mut exchange = FinishOnDrop::new(run_exchange(self.client.clone(), slot, request, limits, upgrade));
         exchange.on_abandon = on_abandon;
         exchange.await
     }
@@ -119,6 +118,17 @@ impl Forwarder {
             });
         })
     }
+}
+
+/// How long a pod may take, and how much of its answer sdgate reads before
+/// passing it on.
+#[derive(Clone, Copy, Debug)]
+pub struct ExchangeLimits {
+    /// Until the answer starts; then again to read a buffered answer.
+    pub request_timeout: Duration,
+    /// Answers up to this size are read in full before the client gets
+    /// them, so the slot is freed when the pod is done, not the client.
+    pub buffer_response_bytes: usize,
 }
 
 /// Called when a client leaves before its pod has answered.
@@ -180,9 +190,10 @@ async fn run_exchange(
     client: Client<HttpConnector, ReplayableBody>,
     slot: Slot,
     request: Request<ReplayableBody>,
-    request_timeout: Duration,
+    limits: ExchangeLimits,
     upgrade: Option<OnUpgrade>,
 ) -> Result<Response<ResponseBody>, ExchangeError> {
+    let request_timeout = limits.request_timeout;
     let addr = slot.addr();
     let body = request.body().clone();
     let sent = tokio::time::timeout(request_timeout, client.request(request)).await;
@@ -217,7 +228,41 @@ async fn run_exchange(
             return Ok(tunnel(slot, response, client_side));
         }
     }
-    Ok(response.map(|body| SlotBody::new(body, slot, request_timeout).boxed_unsync()))
+    if is_event_stream(response.headers()) {
+        return Ok(response.map(|body| SlotBody::new(body, slot, request_timeout).boxed_unsync()));
+    }
+    let (parts, body) = response.into_parts();
+    let read = tokio::time::timeout(request_timeout, crate::body::buffer(body, limits.buffer_response_bytes)).await;
+    let body = match read {
+        Ok(Ok(Buffered::Complete(bytes))) => {
+            // The pod has answered in full: its slot is free before the
+            // client has read a byte.
+            drop(slot);
+            crate::body::full(bytes)
+        }
+        Ok(Ok(Buffered::Partial(head, rest))) => crate::body::chain(head, SlotBody::new(rest, slot, request_timeout)),
+        Ok(Err(error)) => {
+            slot.gate().metrics().upstream_error("reset");
+            crate::quarantine::hold(slot, "answer broken off");
+            return Err(ExchangeError::Failed(ProxyError::Upstream {
+                addr: addr.to_string(),
+                reason: format!("answer broken off: {}", error_chain(&error)),
+            }));
+        }
+        Err(_) => {
+            crate::quarantine::hold(slot, "answer not finished within request_timeout");
+            return Err(ExchangeError::Failed(ProxyError::UpstreamTimeout {
+                addr: addr.to_string(),
+                timeout: request_timeout,
+            }));
+        }
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Server-sent events stream as they come (never buffered).
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 fn upstream_failure(addr: SocketAddr, error: &hyper_util::client::legacy::Error) -> ProxyError {

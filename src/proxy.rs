@@ -10,10 +10,10 @@ use hyper::body::Incoming;
 use tokio::time::Instant as TokioInstant;
 
 use crate::affinity::{Affinity, Presented, SessionId, Signer};
-use crate::body::ResponseBody;
+use crate::body::{Buffered, ResponseBody};
 use crate::config::{AffinityMode, Config, Limits, ServiceConfig};
 use crate::error::ProxyError;
-use crate::forward::{self, ExchangeError, Forwarder, Peer, ReplayableBody};
+use crate::forward::{self, ExchangeError, Forwarder, Peer, ReplayableBody, RequestBody};
 use crate::gate::{EndpointId, Pin};
 use crate::metrics::Metrics;
 use crate::router::{self, Router};
@@ -205,11 +205,7 @@ impl Proxy {
         }
         let pinned = session.as_ref().and_then(|s| s.pinned);
         let pin = pinned.map(|endpoint| Pin { endpoint, strict: self.strict(service) });
-        let body = match self.limits.max_body_bytes {
-            _ if http_body::Body::is_end_stream(&body) => ReplayableBody::empty(),
-            Some(max) => ReplayableBody::new(Limited::new(body, max as usize).boxed_unsync()),
-            None => ReplayableBody::new(body.map_err(Into::into).boxed_unsync()),
-        };
+        let body = self.read_body(body).await?;
         let gate = &service.gate;
         let ticket = gate.arrive();
         let arrived = TokioInstant::now();
@@ -255,7 +251,7 @@ impl Proxy {
             };
             let outcome = self
                 .forwarder()
-                .exchange(slot, upstream, service.config.request_timeout, upgrade.take(), on_abandon)
+                .exchange(slot, upstream, self.exchange_limits(service), upgrade.take(), on_abandon)
                 .await;
             trace.upstream = Some(sent.elapsed());
             match outcome {
@@ -284,6 +280,36 @@ impl Proxy {
                 }
                 Err(ExchangeError::Failed(error)) => return Err(error),
             }
+        }
+    }
+
+    /// The request body, read in full before the request takes a pod when it
+    /// is small enough (`limits.buffer_body_bytes`), within
+    /// `limits.body_read_timeout`; a larger one streams the rest. A broken
+    /// body is the client's fault (400), never the pod's.
+    async fn read_body(&self, body: Incoming) -> Result<ReplayableBody, ProxyError> {
+        if http_body::Body::is_end_stream(&body) {
+            return Ok(ReplayableBody::empty());
+        }
+        let limited: RequestBody = match self.limits.max_body_bytes {
+            Some(max) => Limited::new(body, max as usize).boxed_unsync(),
+            None => body.map_err(Into::into).boxed_unsync(),
+        };
+        let timeout = self.limits.body_read_timeout;
+        let read = tokio::time::timeout(timeout, crate::body::buffer(limited, self.limits.buffer_body_bytes)).await;
+        match read {
+            Err(_) => Err(ProxyError::BodyTimeout(timeout)),
+            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyOverLimit),
+            Ok(Err(error)) => Err(ProxyError::BadBody(error.to_string())),
+            Ok(Ok(Buffered::Complete(bytes))) => Ok(ReplayableBody::new(crate::body::full(bytes))),
+            Ok(Ok(Buffered::Partial(head, rest))) => Ok(ReplayableBody::new(crate::body::chain(head, rest))),
+        }
+    }
+
+    fn exchange_limits(&self, service: &Service) -> forward::ExchangeLimits {
+        forward::ExchangeLimits {
+            request_timeout: service.config.request_timeout,
+            buffer_response_bytes: self.limits.buffer_response_bytes,
         }
     }
 

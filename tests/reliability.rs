@@ -116,3 +116,85 @@ fn signal(pid: &str, name: &str) {
     let status = std::process::Command::new("kill").arg(format!("-{name}")).arg(pid).status();
     assert!(status.is_ok_and(|s| s.success()), "kill -{name} {pid} failed");
 }
+
+/// Raw HTTP/1.1 POST head for a txt2img whose body the caller sends itself.
+fn post_head(length: usize) -> String {
+    format!(
+        "POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+}
+
+/// Three clients trickling their uploads and three that never read their
+/// large answers hold no pod: a normal request on three pods is served while
+/// all six are still stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_uploads_and_slow_readers_hold_no_pod() {
+    use tokio::io::AsyncWriteExt;
+    let options = sdgate::sim::SimOptions { image_bytes: 8 << 20, ..fast_sim(5) };
+    let workers = sims(3, options).await;
+    let addrs: Vec<_> = workers.iter().map(|w| w.addr).collect();
+    let gateway = TestGateway::in_front_of(&addrs, 1, "").await;
+    gateway.wait_for(|g| g.ready_count() == 3, "pods ready").await;
+    // Slow uploads: the head and one byte of a 100-byte body.
+    let mut uploads = Vec::new();
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+        stream.write_all(post_head(100).as_bytes()).await.unwrap();
+        stream.write_all(b"{").await.unwrap();
+        uploads.push(stream);
+    }
+    // Slow readers: ask for an 8 MiB answer and never read it.
+    let mut readers = Vec::new();
+    for i in 0..3 {
+        readers.push(raw_request(gateway.addr, &format!("slow reader {i}"), 1).await);
+    }
+    eventually("the three large answers generated", || {
+        let served: u64 = workers.iter().map(|w| w.stats().served).sum();
+        async move { served == 3 }
+    })
+    .await;
+    gateway.wait_for(|g| g.inflight() == 0, "no slot held by a slow client").await;
+    let answer = send(&client(), txt2img(gateway.addr, "normal", 2)).await;
+    assert_eq!(answer.status.as_u16(), 200);
+    assert_eq!(gateway.queue_depth(), 0, "the slow uploads never queued for a pod");
+    assert_no_overlap(&workers.iter().map(|w| w.stats()).collect::<Vec<_>>());
+    drop((uploads, readers));
+}
+
+/// A body that does not arrive in time is the client's fault: 408, and no
+/// pod is counted as failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_too_slow_is_408_and_a_broken_one_400_never_the_pods_fault() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let workers = sims(1, fast_sim(5)).await;
+    let yaml = format!("limits: {{ body_read_timeout: 300ms }}\n{}", config_yaml(&[workers[0].addr], 1, ""));
+    let gateway = TestGateway::start(&yaml).await;
+    gateway.wait_for(|g| g.ready_count() == 1, "pod ready").await;
+    let answer_of = |mut stream: tokio::net::TcpStream| async move {
+        let mut text = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut text)).await;
+        String::from_utf8_lossy(&text).to_string()
+    };
+    let mut slow = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    slow.write_all(post_head(50).as_bytes()).await.unwrap();
+    slow.write_all(b"{\"prompt\":").await.unwrap();
+    let text = answer_of(slow).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"error\""), "a JSON body: {text}");
+
+    let mut broken = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let head = format!(
+        "POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    broken.write_all(head.as_bytes()).await.unwrap();
+    broken.write_all(b"5\r\n{\"a\":\r\nZZ-not-a-chunk-size\r\n").await.unwrap();
+    let text = answer_of(broken).await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("\"error\""), "a JSON body: {text}");
+
+    assert_eq!(workers[0].stats().served, 0, "neither reached the pod");
+    for kind in sdgate::metrics::UPSTREAM_ERROR_KINDS {
+        let series = format!("sdgate_upstream_errors_total{{kind=\"{kind}\",service=\"sd\"}}");
+        assert_eq!(metric(gateway.admin, &series).await, Some(0.0), "{series}");
+    }
+}
