@@ -104,6 +104,11 @@ impl TestGateway {
         .await;
     }
 
+    /// The first service's endpoints now.
+    pub fn endpoints(&self) -> Vec<sdgate::gate::Endpoint> {
+        self.proxy.services()[0].gate.inspect(|g| g.endpoints().to_vec())
+    }
+
     pub fn queue_depth(&self) -> usize {
         self.proxy.services()[0].gate.inspect(|g| g.queue_depth())
     }

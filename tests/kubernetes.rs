@@ -1,0 +1,201 @@
+//! sdgate as the ingress of a Kubernetes cluster, against an in-process API
+//! server stand-in (tests/support/kube_api.rs) that the real kube client
+//! talks to, whose pods are sim workers on their own loopback addresses.
+
+mod common;
+#[path = "support/kube_api.rs"]
+mod kube_api;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use kube_api::{ClusterOptions, FakeCluster};
+use sdgate::provider::kubernetes::{DELETION_COST, RBAC};
+
+/// A one-service config whose backend is the cluster's Deployment.
+fn kube_yaml(cluster: &FakeCluster, scale: &str, extra: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ndrain_timeout: 5s\n{extra}services:\n  - name: sd\n    hosts: [\"{HOST}\"]\n    container_concurrency: 1\n    readiness: {{ tcp: true, period: 10ms }}\n    scale: {{ {scale} }}\n    backend: {{ kubernetes: {{ namespace: default, deployment: {}, port: http, kubeconfig: \"{}\" }} }}\n",
+        cluster.deployment_name(),
+        cluster.kubeconfig_path().display()
+    )
+}
+
+const FAST_SCALE: &str = "min: 0, max: 5, stable_window: 3s, panic_window: 1s, scale_to_zero_grace: 1s, tick: 200ms";
+
+fn no_overlap_anywhere(cluster: &FakeCluster) {
+    let stats: Vec<_> = cluster.all_pods().into_iter().filter_map(|p| p.stats).collect();
+    assert!(!stats.is_empty(), "some pod served");
+    assert_no_overlap(&stats);
+}
+
+/// What the code asked of the API is within what the Role grants.
+fn verbs_within_rbac(cluster: &FakeCluster) {
+    let granted: BTreeSet<(String, String)> = RBAC
+        .iter()
+        .flat_map(|(_, resource, verbs)| verbs.iter().map(move |v| (v.to_string(), resource.to_string())))
+        .collect();
+    let used = cluster.verbs();
+    assert!(used.is_subset(&granted), "used {used:?}, granted {granted:?}");
+}
+
+/// 5 clients x 10 requests (the seeds' `hey -n 50 -c 5`).
+async fn seeds_load(addr: std::net::SocketAddr) -> Vec<u16> {
+    let client = client();
+    let tasks: Vec<_> = (0..5)
+        .map(|c| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut codes = Vec::new();
+                for i in 0..10 {
+                    codes.push(send(&client, txt2img(addr, &format!("pretty dog {c}-{i}"), 10)).await.status.as_u16());
+                }
+                codes
+            })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for task in tasks {
+        codes.extend(task.await.unwrap());
+    }
+    codes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_zero_replicas_the_seeds_load_is_all_200_and_the_deployment_goes_back_to_zero() {
+    let cluster = FakeCluster::start(ClusterOptions::default()).await;
+    let gateway = TestGateway::start(&kube_yaml(&cluster, FAST_SCALE, "")).await;
+    cluster.wait_for("sdgate watching pods", Duration::from_secs(10), |c| c.open_watches() >= 2).await;
+    let sent = Instant::now();
+    let codes = seeds_load(gateway.addr).await;
+    assert_eq!(codes, vec![200; 50], "50 x 200");
+    let patched = cluster.first_request_at("patch", "deployments/scale").expect("scaled");
+    assert!(patched >= sent && patched - sent < Duration::from_secs(1), "activation patched at once");
+    assert!(cluster.all_pods().len() >= 2, "the burst scaled past one pod");
+    no_overlap_anywhere(&cluster);
+    cluster.wait_for("replicas back to 0", Duration::from_secs(40), |c| c.replicas() == 0 && c.pods().is_empty()).await;
+    gateway.wait_for(|g| g.endpoints().is_empty(), "every endpoint removed").await;
+    // Scale-down marked the pods it drained before lowering replicas, so
+    // the ReplicaSet deleted exactly those.
+    for pod in cluster.all_pods() {
+        assert_eq!(
+            pod.annotations.get(DELETION_COST).map(String::as_str),
+            Some("-1000"),
+            "{} deleted undrained",
+            pod.name
+        );
+    }
+    verbs_within_rbac(&cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_gets_its_first_request_as_soon_as_its_port_opens_before_the_kubelet_says_ready() {
+    let options = ClusterOptions { kubelet_ready_delay: Duration::from_secs(3), ..ClusterOptions::default() };
+    let cluster = FakeCluster::start(options).await;
+    let gateway = TestGateway::start(&kube_yaml(&cluster, FAST_SCALE, "")).await;
+    cluster.wait_for("sdgate watching pods", Duration::from_secs(10), |c| c.open_watches() >= 2).await;
+    let answer = send(&client(), txt2img(gateway.addr, "first", 1)).await;
+    assert_eq!(answer.status.as_u16(), 200);
+    let answered = Instant::now();
+    let pod = cluster.pods().into_iter().next().expect("a pod");
+    assert!(pod.ready_at.is_none_or(|ready| ready > answered), "served before the kubelet's Ready");
+    let open = pod.port_open_us.expect("port opened");
+    let job = &pod.stats.expect("stats").jobs[0];
+    let after_open = Duration::from_micros(job.arrived_us.saturating_sub(open));
+    assert!(after_open < Duration::from_secs(1), "first request {after_open:?} after the port opened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_deleted_with_requests_in_flight_loses_none_and_queued_ones_go_elsewhere() {
+    let cluster = FakeCluster::start(ClusterOptions::default()).await;
+    let scale = "min: 2, max: 3, stable_window: 60s, panic_window: 6s, tick: 200ms";
+    let gateway = TestGateway::start(&kube_yaml(&cluster, scale, "")).await;
+    gateway.wait_for(|g| g.ready_count() == 2, "two pods ready").await;
+    let client = client();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let (client, addr) = (client.clone(), gateway.addr);
+            tokio::spawn(async move { send(&client, txt2img(addr, &format!("job {i}"), 30)).await })
+        })
+        .collect();
+    gateway.wait_for(|g| g.inflight() == 2 && g.queue_depth() == 6, "both pods busy, six queued").await;
+    let victim = cluster.pods()[0].name.clone();
+    assert!(cluster.delete_pod(&victim));
+    let mut ok = 0;
+    for task in tasks {
+        let answer = task.await.unwrap();
+        match answer.status.as_u16() {
+            200 => ok += 1,
+            502 => answer.assert_json_error(502),
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(ok >= 7, "only the deleted pod's own request may fail ({ok} of 8 ok)");
+    no_overlap_anywhere(&cluster);
+    let victim_served =
+        cluster.all_pods().into_iter().find(|p| p.name == victim).and_then(|p| p.stats).map(|s| s.served);
+    assert!(victim_served.unwrap_or(0) <= 1, "nothing new was sent to the terminating pod");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_expired_with_410_relists_without_duplicate_or_lost_endpoints() {
+    let cluster = FakeCluster::start(ClusterOptions::default()).await;
+    let scale = "min: 2, max: 3, stable_window: 60s, panic_window: 6s, tick: 200ms";
+    let gateway = TestGateway::start(&kube_yaml(&cluster, scale, "")).await;
+    gateway.wait_for(|g| g.ready_count() == 2, "two pods ready").await;
+    let lists = cluster.requests_of("list", "pods").len();
+    cluster.expire_watches();
+    cluster.wait_for("a re-list", Duration::from_secs(10), |c| c.requests_of("list", "pods").len() > lists).await;
+    // A pod born during the outage is found by the re-list too.
+    cluster.set_replicas(3);
+    gateway.wait_for(|g| g.ready_count() == 3, "three pods").await;
+    let addrs: BTreeSet<_> = gateway.endpoints().iter().map(|e| e.addr).collect();
+    let pods: BTreeSet<_> = cluster.pods().iter().filter_map(|p| p.addr).collect();
+    assert_eq!(gateway.endpoints().len(), 3, "no duplicate endpoint");
+    assert_eq!(addrs, pods, "one endpoint per pod");
+    assert_eq!(send(&client(), txt2img(gateway.addr, "after 410", 1)).await.status.as_u16(), 200);
+}
+
+/// Two sdgate processes, one Lease: only the holder serves; kill it and the
+/// other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_one_lease_the_standby_takes_over_when_the_holder_is_killed() {
+    let cluster = FakeCluster::start(ClusterOptions::default()).await;
+    let scale = "min: 1, max: 3, stable_window: 60s, panic_window: 6s, tick: 200ms";
+    let election = |name: &str| {
+        format!(
+            "leader_election: {{ lease: sdgate, identity: {name}, lease_duration: 2s, renew_period: 500ms, kubeconfig: \"{}\" }}\n",
+            cluster.kubeconfig_path().display()
+        )
+    };
+    let a = GatewayProcess::start(&kube_yaml(&cluster, scale, &election("a"))).await;
+    let b = GatewayProcess::start(&kube_yaml(&cluster, scale, &election("b"))).await;
+    let client = client();
+    let ready = |admin| {
+        let client = client.clone();
+        async move { send(&client, get(admin, "/readyz")).await.status.as_u16() == 200 }
+    };
+    eventually("one replica active", || {
+        let (ra, rb) = (ready(a.admin), ready(b.admin));
+        async move { ra.await ^ rb.await }
+    })
+    .await;
+    let (mut leader, standby) = if ready(a.admin).await { (a, b) } else { (b, a) };
+    assert_eq!(send(&client, txt2img(leader.addr, "to the leader", 2)).await.status.as_u16(), 200);
+    send(&client, txt2img(standby.addr, "to the standby", 2)).await.assert_json_error(503);
+    let holder = cluster.lease("sdgate").and_then(|l| l.spec).and_then(|s| s.holder_identity);
+    assert!(holder.is_some(), "the lease is held");
+
+    leader.child.start_kill().unwrap();
+    let killed = Instant::now();
+    let _ = leader.child.wait().await;
+    eventually_within(Duration::from_secs(15), "the standby active", || ready(standby.admin)).await;
+    let takeover = killed.elapsed();
+    // lease_duration + 2 x renew_period, plus the probe of the pods.
+    assert!(takeover < Duration::from_secs(6), "takeover took {takeover:?}");
+    let codes = seeds_load(standby.addr).await;
+    assert_eq!(codes, vec![200; 50]);
+    no_overlap_anywhere(&cluster);
+    verbs_within_rbac(&cluster);
+}
