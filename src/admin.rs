@@ -16,15 +16,51 @@ use tokio::net::TcpListener;
 
 use crate::body::{self, ResponseBody};
 use crate::proxy::Proxy;
+use crate::server::{out_of_descriptors, AcceptErrors};
 use crate::status::Status;
 
 /// The dashboard: one self-contained page (no CDN) that polls `/status`.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
+/// Serves the admin listener until the task is aborted.
+///
+/// It keeps answering when the process runs out of descriptors: client
+/// connections are capped below the limit (see `server`), and this loop
+/// holds a reserve descriptor (`/dev/null`) that it gives up to accept an
+/// admin connection when an accept fails for want of one; it takes the
+/// reserve back once a descriptor is free again. Other failed accepts
+/// pause 50 ms and are logged at most once a second.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<AtomicBool>) {
     let started = Instant::now();
+    let mut reserve = std::fs::File::open("/dev/null").ok();
+    let mut errors = AcceptErrors::new("admin");
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        if reserve.is_none() {
+            reserve = std::fs::File::open("/dev/null").ok();
+        }
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                let pause = errors.failed(&error);
+                if out_of_descriptors(&error) && reserve.take().is_some() {
+                    // The reserve's descriptor is free now: take the waiting connection with it.
+                    match listener.accept().await {
+                        Ok((stream, _)) => stream,
+                        Err(error) => {
+                            if let Some(pause) = errors.failed(&error) {
+                                tokio::time::sleep(pause).await;
+                            }
+                            continue;
+                        }
+                    }
+                } else {
+                    if let Some(pause) = pause {
+                        tokio::time::sleep(pause).await;
+                    }
+                    continue;
+                }
+            }
+        };
         let proxy = proxy.clone();
         let draining = draining.clone();
         tokio::spawn(async move {

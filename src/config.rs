@@ -47,6 +47,10 @@ pub struct Limits {
     /// A client must send its full request head within this time (slowloris).
     #[serde(default = "default_header_read_timeout", with = "duration")]
     pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in progress is closed after
+    /// this long (HTTP/1 and HTTP/2).
+    #[serde(default = "default_idle_timeout", with = "duration")]
+    pub idle_timeout: Duration,
     /// Larger request heads are answered 431.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
@@ -383,6 +387,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
             max_header_bytes: default_max_header_bytes(),
             max_body_bytes: None,
             buffer_body_bytes: default_buffer_body_bytes(),
@@ -422,6 +427,9 @@ fn default_drain() -> Duration {
 }
 fn default_header_read_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_max_header_bytes() -> usize {
     64 * 1024
@@ -537,6 +545,12 @@ impl Config {
         }
         if self.limits.max_header_bytes < 1024 {
             bail!("limits.max_header_bytes: must be at least 1024");
+        }
+        if self.limits.header_read_timeout.is_zero() {
+            bail!("limits.header_read_timeout: must be more than 0s");
+        }
+        if self.limits.idle_timeout.is_zero() {
+            bail!("limits.idle_timeout: must be more than 0s");
         }
         if let Some(election) = &self.leader_election {
             election.validate()?;

@@ -1,8 +1,10 @@
 //! Host -> service.
 //!
 //! The host comes from the `Host` header (HTTP/1.1) or the URI authority
-//! (HTTP/2 `:authority`, absolute-form HTTP/1 requests); its port is ignored
-//! and it is compared without regard to case. `"*"` names the default service.
+//! (HTTP/2 `:authority`, absolute-form HTTP/1 requests); its port and a
+//! trailing dot are ignored and it is compared without regard to case. `"*"`
+//! names the default service. [`normalize_host`] runs first: it refuses two
+//! Host headers and makes Host agree with an absolute-form target.
 
 use std::collections::HashMap;
 
@@ -40,6 +42,8 @@ impl Router {
 
     pub fn route_host(&self, host: &str) -> Result<usize, ProxyError> {
         let name = strip_port(host);
+        // `example.com.` (fully qualified) names the same host as `example.com`.
+        let name = name.strip_suffix('.').unwrap_or(name);
         let found = if name.bytes().any(|b| b.is_ascii_uppercase()) {
             self.by_host.get(&name.to_ascii_lowercase())
         } else {
@@ -49,11 +53,42 @@ impl Router {
     }
 }
 
+/// Makes a request's host unambiguous before it is routed (RFC 9112 3.2):
+/// more than one Host header is refused (the caller answers 400 with the
+/// message); a request target with an authority (absolute-form HTTP/1, or
+/// HTTP/2 `:authority`) wins over Host, and a Host header that says
+/// otherwise is replaced by it, so the pod sees the host the request was
+/// routed by (RFC 9112 3.2.2).
+pub fn normalize_host<B>(request: &mut Request<B>) -> Result<(), &'static str> {
+    let mut hosts = request.headers().get_all(http::header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err("request has more than one Host header");
+    }
+    let Some(authority) = request.uri().authority() else { return Ok(()) };
+    let host = host_of(authority);
+    match request.headers().get(http::header::HOST) {
+        // No Host (HTTP/2): the pod gets one made from the authority.
+        None => Ok(()),
+        Some(value) if value.as_bytes() == host.as_bytes() => Ok(()),
+        Some(_) => {
+            let value = http::HeaderValue::from_str(host).map_err(|_| "request target has an invalid host")?;
+            request.headers_mut().insert(http::header::HOST, value);
+            Ok(())
+        }
+    }
+}
+
+/// An authority without its `user@` part: what a Host header would say.
+fn host_of(authority: &http::uri::Authority) -> &str {
+    let text = authority.as_str();
+    text.rsplit_once('@').map_or(text, |(_, host)| host)
+}
+
 /// The host a request names: the URI authority if present (HTTP/2), else the
 /// Host header.
 pub fn request_host<B>(request: &Request<B>) -> Option<&str> {
     if let Some(authority) = request.uri().authority() {
-        return Some(authority.as_str());
+        return Some(host_of(authority));
     }
     request.headers().get(http::header::HOST)?.to_str().ok()
 }
@@ -62,7 +97,12 @@ pub fn request_host<B>(request: &Request<B>) -> Option<&str> {
 /// header itself when there is one: no copy).
 pub fn request_host_value<B>(request: &Request<B>) -> Option<http::HeaderValue> {
     if let Some(authority) = request.uri().authority() {
-        return http::HeaderValue::from_str(authority.as_str()).ok();
+        let host = host_of(authority);
+        // After `normalize_host`, the Host header already says it: no copy.
+        if let Some(value) = request.headers().get(http::header::HOST).filter(|v| v.as_bytes() == host.as_bytes()) {
+            return Some(value.clone());
+        }
+        return http::HeaderValue::from_str(host).ok();
     }
     request.headers().get(http::header::HOST).cloned()
 }
@@ -118,6 +158,40 @@ mod tests {
     fn missing_host_is_400() {
         let err = router().route(&Request::new(())).unwrap_err();
         assert_eq!(err.status(), http::StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn a_trailing_dot_is_ignored() {
+        let router = router();
+        assert_eq!(router.route(&with_host("stable-diffusion.default.example.com.")).unwrap(), 0);
+        assert_eq!(router.route(&with_host("Stable-Diffusion.default.example.com.:8080")).unwrap(), 0);
+        let sd = vec!["sd.example.com".to_string()];
+        let err = Router::new([sd.as_slice()]).route(&with_host("other.example.com.")).unwrap_err();
+        assert!(matches!(err, ProxyError::UnknownHost(ref h) if h == "other.example.com"), "{err:?}");
+    }
+
+    #[test]
+    fn two_host_headers_are_refused() {
+        let mut request =
+            Request::builder().header("host", "a.example.com").header("host", "a.example.com").body(()).unwrap();
+        assert!(normalize_host(&mut request).is_err());
+    }
+
+    #[test]
+    fn an_absolute_form_target_wins_over_host_and_host_follows_it() {
+        let mut request = Request::builder()
+            .uri("http://user@stable-diffusion.default.example.com:8080/sdapi/v1/txt2img")
+            .header("host", "other.example.com")
+            .body(())
+            .unwrap();
+        normalize_host(&mut request).unwrap();
+        assert_eq!(request.headers()["host"], "stable-diffusion.default.example.com:8080");
+        assert_eq!(router().route(&request).unwrap(), 0);
+        assert_eq!(request_host_value(&request).unwrap(), "stable-diffusion.default.example.com:8080");
+        // Origin-form: Host is left alone.
+        let mut request = with_host("other.example.com");
+        normalize_host(&mut request).unwrap();
+        assert_eq!(request.headers()["host"], "other.example.com");
     }
 
     #[test]

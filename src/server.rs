@@ -4,25 +4,34 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin;
 use crate::autoscale;
-use crate::config::{Config, ScaleMode};
+use crate::body::ResponseBody;
+use crate::config::{Config, Limits, ScaleMode};
 use crate::forward::Peer;
 use crate::leader;
 use crate::metrics::Metrics;
 use crate::provider;
 use crate::proxy::Proxy;
+use crate::router;
 use crate::threads::{self, ServingThreads};
 
 /// A bound, not yet running gateway.
@@ -125,11 +134,21 @@ impl Gateway {
         let admin_task = admin.map(|admin| tokio::spawn(admin::serve(admin, proxy.clone(), draining.clone())));
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // The header and idle timeouts are kept by each connection's watchdog
+        // (see `serve_connection`): hyper's own header timeout does not cover
+        // a connection that never sends a byte (the auto builder waits for
+        // the first bytes before hyper sees the connection), and it would
+        // close an idle keep-alive connection after `header_read_timeout`
+        // rather than `idle_timeout`.
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(config.limits.header_read_timeout)
+            .header_read_timeout(None)
             .max_buf_size(config.limits.max_header_bytes.max(8192) + 16 * 1024);
+        let timeouts = Timeouts::of(&config.limits);
+        let budget = Arc::new(ConnectionBudget::new(max_client_connections()));
+        let mut accept_errors = AcceptErrors::new("listen");
+        let mut at_limit_logged: Option<std::time::Instant> = None;
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         let (active_tx, mut active) = watch::channel(control.is_some());
@@ -155,16 +174,25 @@ impl Gateway {
                     });
                     break;
                 }
-                accepted = listener.accept() => {
+                // At the connection limit: new clients wait in the listen
+                // backlog until one of the open connections closes.
+                _ = budget.freed.notified(), if budget.full() => {}
+                accepted = listener.accept(), if !budget.full() => {
                     let (stream, client) = match accepted {
                         Ok(accepted) => accepted,
                         Err(error) => {
-                            // Out of file descriptors and the like: keep serving.
-                            tracing::warn!(%error, "accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                            // Out of file descriptors and the like: back off, keep serving.
+                            if let Some(pause) = accept_errors.failed(&error) {
+                                tokio::time::sleep(pause).await;
+                            }
                             continue;
                         }
                     };
+                    let slot = budget.take();
+                    if budget.full() && at_limit_logged.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1)) {
+                        at_limit_logged = Some(std::time::Instant::now());
+                        tracing::warn!(limit = budget.max, "client connections at their limit (descriptors kept for pods and the admin listener); new ones wait");
+                    }
                     let _ = stream.set_nodelay(true);
                     // The connection moves to a serving thread's runtime.
                     let stream = match stream.into_std() {
@@ -174,7 +202,8 @@ impl Gateway {
                             continue;
                         }
                     };
-                    threads.next_runtime().spawn(serve_connection(stream, client, proxy.clone(), builder.clone(), graceful.watcher()));
+                    let connection = Connection { stream, client, budget: slot, timeouts };
+                    threads.next_runtime().spawn(serve_connection(connection, proxy.clone(), builder.clone(), graceful.watcher()));
                 }
                 _ = &mut shutdown => break,
             }
@@ -203,27 +232,365 @@ impl Gateway {
     }
 }
 
-/// Serves one client connection, on the serving thread it was handed to.
-async fn serve_connection(
+/// An accepted client connection on its way to a serving thread.
+struct Connection {
     stream: std::net::TcpStream,
     client: SocketAddr,
+    budget: BudgetSlot,
+    timeouts: Timeouts,
+}
+
+/// Serves one client connection, on the serving thread it was handed to,
+/// and closes it when it has been silent too long: no complete request head
+/// within `header_read_timeout` of connecting (or of the first byte of a
+/// later request head, HTTP/1), or no request in progress for
+/// `idle_timeout`.
+async fn serve_connection(
+    connection: Connection,
     proxy: Arc<Proxy>,
     builder: auto::Builder<TokioExecutor>,
     graceful: Watcher,
 ) {
+    let Connection { stream, client, budget, timeouts } = connection;
     let stream = match TcpStream::from_std(stream) {
         Ok(stream) => stream,
         Err(error) => return tracing::warn!(%error, %client, "cannot register the connection"),
     };
+    let activity = Arc::new(Activity::new());
+    let io = Watched { stream, activity: activity.clone(), _budget: budget };
     let peer = Arc::new(Peer::new(client));
-    let service = service_fn(move |request| {
+    let service_activity = activity.clone();
+    let service = service_fn(move |mut request: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
+        let open = Open::start(&service_activity, request.version() == http::Version::HTTP_2);
+        async move {
+            let response = match router::normalize_host(&mut request) {
+                Ok(()) => proxy.handle(request, peer).await,
+                Err(reason) => bad_host(&proxy, &request, reason),
+            };
+            Ok::<_, Infallible>(response.map(|body| Tracked { body, _open: open }))
+        }
     });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    if let Err(error) = graceful.watch(connection.into_owned()).await {
-        tracing::debug!(%error, %client, "connection ended with an error");
+    let connection = graceful.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned());
+    tokio::pin!(connection);
+    let mut wake = match activity.check(timeouts) {
+        Ok(wake) => wake,
+        Err(_) => return,
+    };
+    loop {
+        tokio::select! {
+            biased;
+            ended = &mut connection => {
+                if let Err(error) = ended {
+                    tracing::debug!(%error, %client, "connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(wake) => match activity.check(timeouts) {
+                Ok(next) => wake = next,
+                Err(reason) => {
+                    // Dropping the connection closes the socket.
+                    return tracing::debug!(%client, reason, "closing a silent connection");
+                }
+            },
+        }
     }
+}
+
+/// The answer to a request whose Host is ambiguous (see
+/// [`router::normalize_host`]): 400, JSON like every error sdgate writes.
+fn bad_host(proxy: &Proxy, request: &Request<Incoming>, reason: &'static str) -> Response<ResponseBody> {
+    proxy.metrics().unrouted(400);
+    tracing::info!(method = %request.method(), path = request.uri().path(), status = 400, reason, "unrouted");
+    let payload = serde_json::json!({ "error": reason, "service": null });
+    let mut response = Response::new(crate::body::full(payload.to_string()));
+    *response.status_mut() = http::StatusCode::BAD_REQUEST;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    let id = request.headers().get("x-request-id").cloned().unwrap_or_else(|| {
+        http::HeaderValue::from_str(&format!("{:032x}", fastrand::u128(..)))
+            .unwrap_or(http::HeaderValue::from_static("0"))
+    });
+    response.headers_mut().insert("x-request-id", id);
+    response
+}
+
+/// The connection timeouts of `limits`.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    header_read: Duration,
+    idle: Duration,
+}
+
+impl Timeouts {
+    fn of(limits: &Limits) -> Self {
+        Self { header_read: limits.header_read_timeout, idle: limits.idle_timeout }
+    }
+}
+
+/// No head being read (a `u64` millisecond field's "none").
+const NONE: u64 = u64::MAX;
+
+/// What a connection's watchdog knows of it. Times are milliseconds since
+/// `epoch` (when it was accepted).
+struct Activity {
+    epoch: tokio::time::Instant,
+    /// Requests whose answer has not been sent in full (or given up).
+    open: AtomicUsize,
+    /// A request has arrived on this connection.
+    served: AtomicBool,
+    /// The connection speaks HTTP/2 (its reads are not request heads).
+    http2: AtomicBool,
+    /// When the last request finished.
+    idle_since: AtomicU64,
+    /// HTTP/1, no request open: when the first byte of the next head came.
+    head_since: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: tokio::time::Instant::now(),
+            open: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(NONE),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, millis: u64) -> tokio::time::Instant {
+        self.epoch + Duration::from_millis(millis)
+    }
+
+    /// Bytes came in: with no request open on HTTP/1, a head has begun.
+    fn read(&self) {
+        if self.open.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == NONE
+            && self.served.load(Ordering::Relaxed)
+            && !self.http2.load(Ordering::Relaxed)
+        {
+            self.head_since.store(self.now(), Ordering::Relaxed);
+        }
+    }
+
+    /// When to look again, or why the connection must close now.
+    fn check(&self, timeouts: Timeouts) -> Result<tokio::time::Instant, &'static str> {
+        let now = tokio::time::Instant::now();
+        if self.open.load(Ordering::Acquire) > 0 {
+            // Busy: look again later (its end is not signalled to the watchdog).
+            return Ok(now + timeouts.header_read.min(timeouts.idle));
+        }
+        let (deadline, reason) = if !self.served.load(Ordering::Acquire) {
+            (self.epoch + timeouts.header_read, "no request within header_read_timeout")
+        } else {
+            match self.head_since.load(Ordering::Acquire) {
+                NONE => (self.at(self.idle_since.load(Ordering::Acquire)) + timeouts.idle, "idle_timeout"),
+                since => {
+                    (self.at(since) + timeouts.header_read, "request head not complete within header_read_timeout")
+                }
+            }
+        };
+        if deadline <= now {
+            Err(reason)
+        } else {
+            Ok(deadline)
+        }
+    }
+}
+
+/// A request in progress on its connection, from its head until its answer
+/// has been sent (or the connection gave up on it).
+struct Open {
+    activity: Arc<Activity>,
+}
+
+impl Open {
+    fn start(activity: &Arc<Activity>, http2: bool) -> Self {
+        if http2 {
+            activity.http2.store(true, Ordering::Relaxed);
+        }
+        activity.served.store(true, Ordering::Relaxed);
+        activity.open.fetch_add(1, Ordering::AcqRel);
+        activity.head_since.store(NONE, Ordering::Release);
+        Self { activity: activity.clone() }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.activity.idle_since.store(self.activity.now(), Ordering::Release);
+        self.activity.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An answer's body that keeps its request [`Open`] until it is dropped
+/// (sent in full, or the connection closed).
+struct Tracked {
+    body: ResponseBody,
+    _open: Open,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A client socket that tells its connection's [`Activity`] of reads and
+/// gives its descriptor back to the [`ConnectionBudget`] when closed (also
+/// after an upgrade, which takes the socket out of hyper's connection).
+struct Watched {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+    _budget: BudgetSlot,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// How many client connections may be open at once: the descriptor limit
+/// less those open now (listeners, runtimes, logs) and a reserve (an
+/// eighth of the limit, 32 to 1024) for pod connections, probes, worker
+/// processes and admin connections, so a flood of clients cannot take the
+/// descriptors sdgate needs to serve them and to answer `/healthz`.
+fn max_client_connections() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+        return usize::MAX;
+    }
+    let soft = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
+    let open_now = std::fs::read_dir("/proc/self/fd").map(|dir| dir.count()).unwrap_or(0);
+    soft.saturating_sub(open_now + (soft / 8).clamp(32, 1024)).max(16)
+}
+
+/// Open client connections, against their limit.
+struct ConnectionBudget {
+    open: AtomicUsize,
+    max: usize,
+    /// Told when a connection closes.
+    freed: tokio::sync::Notify,
+}
+
+impl ConnectionBudget {
+    fn new(max: usize) -> Self {
+        Self { open: AtomicUsize::new(0), max, freed: tokio::sync::Notify::new() }
+    }
+
+    fn full(&self) -> bool {
+        self.open.load(Ordering::Acquire) >= self.max
+    }
+
+    fn take(self: &Arc<Self>) -> BudgetSlot {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        BudgetSlot(self.clone())
+    }
+}
+
+/// One open client connection, given back on drop.
+struct BudgetSlot(Arc<ConnectionBudget>);
+
+impl Drop for BudgetSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+/// Failed accepts of one listener: a pause after those that will fail again
+/// at once (out of descriptors or memory), and a log line at most once a
+/// second, counting the failures since the previous one.
+pub(crate) struct AcceptErrors {
+    listener: &'static str,
+    since_logged: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl AcceptErrors {
+    /// How long a listener waits after running out of descriptors.
+    pub(crate) const PAUSE: Duration = Duration::from_millis(50);
+
+    pub(crate) fn new(listener: &'static str) -> Self {
+        Self { listener, since_logged: 0, logged: None }
+    }
+
+    /// Records a failed accept; returns how long to wait before the next.
+    pub(crate) fn failed(&mut self, error: &std::io::Error) -> Option<Duration> {
+        self.since_logged += 1;
+        if self.logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            tracing::warn!(listener = self.listener, %error, errors = self.since_logged, "accept failed (errors counted since the last such line)");
+            self.since_logged = 0;
+            self.logged = Some(std::time::Instant::now());
+        }
+        match error.raw_os_error() {
+            // The failure belongs to that one connection: go on at once.
+            Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EPROTO | libc::EPERM | libc::EINTR) => None,
+            // EMFILE, ENFILE, ENOBUFS, ENOMEM and anything unknown.
+            _ => Some(Self::PAUSE),
+        }
+    }
+}
+
+/// Whether a failed accept ran out of descriptors (the process's or the
+/// system's).
+pub(crate) fn out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// Takes SIGHUP, which would otherwise kill the process with every request

@@ -152,3 +152,101 @@ async fn a_pod_that_does_not_start_its_answer_in_time_is_504() {
     answer.assert_json_error(504);
     gateway.wait_for(|g| g.inflight() == 0, "slot freed after the timeout").await;
 }
+
+/// Writes `raw` on a fresh connection and reads the answer to its end.
+async fn raw_exchange(addr: std::net::SocketAddr, raw: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut reply))
+        .await
+        .expect("answered")
+        .unwrap();
+    String::from_utf8_lossy(&reply).to_string()
+}
+
+fn reply_body(reply: &str) -> serde_json::Value {
+    let body = reply.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {reply}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_host_headers_are_400_json_and_reach_no_pod() {
+    let workers = sims(1, fast_sim(1)).await;
+    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, "").await;
+    for second in [HOST, "elsewhere.example.com"] {
+        let reply = raw_exchange(
+            gateway.addr,
+            &format!("GET /sim/headers HTTP/1.1\r\nhost: {HOST}\r\nhost: {second}\r\nconnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+        assert!(reply.to_ascii_lowercase().contains("content-type: application/json"), "{reply}");
+        assert!(reply.to_ascii_lowercase().contains("x-request-id: "), "{reply}");
+        let json = reply_body(&reply);
+        assert!(json["error"].as_str().unwrap().contains("more than one Host"), "{json}");
+        assert!(json["service"].is_null());
+    }
+    assert_eq!(workers[0].stats().served, 0);
+    assert_eq!(metric(gateway.admin, "sdgate_requests_total{code=\"400\",service=\"\"}").await, Some(2.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_wins_over_host_and_the_pod_sees_its_host() {
+    let workers = sims(1, fast_sim(1)).await;
+    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, "").await;
+    // Host names no service; the target's authority does: routed, and the
+    // pod is told the target's host (RFC 9112 3.2.2).
+    let reply = raw_exchange(
+        gateway.addr,
+        &format!(
+            "GET http://{HOST}:8080/sim/headers HTTP/1.1\r\nhost: elsewhere.example.com\r\nconnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let seen = reply_body(&reply);
+    assert_eq!(seen["host"], format!("{HOST}:8080"), "{seen}");
+    assert_eq!(seen["x-forwarded-host"], format!("{HOST}:8080"), "{seen}");
+    // And the other way round: the target names no service, Host does: 404.
+    let reply = raw_exchange(
+        gateway.addr,
+        &format!("GET http://elsewhere.example.com/sim/headers HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    assert!(reply_body(&reply)["error"].as_str().unwrap().contains("elsewhere.example.com"), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_a_trailing_dot_is_routed_as_without() {
+    let workers = sims(1, fast_sim(1)).await;
+    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, "").await;
+    let request = Request::get(format!("http://{}/sim/headers", gateway.addr))
+        .header("host", format!("{HOST}.:8080"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = send(&client(), request).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    // The pod gets the Host the client sent.
+    assert_eq!(answer.json()["host"], format!("{HOST}.:8080"));
+}
+
+/// Needs `Prober::report_refusals` wired into the fixed provider
+/// (`src/provider/fixed.rs`: `Prober::new(..).report_refusals()`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "until src/provider/fixed.rs calls Prober::report_refusals()"]
+async fn a_fixed_backend_whose_pods_all_refuse_connections_says_so() {
+    let (a, b) = (free_port().await, free_port().await);
+    let backends: Vec<std::net::SocketAddr> =
+        [a, b].iter().map(|port| format!("127.0.0.1:{port}").parse().unwrap()).collect();
+    let gateway = TestGateway::start(&config_yaml(&backends, 1, "    queue: { timeout: 300ms }\n")).await;
+    let answer = send(&client(), txt2img(gateway.addr, "nobody", 1)).await;
+    answer.assert_json_error(504);
+    let error = answer.json()["error"].as_str().unwrap().to_string();
+    let mut sorted = backends.clone();
+    sorted.sort();
+    let expected = format!("no pod accepts connections: {} refused; {} refused", sorted[0], sorted[1]);
+    assert!(error.contains(&expected), "{error}");
+}
