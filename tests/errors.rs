@@ -236,7 +236,6 @@ async fn a_host_with_a_trailing_dot_is_routed_as_without() {
 /// Needs `Prober::report_refusals` wired into the fixed provider
 /// (`src/provider/fixed.rs`: `Prober::new(..).report_refusals()`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "until src/provider/fixed.rs calls Prober::report_refusals()"]
 async fn a_fixed_backend_whose_pods_all_refuse_connections_says_so() {
     let (a, b) = (free_port().await, free_port().await);
     let backends: Vec<std::net::SocketAddr> =

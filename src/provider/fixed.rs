@@ -65,7 +65,7 @@ impl Fixed {
 
 impl Provider for Fixed {
     async fn run(self, mut cx: Context) {
-        let prober = Prober::new(cx.service.readiness.clone());
+        let prober = Prober::new(cx.service.readiness.clone()).report_refusals();
         let mut known: BTreeMap<SocketAddr, Known> = BTreeMap::new();
         let mut tick = tokio::time::interval(RESOLVE_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -78,7 +78,9 @@ impl Provider for Fixed {
                     if !errors.is_empty() {
                         tracing::warn!(service = %cx.service.name, errors = %errors.join("; "), "address lookup failed");
                     }
-                    cx.endpoints.report_error((!errors.is_empty() && !cx.endpoints.any_ready()).then(|| errors.join("; ")));
+                    if !errors.is_empty() && !cx.endpoints.any_ready() {
+                        cx.endpoints.report_error(Some(errors.join("; ")));
+                    }
                     // Literal addresses never change: only the probes keep running.
                     lookups = self.has_names();
                 }
