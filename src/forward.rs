@@ -237,7 +237,7 @@ async fn run_exchange(
         Ok(Ok(Buffered::Complete(bytes))) => {
             // The pod has answered in full: its slot is free before the
             // client has read a byte.
-            drop(slot);
+            slot.answered();
             crate::body::full(bytes)
         }
         Ok(Ok(Buffered::Partial(head, rest))) => crate::body::chain(head, SlotBody::new(rest, slot, request_timeout)),

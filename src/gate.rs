@@ -83,6 +83,9 @@ pub struct Endpoint {
     /// Exchanges sdgate gave up on while the pod may still be working on
     /// them: no new request until each has passed an idle check.
     pub quarantined: u32,
+    /// Exchanges in a row that ended abnormally (timeout, reset); reset by
+    /// one answered in full (passive health).
+    pub failures: u32,
     /// Requests granted and not yet released.
     pub inflight: u32,
     /// Requests granted over the endpoint's life.
@@ -235,6 +238,7 @@ impl<W> Gate<W> {
             ready: false,
             draining: false,
             quarantined: 0,
+            failures: 0,
             inflight: 0,
             served: 0,
         });
@@ -257,6 +261,23 @@ impl<W> Gate<W> {
         if let Some(endpoint) = self.endpoint_mut(id) {
             endpoint.draining = true;
         }
+    }
+
+    /// The pod answered in full: releases like [`Gate::release`] and ends a
+    /// run of failures.
+    pub fn release_answered(&mut self, id: EndpointId) {
+        if let Some(endpoint) = self.endpoint_mut(id) {
+            endpoint.inflight = endpoint.inflight.saturating_sub(1);
+            endpoint.failures = 0;
+        }
+    }
+
+    /// One more exchange in a row ended abnormally; returns how many.
+    pub fn record_failure(&mut self, id: EndpointId) -> u32 {
+        self.endpoint_mut(id).map_or(0, |endpoint| {
+            endpoint.failures += 1;
+            endpoint.failures
+        })
     }
 
     /// Puts an endpoint in quarantine (`true`) or lets one quarantined

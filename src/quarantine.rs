@@ -34,6 +34,10 @@ pub struct Policy {
     pub interrupt: Option<String>,
 }
 
+/// Abnormal exchanges in a row after which a pod, once idle, must pass its
+/// readiness probe again before it gets traffic (passive health).
+pub const FAILURES_OUT_OF_ROTATION: u32 = 3;
+
 /// Each idle-check request may take this long.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -46,6 +50,7 @@ pub fn hold(slot: Slot, why: &'static str) {
     let (endpoint, addr) = (slot.endpoint(), slot.addr());
     gate.quarantine(endpoint, true);
     gate.metrics().quarantined();
+    let failures = gate.record_failure(endpoint);
     tracing::warn!(pod = %addr, why, "pod may still be working: quarantined until an idle check passes");
     runtime.spawn(async move {
         let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
@@ -67,6 +72,10 @@ pub fn hold(slot: Slot, why: &'static str) {
                 tracing::error!(pod = %addr, timeout = ?policy.check.timeout, "pod still busy: failed, kept out of rotation until idle");
             }
             tokio::time::sleep(policy.check.period).await;
+        }
+        if failures >= FAILURES_OUT_OF_ROTATION {
+            tracing::warn!(pod = %addr, failures, "failed too often in a row: out of rotation until its probe passes");
+            gate.set_ready(endpoint, false);
         }
         gate.quarantine(endpoint, false);
         drop(slot);

@@ -254,9 +254,18 @@ impl SharedGate {
         changed
     }
 
-    fn release(self: &Arc<Self>, endpoint: EndpointId) {
+    /// Records one more abnormal exchange in a row on `id`; returns how many.
+    pub fn record_failure(&self, id: EndpointId) -> u32 {
+        self.lock().record_failure(id)
+    }
+
+    fn release(self: &Arc<Self>, endpoint: EndpointId, answered: bool) {
         let mut gate = self.lock();
-        gate.release(endpoint);
+        if answered {
+            gate.release_answered(endpoint);
+        } else {
+            gate.release(endpoint);
+        }
         self.hand_out(&mut gate);
         self.publish(&gate);
     }
@@ -328,20 +337,27 @@ pub struct Slot {
     gate: Arc<SharedGate>,
     grant: Grant,
     armed: bool,
+    /// The pod answered in full (ends a run of failures on release).
+    answered: bool,
 }
 
 impl Slot {
     fn new(gate: Arc<SharedGate>, grant: Grant) -> Self {
-        Self { gate, grant, armed: true }
+        Self { gate, grant, armed: true, answered: false }
     }
 
     /// A slot-less stand-in for requests that skip the gate.
     pub fn bypass(gate: Arc<SharedGate>, grant: Grant) -> Self {
-        Self { gate, grant, armed: false }
+        Self { gate, grant, armed: false, answered: false }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.grant.addr
+    }
+
+    /// Frees the slot of an exchange the pod answered in full.
+    pub fn answered(mut self) {
+        self.answered = true;
     }
 
     pub fn endpoint(&self) -> EndpointId {
@@ -356,7 +372,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.armed {
-            self.gate.release(self.grant.endpoint);
+            self.gate.release(self.grant.endpoint, self.answered);
         }
     }
 }

@@ -1352,3 +1352,40 @@ fn random_operations_never_break_the_gates_promises() {
     assert!(total.removed_with_inflight > 100, "{total:?}");
     assert!(total.saturated_with_waiters > 10_000, "{total:?}");
 }
+
+#[test]
+fn a_quarantined_pod_takes_nothing_even_with_room_and_serves_once_every_quarantine_ended() {
+    let (mut gate, pods) = gate_with(2, 10, 1);
+    let first = admit(&mut gate);
+    gate.quarantine(pods[0], true);
+    let ticket = gate.arrive();
+    assert!(gate.try_dispatch(ticket).is_none(), "room for a second, but quarantined");
+    gate.enqueue(ticket, ticket, Instant::now()).unwrap();
+    assert!(gate.next_grant().is_none());
+    gate.quarantine(pods[0], true);
+    gate.quarantine(pods[0], false);
+    assert!(gate.next_grant().is_none(), "one quarantine still open");
+    gate.quarantine(pods[0], false);
+    assert_eq!(gate.next_grant().map(|(t, _)| t), Some(ticket));
+    gate.release(first.endpoint);
+}
+
+#[test]
+fn failures_count_in_a_row_and_an_answer_in_full_ends_the_run() {
+    let (mut gate, pods) = gate_with(1, 10, 1);
+    assert_eq!(gate.record_failure(pods[0]), 1);
+    assert_eq!(gate.record_failure(pods[0]), 2);
+    let grant = admit(&mut gate);
+    gate.release_answered(grant.endpoint);
+    assert_eq!(inflight_of(&gate, pods[0]), 0);
+    assert_eq!(gate.record_failure(pods[0]), 1, "the answer ended the run");
+}
+
+#[test]
+fn a_drain_called_off_serves_again() {
+    let (mut gate, pods) = gate_with(1, 10, 1);
+    gate.set_draining(pods[0]);
+    assert_eq!(gate.ready_count(), 0);
+    gate.undrain(pods[0]);
+    assert_eq!(gate.ready_count(), 1);
+}
