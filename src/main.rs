@@ -110,6 +110,7 @@ async fn run(cli: Cli) -> Result<()> {
         None => {
             let config = load(cli.config.as_ref())?;
             sdgate::server::ignore_sighup()?;
+            sdgate::server::raise_open_files_limit(config.services.iter().map(|s| s.queue.max_depth).sum());
             let gateway = Gateway::bind(config).await?;
             gateway.run(sdgate::server::shutdown_signal()).await
         }

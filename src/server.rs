@@ -504,6 +504,37 @@ impl AsyncWrite for Watched {
     }
 }
 
+/// Raises the soft open-files limit to the hard one (as nginx's
+/// `worker_rlimit_nofile` and Go's runtime do): every waiting client is a
+/// descriptor, and a common soft limit of 1024 would cap the queue far below
+/// `queue.max_depth`. Logs the limit; warns when it is below what the queues
+/// may hold. Returns the soft limit in force.
+pub fn raise_open_files_limit(queued: usize) -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read or write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    let soft = limit.rlim_cur;
+    tracing::info!(open_files = soft, "open-files limit");
+    if soft != libc::RLIM_INFINITY && (soft as usize) < queued {
+        tracing::warn!(
+            open_files = soft,
+            queued,
+            "the open-files limit is below what the queues may hold (queue.max_depth over all services): raise the hard limit (ulimit -Hn, LimitNOFILE=)"
+        );
+    }
+    soft
+}
+
 /// How many client connections may be open at once: the descriptor limit
 /// less those open now (listeners, runtimes, logs) and a reserve (an
 /// eighth of the limit, 32 to 1024) for pod connections, probes, worker
