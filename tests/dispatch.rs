@@ -232,3 +232,16 @@ async fn a_raw_client_gets_the_full_answer_through_the_gate() {
     tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head)).await.unwrap().unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_backend_named_by_host_name_is_resolved_to_its_addresses() {
+    let workers = sims(1, fast_sim(1)).await;
+    let port = workers[0].addr.port();
+    let yaml = config_yaml(&[workers[0].addr], 1, "")
+        .replace(&format!("\"127.0.0.1:{port}\""), &format!("\"localhost:{port}\""));
+    assert!(yaml.contains("localhost:"), "{yaml}");
+    let gateway = TestGateway::start(&yaml).await;
+    gateway.wait_for(|g| g.ready_count() == 1, "the name's 127.0.0.1 address ready").await;
+    assert!(gateway.endpoints().iter().any(|e| e.addr == workers[0].addr), "resolved to the worker's address");
+    assert_eq!(send(&client(), txt2img(gateway.addr, "by name", 1)).await.status.as_u16(), 200);
+}
