@@ -192,6 +192,7 @@ async fn two_replicas_one_lease_the_standby_takes_over_when_the_holder_is_killed
     let _ = leader.child.wait().await;
     eventually_within(Duration::from_secs(15), "the standby active", || ready(standby.admin)).await;
     let takeover = killed.elapsed();
+    println!("takeover after SIGKILL: {takeover:?}");
     // lease_duration + 2 x renew_period, plus the probe of the pods.
     assert!(takeover < Duration::from_secs(6), "takeover took {takeover:?}");
     let codes = seeds_load(standby.addr).await;
