@@ -7,6 +7,11 @@
 //!    queued request arriving in its handler, with the default probe period
 //!    (25 ms). Goal: p99 <= 50 ms.
 //!
+//! 3. Burst: 20 requests sent at once to a service at zero pods (scale max
+//!    5, a decision tick of an hour): from the 5th request sent to the
+//!    desired count reaching 5. Goal: < 100 ms (demand changes are acted on
+//!    within 50 ms, not at the next tick).
+//!
 //! `RUNS` (default 40) sets the number of runs of each.
 
 #[path = "../tests/common/mod.rs"]
@@ -34,10 +39,51 @@ fn main() {
         }
         samples
     });
+    let burst = runtime.block_on(async {
+        let mut samples = Vec::new();
+        for _ in 0..runs {
+            samples.push(burst_once().await);
+        }
+        samples
+    });
     println!("| measure ({runs} runs) | p50 | p99 | max |");
     println!("| --- | ---: | ---: | ---: |");
     report("activation: request sent -> scale call", activation);
     report("readiness -> dispatch: port opens -> request at worker", dispatch);
+    report("burst of 20 at zero pods: 5th request sent -> desired 5", burst);
+}
+
+async fn burst_once() -> Duration {
+    let port = free_port().await;
+    let yaml = config_yaml(
+        &[format!("127.0.0.1:{port}").parse().expect("addr")],
+        1,
+        "    scale: { max: 5, tick: 3600s }\n    queue: { timeout: 2s }\n",
+    );
+    let gateway = TestGateway::start(&yaml).await;
+    let mut desired = gateway.desired.clone();
+    let client = client();
+    let addr = gateway.addr;
+    let mut requests = Vec::new();
+    let mut fifth = None;
+    for i in 0..20 {
+        let client = client.clone();
+        requests.push(tokio::spawn(async move { send(&client, txt2img(addr, "burst", 1)).await }));
+        if i == 4 {
+            fifth = Some(Instant::now());
+        }
+    }
+    let fifth = fifth.expect("five sent");
+    tokio::time::timeout(Duration::from_secs(5), desired.wait_for(|d| *d >= 5))
+        .await
+        .expect("desired 5")
+        .expect("open");
+    let took = fifth.elapsed();
+    for request in requests {
+        let _ = request.await;
+    }
+    gateway.shutdown().await;
+    took
 }
 
 fn report(name: &str, mut samples: Vec<Duration>) {

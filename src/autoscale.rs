@@ -124,6 +124,23 @@ impl Autoscaler {
         Some(Decision { desired, reason: Reason::Activation })
     }
 
+    /// The queue grew: if the requests in hand right now already ask for at
+    /// least twice the ready pods, panic at once with that figure (scale-up
+    /// only; the windows and the tick still decide everything else). A burst
+    /// gets every pod it needs without waiting for a tick or for the panic
+    /// window's average to catch up.
+    pub fn on_demand(&mut self, now: Instant, demand: u32, ready: u32) -> Option<Decision> {
+        self.record(now, demand);
+        let wanted = self.clamp(self.pods_for(f64::from(demand)));
+        if wanted <= self.desired || wanted < 2 * ready.max(1) {
+            return None;
+        }
+        self.panic_until = Some(now + self.settings.stable_window);
+        let reason = if self.desired == 0 { Reason::Activation } else { Reason::Panic };
+        self.desired = wanted;
+        Some(Decision { desired: wanted, reason })
+    }
+
     /// The periodic decision, given how many pods are ready now.
     pub fn decide(&mut self, now: Instant, ready: u32) -> Decision {
         let stable = self.pods_for(self.average(now, self.settings.stable_window));
@@ -191,6 +208,9 @@ impl Autoscaler {
 
 /// How often demand is sampled.
 const SAMPLE_PERIOD: Duration = Duration::from_millis(100);
+/// Demand changes are acted on at most this often (a burst of arrivals is
+/// one decision, taken within this of its last arrival).
+const DEMAND_DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// Drives one service's desired replica count: samples demand, decides every
 /// `tick`, and reacts to activation at once. Each change is sent on
@@ -223,13 +243,34 @@ pub async fn run(
         }
     };
     publish(Decision { desired: autoscaler.desired(), reason: Reason::Stable }, 0, 0);
+    let mut last_demand_check = tokio::time::Instant::now() - DEMAND_DEBOUNCE;
+    let mut recheck: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = gate.demand.notified() => {
+                let now = tokio::time::Instant::now();
                 let (demand, ready) = demand_and_ready(&gate);
-                if let Some(decision) = autoscaler.activate(tokio::time::Instant::now().into_std(), demand) {
+                // Activation is never debounced: the first request at zero wakes pods at once.
+                if let Some(decision) = autoscaler.activate(now.into_std(), demand) {
+                    publish(decision, demand, ready);
+                    last_demand_check = now;
+                } else if now >= last_demand_check + DEMAND_DEBOUNCE {
+                    if let Some(decision) = autoscaler.on_demand(now.into_std(), demand, ready) {
+                        publish(decision, demand, ready);
+                    }
+                    last_demand_check = now;
+                } else {
+                    recheck.get_or_insert(last_demand_check + DEMAND_DEBOUNCE);
+                }
+            }
+            _ = async { match recheck { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
+                recheck = None;
+                let now = tokio::time::Instant::now();
+                let (demand, ready) = demand_and_ready(&gate);
+                if let Some(decision) = autoscaler.on_demand(now.into_std(), demand, ready) {
                     publish(decision, demand, ready);
                 }
+                last_demand_check = now;
             }
             _ = sample.tick() => {
                 let (demand, _) = demand_and_ready(&gate);
@@ -370,6 +411,28 @@ mod tests {
         assert_eq!(feed(&mut a, &mut clock, 0, 200, 4).desired, 2);
         let mut zero = Autoscaler::new(Settings { max: 3, ..settings() });
         assert_eq!(zero.activate(clock, 50).unwrap().desired, 3);
+    }
+
+    #[test]
+    fn a_burst_gets_every_pod_it_needs_when_it_arrives_not_at_the_next_tick() {
+        let mut a = Autoscaler::new(settings());
+        let now = Instant::now();
+        assert_eq!(a.activate(now, 1), Some(Decision { desired: 1, reason: Reason::Activation }));
+        // Four more arrive before any pod is ready: five wanted at once.
+        assert_eq!(a.on_demand(now, 5, 0), Some(Decision { desired: 5, reason: Reason::Panic }));
+        assert_eq!(a.on_demand(now, 5, 0), None, "nothing new");
+        // Panic holds: a tick right after does not scale the burst down.
+        assert_eq!(a.decide(now + Duration::from_secs(2), 5).desired, 5);
+    }
+
+    #[test]
+    fn demand_below_twice_the_ready_pods_waits_for_the_tick() {
+        let mut a = Autoscaler::new(settings());
+        let now = Instant::now();
+        a.activate(now, 1);
+        feed(&mut a, &mut now.clone(), 3, 70, 3);
+        assert_eq!(a.on_demand(now + Duration::from_secs(71), 5, 3), None, "5 < 2 x 3 ready");
+        assert_eq!(a.on_demand(now + Duration::from_secs(71), 20, 3).map(|d| d.desired), Some(10), "clamped to max");
     }
 
     #[test]
