@@ -90,6 +90,11 @@ pub struct ServiceConfig {
     /// during a generation, such as progress polling.
     #[serde(default = "default_bypass")]
     pub bypass: Vec<String>,
+    /// Path prefixes whose requests may wake a service at zero pods; other
+    /// requests then get 503 at once (a port scan or a browser's favicon
+    /// must not start a GPU pod). `"/"` matches the root page only.
+    #[serde(default = "default_wake")]
+    pub wake: Vec<String>,
     /// How many times a request is sent to another pod when the connection to
     /// its pod failed before any byte was sent.
     #[serde(default = "default_connect_retries")]
@@ -455,6 +460,9 @@ fn default_queue_timeout() -> Duration {
 fn default_request_timeout() -> Duration {
     Duration::from_secs(600)
 }
+fn default_wake() -> Vec<String> {
+    ["/sdapi/", "/run/", "/queue/", "/api/", "/"].map(String::from).to_vec()
+}
 fn default_connect_retries() -> u32 {
     3
 }
@@ -591,6 +599,11 @@ impl ServiceConfig {
         if self.request_timeout.is_zero() {
             bail!("{key}.request_timeout: must be more than 0s");
         }
+        for (j, path) in self.wake.iter().enumerate() {
+            if !path.starts_with('/') {
+                bail!("{key}.wake[{j}]: {path:?} must start with '/'");
+            }
+        }
         for (j, path) in self.bypass.iter().enumerate() {
             if !path.starts_with('/') {
                 bail!("{key}.bypass[{j}]: {path:?} must start with '/'");
@@ -646,6 +659,11 @@ impl ServiceConfig {
             bail!("{key}.scale.mode: external scaling cannot drive a process backend (use builtin)");
         }
         self.backend.validate(&format!("{key}.backend"), self.scale.max)
+    }
+
+    /// Whether a request for `path` may wake the service at zero pods.
+    pub fn may_wake(&self, path: &str) -> bool {
+        self.wake.iter().any(|prefix| if prefix == "/" { path == "/" } else { path.starts_with(prefix.as_str()) })
     }
 
     /// Whether `path` skips the gate.

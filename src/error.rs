@@ -40,6 +40,8 @@ pub enum ProxyError {
     ShuttingDown,
     #[error("this sdgate replica is a standby; another one is active")]
     Standby,
+    #[error("the service has no pod, and this path does not wake it (see `wake`)")]
+    Asleep,
 }
 
 impl ProxyError {
@@ -50,9 +52,11 @@ impl ProxyError {
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge(_) | ProxyError::BodyOverLimit => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::QueueFull(_) | ProxyError::NoReadyEndpoint | ProxyError::ShuttingDown | ProxyError::Standby => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::QueueFull(_)
+            | ProxyError::NoReadyEndpoint
+            | ProxyError::ShuttingDown
+            | ProxyError::Standby
+            | ProxyError::Asleep => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::QueueTimeout { .. } | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
@@ -61,7 +65,7 @@ impl ProxyError {
     /// Seconds after which a retry may succeed, for errors where one may.
     fn retry_after(&self) -> Option<u32> {
         match self {
-            ProxyError::QueueFull(_) | ProxyError::NoReadyEndpoint => Some(5),
+            ProxyError::QueueFull(_) | ProxyError::NoReadyEndpoint | ProxyError::Asleep => Some(5),
             ProxyError::ShuttingDown | ProxyError::Standby => Some(1),
             _ => None,
         }

@@ -207,6 +207,9 @@ impl Proxy {
         let pin = pinned.map(|endpoint| Pin { endpoint, strict: self.strict(service) });
         let body = self.read_body(body).await?;
         let gate = &service.gate;
+        if !bypass && !service.config.may_wake(parts.uri.path()) && gate.inspect(|g| g.endpoints().is_empty()) {
+            return Err(ProxyError::Asleep);
+        }
         let ticket = gate.arrive();
         let arrived = TokioInstant::now();
         trace.arrived = Some(arrived.into_std());

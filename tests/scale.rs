@@ -299,3 +299,22 @@ async fn scale_down_drains_the_worker_holding_the_fewest_sessions() {
     provider.shutdown().await;
     processes_become(&marker, 0, "no worker left").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stray_request_at_zero_pods_starts_no_worker_and_a_generation_does() {
+    let marker = unique_marker("wake");
+    let port_base = free_port_range(1);
+    let gateway = TestGateway::start(&pool_yaml(&marker, port_base, "0s", "max: 1", "")).await;
+    let client = client();
+    for path in ["/favicon.ico", "/version", "/robots.txt"] {
+        let answer = send(&client, get(gateway.addr, path)).await;
+        answer.assert_json_error(503);
+        assert!(answer.headers.contains_key("retry-after"), "{path}: Retry-After");
+    }
+    let mut desired = gateway.desired.clone();
+    assert_eq!(*desired.borrow_and_update(), 0, "nothing woke the pool");
+    assert!(processes_with(&marker).is_empty(), "no worker started");
+    assert_eq!(send(&client, txt2img(gateway.addr, "wake", 1)).await.status.as_u16(), 200);
+    // Once a pod exists, any path is served.
+    assert_eq!(send(&client, get(gateway.addr, "/sdapi/v1/options")).await.status.as_u16(), 200);
+}
