@@ -21,6 +21,9 @@ Parts (each skipped when too little time is left before --deadline):
           overlaps, peak GPU memory
   scale   the seeds' `hey -n 50 -c 5 -t 180` from zero with scale 0..1 and 0..N
           (N = GPUs), then a warm `hey -n 40 -c 8`; /metrics scraped every 0.25 s
+  large   onegpu again with 1024x1024 images (`hey -n 12 -c 4`)
+
+benches/gpu/RESULTS.md has a run's figures and how it was made.
 """
 
 import argparse
@@ -376,14 +379,16 @@ def worker_stats(port):
 def worker_summary(stats):
     jobs = stats.get("jobs", [])
     gen = [j["generate_s"] + j["encode_s"] for j in jobs]
-    keys = ("served", "max_inflight", "overlaps", "max_generating", "gpu_overlaps", "client_gone", "errors")
+    keys = ("served", "max_inflight", "overlaps", "max_generating", "gpu_overlaps", "client_gone", "errors",
+            "txt2img_connections")
     out = {k: stats.get(k) for k in keys}
     out["generation_p50_s"] = r(percentile(gen, 0.5))
     out["generation_p99_s"] = r(percentile(gen, 0.99))
     out["denoise_p50_s"] = r(percentile([j["denoise_s"] for j in jobs if "denoise_s" in j], 0.5))
-    # per job: [wait, denoise (text encoder + 20 UNet steps), VAE decode, PNG encode] seconds, handler thread
-    out["jobs"] = [[j.get("wait_s"), j.get("denoise_s"), j.get("decode_s"), j.get("encode_s"), j.get("thread")]
-                   for j in jobs]
+    # per job: [wait, denoise (text encoder + UNet steps), VAE decode, PNG encode] seconds, the connection
+    # (handler thread) it came on, the generation thread it ran on
+    out["jobs"] = [[j.get("wait_s"), j.get("denoise_s"), j.get("decode_s"), j.get("encode_s"), j.get("connection"),
+                    j.get("thread")] for j in jobs]
     out["cuda_peak_allocated_mib"] = (r(stats["cuda_peak_allocated_bytes"] / 2**20, 0)
                                       if stats.get("cuda_peak_allocated_bytes") is not None else None)
     out["cuda_peak_reserved_mib"] = (r(stats["cuda_peak_reserved_bytes"] / 2**20, 0)
@@ -472,7 +477,15 @@ def part_onegpu(procs, gpu, results, key="one_gpu", body=None, n=None, c=None):
     try:
         if not wait_until(lambda: http_call(DIRECT_PORT, "GET", "/internal/ping", timeout=2)[0] == 200, 180, 0.25):
             raise RuntimeError("the direct worker did not become ready")
-        for _ in range(3):  # warm-up: kernels loaded, allocator grown for one generation
+        # Warm-up: c at once (each of the worker's generation threads makes its
+        # CUDA handles once), then two alone.
+        warmers = [threading.Thread(target=http_call, args=(DIRECT_PORT, "POST", "/sdapi/v1/txt2img", body, 300))
+                   for _ in range(c)]
+        for thread in warmers:
+            thread.start()
+        for thread in warmers:
+            thread.join()
+        for _ in range(2):
             http_call(DIRECT_PORT, "POST", "/sdapi/v1/txt2img", body, timeout=120)
         modes = []
         for mode, cc in (("sdgate cc=1", 1), ("sdgate cc=2", 2), ("no gate", None)):
@@ -574,6 +587,8 @@ def part_scale(procs, gpu, results, gpus):
 def fmt(x, unit=""):
     if x is None:
         return "n/a"
+    if unit == " s" and isinstance(x, float) and abs(x) < 0.01:
+        return "<0.01 s"  # e.g. /proc start times have 10 ms resolution
     if isinstance(x, float):
         return f"{x:.3g}{unit}" if abs(x) < 100 else f"{x:.0f}{unit}"
     return f"{x}{unit}"
@@ -612,25 +627,27 @@ def write_markdown(results):
                   f"({one['worker']}.)", "",
                   "| path | 200s | makespan | images/s | latency p50 | p99 | generation p50 (in worker) | "
                   "most generations at once | GPU overlaps | peak GPU memory (nvidia-smi) | torch peak allocated | "
-                  "GPU util | sdgate CPU |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "GPU util | sdgate CPU | connections that carried txt2img |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in one["rows"]:
             lines.append(f"| {row['mode']} | {row['ok_200']}/{row['requests']} | {fmt(row['wall_s'], ' s')} | "
                          f"{fmt(row['images_per_s'])} | {fmt(row['latency_p50_s'], ' s')} | "
                          f"{fmt(row['latency_p99_s'], ' s')} | {fmt(row['generation_p50_s'], ' s')} | "
                          f"{fmt(row['max_generating'])} | {fmt(row['gpu_overlaps'])} | "
                          f"{fmt(row['gpu_peak_memory_used_mib'], ' MiB')} | {fmt(row['cuda_peak_allocated_mib'], ' MiB')} | "
-                         f"{fmt(row['gpu_mean_utilization_pct'], ' %')} | {fmt(row.get('sdgate_cpu_s'), ' s')} |")
+                         f"{fmt(row['gpu_mean_utilization_pct'], ' %')} | {fmt(row.get('sdgate_cpu_s'), ' s')} | "
+                         f"{fmt(row.get('txt2img_connections'))} |")
         lines.append("")
     scale = results.get("scale")
     if scale:
         lines += ["## Pools from zero: the seeds' load, then a warm one", "",
                   "| pool | run | 200s | makespan | images/s | latency p50 | p99 | served per worker | "
-                  "overlaps per worker | sdgate CPU |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
+                  "overlaps per worker | connections per worker | sdgate CPU |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |"]
         for run in scale:
             served = " / ".join(fmt(w.get("served")) for w in run["workers"])
             overlaps = " / ".join(fmt(w.get("overlaps")) for w in run["workers"])
+            connections = " / ".join(fmt(w.get("txt2img_connections")) for w in run["workers"])
             for label, key, cpu in ((f"from zero: -n {ARGS.seeds_n} -c {ARGS.seeds_c}", "from_zero",
                                      run["sdgate_cpu_s"]["from_zero"]),
                                     (f"warm: -n {ARGS.n} -c {ARGS.c}", "warm", run["sdgate_cpu_s"]["warm"])):
@@ -639,9 +656,9 @@ def write_markdown(results):
                     continue
                 lines.append(f"| {run['pool']} | {label} | {s['ok_200']}/{s['requests']} | {fmt(s['wall_s'], ' s')} | "
                              f"{fmt(s['images_per_s'])} | {fmt(s['latency_p50_s'], ' s')} | {fmt(s['latency_p99_s'], ' s')} | "
-                             f"{served} | {overlaps} | {fmt(cpu, ' s')} |")
+                             f"{served} | {overlaps} | {connections} | {fmt(cpu, ' s')} |")
         lines.append("")
-        lines.append("(served and overlaps per worker count both runs of the pool.)")
+        lines.append("(served, overlaps and connections per worker count both runs of the pool.)")
         for run in scale:
             c = run["sdgate_cpu_s"]
             lines.append(f"- pool {run['pool']}: first worker ready at {fmt(run['first_ready_at_s'], ' s')}, "
@@ -670,8 +687,8 @@ def plot(results, path):
         tl = run["timeline"]
         t = [x["t"] for x in tl]
         ax.step(t, [x["ready"] for x in tl], where="post", label="workers ready", color="tab:green", linewidth=2)
-        ax.step(t, [x["ready"] + x["not_ready"] for x in tl], where="post", label="workers started (ready + starting)",
-                color="tab:olive", linestyle=":")
+        ax.fill_between(t, [x["ready"] for x in tl], [x["ready"] + x["not_ready"] for x in tl], step="post",
+                        color="tab:olive", alpha=0.3, label="workers starting (not ready)")
         ax.step(t, [x["desired"] for x in tl], where="post", label="desired replicas", color="tab:blue", linestyle="--")
         ax.step(t, [x["queue_depth"] for x in tl], where="post", label="queue depth", color="tab:red")
         ax.step(t, [x["inflight"] for x in tl], where="post", label="in flight", color="tab:purple", alpha=0.5)

@@ -14,11 +14,14 @@ Just enough of the WebUI's API for sdgate and its benchmarks:
                             start-up phase times and the last 1000 jobs
   POST /worker/reset        zeroes the counters and the CUDA memory peak
 
-One generation at a time per process, serialised on a lock like the WebUI: a
-request that arrives while another generates waits inside the worker. A
-generation goes on when its client disconnects (as the WebUI's does).
-`--concurrent` drops the lock (for benchmarks only: many generations at once on
-one GPU).
+One generation at a time per process, like the WebUI: every generation runs on
+one dedicated thread, in arrival order, and a request that arrives while another
+generates waits inside the worker. (Not on the connection's own thread: PyTorch
+sets up CUDA handles once per thread, which cost a new connection's first
+generation half a second or more on an H200.) A generation goes on when its
+client disconnects (as the WebUI's does). `--concurrent` runs requests at once on
+a pool of threads instead (for benchmarks only: many generations at once on one
+GPU).
 
 Models: `--model PATH` loads a local diffusers folder (unet/, vae/,
 text_encoder/, optional tokenizer/ and scheduler/); `--random-weights` builds the
@@ -47,6 +50,7 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 import traceback  # noqa: E402
 import zlib  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 
 JOB_HISTORY = 1000
@@ -76,7 +80,10 @@ class Worker:
         self.load_error = None
         self.phase = "starting"
         self.stats_lock = threading.Lock()
-        self.generation_lock = threading.Lock()
+        # Generations run here: one thread (a FIFO queue, as the WebUI's lock),
+        # or a pool with --concurrent.
+        self.executor = ThreadPoolExecutor(max_workers=args.max_concurrent if args.concurrent else 1,
+                                           thread_name_prefix="generation")
         self.phases = {"process_created_at": T_CREATED, "main_started_at": T_MAIN}
         self.device_name = None
         self.model_desc = None
@@ -95,6 +102,7 @@ class Worker:
             self.interrupts = 0
             self.client_gone = 0
             self.errors = 0
+            self.txt2img_connections = 0  # TCP connections that carried a txt2img
             self.jobs = []
         if self.loaded and self.torch is not None and self.device.type == "cuda":
             self.torch.cuda.reset_peak_memory_stats(self.device)
@@ -337,7 +345,7 @@ class Worker:
         return done
 
     def txt2img(self, payload):
-        """Returns (status, body dict). Waits for the generation lock."""
+        """Returns (status, body dict). Waits for the generation thread."""
         arrived = time.time()
         with self.stats_lock:
             self.inflight += 1
@@ -351,34 +359,11 @@ class Worker:
                 self.inflight -= 1
             return 422, {"error": "invalid request", "detail": str(error)}
         job = {"request": request, "interrupted": False, "step": None, "arrived_at": arrived}
-        lock = None if self.args.concurrent else self.generation_lock
         try:
-            if lock is not None:
-                lock.acquire()
-            try:
-                started = time.time()
-                with self.stats_lock:
-                    self.generating += 1
-                    self.max_generating = max(self.max_generating, self.generating)
-                    if self.generating > 1:
-                        self.gpu_overlaps += 1
-                    self.running.append(job)
-                first = "first_generation_started_at" not in self.phases
-                if first:
-                    self.phases["first_generation_started_at"] = started
-                try:
-                    pngs = self.generate(job)
-                finally:
-                    with self.stats_lock:
-                        self.generating -= 1
-                        self.running.remove(job)
-                ended = time.time()
-                if first:
-                    self.phases["first_generation_done_at"] = ended
-                    self.log(f"first generation: {ended - started:.3f} s")
-            finally:
-                if lock is not None:
-                    lock.release()
+            # The generation runs on the executor's thread(s), never on the
+            # connection's: one thread (FIFO) unless --concurrent, and CUDA
+            # handles are created once per generation thread, not per connection.
+            started, ended, pngs = self.executor.submit(self.run_job, job).result()
         except Exception as error:  # noqa: BLE001
             self.log("generation failed:\n" + traceback.format_exc())
             with self.stats_lock:
@@ -395,7 +380,8 @@ class Worker:
             "decode_s": round(job["generated_at"] - job["denoised_at"], 4),
             "encode_s": round(ended - job["generated_at"], 4),
             "seed": request["seed"],
-            "thread": threading.current_thread().name,
+            "connection": threading.current_thread().name.split()[0],  # one handler thread per connection
+            "thread": job.get("thread"),
             "steps": request["steps"],
             "steps_done": job["step"],
             "size": f"{request['width']}x{request['height']}",
@@ -431,6 +417,30 @@ class Worker:
             self.jobs.append(record)
             del self.jobs[:-JOB_HISTORY]
         return 200, body
+
+    def run_job(self, job):
+        started = time.time()
+        job["thread"] = threading.current_thread().name
+        with self.stats_lock:
+            self.generating += 1
+            self.max_generating = max(self.max_generating, self.generating)
+            if self.generating > 1:
+                self.gpu_overlaps += 1
+            self.running.append(job)
+        first = "first_generation_started_at" not in self.phases
+        if first:
+            self.phases["first_generation_started_at"] = started
+        try:
+            pngs = self.generate(job)
+        finally:
+            with self.stats_lock:
+                self.generating -= 1
+                self.running.remove(job)
+        ended = time.time()
+        if first:
+            self.phases["first_generation_done_at"] = ended
+            self.log(f"first generation: {ended - started:.3f} s")
+        return started, ended, pngs
 
     def progress(self):
         with self.stats_lock:
@@ -485,6 +495,7 @@ class Worker:
                 "interrupts": self.interrupts,
                 "client_gone": self.client_gone,
                 "errors": self.errors,
+                "txt2img_connections": self.txt2img_connections,
                 "jobs": list(self.jobs),
             }
         ph = dict(self.phases)
@@ -661,6 +672,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.reply(503, {"error": "model not loaded yet", "phase": w.phase})
                 return
             t0 = time.time()
+            if not getattr(self, "carried_txt2img", False):
+                self.carried_txt2img = True
+                with w.stats_lock:
+                    w.txt2img_connections += 1
             status, body = w.txt2img(payload)
             self.reply(status, body)
             if status == 200:
@@ -700,7 +715,9 @@ def main():
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                         help="auto: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--concurrent", action="store_true",
-                        help="no generation lock: run requests at once (benchmarks only)")
+                        help="no one-at-a-time: run requests at once (benchmarks only)")
+    parser.add_argument("--max-concurrent", type=int, default=32,
+                        help="with --concurrent: most generations at once (32)")
     parser.add_argument("--name", default=None, help="sent in X-Worker (default diffusers-PORT)")
     args = parser.parse_args()
     if args.tiny and not args.random_weights:
