@@ -683,6 +683,9 @@ impl ScaleConfig {
         if !(self.target_utilization > 0.0 && self.target_utilization <= 1.0) {
             bail!("{key}.target_utilization: must be in (0, 1]");
         }
+        if self.stable_window.is_zero() {
+            bail!("{key}.stable_window: must be more than 0s");
+        }
         if self.panic_window.is_zero() || self.panic_window > self.stable_window {
             bail!("{key}.panic_window: must be more than 0s and at most stable_window");
         }
