@@ -31,7 +31,10 @@ pub async fn buffer<B>(mut body: B, limit: usize) -> Result<Buffered<B>, B::Erro
 where
     B: Body<Data = Bytes> + Unpin,
 {
-    let mut bytes = BytesMut::new();
+    // The declared length, when there is one: one allocation of the right
+    // size instead of doubling (a 3 MiB answer would end in a 4 MiB buffer).
+    let declared = usize::try_from(body.size_hint().lower()).unwrap_or(0).min(limit.saturating_add(1));
+    let mut bytes = BytesMut::with_capacity(declared);
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
             bytes.extend_from_slice(&data);

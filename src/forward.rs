@@ -206,6 +206,12 @@ async fn run_exchange(
             slot.gate().metrics().upstream_error("connect");
             return Err(ExchangeError::NotSent { reason: error_chain(&error), upgrade });
         }
+        Ok(Err(error)) if client_body_failed(&error) => {
+            // The client's upload broke off or went over the limit: the pod
+            // never had a whole request. Not the pod's fault.
+            drop(slot);
+            return Err(ExchangeError::Failed(upstream_failure(addr, &error)));
+        }
         Ok(Err(error)) => {
             // Sent, at least in part: the pod may be working on it.
             crate::quarantine::hold(slot, "failed before answering");
@@ -265,7 +271,16 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
+/// Whether an exchange failed because of the client's own request body.
+fn client_body_failed(error: &hyper_util::client::legacy::Error) -> bool {
+    find_cause::<http_body_util::LengthLimitError>(error).is_some()
+        || find_cause::<hyper::Error>(error).is_some_and(|e| e.is_user())
+}
+
 fn upstream_failure(addr: SocketAddr, error: &hyper_util::client::legacy::Error) -> ProxyError {
+    if client_body_failed(error) && find_cause::<http_body_util::LengthLimitError>(error).is_none() {
+        return ProxyError::BadBody(error_chain(error));
+    }
     if find_cause::<http_body_util::LengthLimitError>(error).is_some() {
         return ProxyError::BodyOverLimit;
     }
@@ -300,12 +315,16 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 fn tunnel(slot: Slot, mut response: Response<Incoming>, client_side: OnUpgrade) -> Response<ResponseBody> {
     let pod_side = hyper::upgrade::on(&mut response);
     tokio::spawn(async move {
-        let _slot = slot;
+        let slot = slot;
         match tokio::try_join!(pod_side, client_side) {
             Ok((pod, client)) => {
                 let mut pod = TokioIo::new(pod);
                 let mut client = TokioIo::new(client);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut pod).await;
+                if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut pod).await {
+                    // Broken off (a reset): a websocket queue may have a job running.
+                    tracing::debug!(%error, "tunnel broken off");
+                    crate::quarantine::hold(slot, "tunnel broken off");
+                }
             }
             Err(error) => tracing::debug!(%error, "upgrade failed"),
         }
@@ -560,7 +579,9 @@ impl Body for SlotBody {
         if finished {
             // The pod has answered in full: free its slot now, not when the
             // client's connection gets around to dropping this body.
-            self.slot = None;
+            if let Some(slot) = self.slot.take() {
+                slot.answered();
+            }
         }
         polled.map_err(|error| error.into())
     }
@@ -590,7 +611,7 @@ impl Drop for SlotBody {
             })
             .await;
             match drained {
-                Ok(true) => drop(slot),
+                Ok(true) => slot.answered(),
                 Ok(false) => crate::quarantine::hold(slot, "answer broken off"),
                 Err(_) => {
                     tracing::warn!(pod = %slot.addr(), "pod still answering a departed client after {drain_within:?}");

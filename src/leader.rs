@@ -44,11 +44,21 @@ pub async fn run(config: LeaderElection, active: watch::Sender<bool>) -> Result<
     let mut elector = Elector { api, config, identity, observed: None, renewed: None };
     let mut tick = tokio::time::interval(elector.config.renew_period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Each call to the API may take half a renew period; the holder gives up
+    // `lease_duration - 2 x renew_period` after its last renewal, so that it
+    // has stopped (at the latest a tick and a call later) before anyone else
+    // may take the lease (`lease_duration` after it last saw it change).
+    let call_timeout = elector.config.renew_period / 2;
+    let give_up_after = elector.config.lease_duration.saturating_sub(elector.config.renew_period * 2);
     loop {
         tick.tick().await;
         let leading = *active.borrow();
         let now = Instant::now();
-        match elector.try_hold(now).await {
+        let held = match tokio::time::timeout(call_timeout, elector.try_hold(now)).await {
+            Ok(held) => held,
+            Err(_) => Err(anyhow::anyhow!("the API did not answer within {call_timeout:?}")),
+        };
+        match held {
             Ok(true) => {
                 elector.renewed = Some(now);
                 if !leading {
@@ -62,9 +72,8 @@ pub async fn run(config: LeaderElection, active: watch::Sender<bool>) -> Result<
             Ok(false) => {}
             Err(error) => {
                 tracing::warn!(error = %format!("{error:#}"), "leader election: cannot read or write the lease");
-                let deadline = elector.config.lease_duration.saturating_sub(elector.config.renew_period);
-                if leading && elector.renewed.is_none_or(|at| now.duration_since(at) >= deadline) {
-                    bail!("leader election: could not renew lease {} within {deadline:?}", elector.config.lease);
+                if leading && elector.renewed.is_none_or(|at| Instant::now().duration_since(at) >= give_up_after) {
+                    bail!("leader election: could not renew lease {} within {give_up_after:?}", elector.config.lease);
                 }
             }
         }
@@ -92,7 +101,12 @@ impl Elector {
         let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
         let transitions = spec.lease_transitions.unwrap_or(0);
         if holder == Some(self.identity.as_str()) {
-            return self.write(Some(lease), transitions).await;
+            // Ours: a conflict here is another writer touching the object
+            // (labels, annotations), not a lost lease: try again next tick.
+            if !self.write(Some(lease), transitions).await? {
+                bail!("lease {name} changed while renewing it");
+            }
+            return Ok(true);
         }
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let seen_at = match &self.observed {
@@ -123,12 +137,13 @@ impl Elector {
             _ => None,
         };
         let lease = Lease {
-            metadata: ObjectMeta {
+            // Other writers' labels and annotations stay; the version read
+            // makes the write conditional.
+            metadata: current.as_ref().map(|l| l.metadata.clone()).unwrap_or_else(|| ObjectMeta {
                 name: Some(self.config.lease.clone()),
                 namespace: Some(self.config.namespace.clone()),
-                resource_version: current.as_ref().and_then(|l| l.metadata.resource_version.clone()),
                 ..ObjectMeta::default()
-            },
+            }),
             spec: Some(LeaseSpec {
                 holder_identity: Some(self.identity.clone()),
                 lease_duration_seconds: Some(self.config.lease_duration.as_secs().max(1) as i32),

@@ -100,7 +100,7 @@ impl Prober {
             let ok = probed.is_ok();
             if ok {
                 failures = 0;
-                if !ready && gate.set_ready(endpoint, true) {
+                if !ready && self.idle_before_first_use(&gate, endpoint, addr).await && gate.set_ready(endpoint, true) {
                     tracing::info!(%addr, "endpoint ready");
                 }
             } else {
@@ -113,6 +113,21 @@ impl Prober {
             let period = if now_ready { self.readiness.ready_period } else { self.readiness.period };
             tokio::time::sleep(period).await;
         }
+    }
+
+    /// A pod sdgate has never used may be busy with someone else's job (a
+    /// replica that just lost its lease, an sdgate restarted with requests
+    /// in flight): before its first request it must pass the idle check too.
+    async fn idle_before_first_use(&self, gate: &Endpoints, endpoint: EndpointId, addr: SocketAddr) -> bool {
+        if gate.ever_served(endpoint) {
+            return true;
+        }
+        let Some(path) = gate.idle_check_path() else { return true };
+        let idle = crate::quarantine::is_idle(&self.client, addr, &path).await;
+        if !idle {
+            tracing::info!(%addr, "endpoint answers but is busy with a job sdgate did not send: waiting until it is idle");
+        }
+        idle
     }
 
     /// One probe: TCP connect, or HTTP GET expecting 2xx, within the timeout.

@@ -44,6 +44,11 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Keeps `slot` until its pod is idle (see the module docs); without a
 /// policy (`idle_check: null`) the slot is freed at once.
 pub fn hold(slot: Slot, why: &'static str) {
+    // A bypass request (progress poll, static file) holds no slot: its pod
+    // is busy with someone else's job, which is not sdgate's to judge.
+    if !slot.is_armed() {
+        return;
+    }
     let gate = slot.gate().clone();
     let Some(policy) = gate.quarantine_policy() else { return };
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
@@ -53,14 +58,19 @@ pub fn hold(slot: Slot, why: &'static str) {
     let failures = gate.record_failure(endpoint);
     tracing::warn!(pod = %addr, why, "pod may still be working: quarantined until an idle check passes");
     runtime.spawn(async move {
-        let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-        if let Some(path) = &policy.interrupt {
+        let client = client();
+        // Interrupt only a job that is surely this exchange's: the pod holds
+        // no other request of sdgate's.
+        let alone = gate.inspect(|g| g.endpoint(endpoint).is_some_and(|e| e.inflight == 1));
+        if let (Some(path), true) = (&policy.interrupt, alone) {
             send(&client, addr, http::Method::POST, path).await;
         }
         let started = Instant::now();
         let mut failed = false;
         loop {
-            if gate.inspect(|g| g.endpoint(endpoint).is_none()) {
+            // Gone, or on its way out and past the timeout: nothing more to wait for.
+            let leaving = gate.inspect(|g| g.endpoint(endpoint).is_none_or(|e| e.draining));
+            if leaving && (failed || gate.inspect(|g| g.endpoint(endpoint).is_none())) {
                 break;
             }
             if is_idle(&client, addr, &policy.check.path).await {
@@ -116,22 +126,36 @@ async fn send(
     tokio::time::timeout(CHECK_TIMEOUT, attempt).await.unwrap_or(Reply::Nothing)
 }
 
-/// Idle: 2xx (with the WebUI's progress JSON, `state.job_count` 0), 404 (no
-/// such API), or nothing listening (the job died with its process).
-async fn is_idle(client: &Client<HttpConnector, Empty<Bytes>>, addr: SocketAddr, path: &str) -> bool {
+/// Idle: 2xx (with the WebUI's progress JSON, `state.job_count` exactly 0),
+/// 404/401/403/405 (no such API, or not ours to read: nothing more to learn),
+/// or nothing listening (the job died with its process).
+pub async fn is_idle(client: &Client<HttpConnector, Empty<Bytes>>, addr: SocketAddr, path: &str) -> bool {
     match send(client, addr, http::Method::GET, path).await {
-        Reply::Answer(StatusCode::NOT_FOUND, _) | Reply::Refused => true,
-        Reply::Answer(status, body) => status.is_success() && jobs_running(&body) == 0,
+        Reply::Answer(
+            StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::METHOD_NOT_ALLOWED,
+            _,
+        )
+        | Reply::Refused => true,
+        Reply::Answer(status, body) => status.is_success() && idle_progress(&body),
         Reply::Nothing => false,
     }
 }
 
-/// `state.job_count` of a WebUI progress answer (0 when there is none).
-fn jobs_running(body: &[u8]) -> u64 {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.pointer("/state/job_count").and_then(serde_json::Value::as_u64))
-        .unwrap_or(0)
+/// Whether a progress answer says no job runs. The WebUI sets
+/// `state.job_count` to -1 while a job starts (before the model and scripts
+/// are ready) and to the batch count while it runs: only 0 is idle. An
+/// answer that is not the WebUI's JSON says nothing either way: idle.
+fn idle_progress(body: &[u8]) -> bool {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else { return true };
+    match value.pointer("/state/job_count") {
+        None => true,
+        Some(count) => count.as_i64() == Some(0),
+    }
+}
+
+/// A client for idle checks.
+pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
 impl Policy {
@@ -147,8 +171,10 @@ mod tests {
 
     #[test]
     fn the_webui_progress_says_whether_a_job_runs() {
-        assert_eq!(jobs_running(br#"{"progress":0.5,"state":{"job_count":1}}"#), 1);
-        assert_eq!(jobs_running(br#"{"progress":0,"state":{"job_count":0}}"#), 0);
-        assert_eq!(jobs_running(b"ok"), 0);
+        assert!(!idle_progress(br#"{"progress":0.5,"state":{"job_count":1}}"#));
+        assert!(!idle_progress(br#"{"progress":0,"state":{"job_count":-1}}"#), "a job starting");
+        assert!(idle_progress(br#"{"progress":0,"state":{"job_count":0}}"#));
+        assert!(idle_progress(b"ok"));
+        assert!(idle_progress(br#"{"status":"fine"}"#));
     }
 }

@@ -355,6 +355,11 @@ impl Slot {
         self.grant.addr
     }
 
+    /// Holds a pod's room (false for a bypass request's stand-in).
+    pub fn is_armed(&self) -> bool {
+        self.armed
+    }
+
     /// Frees the slot of an exchange the pod answered in full.
     pub fn answered(mut self) {
         self.answered = true;

@@ -198,3 +198,25 @@ async fn a_body_too_slow_is_408_and_a_broken_one_400_never_the_pods_fault() {
         assert_eq!(metric(gateway.admin, &series).await, Some(0.0), "{series}");
     }
 }
+
+/// A pod busy with a job sdgate did not send (a replica that lost its lease,
+/// an sdgate restarted mid-generation) gets its first request only once idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_found_busy_gets_its_first_request_only_once_idle() {
+    let workers = sims(1, fast_sim(20)).await;
+    let worker = workers[0].addr;
+    let client = client();
+    let stranger = {
+        let client = client.clone();
+        tokio::spawn(async move { send(&client, txt2img(worker, "someone else's", 25)).await.status })
+    };
+    eventually("the stranger's job running", || {
+        let running = workers[0].stats().inflight == 1;
+        async move { running }
+    })
+    .await;
+    let gateway = TestGateway::in_front_of(&[worker], 1, "").await;
+    assert_eq!(send(&client, txt2img(gateway.addr, "ours", 2)).await.status.as_u16(), 200);
+    assert_eq!(stranger.await.unwrap().as_u16(), 200);
+    assert_no_overlap(&[workers[0].stats()]);
+}

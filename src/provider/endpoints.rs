@@ -59,6 +59,11 @@ impl Endpoints {
         self.gate.inspect(|g| g.endpoint(id).is_some_and(|e| e.ready || e.served > 0))
     }
 
+    /// The service's idle-check path, if it has one.
+    pub fn idle_check_path(&self) -> Option<String> {
+        self.gate.quarantine_policy().map(|policy| policy.check.path.clone())
+    }
+
     /// Some endpoint may take requests.
     pub fn any_ready(&self) -> bool {
         self.gate.inspect(|g| g.ready_count() > 0)

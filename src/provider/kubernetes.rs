@@ -141,6 +141,7 @@ impl Kubernetes {
             hold_down_until: Instant::now() + service.scale.stable_window,
             draining: BTreeSet::new(),
             retry_at: None,
+            scaled_away: BTreeMap::new(),
         };
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -317,7 +318,12 @@ impl State {
             if conditions.and_then(|c| c.terminating) == Some(true) && !entry.terminating {
                 entry.terminating = true;
                 self.endpoints.set_draining(*id);
-            } else if conditions.and_then(|c| c.ready) == Some(true) && self.endpoints.is_ready(*id) == Some(false) {
+            } else if conditions.and_then(|c| c.ready) == Some(true)
+                && self.endpoints.is_ready(*id) == Some(false)
+                && !self.endpoints.ever_served(*id)
+            {
+                // Only a pod's first readiness: later, sdgate's own verdicts
+                // (refused connections, passive health, the probe) stand.
                 self.endpoints.set_ready(*id, true);
             }
         }
@@ -343,13 +349,20 @@ struct Scaler {
     draining: BTreeSet<String>,
     /// After a failed patch, the next try waits until then.
     retry_at: Option<Instant>,
+    /// Drained pods whose replicas were lowered, until the ReplicaSet
+    /// deletes them (or keeps them: see `settle_scaled_away`).
+    scaled_away: BTreeMap<String, Instant>,
 }
+
+/// How long a pod scaled away may stay undeleted before it serves again.
+const SCALED_AWAY_GRACE: Duration = Duration::from_secs(10);
 
 impl Scaler {
     async fn reconcile(&mut self, desired: u32, state: &mut State) {
         if self.external {
             return;
         }
+        self.settle_scaled_away(state).await;
         if desired >= self.spec {
             self.cancel_scale_down(state).await;
             if desired > self.spec {
@@ -361,18 +374,77 @@ impl Scaler {
         if Instant::now() < self.hold_down_until {
             return;
         }
-        let surplus = (self.spec - desired) as usize;
+        // Never drain more pods than exist beyond the desired count (a
+        // Deployment short of its replicas), nor more than are surplus.
+        let live = state.live().filter(|(name, _)| !self.scaled_away.contains_key(*name)).count();
+        let surplus = ((self.spec - desired) as usize).min(live.saturating_sub(desired as usize));
         self.draining.retain(|name| state.pods.get(name).is_some_and(|p| !p.terminating));
+        while self.draining.len() > surplus {
+            // Demand came back part of the way: the last chosen serve again.
+            let Some(name) = self.draining.iter().next_back().cloned() else { break };
+            self.draining.remove(&name);
+            self.restore(&name, state).await;
+        }
         if self.draining.len() < surplus {
             self.choose_drained(surplus - self.draining.len(), state).await;
         }
-        let all_idle = self.draining.iter().all(|name| {
-            state.pods.get(name).and_then(|p| p.endpoint.as_ref()).is_none_or(|(id, _)| state.endpoints.is_idle(*id))
-        });
-        if all_idle {
-            self.patch_replicas(desired, state).await;
-            self.draining.clear();
+        // Lower replicas by the drained pods that are idle now; busy ones
+        // follow once they are.
+        let idle: Vec<String> = self
+            .draining
+            .iter()
+            .filter(|name| {
+                state
+                    .pods
+                    .get(*name)
+                    .and_then(|p| p.endpoint.as_ref())
+                    .is_none_or(|(id, _)| state.endpoints.is_idle(*id))
+            })
+            .cloned()
+            .collect();
+        if idle.is_empty() {
+            return;
         }
+        let target = self.spec.saturating_sub(idle.len() as u32).max(desired);
+        if self.patch_replicas(target, state).await {
+            let now = Instant::now();
+            for name in idle {
+                self.draining.remove(&name);
+                self.scaled_away.insert(name, now);
+            }
+        }
+    }
+
+    /// Pods scaled away that the ReplicaSet did not delete (it ranks
+    /// not-ready pods before the deletion cost): after a grace, they serve
+    /// again, so no live pod stays drained for good.
+    async fn settle_scaled_away(&mut self, state: &mut State) {
+        self.scaled_away.retain(|name, _| state.pods.get(name).is_some_and(|p| !p.terminating));
+        let now = Instant::now();
+        let kept: Vec<String> = self
+            .scaled_away
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) > SCALED_AWAY_GRACE)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in kept {
+            self.scaled_away.remove(&name);
+            tracing::info!(service = %state.service, pod = %name, "pod kept by the ReplicaSet: serving again");
+            self.restore(&name, state).await;
+        }
+    }
+
+    /// Already chosen for a scale-down.
+    fn taken(&self, name: &str) -> bool {
+        self.draining.contains(name) || self.scaled_away.contains_key(name)
+    }
+
+    /// A drained pod serves again, at the default deletion cost.
+    async fn restore(&self, name: &str, state: &mut State) {
+        if let Some((id, _)) = state.pods.get(name).filter(|p| !p.terminating).and_then(|p| p.endpoint.as_ref()) {
+            state.endpoints.undrain(*id);
+        }
+        self.set_deletion_cost(name, None).await;
     }
 
     /// Picks `count` more pods to scale away (shared drain policy; pods with
@@ -380,12 +452,12 @@ impl Scaler {
     async fn choose_drained(&mut self, count: usize, state: &mut State) {
         let mut order: Vec<String> = state
             .live()
-            .filter(|(name, p)| p.endpoint.is_none() && !self.draining.contains(*name))
+            .filter(|(name, p)| p.endpoint.is_none() && !self.taken(name))
             .map(|(name, _)| name.clone())
             .collect();
         let candidates: Vec<(String, EndpointId)> = state
             .live()
-            .filter(|(name, _)| !self.draining.contains(*name))
+            .filter(|(name, _)| !self.taken(name))
             .filter_map(|(name, p)| p.endpoint.as_ref().map(|(id, _)| (name.clone(), *id)))
             .collect();
         order.extend(state.endpoints.drain_order(&candidates));
@@ -402,10 +474,7 @@ impl Scaler {
     /// Demand came back before the drained pods were scaled away: they serve again.
     async fn cancel_scale_down(&mut self, state: &mut State) {
         for name in std::mem::take(&mut self.draining) {
-            if let Some((id, _)) = state.pods.get(&name).filter(|p| !p.terminating).and_then(|p| p.endpoint.as_ref()) {
-                state.endpoints.undrain(*id);
-            }
-            self.set_deletion_cost(&name, None).await;
+            self.restore(&name, state).await;
         }
     }
 
@@ -416,9 +485,10 @@ impl Scaler {
         }
     }
 
-    async fn patch_replicas(&mut self, replicas: u32, state: &State) {
+    /// Sets `spec.replicas`; whether it was set.
+    async fn patch_replicas(&mut self, replicas: u32, state: &State) -> bool {
         if self.retry_at.is_some_and(|at| Instant::now() < at) {
-            return;
+            return false;
         }
         let patch = json!({ "spec": { "replicas": replicas } });
         match self.deployments.patch_scale(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
@@ -426,6 +496,8 @@ impl Scaler {
                 tracing::info!(service = %state.service, deployment = %self.name, from = self.spec, to = replicas, "scaled deployment");
                 self.spec = replicas;
                 self.retry_at = None;
+                state.endpoints.report_error(None);
+                true
             }
             Err(error) => {
                 self.retry_at = Some(Instant::now() + Duration::from_secs(1));
@@ -433,6 +505,7 @@ impl Scaler {
                 state
                     .endpoints
                     .report_error(Some(format!("kubernetes backend: cannot scale deployment {}: {error}", self.name)));
+                false
             }
         }
     }
