@@ -186,26 +186,24 @@ impl SharedGate {
     /// Stops giving an endpoint new requests (scale-down); waiters pinned to
     /// it may now go elsewhere.
     pub fn set_draining(self: &Arc<Self>, id: EndpointId) {
-        let mut gate = self.lock();
-        gate.set_draining(id);
-        self.hand_out(&mut gate);
-        self.publish(&gate);
-        self.publish_endpoints(&gate);
+        self.change_endpoints(|gate| gate.set_draining(id));
     }
 
     /// See [`Gate::quarantine`]; an endpoint out of quarantine takes waiters at once.
     pub fn quarantine(self: &Arc<Self>, id: EndpointId, on: bool) {
-        let mut gate = self.lock();
-        gate.quarantine(id, on);
-        self.hand_out(&mut gate);
-        self.publish(&gate);
-        self.publish_endpoints(&gate);
+        self.change_endpoints(|gate| gate.quarantine(id, on));
     }
 
     /// Takes a drained endpoint back; it takes waiters at once.
     pub fn undrain(self: &Arc<Self>, id: EndpointId) {
+        self.change_endpoints(|gate| gate.undrain(id));
+    }
+
+    /// Changes the endpoints, then gives any room that frees to waiters (or
+    /// moves waiters pinned to a pod that stopped serving) and publishes.
+    fn change_endpoints(self: &Arc<Self>, change: impl FnOnce(&mut Gate<Waiter>)) {
         let mut gate = self.lock();
-        gate.undrain(id);
+        change(&mut gate);
         self.hand_out(&mut gate);
         self.publish(&gate);
         self.publish_endpoints(&gate);
@@ -228,11 +226,9 @@ impl SharedGate {
 
     /// Forgets an endpoint; waiters pinned to it may now go elsewhere.
     pub fn remove_endpoint(self: &Arc<Self>, id: EndpointId) {
-        let mut gate = self.lock();
-        gate.remove_endpoint(id);
-        self.hand_out(&mut gate);
-        self.publish(&gate);
-        self.publish_endpoints(&gate);
+        self.change_endpoints(|gate| {
+            gate.remove_endpoint(id);
+        });
     }
 
     /// Marks an endpoint ready or not; a newly ready one takes waiters at once.

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::os::unix::process::CommandExt as _;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -21,16 +19,7 @@ async fn under_a_soft_limit_of_1024_sdgate_holds_five_thousand_waiting_clients()
     let config = TempFile::new("yaml", &config_yaml(&[workers[0].addr], 1, ""));
     let mut command = std::process::Command::new(sdgate_bin());
     command.arg("--config").arg(&config.path).env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(Stdio::null());
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child before exec.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit { rlim_cur: 1024, rlim_max: 20000 };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    with_open_files_limit(&mut command, 1024, 20000);
     let mut child = tokio::process::Command::from(command).kill_on_drop(true).spawn().expect("start sdgate");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let (mut addr, mut admin, mut limit_line) = (None, None, None);
@@ -88,11 +77,4 @@ fn raise_own_limit(want: u64) {
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
-}
-
-fn address_after(line: &str, key: &str) -> Option<SocketAddr> {
-    let start = line.find(key)? + key.len();
-    let rest = line[start..].trim_start_matches('"');
-    let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
-    rest[..end].parse().ok()
 }

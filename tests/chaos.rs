@@ -755,7 +755,7 @@ impl Gateway {
             while let Ok(Some(line)) = lines.next_line().await {
                 let _ = writeln!(file, "{line}");
                 if line.contains("sdgate listening") {
-                    return Some((field(&line, "listen=")?, field(&line, "admin=")?));
+                    return Some((address_after(&line, "listen=")?, address_after(&line, "admin=")?));
                 }
             }
             None
@@ -795,13 +795,6 @@ fn malloc_env() -> Vec<(&'static str, &'static str)> {
     } else {
         vec![("MALLOC_MMAP_THRESHOLD_", "131072")]
     }
-}
-
-fn field(line: &str, key: &str) -> Option<SocketAddr> {
-    let start = line.find(key)? + key.len();
-    let rest = line[start..].trim_start_matches('"');
-    let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
-    rest[..end].parse().ok()
 }
 
 /// Every series of a scrape, by its full name with labels.

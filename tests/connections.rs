@@ -143,38 +143,16 @@ async fn healthz(admin: SocketAddr) -> bool {
     tokio::time::timeout(Duration::from_secs(1), attempt).await.ok().flatten().unwrap_or(false)
 }
 
-fn address_after(line: &str, key: &str) -> Option<SocketAddr> {
-    let start = line.find(key)? + key.len();
-    let rest = line[start..].trim_start_matches('"');
-    let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_hundred_silent_connections_under_a_256_descriptor_limit() {
     const SILENT: usize = 300;
     let workers = sims(1, fast_sim(1)).await;
     let yaml = format!("threads: 2\n{}", limits_yaml("header_read_timeout: 1s", &[workers[0].addr]));
     let config = TempFile::new("yaml", &yaml);
-    let mut command = tokio::process::Command::new(sdgate_bin());
-    command
-        .arg("--config")
-        .arg(&config.path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child before exec.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit { rlim_cur: 256, rlim_max: 256 };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().expect("start sdgate");
+    let mut command = std::process::Command::new(sdgate_bin());
+    command.arg("--config").arg(&config.path).env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(Stdio::piped());
+    with_open_files_limit(&mut command, 256, 256);
+    let mut child = tokio::process::Command::from(command).kill_on_drop(true).spawn().expect("start sdgate");
     let pid = child.id().expect("pid");
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     for output in [
@@ -268,6 +246,10 @@ async fn three_hundred_silent_connections_under_a_256_descriptor_limit() {
         assert!(count <= allowed, "{count} lines about {what:?} in {elapsed:?}:\n{}", lines.join("\n"));
     }
     let slowest = closed.iter().flatten().max().copied();
-    eprintln!("window {elapsed:?}, cpu {:.1}%, slowest close {slowest:?}, {probes} healthz probes, lines:\n{}", cpu * 100.0, lines.join("\n"));
+    eprintln!(
+        "window {elapsed:?}, cpu {:.1}%, slowest close {slowest:?}, {probes} healthz probes, lines:\n{}",
+        cpu * 100.0,
+        lines.join("\n")
+    );
     let _ = child.start_kill();
 }

@@ -261,8 +261,8 @@ impl GatewayProcess {
         let found = tokio::time::timeout(Duration::from_secs(20), async {
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.contains("sdgate listening") {
-                    addr = field(&line, "listen=");
-                    admin = field(&line, "admin=");
+                    addr = address_after(&line, "listen=");
+                    admin = address_after(&line, "admin=");
                     break;
                 }
             }
@@ -284,7 +284,8 @@ impl GatewayProcess {
     }
 }
 
-fn field(line: &str, key: &str) -> Option<SocketAddr> {
+/// The address after `key` (`listen=`, `admin=`) in a log line.
+pub fn address_after(line: &str, key: &str) -> Option<SocketAddr> {
     let start = line.find(key)? + key.len();
     let rest = line[start..].trim_start_matches('"');
     let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
@@ -376,4 +377,19 @@ pub fn pool_yaml(marker: &str, port_base: u16, startup: &str, scale: &str, extra
         "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ndrain_timeout: 10s\nservices:\n  - name: sd\n    hosts: [\"{HOST}\"]\n    container_concurrency: 1\n    readiness: {{ http: /internal/ping, period: 20ms }}\n    scale: {{ {scale} }}\n    backend:\n      process:\n        command: [\"{}\", \"sim\", \"--port\", \"{{port}}\", \"--startup-delay\", \"{startup}\", \"--step-time\", \"10ms\", \"--name\", \"{marker}-{{index}}\"]\n        port_base: {port_base}\n        stop_grace: 2s\n{extra}",
         sdgate_bin()
     )
+}
+
+/// Starts `command` with this open-files limit (soft, hard).
+pub fn with_open_files_limit(command: &mut std::process::Command, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child before exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
