@@ -80,6 +80,30 @@ pub async fn run(config: LeaderElection, active: watch::Sender<bool>) -> Result<
     }
 }
 
+/// Gives the lease up after a graceful shutdown (its requests drained), so a
+/// standby takes over at its next try instead of after `lease_duration`.
+/// Only if this replica still holds it; errors are logged, never fatal.
+pub async fn release(config: &LeaderElection) {
+    let identity = config.identity();
+    let attempt = async {
+        let client = crate::provider::kubernetes::client(config.kubeconfig.as_deref()).await?;
+        let api = Api::<Lease>::namespaced(client, &config.namespace);
+        let Some(mut lease) = api.get_opt(&config.lease).await? else { return Ok(false) };
+        let Some(spec) = lease.spec.as_mut().filter(|s| s.holder_identity.as_deref() == Some(identity.as_str())) else {
+            return Ok(false);
+        };
+        spec.holder_identity = None;
+        api.replace(&config.lease, &PostParams::default(), &lease).await?;
+        anyhow::Ok(true)
+    };
+    match tokio::time::timeout(config.renew_period, attempt).await {
+        Ok(Ok(true)) => tracing::info!(lease = %config.lease, %identity, "leader election: lease released"),
+        Ok(Ok(false)) => {}
+        Ok(Err(error)) => tracing::warn!(error = %format!("{error:#}"), "leader election: cannot release the lease"),
+        Err(_) => tracing::warn!("leader election: the API did not answer the lease release in time"),
+    }
+}
+
 struct Elector {
     api: Api<Lease>,
     config: LeaderElection,

@@ -225,8 +225,12 @@ impl Gateway {
         if let Some(task) = election {
             task.abort();
         }
+        let was_active = control.is_some();
         if let Some(control) = control {
             control.stop().await;
+        }
+        if let (Some(election), true) = (&config.leader_election, was_active) {
+            leader::release(election).await;
         }
         Ok(())
     }

@@ -200,3 +200,41 @@ async fn two_replicas_one_lease_the_standby_takes_over_when_the_holder_is_killed
     no_overlap_anywhere(&cluster);
     verbs_within_rbac(&cluster);
 }
+
+/// A holder stopped with SIGTERM drains, then gives the lease up: the
+/// standby takes over at its next try, not after `lease_duration`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_stopped_gracefully_releases_the_lease_at_once() {
+    let cluster = FakeCluster::start(ClusterOptions::default()).await;
+    let scale = "min: 1, max: 2, stable_window: 60s, panic_window: 6s, tick: 200ms";
+    let election = |name: &str| {
+        format!(
+            "leader_election: {{ lease: sdgate, identity: {name}, lease_duration: 10s, renew_period: 500ms, kubeconfig: \"{}\" }}\n",
+            cluster.kubeconfig_path().display()
+        )
+    };
+    let a = GatewayProcess::start(&kube_yaml(&cluster, scale, &election("a"))).await;
+    let b = GatewayProcess::start(&kube_yaml(&cluster, scale, &election("b"))).await;
+    let client = client();
+    let ready = |admin| {
+        let client = client.clone();
+        async move { send(&client, get(admin, "/readyz")).await.status.as_u16() == 200 }
+    };
+    eventually("one replica active", || {
+        let (ra, rb) = (ready(a.admin), ready(b.admin));
+        async move { ra.await ^ rb.await }
+    })
+    .await;
+    let (mut leader, standby) = if ready(a.admin).await { (a, b) } else { (b, a) };
+    assert_eq!(send(&client, txt2img(leader.addr, "before", 2)).await.status.as_u16(), 200);
+    leader.signal("TERM");
+    let stopped = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(15), leader.child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "a graceful exit");
+    eventually_within(Duration::from_secs(15), "the standby active", || ready(standby.admin)).await;
+    let takeover = stopped.elapsed();
+    println!("takeover after SIGTERM: {takeover:?}");
+    assert!(takeover < Duration::from_secs(5), "released, not expired: {takeover:?} (lease_duration 10 s)");
+    assert_eq!(send(&client, txt2img(standby.addr, "after", 2)).await.status.as_u16(), 200);
+    no_overlap_anywhere(&cluster);
+}
