@@ -238,3 +238,24 @@ async fn a_holder_stopped_gracefully_releases_the_lease_at_once() {
     assert_eq!(send(&client, txt2img(standby.addr, "after", 2)).await.status.as_u16(), 200);
     no_overlap_anywhere(&cluster);
 }
+
+/// No API to talk to: waiting requests are told why no pod comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_api_server_waiting_requests_are_told_why() {
+    let port = free_port().await;
+    let kubeconfig = TempFile::new(
+        "yaml",
+        &format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{ server: \"http://127.0.0.1:{port}\" }}\ncontexts:\n- name: c\n  context: {{ cluster: c, user: u }}\ncurrent-context: c\nusers:\n- name: u\n  user: {{}}\n"
+        ),
+    );
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: sd\n    hosts: [\"{HOST}\"]\n    queue: {{ timeout: 1s }}\n    backend: {{ kubernetes: {{ deployment: sd, port: 7860, kubeconfig: \"{}\" }} }}\n",
+        kubeconfig.path.display()
+    );
+    let gateway = TestGateway::start(&yaml).await;
+    let answer = send(&client(), txt2img(gateway.addr, "nobody home", 1)).await;
+    answer.assert_json_error(504);
+    let error = answer.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("kubernetes backend"), "{error}");
+}

@@ -145,11 +145,25 @@ impl Kubernetes {
         };
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut watch_failing = false;
         loop {
             tokio::select! {
                 Some(event) = pod_events.next() => match event {
-                    Ok(event) => state.on_pod_event(event),
-                    Err(error) => tracing::warn!(service = %state.service, %error, "pod watch failed; retrying"),
+                    Ok(event) => {
+                        if matches!(event, watcher::Event::InitDone) && watch_failing {
+                            watch_failing = false;
+                            endpoints.report_error(None);
+                        }
+                        state.on_pod_event(event);
+                    }
+                    Err(error) => {
+                        tracing::warn!(service = %state.service, %error, "pod watch failed; retrying");
+                        // Requests waiting for a pod are told why none comes (RBAC, API down...).
+                        if !endpoints.any_ready() {
+                            watch_failing = true;
+                            endpoints.report_error(Some(format!("kubernetes backend: cannot watch pods: {error}")));
+                        }
+                    }
                 },
                 Some(event) = slice_events.next() => match event {
                     Ok(event) => state.on_slice_event(event),
