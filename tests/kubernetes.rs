@@ -157,31 +157,42 @@ async fn a_watch_expired_with_410_relists_without_duplicate_or_lost_endpoints() 
     assert_eq!(send(&client(), txt2img(gateway.addr, "after 410", 1)).await.status.as_u16(), 200);
 }
 
+/// Whether a gateway's `/readyz` answers 200 (the lease holder).
+async fn is_ready(admin: std::net::SocketAddr) -> bool {
+    send(&client(), get(admin, "/readyz")).await.status.as_u16() == 200
+}
+
+/// Two sdgate processes on one Lease; returns (holder, standby) once exactly
+/// one of them is active.
+async fn two_replicas(cluster: &FakeCluster, scale: &str, lease: &str) -> (GatewayProcess, GatewayProcess) {
+    let election = |name: &str| {
+        format!(
+            "leader_election: {{ lease: sdgate, identity: {name}, {lease}, kubeconfig: \"{}\" }}\n",
+            cluster.kubeconfig_path().display()
+        )
+    };
+    let a = GatewayProcess::start(&kube_yaml(cluster, scale, &election("a"))).await;
+    let b = GatewayProcess::start(&kube_yaml(cluster, scale, &election("b"))).await;
+    eventually("one replica active", || {
+        let (ra, rb) = (is_ready(a.admin), is_ready(b.admin));
+        async move { ra.await ^ rb.await }
+    })
+    .await;
+    if is_ready(a.admin).await {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
 /// Two sdgate processes, one Lease: only the holder serves; kill it and the
 /// other takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_one_lease_the_standby_takes_over_when_the_holder_is_killed() {
     let cluster = FakeCluster::start(ClusterOptions::default()).await;
     let scale = "min: 1, max: 3, stable_window: 60s, panic_window: 6s, tick: 200ms";
-    let election = |name: &str| {
-        format!(
-            "leader_election: {{ lease: sdgate, identity: {name}, lease_duration: 2s, renew_period: 500ms, kubeconfig: \"{}\" }}\n",
-            cluster.kubeconfig_path().display()
-        )
-    };
-    let a = GatewayProcess::start(&kube_yaml(&cluster, scale, &election("a"))).await;
-    let b = GatewayProcess::start(&kube_yaml(&cluster, scale, &election("b"))).await;
+    let (mut leader, standby) = two_replicas(&cluster, scale, "lease_duration: 2s, renew_period: 500ms").await;
     let client = client();
-    let ready = |admin| {
-        let client = client.clone();
-        async move { send(&client, get(admin, "/readyz")).await.status.as_u16() == 200 }
-    };
-    eventually("one replica active", || {
-        let (ra, rb) = (ready(a.admin), ready(b.admin));
-        async move { ra.await ^ rb.await }
-    })
-    .await;
-    let (mut leader, standby) = if ready(a.admin).await { (a, b) } else { (b, a) };
     assert_eq!(send(&client, txt2img(leader.addr, "to the leader", 2)).await.status.as_u16(), 200);
     send(&client, txt2img(standby.addr, "to the standby", 2)).await.assert_json_error(503);
     let holder = cluster.lease("sdgate").and_then(|l| l.spec).and_then(|s| s.holder_identity);
@@ -190,7 +201,7 @@ async fn two_replicas_one_lease_the_standby_takes_over_when_the_holder_is_killed
     leader.child.start_kill().unwrap();
     let killed = Instant::now();
     let _ = leader.child.wait().await;
-    eventually_within(Duration::from_secs(15), "the standby active", || ready(standby.admin)).await;
+    eventually_within(Duration::from_secs(15), "the standby active", || is_ready(standby.admin)).await;
     let takeover = killed.elapsed();
     println!("takeover after SIGKILL: {takeover:?}");
     // lease_duration + 2 x renew_period, plus the probe of the pods.
@@ -207,31 +218,14 @@ async fn two_replicas_one_lease_the_standby_takes_over_when_the_holder_is_killed
 async fn a_holder_stopped_gracefully_releases_the_lease_at_once() {
     let cluster = FakeCluster::start(ClusterOptions::default()).await;
     let scale = "min: 1, max: 2, stable_window: 60s, panic_window: 6s, tick: 200ms";
-    let election = |name: &str| {
-        format!(
-            "leader_election: {{ lease: sdgate, identity: {name}, lease_duration: 10s, renew_period: 500ms, kubeconfig: \"{}\" }}\n",
-            cluster.kubeconfig_path().display()
-        )
-    };
-    let a = GatewayProcess::start(&kube_yaml(&cluster, scale, &election("a"))).await;
-    let b = GatewayProcess::start(&kube_yaml(&cluster, scale, &election("b"))).await;
+    let (mut leader, standby) = two_replicas(&cluster, scale, "lease_duration: 10s, renew_period: 500ms").await;
     let client = client();
-    let ready = |admin| {
-        let client = client.clone();
-        async move { send(&client, get(admin, "/readyz")).await.status.as_u16() == 200 }
-    };
-    eventually("one replica active", || {
-        let (ra, rb) = (ready(a.admin), ready(b.admin));
-        async move { ra.await ^ rb.await }
-    })
-    .await;
-    let (mut leader, standby) = if ready(a.admin).await { (a, b) } else { (b, a) };
     assert_eq!(send(&client, txt2img(leader.addr, "before", 2)).await.status.as_u16(), 200);
     leader.signal("TERM");
     let stopped = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(15), leader.child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "a graceful exit");
-    eventually_within(Duration::from_secs(15), "the standby active", || ready(standby.admin)).await;
+    eventually_within(Duration::from_secs(15), "the standby active", || is_ready(standby.admin)).await;
     let takeover = stopped.elapsed();
     println!("takeover after SIGTERM: {takeover:?}");
     assert!(takeover < Duration::from_secs(5), "released, not expired: {takeover:?} (lease_duration 10 s)");
