@@ -1,5 +1,6 @@
 //! The admin listener: `/` (the dashboard page), `/status` (JSON),
-//! `/metrics`, `/healthz`, `/readyz`.
+//! `/status/history` (the last minutes of the charted figures), `/metrics`,
+//! `/healthz`, `/readyz`.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,13 +14,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
 use crate::body::{self, ResponseBody};
 use crate::proxy::Proxy;
 use crate::server::{out_of_descriptors, AcceptErrors};
-use crate::status::Status;
+use crate::status::{History, Status};
 
-/// The dashboard: one self-contained page (no CDN) that polls `/status`.
+/// The dashboard: one self-contained page (no CDN) that starts its charts
+/// from `/status/history` and polls `/status`.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Serves the admin listener until the task is aborted.
@@ -30,8 +33,12 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 /// admin connection when an accept fails for want of one; it takes the
 /// reserve back once a descriptor is free again. Other failed accepts
 /// pause 50 ms and are logged at most once a second.
+///
+/// It also runs the [`History`] sampler, which stops with it.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<AtomicBool>) {
     let started = Instant::now();
+    let history = Arc::new(History::new(&proxy));
+    let _sampler = AbortOnDrop(tokio::spawn(history.clone().run(proxy.clone())));
     let mut reserve = std::fs::File::open("/dev/null").ok();
     let mut errors = AcceptErrors::new("admin");
     loop {
@@ -63,9 +70,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<Atomi
         };
         let proxy = proxy.clone();
         let draining = draining.clone();
+        let history = history.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = answer(&request, &proxy, &draining, started);
+                let response = answer(&request, &proxy, &history, &draining, started);
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
@@ -73,9 +81,19 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<Atomi
     }
 }
 
+/// Aborts a task when dropped: the sampler ends with the listener's task.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn answer(
     request: &Request<Incoming>,
     proxy: &Proxy,
+    history: &History,
     draining: &AtomicBool,
     started: Instant,
 ) -> Response<ResponseBody> {
@@ -84,6 +102,10 @@ fn answer(
         "/status" => {
             let status = serde_json::to_vec(&Status::of(proxy, started)).unwrap_or_default();
             with_type(Response::new(body::full(status)), "application/json")
+        }
+        "/status/history" => {
+            let report = serde_json::to_vec(&history.report(Instant::now())).unwrap_or_default();
+            with_type(Response::new(body::full(report)), "application/json")
         }
         "/metrics" => {
             with_type(Response::new(body::full(proxy.metrics().render())), "text/plain; version=0.0.4; charset=utf-8")

@@ -11,10 +11,13 @@ use sdgate::{Config, Gateway};
 #[derive(Parser)]
 #[command(name = "sdgate", version)]
 struct Cli {
-    /// YAML config file; without it, the built-in default config is used.
-    #[arg(long, global = true)]
+    /// YAML config file of the gateway (and of `check`); without it, the
+    /// built-in default config is used.
+    // Not global: `sim` and `import-knative` read no config, so their help
+    // does not list it and they refuse it.
+    #[arg(long)]
     config: Option<PathBuf>,
-    /// Log line format.
+    /// Log line format (every command).
     #[arg(long, value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -24,13 +27,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate the config and print the effective config (defaults filled in).
-    Check,
+    Check {
+        /// YAML config file to check; without it, the built-in default config.
+        #[arg(long = "config", value_name = "CONFIG")]
+        file: Option<PathBuf>,
+    },
     /// Turn a Knative Service YAML (FILE, or - for stdin) into an sdgate config, printed on stdout.
     ImportKnative {
         /// The Knative Service YAML.
         file: PathBuf,
     },
-    /// Run one fake Stable Diffusion WebUI worker.
+    /// Run one fake Stable Diffusion WebUI worker (it reads no config file).
     Sim {
         /// Port to listen on.
         #[arg(long, default_value_t = 7860)]
@@ -83,6 +90,12 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let (Some(command), Some(_)) = (&cli.command, &cli.config) {
+        // `sdgate --config FILE sim`: the flag was written before the command.
+        if let Some(name) = command.reads_no_config() {
+            anyhow::bail!("--config does not apply to `sdgate {name}`, which reads no config file");
+        }
+    }
     match cli.command {
         Some(Command::Sim { port, host, step_time, image_bytes, startup_delay, name, cancel_on_disconnect }) => {
             let options = SimOptions { step_time, image_bytes, name, cancel_on_disconnect };
@@ -102,8 +115,11 @@ async fn run(cli: Cli) -> Result<()> {
             print!("{}", imported.to_yaml(&file.display().to_string())?);
             Ok(())
         }
-        Some(Command::Check) => {
-            let config = load(cli.config.as_ref())?;
+        Some(Command::Check { file }) => {
+            if file.is_some() && cli.config.is_some() {
+                anyhow::bail!("--config is given twice (before and after `check`)");
+            }
+            let config = load(file.or(cli.config).as_ref())?;
             print!("{}", config.to_yaml()?);
             Ok(())
         }
@@ -113,6 +129,17 @@ async fn run(cli: Cli) -> Result<()> {
             sdgate::server::raise_open_files_limit(config.services.iter().map(|s| s.queue.max_depth).sum());
             let gateway = Gateway::bind(config).await?;
             gateway.run(sdgate::server::shutdown_signal()).await
+        }
+    }
+}
+
+impl Command {
+    /// The name of a command that reads no config file.
+    fn reads_no_config(&self) -> Option<&'static str> {
+        match self {
+            Command::Check { .. } => None,
+            Command::ImportKnative { .. } => Some("import-knative"),
+            Command::Sim { .. } => Some("sim"),
         }
     }
 }

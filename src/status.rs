@@ -1,10 +1,17 @@
 //! The `/status` snapshot: per service, its endpoints, queue, replicas, last
 //! scale decision and recent request figures. The dashboard page renders it.
+//!
+//! [`History`] keeps the last five minutes of the figures the dashboard
+//! charts (`/status/history`), so a page opened now starts with them.
 
-use std::time::Instant;
+use std::borrow::Borrow;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::gate::EndpointId;
 use crate::metrics::RecentSummary;
 use crate::proxy::{Proxy, Service};
 
@@ -57,7 +64,9 @@ impl Status {
 }
 
 impl ServiceStatus {
-    fn of(service: &Service) -> Self {
+    /// `service` as the proxy holds it (`Borrow`: by value or in an `Arc`).
+    fn of(service: &impl Borrow<Service>) -> Self {
+        let service = service.borrow();
         let gate = &service.gate;
         let now = Instant::now();
         let (queue_depth, oldest_wait_seconds, inflight, ready_replicas, endpoints) = gate.inspect(|g| {
@@ -97,5 +106,309 @@ impl ServiceStatus {
             endpoints,
             recent: gate.recent.summary(),
         }
+    }
+}
+
+/// How often [`History::run`] samples every service.
+pub const HISTORY_PERIOD: Duration = Duration::from_secs(2);
+/// How far back [`History`] reaches.
+pub const HISTORY_SPAN: Duration = Duration::from_secs(300);
+
+/// The last [`HISTORY_SPAN`] of each service's charted figures, one sample
+/// every [`HISTORY_PERIOD`], so the dashboard's charts start with the recent
+/// past instead of empty.
+///
+/// Cost: one task samples every service (a gate lock and the recent-answers
+/// summary each, as one `/status` read does); nothing on the request path.
+/// Equal consecutive samples are stored once with a count, so an idle
+/// service keeps one entry however long it idles, and a busy one at most
+/// `HISTORY_SPAN / HISTORY_PERIOD + 1`.
+pub struct History {
+    tracks: Mutex<Vec<Track>>,
+}
+
+/// One service's samples, oldest first.
+struct Track {
+    name: String,
+    runs: VecDeque<Run>,
+}
+
+/// `count` equal samples in a row, from `first` to `last`.
+struct Run {
+    figures: Figures,
+    first: Instant,
+    last: Instant,
+    count: u32,
+}
+
+/// What the dashboard charts of one service at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Figures {
+    /// Answers per second over the last minute (as `/status`'s `recent`).
+    pub requests_per_second: f32,
+    /// Answers pods finished per second since the previous sample (null on
+    /// the first one).
+    pub served_per_second: Option<f32>,
+    pub queue_depth: u32,
+    pub inflight: u32,
+    pub desired_replicas: u32,
+    pub ready_replicas: u32,
+    /// Over the last minute; empty without answers.
+    pub latency_seconds: Latency,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Latency {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p95: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99: Option<f32>,
+}
+
+/// `/status/history`.
+#[derive(Serialize)]
+pub struct HistoryReport {
+    pub period_seconds: f64,
+    pub span_seconds: f64,
+    pub services: Vec<ServiceHistory>,
+}
+
+#[derive(Serialize)]
+pub struct ServiceHistory {
+    pub name: String,
+    /// Oldest first.
+    pub samples: Vec<HistorySample>,
+}
+
+#[derive(Serialize)]
+pub struct HistorySample {
+    /// How long before this answer the sample was taken (a clock-free time,
+    /// so a browser on another machine places it right).
+    pub age_seconds: f64,
+    #[serde(flatten)]
+    pub figures: Figures,
+}
+
+impl History {
+    pub fn new(proxy: &Proxy) -> Self {
+        let tracks = proxy
+            .services()
+            .iter()
+            .map(|service| Track { name: service.config.name.clone(), runs: VecDeque::new() })
+            .collect();
+        Self { tracks: Mutex::new(tracks) }
+    }
+
+    /// Samples every service each [`HISTORY_PERIOD`], the first one at once;
+    /// runs until aborted.
+    pub async fn run(self: Arc<Self>, proxy: Arc<Proxy>) {
+        let mut sampler = Sampler::default();
+        let mut tick = tokio::time::interval(HISTORY_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let figures = sampler.measure(&proxy, now);
+            self.record(&figures, now);
+        }
+    }
+
+    /// Adds one sample per service (in the order of [`History::new`]).
+    pub fn record(&self, figures: &[Figures], now: Instant) {
+        let mut tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
+        for (track, figures) in tracks.iter_mut().zip(figures) {
+            match track.runs.back_mut() {
+                Some(run) if run.figures == *figures => {
+                    run.last = now;
+                    run.count += 1;
+                }
+                _ => track.runs.push_back(Run { figures: *figures, first: now, last: now, count: 1 }),
+            }
+            let oldest = now.checked_sub(HISTORY_SPAN);
+            while track.runs.front().is_some_and(|run| oldest.is_some_and(|oldest| run.last < oldest)) {
+                track.runs.pop_front();
+            }
+        }
+    }
+
+    /// The samples of the last [`HISTORY_SPAN`], as of `now`.
+    pub fn report(&self, now: Instant) -> HistoryReport {
+        let tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
+        let services = tracks
+            .iter()
+            .map(|track| ServiceHistory { name: track.name.clone(), samples: track.samples(now) })
+            .collect();
+        HistoryReport {
+            period_seconds: HISTORY_PERIOD.as_secs_f64(),
+            span_seconds: HISTORY_SPAN.as_secs_f64(),
+            services,
+        }
+    }
+}
+
+impl Track {
+    /// Every sample, a run's spread evenly from its first to its last.
+    fn samples(&self, now: Instant) -> Vec<HistorySample> {
+        let mut samples = Vec::new();
+        for run in &self.runs {
+            let spread = run.last.duration_since(run.first);
+            for i in 0..run.count {
+                let at = if run.count == 1 { run.first } else { run.first + spread * i / (run.count - 1) };
+                let age = now.saturating_duration_since(at);
+                if age <= HISTORY_SPAN {
+                    // Milliseconds are plenty, and keep the JSON short.
+                    let age_seconds = (age.as_secs_f64() * 1000.0).round() / 1000.0;
+                    samples.push(HistorySample { age_seconds, figures: run.figures });
+                }
+            }
+        }
+        samples
+    }
+}
+
+/// What the sampler remembers between samples: each endpoint's `served`
+/// count, to turn it into a rate.
+#[derive(Default)]
+struct Sampler {
+    served: Vec<Vec<(EndpointId, u64)>>,
+    at: Option<Instant>,
+}
+
+impl Sampler {
+    fn measure(&mut self, proxy: &Proxy, now: Instant) -> Vec<Figures> {
+        let elapsed = self.at.map(|at| now.saturating_duration_since(at).as_secs_f64()).filter(|s| *s > 0.0);
+        self.at = Some(now);
+        let services = proxy.services();
+        self.served.resize_with(services.len(), Vec::new);
+        let mut figures = Vec::with_capacity(services.len());
+        for (service, served) in services.iter().zip(&mut self.served) {
+            figures.push(measure(service, served, elapsed));
+        }
+        figures
+    }
+}
+
+/// One service's figures; `served` (the endpoints' counts at the previous
+/// sample, sorted by id) is replaced by the current counts.
+fn measure(service: &Service, served: &mut Vec<(EndpointId, u64)>, elapsed: Option<f64>) -> Figures {
+    let gate = &service.gate;
+    let (queue_depth, inflight, ready_replicas, mut now_served) = gate.inspect(|g| {
+        let counts: Vec<(EndpointId, u64)> = g.endpoints().iter().map(|e| (e.id, e.served)).collect();
+        (g.queue_depth(), g.inflight(), g.ready_count(), counts)
+    });
+    now_served.sort_unstable_by_key(|(id, _)| *id);
+    let served_per_second = elapsed.map(|elapsed| {
+        // An endpoint added since the previous sample served all its count since then.
+        let grown: u64 = now_served
+            .iter()
+            .map(|(id, count)| {
+                let before = served.binary_search_by_key(id, |(id, _)| *id).map_or(0, |at| served[at].1);
+                count.saturating_sub(before)
+            })
+            .sum();
+        (grown as f64 / elapsed) as f32
+    });
+    *served = now_served;
+    let recent = gate.recent.summary();
+    let latency = |name: &str| recent.latency_seconds.get(name).map(|s| *s as f32);
+    Figures {
+        requests_per_second: recent.requests_per_second as f32,
+        served_per_second,
+        queue_depth: u32::try_from(queue_depth).unwrap_or(u32::MAX),
+        inflight,
+        desired_replicas: u32::try_from(gate.metrics().desired_replicas.get()).unwrap_or(0),
+        ready_replicas: u32::try_from(ready_replicas).unwrap_or(u32::MAX),
+        latency_seconds: Latency { p50: latency("p50"), p95: latency("p95"), p99: latency("p99") },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn track() -> History {
+        History { tracks: Mutex::new(vec![Track { name: "sd".into(), runs: VecDeque::new() }]) }
+    }
+
+    fn queue(depth: u32) -> Figures {
+        Figures {
+            requests_per_second: 0.0,
+            served_per_second: Some(0.0),
+            queue_depth: depth,
+            inflight: 0,
+            desired_replicas: 0,
+            ready_replicas: 0,
+            latency_seconds: Latency::default(),
+        }
+    }
+
+    fn depths(history: &History, now: Instant) -> Vec<(f64, u32)> {
+        let report = history.report(now);
+        report.services[0].samples.iter().map(|s| (s.age_seconds, s.figures.queue_depth)).collect()
+    }
+
+    #[test]
+    fn equal_samples_in_a_row_are_kept_once_and_reported_one_per_period() {
+        let history = track();
+        let start = Instant::now();
+        for i in 0..100 {
+            history.record(&[queue(0)], start + HISTORY_PERIOD * i);
+        }
+        assert_eq!(history.tracks.lock().unwrap()[0].runs.len(), 1, "an idle service keeps one entry");
+        history.record(&[queue(3)], start + HISTORY_PERIOD * 100);
+        let now = start + HISTORY_PERIOD * 100;
+        let samples = depths(&history, now);
+        assert_eq!(samples.len(), 101);
+        assert_eq!(samples[0], (200.0, 0), "oldest first, aged from now");
+        assert_eq!(samples[99], (2.0, 0));
+        assert_eq!(samples[100], (0.0, 3));
+    }
+
+    #[test]
+    fn samples_older_than_the_span_are_forgotten() {
+        let history = track();
+        let start = Instant::now();
+        let periods = (HISTORY_SPAN.as_secs() / HISTORY_PERIOD.as_secs()) as u32;
+        // Alternating figures: no two in a row are equal, the worst case.
+        for i in 0..3 * periods {
+            history.record(&[queue(i % 2)], start + HISTORY_PERIOD * i);
+        }
+        let now = start + HISTORY_PERIOD * (3 * periods - 1);
+        assert!(history.tracks.lock().unwrap()[0].runs.len() <= periods as usize + 1, "bounded");
+        let samples = depths(&history, now);
+        assert_eq!(samples.len(), periods as usize + 1);
+        assert_eq!(samples[0].0, HISTORY_SPAN.as_secs_f64());
+        // A long idle run that began before the span is clipped to it.
+        let history = track();
+        for i in 0..2 * periods {
+            history.record(&[queue(0)], start + HISTORY_PERIOD * i);
+        }
+        let samples = depths(&history, start + HISTORY_PERIOD * (2 * periods - 1));
+        assert_eq!(samples.len(), periods as usize + 1);
+        assert!(samples.iter().all(|(age, _)| *age <= HISTORY_SPAN.as_secs_f64()));
+    }
+
+    #[test]
+    fn the_report_is_the_json_the_dashboard_reads() {
+        let history = track();
+        let now = Instant::now();
+        let mut figures = queue(2);
+        figures.served_per_second = None;
+        figures.latency_seconds.p50 = Some(0.5);
+        history.record(&[figures], now);
+        let json = serde_json::to_value(history.report(now + Duration::from_millis(1500))).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "period_seconds": 2.0,
+                "span_seconds": 300.0,
+                "services": [{ "name": "sd", "samples": [{
+                    "age_seconds": 1.5, "requests_per_second": 0.0, "served_per_second": null, "queue_depth": 2,
+                    "inflight": 0, "desired_replicas": 0, "ready_replicas": 0, "latency_seconds": { "p50": 0.5 }
+                }]}]
+            })
+        );
     }
 }

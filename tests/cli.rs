@@ -1,5 +1,5 @@
-//! The binary: `sdgate check` on the shipped configs and a broken one, and a
-//! graceful drain on SIGTERM.
+//! The binary: `sdgate check` on the shipped configs and a broken one, the
+//! flags each command takes, and a graceful drain on SIGTERM.
 
 mod common;
 
@@ -40,6 +40,30 @@ fn check_names_the_key_of_a_broken_config() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("services[0].queue.timeout"), "{stderr}");
+}
+
+#[test]
+fn sim_help_lists_only_the_flags_a_sim_worker_reads() {
+    let help = Command::new(sdgate_bin()).args(["sim", "--help"]).output().unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(!help.contains("--config"), "a sim reads no config file, yet its help offers --config:\n{help}");
+    for flag in ["--port", "--host", "--step-time", "--startup-delay", "--log-format"] {
+        assert!(help.contains(flag), "sim --help lacks {flag}:\n{help}");
+    }
+    // Written after `sim` it is unknown; written before, it is refused rather than ignored.
+    for args in [&["sim", "--config", "x.yaml", "--port", "0"][..], &["--config", "x.yaml", "sim", "--port", "0"]] {
+        let output = Command::new(sdgate_bin()).args(args).output().unwrap();
+        assert!(!output.status.success(), "sdgate {args:?} ran");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--config"), "sdgate {args:?}: {stderr}");
+    }
+    // The gateway and `check` read it, written before or after `check`.
+    let top = String::from_utf8_lossy(&Command::new(sdgate_bin()).arg("--help").output().unwrap().stdout).to_string();
+    assert!(top.contains("--config"), "{top}");
+    let default = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.yaml");
+    let before = Command::new(sdgate_bin()).arg("--config").arg(&default).arg("check").output().unwrap();
+    assert!(before.status.success(), "{}", String::from_utf8_lossy(&before.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

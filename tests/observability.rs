@@ -1,6 +1,7 @@
 //! Observability: the Prometheus counters equal what was sent, a scale from
 //! zero records one cold start, every metric the deploy/ files use exists in a
-//! real scrape, and the admin listener serves the dashboard page.
+//! real scrape, and the admin listener serves the dashboard page and the
+//! history its charts start from.
 
 mod common;
 
@@ -120,6 +121,18 @@ async fn status(admin: SocketAddr) -> serde_json::Value {
     let answer = send(&client(), plain_get(admin, "/status")).await;
     assert_eq!(answer.status.as_u16(), 200);
     answer.json()
+}
+
+async fn history(admin: SocketAddr) -> serde_json::Value {
+    let answer = send(&client(), plain_get(admin, "/status/history")).await;
+    assert_eq!(answer.status.as_u16(), 200);
+    assert_eq!(answer.headers["content-type"], "application/json");
+    answer.json()
+}
+
+/// The first service's history samples, oldest first.
+async fn history_samples(admin: SocketAddr) -> Vec<serde_json::Value> {
+    history(admin).await["services"][0]["samples"].as_array().cloned().unwrap_or_default()
 }
 
 /// Waits until every service's queue and in-flight gauges read 0 in a scrape.
@@ -423,6 +436,7 @@ async fn the_admin_root_serves_a_self_contained_dashboard_that_polls_status() {
     let page = String::from_utf8(answer.body.to_vec()).expect("UTF-8 page");
     assert!(page.starts_with("<!doctype html>"), "an HTML page");
     assert!(page.contains("fetch(\"/status\""), "the page polls /status");
+    assert!(page.contains("fetch(\"/status/history\""), "the page starts its charts from /status/history");
     for external in ["<script src", "<link", "@import", "url(", "//cdn", "fonts.googleapis"] {
         assert!(!page.contains(external), "the page loads something from elsewhere: {external}");
     }
@@ -513,5 +527,65 @@ async fn a_bypass_request_records_no_queue_wait_however_long_the_pod_takes() {
     assert_eq!(scrape.value("sdgate_queue_wait_seconds_sum", &sd), Some(0.0), "a bypass request never waits");
     let took = scrape.value("sdgate_request_duration_seconds_sum", &sd).unwrap();
     assert!(took >= 0.9, "the generation took {took} s");
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_history_keeps_the_charted_figures_so_a_new_dashboard_starts_with_them() {
+    // One pod at 200 ms a step: a 20-step generation holds it for 4 s (two
+    // sampling periods) while two more requests wait behind it.
+    let worker = sims(1, fast_sim(200)).await;
+    let gateway = TestGateway::in_front_of(&[worker[0].addr], 1, "").await;
+    let admin = gateway.admin;
+    let fresh = history(admin).await;
+    assert_eq!(fresh["period_seconds"], 2.0);
+    assert_eq!(fresh["span_seconds"], 300.0);
+    assert_eq!(fresh["services"][0]["name"], "sd");
+    // The sampler takes its first sample as the admin listener starts.
+    eventually("a first sample", || async move { !history_samples(admin).await.is_empty() }).await;
+
+    let client = client();
+    let long = {
+        let (client, addr) = (client.clone(), gateway.addr);
+        tokio::spawn(async move { send(&client, txt2img(addr, "long", 20)).await.status })
+    };
+    gateway.wait_for(|g| g.inflight() == 1, "the long generation on the pod").await;
+    let mut queued = Vec::new();
+    for i in 0..2 {
+        let (client, addr) = (client.clone(), gateway.addr);
+        queued.push(tokio::spawn(async move { send(&client, txt2img(addr, &format!("next {i}"), 1)).await.status }));
+    }
+    gateway.wait_for(|g| g.queue_depth() == 2, "two requests in line").await;
+    eventually("a sample with 1 in flight and 2 queued on the 1 ready pod", || async move {
+        history_samples(admin)
+            .await
+            .iter()
+            .any(|s| s["inflight"] == 1 && s["queue_depth"] == 2 && s["ready_replicas"] == 1)
+    })
+    .await;
+    assert_eq!(long.await.unwrap().as_u16(), 200);
+    for task in queued {
+        assert_eq!(task.await.unwrap().as_u16(), 200);
+    }
+
+    // Once answered: the pods' rate, the minute's rate and its latencies.
+    eventually("a sample after the answers", || async move {
+        let samples = history_samples(admin).await;
+        let last = samples.last().cloned().unwrap_or_default();
+        samples.iter().any(|s| s["served_per_second"].as_f64().is_some_and(|r| r > 0.0))
+            && last["queue_depth"] == 0
+            && last["inflight"] == 0
+            && last["requests_per_second"].as_f64().is_some_and(|r| r > 0.0)
+            && last["latency_seconds"]["p99"].as_f64().is_some_and(|p| p >= 4.0)
+    })
+    .await;
+
+    // Oldest first, within the span, the newest at most about a period old.
+    let samples = history_samples(admin).await;
+    let ages: Vec<f64> = samples.iter().map(|s| s["age_seconds"].as_f64().expect("age_seconds")).collect();
+    assert!(ages.windows(2).all(|w| w[0] > w[1]), "ages not decreasing: {ages:?}");
+    assert!(ages[0] <= 300.0 && ages[ages.len() - 1] < 4.0, "ages {ages:?}");
+    assert!(samples.len() <= 151, "{} samples", samples.len());
+    assert!(samples[0]["served_per_second"].is_null(), "no rate before a second sample: {}", samples[0]);
     gateway.shutdown().await;
 }

@@ -341,11 +341,136 @@ fn spawn_worker(
     Ok(pid)
 }
 
-/// Passes a worker's output to sdgate's log, line by line, tagged with its index.
+/// Passes a worker's output to sdgate's log, line by line, tagged with its
+/// index. sdgate's log line has its own timestamp, so a worker's leading one
+/// is dropped; a level right after it (or at the start) becomes the line's
+/// level: `2026-11-26T06:31:00.123Z  WARN x: y` is logged as a warning `x: y`.
 async fn log_lines(service: String, index: u32, stream: impl AsyncRead + Unpin) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(target: "sdgate::worker", %service, worker = index, "{line}");
+        let (level, text) = worker_line(&line);
+        match level {
+            Some(WorkerLevel::Error) => tracing::error!(target: "sdgate::worker", %service, worker = index, "{text}"),
+            Some(WorkerLevel::Warn) => tracing::warn!(target: "sdgate::worker", %service, worker = index, "{text}"),
+            Some(WorkerLevel::Debug) => tracing::debug!(target: "sdgate::worker", %service, worker = index, "{text}"),
+            Some(WorkerLevel::Trace) => tracing::trace!(target: "sdgate::worker", %service, worker = index, "{text}"),
+            Some(WorkerLevel::Info) | None => {
+                tracing::info!(target: "sdgate::worker", %service, worker = index, "{text}")
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WorkerLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// A worker's line without its leading timestamp and level (the level is
+/// returned). Timestamps as tracing, Python's logging, env_logger and Go
+/// write them: `2026-11-26T06:31:00.123456Z`, `2026-11-26 06:31:00,123`,
+/// `[2026-11-26T06:31:00Z`, `2026/11/26 06:31:00`, with an optional zone.
+/// Levels are upper-case words (`INFO`, `WARNING`, `[ERROR]`, `INFO:`), so
+/// prose that starts with "Error" is left alone. A line that would be left
+/// empty is kept whole.
+fn worker_line(line: &str) -> (Option<WorkerLevel>, &str) {
+    let rest = skip_separators(skip_timestamp(line));
+    let (level, rest) = match take_level(rest) {
+        Some((level, after)) => (Some(level), skip_separators(after)),
+        None => (None, rest),
+    };
+    if rest.is_empty() {
+        (None, line)
+    } else {
+        (level, rest)
+    }
+}
+
+/// `line` after a leading timestamp, or all of it.
+fn skip_timestamp(line: &str) -> &str {
+    let bytes = line.as_bytes();
+    let mut at = usize::from(bytes.first() == Some(&b'['));
+    let digits = |at: usize, n: usize| bytes.len() >= at + n && bytes[at..at + n].iter().all(u8::is_ascii_digit);
+    let is = |at: usize, options: &[u8]| bytes.get(at).is_some_and(|b| options.contains(b));
+    // Date: 2026-11-26 or 2026/11/26.
+    if !(digits(at, 4) && is(at + 4, b"-/") && digits(at + 5, 2) && is(at + 7, b"-/") && digits(at + 8, 2)) {
+        return line;
+    }
+    at += 10;
+    // Time: T06:31:00 or " 06:31:00".
+    if !(is(at, b"T ") && digits(at + 1, 2) && is(at + 3, b":") && digits(at + 4, 2) && is(at + 6, b":")) {
+        return line;
+    }
+    if !digits(at + 7, 2) {
+        return line;
+    }
+    at += 9;
+    // Fraction: .123456 or ,123.
+    if is(at, b".,") && digits(at + 1, 1) {
+        at += 1;
+        while digits(at, 1) {
+            at += 1;
+        }
+    }
+    // Zone: Z, +01:00, -0500.
+    if is(at, b"Z") {
+        at += 1;
+    } else if is(at, b"+-") && digits(at + 1, 2) {
+        at += 3;
+        if is(at, b":") && digits(at + 1, 2) {
+            at += 3;
+        } else if digits(at, 2) {
+            at += 2;
+        }
+    }
+    if is(at, b"]") {
+        at += 1;
+    }
+    // The timestamp must end at a word boundary.
+    match bytes.get(at) {
+        None => &line[at..],
+        Some(b) if !b.is_ascii_alphanumeric() => &line[at..],
+        Some(_) => line,
+    }
+}
+
+/// A leading level word (optionally in brackets) and what follows it.
+fn take_level(text: &str) -> Option<(WorkerLevel, &str)> {
+    let (bracketed, word_start) = match text.strip_prefix('[') {
+        Some(inner) => (true, inner),
+        None => (false, text),
+    };
+    let end = word_start.find(|c: char| !c.is_ascii_uppercase()).unwrap_or(word_start.len());
+    let level = match &word_start[..end] {
+        "ERROR" | "CRITICAL" | "FATAL" => WorkerLevel::Error,
+        "WARN" | "WARNING" => WorkerLevel::Warn,
+        "INFO" | "NOTICE" => WorkerLevel::Info,
+        "DEBUG" => WorkerLevel::Debug,
+        "TRACE" => WorkerLevel::Trace,
+        _ => return None,
+    };
+    let mut after = &word_start[end..];
+    if bracketed {
+        after = after.strip_prefix(']')?;
+    }
+    // The level is a word of its own: followed by the end, a space or a separator.
+    match after.chars().next() {
+        None => Some((level, after)),
+        Some(c) if c.is_whitespace() || c == ':' || c == '-' || c == '|' || c == ']' => Some((level, after)),
+        Some(_) => None,
+    }
+}
+
+/// Spaces and one separator (`-`, `:`, `|`) between prefix fields.
+fn skip_separators(text: &str) -> &str {
+    let text = text.trim_start();
+    match text.strip_prefix(['-', ':', '|']) {
+        Some(after) if after.is_empty() || after.starts_with(char::is_whitespace) => after.trim_start(),
+        _ => text,
     }
 }
 
@@ -365,5 +490,47 @@ fn signal_group(pid: u32, signal: Signal) {
     // memory-safety preconditions.
     unsafe {
         libc::kill(-pid, signal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{worker_line, WorkerLevel};
+
+    #[test]
+    fn a_worker_line_keeps_no_timestamp_of_its_own() {
+        let cases: &[(&str, Option<WorkerLevel>, &str)] = &[
+            // sdgate sim (tracing's text format)
+            (
+                "2026-11-26T06:31:00.123456Z  INFO sdgate::sim: sim worker listening addr=127.0.0.1:17860",
+                Some(WorkerLevel::Info),
+                "sdgate::sim: sim worker listening addr=127.0.0.1:17860",
+            ),
+            ("2026-11-26T06:31:00.123Z  WARN sdgate::sim: slow", Some(WorkerLevel::Warn), "sdgate::sim: slow"),
+            // Python logging with asctime
+            ("2026-11-26 06:31:00,123 - ERROR - model not found", Some(WorkerLevel::Error), "model not found"),
+            ("2026-11-26 06:31:00,123 INFO Loading weights", Some(WorkerLevel::Info), "Loading weights"),
+            // env_logger, Go's log, an offset
+            ("[2026-11-26T06:31:00Z DEBUG worker] tick", Some(WorkerLevel::Debug), "worker] tick"),
+            ("2026/11/26 06:31:00 listening on :7860", None, "listening on :7860"),
+            ("2026-11-26T06:31:00+01:00 [WARNING] low memory", Some(WorkerLevel::Warn), "low memory"),
+            // uvicorn: a level, no timestamp
+            (
+                "INFO:     127.0.0.1:50000 - \"POST /sdapi/v1/txt2img HTTP/1.1\" 200 OK",
+                Some(WorkerLevel::Info),
+                "127.0.0.1:50000 - \"POST /sdapi/v1/txt2img HTTP/1.1\" 200 OK",
+            ),
+            // Lines that have neither stay as they are.
+            ("Model loaded in 4.2s (load weights: 3.1s)", None, "Model loaded in 4.2s (load weights: 3.1s)"),
+            ("Error: CUDA out of memory", None, "Error: CUDA out of memory"),
+            ("100%|##########| 20/20 [00:01<00:00, 14.2it/s]", None, "100%|##########| 20/20 [00:01<00:00, 14.2it/s]"),
+            ("2026-11-26 is the date", None, "2026-11-26 is the date"),
+            ("2026-11-26T06:31:00Z", None, "2026-11-26T06:31:00Z"),
+            ("INFOS sent", None, "INFOS sent"),
+            ("", None, ""),
+        ];
+        for (line, level, text) in cases {
+            assert_eq!(worker_line(line), (*level, *text), "{line:?}");
+        }
     }
 }

@@ -3,6 +3,8 @@
 # that /status reports. Two sim workers behind sdgate (fixed backend,
 # container_concurrency 1), a few requests (one to an unknown host), then the
 # page's rendered DOM is read back and compared, number by number, with /status.
+# The page is opened for the first time (a fresh profile) after the requests:
+# its charts must start with the samples /status/history had, not empty.
 # Needs: chromium, jq, curl (tests/browser/deps.sh installs them).
 # Usage: bash tests/browser/dashboard.sh    (SDGATE=path to use a built binary)
 set -euo pipefail
@@ -49,9 +51,11 @@ wait_status ".services[0].inflight == 0 and .services[0].queue_depth == 0 and .s
 wait_status '.services[0].last_scale.seconds_ago > 4' 30
 
 status_json >"$WORK/before.json"
+history_json >"$WORK/history-before.json"
 chromium_run --user-data-dir="$WORK/profile" --virtual-time-budget=5000 --dump-dom "http://$ADMIN/" >"$WORK/dom.html" ||
   die "chromium failed (see chromium.log)"
 status_json >"$WORK/after.json"
+history_json >"$WORK/history-after.json"
 [ -s "$WORK/dom.html" ] || die "chromium dumped an empty DOM"
 
 # The figures compared must not have moved while the page loaded.
@@ -116,6 +120,30 @@ for p in p50 p90 p95 p99; do
   compare "latency $p" "$(jq -r "$svc.recent.latency_seconds.$p | $seconds" "$J")" "$(dom "$S data-metric=\"latency_$p\"")"
 done
 grep -q '<polyline' "$WORK/dom.html" || { echo "  WRONG no chart line drawn"; failures=$((failures + 1)); }
+
+# History: the fresh page took every sample the server had when it loaded
+# (between the counts just before and just after), at least the few taken
+# while the requests ran and the autoscaler settled, and drew them: the first
+# line (answers/s) has a point for each, then the page's own polls.
+before=$(jq '.services[0].samples | length' "$WORK/history-before.json")
+after=$(jq '.services[0].samples | length' "$WORK/history-after.json")
+seeded=$(grep -o "<section class=\"service\" $S[^>]*data-history-samples=\"[0-9]*\"" "$WORK/dom.html" |
+  sed 's/.*data-history-samples="\([0-9]*\)"/\1/')
+checks=$((checks + 1))
+if [ -n "$seeded" ] && [ "$seeded" -ge 2 ] && [ "$seeded" -ge "$before" ] && [ "$seeded" -le "$after" ]; then
+  printf '  ok    %-36s /status/history %s..%s  page %s\n' "history samples seeded" "$before" "$after" "$seeded"
+else
+  printf '  WRONG %-36s /status/history %s..%s  page %s\n' "history samples seeded" "$before" "$after" "${seeded:-none}"
+  failures=$((failures + 1))
+fi
+points=$(grep -o '<polyline points="[^"]*"' "$WORK/dom.html" | head -n1 | sed 's/<polyline points="//; s/"$//' | wc -w)
+checks=$((checks + 1))
+if [ -n "$seeded" ] && [ "$points" -gt "$seeded" ]; then
+  printf '  ok    %-36s %s points (%s from the server)\n' "answers/s line" "$points" "$seeded"
+else
+  printf '  WRONG %-36s %s points, %s seeded\n' "answers/s line" "$points" "${seeded:-none}"
+  failures=$((failures + 1))
+fi
 
 if [ "$failures" -ne 0 ]; then
   die "$failures of $checks dashboard figures differ from /status"

@@ -98,6 +98,11 @@ status_json() {
   curl -fsS --max-time 5 "http://$ADMIN/status"
 }
 
+# Prints /status/history.
+history_json() {
+  curl -fsS --max-time 5 "http://$ADMIN/status/history"
+}
+
 # Waits until the jq expression $1 holds for /status (at most $2 s, default 30).
 wait_status() {
   local expr=$1 limit=${2:-30}
