@@ -1,7 +1,7 @@
 //! sdgate: a concurrency-aware activator and reverse proxy for Stable
 //! Diffusion GPU pods.
 //!
-//! Request path: [`server`] ([`threads`]) -> [`proxy`] ([`router`] -> [`slot`]/[`gate`] ->
+//! Request path: [`server`] ([`threads`], [`lobby`]) -> [`proxy`] ([`router`] -> [`slot`]/[`gate`] ->
 //! [`forward`]). Control loop: [`provider`] (fixed, process, kubernetes) + [`probe`] ->
 //! [`provider::Endpoints`] -> [`gate`] -> [`autoscale`] -> [`provider`]; [`leader`] decides
 //! which replica runs it.
@@ -16,6 +16,7 @@ pub mod forward;
 pub mod gate;
 pub mod knative;
 pub mod leader;
+pub mod lobby;
 pub mod metrics;
 pub mod probe;
 pub mod provider;

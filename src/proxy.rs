@@ -14,7 +14,7 @@ use crate::body::{Buffered, ResponseBody};
 use crate::config::{AffinityMode, Config, Limits, ServiceConfig};
 use crate::error::ProxyError;
 use crate::forward::{self, ExchangeError, Forwarder, Peer, ReplayableBody, RequestBody};
-use crate::gate::{EndpointId, Pin};
+use crate::gate::{EndpointId, Pin, Ticket};
 use crate::metrics::Metrics;
 use crate::router::{self, Router};
 use crate::slot::{SharedGate, Slot};
@@ -61,7 +61,7 @@ impl SessionRequest {
 /// Everything a request needs, shared by all connections.
 pub struct Proxy {
     router: Router,
-    services: Vec<Service>,
+    services: Vec<Arc<Service>>,
     /// One pod connection pool per serving thread, so a request and its
     /// pod connection live on the same thread.
     forwarders: Vec<Forwarder>,
@@ -80,7 +80,7 @@ struct LogLine {
 }
 
 impl LogLine {
-    fn of(request: &Request<Incoming>) -> Self {
+    fn of<B>(request: &Request<B>) -> Self {
         Self {
             method: request.method().clone(),
             uri: request.uri().clone(),
@@ -120,7 +120,7 @@ impl Proxy {
                     affinity.as_ref().map(|a| a.sessions.clone()),
                 );
                 gate.set_quarantine_policy(crate::quarantine::Policy::of(service));
-                Ok(Service { config: service.clone(), gate, affinity })
+                Ok(Arc::new(Service { config: service.clone(), gate, affinity }))
             })
             .collect::<anyhow::Result<_>>()?;
         let forwarders = (0..crate::threads::count(config.threads)).map(|_| Forwarder::new()).collect();
@@ -133,7 +133,7 @@ impl Proxy {
         &self.forwarders[crate::threads::current() % self.forwarders.len()]
     }
 
-    pub fn services(&self) -> &[Service] {
+    pub fn services(&self) -> &[Arc<Service>] {
         &self.services
     }
 
@@ -151,27 +151,26 @@ impl Proxy {
     }
 
     /// Answers one client request; never fails (errors become JSON responses).
-    pub async fn handle(self: Arc<Self>, mut request: Request<Incoming>, peer: Arc<Peer>) -> Response<ResponseBody> {
-        let start = Instant::now();
-        let request_id = request_id(&mut request);
-        let line = tracing::enabled!(tracing::Level::INFO).then(|| LogLine::of(&request));
-        let index = match self.router.route(&request) {
-            Ok(index) => index,
-            Err(error) => {
-                let mut response = error.into_response(None);
-                response.headers_mut().insert(X_REQUEST_ID, request_id);
-                self.metrics.unrouted(response.status().as_u16());
-                if let Some(line) = line {
-                    tracing::info!(method = %line.method, host = %line.host, path = line.uri.path(), status = response.status().as_u16(), "unrouted");
-                }
-                return response;
+    /// `early` is what the lobby already did for it: routed it, queued it and
+    /// waited for its slot (see [`crate::lobby`]).
+    pub async fn handle(
+        self: Arc<Self>,
+        mut request: Request<Incoming>,
+        peer: Arc<Peer>,
+        early: Option<Early>,
+    ) -> Response<ResponseBody> {
+        let (mut record, admitted) = match early {
+            Some(Early { record, admitted }) => {
+                request.headers_mut().insert(X_REQUEST_ID, record.request_id.clone());
+                (record, Some(admitted))
             }
+            None => match self.record(&mut request) {
+                Ok(record) => (record, None),
+                Err(response) => return *response,
+            },
         };
-        let service = &self.services[index];
-        // Counts the request even if its client leaves before the answer
-        // (then the future is dropped and the record says 499).
-        let mut record = Record { service, start, line, request_id, trace: Trace::default(), done: false };
-        let response = match self.serve(service, request, &peer, &mut record.trace).await {
+        let service = record.service.clone();
+        let response = match self.serve(&service, request, &peer, &mut record.trace, admitted).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(kind) = error.upstream_kind() {
@@ -183,53 +182,106 @@ impl Proxy {
         record.finish(response)
     }
 
+    /// Routes a request and starts its record (which counts it even if its
+    /// client leaves before the answer: the record then says 499); an
+    /// unrouted request's answer is the error.
+    fn record<B>(&self, request: &mut Request<B>) -> Result<Record, Box<Response<ResponseBody>>> {
+        match self.router.route(request) {
+            Ok(index) => Ok(self.start_record(&self.services[index], request)),
+            Err(error) => {
+                let request_id = request_id(request);
+                let mut response = error.into_response(None);
+                response.headers_mut().insert(X_REQUEST_ID, request_id);
+                self.metrics.unrouted(response.status().as_u16());
+                if tracing::enabled!(tracing::Level::INFO) {
+                    let line = LogLine::of(request);
+                    tracing::info!(method = %line.method, host = %line.host, path = line.uri.path(), status = response.status().as_u16(), "unrouted");
+                }
+                Err(Box::new(response))
+            }
+        }
+    }
+
+    fn start_record<B>(&self, service: &Arc<Service>, request: &mut Request<B>) -> Record {
+        let start = Instant::now();
+        let request_id = request_id(request);
+        let line = tracing::enabled!(tracing::Level::INFO).then(|| LogLine::of(request));
+        Record { service: service.clone(), start, line, request_id, trace: Trace::default(), done: false }
+    }
+
+    /// The lobby's part of a connection's first request (a head without a
+    /// body stream): routes and admits it, for [`EarlyWait::wait`]. None,
+    /// with nothing counted or logged, when the request takes the ordinary
+    /// path instead: it is not routed, is refused before the queue, or does
+    /// not queue (`bypass`); that path then gives the same answer.
+    pub fn admit_early(&self, request: &mut Request<()>) -> Option<EarlyWait> {
+        let service = &self.services[self.router.route(request).ok()?];
+        let admitted = self.admit(service, request).ok()?;
+        if admitted.bypass {
+            return None;
+        }
+        Some(EarlyWait { record: self.start_record(service, request), admitted })
+    }
+
+    /// What is decided of a request before it may queue: it is not refused
+    /// (standby, oversized, a path that may not wake a sleeping service), and
+    /// its session and pin.
+    fn admit<B>(&self, service: &Service, request: &Request<B>) -> Result<Admitted, ProxyError> {
+        if !self.is_active() {
+            return Err(ProxyError::Standby);
+        }
+        self.check_limits(request)?;
+        let bypass = service.config.is_bypass(request.uri().path());
+        if !bypass
+            && !service.config.may_wake(request.uri().path())
+            && service.gate.inspect(|g| g.endpoints().is_empty())
+        {
+            return Err(ProxyError::Asleep);
+        }
+        let session = service.affinity.as_deref().and_then(|a| SessionRequest::of(a, request.headers(), bypass));
+        let pin =
+            session.as_ref().and_then(|s| s.pinned).map(|endpoint| Pin { endpoint, strict: self.strict(service) });
+        Ok(Admitted { bypass, session, pin, queued: None })
+    }
+
     async fn serve(
         &self,
         service: &Service,
         mut request: Request<Incoming>,
         peer: &Peer,
         trace: &mut Trace,
+        admitted: Option<Admitted>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        if !self.is_active() {
-            return Err(ProxyError::Standby);
-        }
-        self.check_limits(&request)?;
+        let Admitted { bypass, session, pin, queued } = match admitted {
+            Some(admitted) => admitted,
+            None => self.admit(service, &request)?,
+        };
         let mut upgrade =
             forward::upgrade_protocol(request.headers()).is_some().then(|| hyper::upgrade::on(&mut request));
-        let bypass = service.config.is_bypass(request.uri().path());
         let host = router::request_host_value(&request);
         let (mut parts, body) = request.into_parts();
-        let session = service.affinity.as_deref().and_then(|a| SessionRequest::of(a, &parts.headers, bypass));
         if let Some(affinity) = &service.affinity {
             affinity.strip_cookie(&mut parts.headers);
         }
-        let pinned = session.as_ref().and_then(|s| s.pinned);
-        let pin = pinned.map(|endpoint| Pin { endpoint, strict: self.strict(service) });
         let body = self.read_body(body).await?;
         let gate = &service.gate;
-        if !bypass && !service.config.may_wake(parts.uri.path()) && gate.inspect(|g| g.endpoints().is_empty()) {
-            return Err(ProxyError::Asleep);
-        }
-        let ticket = gate.arrive();
-        let arrived = TokioInstant::now();
-        trace.arrived = Some(arrived.into_std());
-        let deadline = arrived + service.config.queue.timeout;
+        let (mut queued, mut first) = match queued {
+            Some(Queued { place, acquired }) => (Some(place), Some(acquired)),
+            None if bypass => (None, None),
+            None => (Some(Place::take(service, trace)), None),
+        };
         let mut attempt = 0;
         loop {
-            let slot = if bypass {
-                trace.queue_wait = Some(Duration::ZERO);
-                let grant = gate.any_ready(pinned).ok_or(ProxyError::NoReadyEndpoint)?;
-                Slot::bypass(gate.clone(), grant)
-            } else {
-                let left = deadline.saturating_duration_since(TokioInstant::now());
-                let acquired = gate.acquire_pinned(ticket, pin, left).await;
-                trace.queue_wait = Some(arrived.elapsed());
-                match acquired {
-                    Err(ProxyError::QueueTimeout { cause, .. }) => {
-                        return Err(ProxyError::QueueTimeout { timeout: service.config.queue.timeout, cause })
-                    }
-                    other => other?,
+            let slot = match queued.as_mut() {
+                None => {
+                    trace.queue_wait = Some(Duration::ZERO);
+                    let grant = gate.any_ready(pin.map(|p| p.endpoint)).ok_or(ProxyError::NoReadyEndpoint)?;
+                    Slot::bypass(gate.clone(), grant)
                 }
+                Some(place) => match first.take() {
+                    Some(acquired) => acquired?,
+                    None => place.wait(service, pin, trace).await?,
+                },
             };
             trace.endpoint = Some(slot.addr());
             // The session lives where it was last sent (pinned at dispatch, so
@@ -321,7 +373,7 @@ impl Proxy {
     }
 
     /// Refuses oversized input before it takes a place in the queue.
-    fn check_limits(&self, request: &Request<Incoming>) -> Result<(), ProxyError> {
+    fn check_limits<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
         let head_bytes = request.uri().path_and_query().map_or(0, |p| p.as_str().len())
             + request.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
         if head_bytes > self.limits.max_header_bytes {
@@ -341,14 +393,83 @@ impl Proxy {
     }
 }
 
+/// What [`Proxy::admit`] decided of a request; for one the lobby queued,
+/// also its place in line and what its wait gave.
+pub struct Admitted {
+    bypass: bool,
+    session: Option<SessionRequest>,
+    pin: Option<Pin>,
+    queued: Option<Queued>,
+}
+
+struct Queued {
+    place: Place,
+    acquired: Result<Slot, ProxyError>,
+}
+
+/// A request's place in its service's queue, and when its wait ends.
+struct Place {
+    ticket: Ticket,
+    arrived: TokioInstant,
+    deadline: TokioInstant,
+}
+
+impl Place {
+    fn take(service: &Service, trace: &mut Trace) -> Self {
+        let ticket = service.gate.arrive();
+        let arrived = TokioInstant::now();
+        trace.arrived = Some(arrived.into_std());
+        Self { ticket, arrived, deadline: arrived + service.config.queue.timeout }
+    }
+
+    /// Waits at this place until a pod has room, at most until the deadline.
+    async fn wait(&self, service: &Service, pin: Option<Pin>, trace: &mut Trace) -> Result<Slot, ProxyError> {
+        let left = self.deadline.saturating_duration_since(TokioInstant::now());
+        let acquired = service.gate.acquire_pinned(self.ticket, pin, left).await;
+        trace.queue_wait = Some(self.arrived.elapsed());
+        match acquired {
+            Err(ProxyError::QueueTimeout { cause, .. }) => {
+                Err(ProxyError::QueueTimeout { timeout: service.config.queue.timeout, cause })
+            }
+            other => other,
+        }
+    }
+}
+
+/// A connection's first request, routed and admitted by the lobby, about to
+/// queue (see [`Proxy::admit_early`]). Dropping it (the client left) takes it
+/// out of the queue and records it as 499.
+pub struct EarlyWait {
+    record: Record,
+    admitted: Admitted,
+}
+
+impl EarlyWait {
+    /// Queues the request and waits for its slot, or its error.
+    pub async fn wait(mut self) -> Early {
+        let service = self.record.service.clone();
+        let place = Place::take(&service, &mut self.record.trace);
+        let acquired = place.wait(&service, self.admitted.pin, &mut self.record.trace).await;
+        self.admitted.queued = Some(Queued { place, acquired });
+        Early { record: self.record, admitted: self.admitted }
+    }
+}
+
+/// A connection's first request with the slot its wait gave (or the error),
+/// for hyper to read again and [`Proxy::handle`] to forward.
+pub struct Early {
+    record: Record,
+    admitted: Admitted,
+}
+
 /// Status recorded for a request whose client left before its answer
 /// (nginx's "client closed request").
 const CLIENT_LEFT: u16 = 499;
 
 /// Counts and logs one routed request exactly once: when it is answered, or
 /// when its client leaves first.
-struct Record<'a> {
-    service: &'a Service,
+struct Record {
+    service: Arc<Service>,
     start: Instant,
     line: Option<LogLine>,
     request_id: http::HeaderValue,
@@ -356,7 +477,7 @@ struct Record<'a> {
     done: bool,
 }
 
-impl Record<'_> {
+impl Record {
     fn finish(mut self, mut response: Response<ResponseBody>) -> Response<ResponseBody> {
         self.record(response.status().as_u16());
         response.headers_mut().insert(X_REQUEST_ID, self.request_id.clone());
@@ -392,7 +513,7 @@ impl Record<'_> {
     }
 }
 
-impl Drop for Record<'_> {
+impl Drop for Record {
     fn drop(&mut self) {
         if !self.done {
             self.record(CLIENT_LEFT);

@@ -16,7 +16,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -28,9 +27,10 @@ use crate::body::ResponseBody;
 use crate::config::{Config, Limits, ScaleMode};
 use crate::forward::Peer;
 use crate::leader;
+use crate::lobby;
 use crate::metrics::Metrics;
 use crate::provider;
-use crate::proxy::Proxy;
+use crate::proxy::{self, Proxy};
 use crate::router;
 use crate::threads::{self, ServingThreads};
 
@@ -149,7 +149,10 @@ impl Gateway {
         let budget = Arc::new(ConnectionBudget::new(max_client_connections()));
         let mut accept_errors = AcceptErrors::new("listen");
         let mut at_limit_logged: Option<std::time::Instant> = None;
-        let graceful = GracefulShutdown::new();
+        // Told to every connection when the gateway shuts down; the drain is
+        // over when they have all dropped their receiver (hyper-util's
+        // `GracefulShutdown` cannot wait for a request still in the lobby).
+        let (drain, drain_rx) = watch::channel(false);
         tokio::pin!(shutdown);
         let (active_tx, mut active) = watch::channel(control.is_some());
         let mut election =
@@ -203,19 +206,21 @@ impl Gateway {
                         }
                     };
                     let connection = Connection { stream, client, budget: slot, timeouts };
-                    threads.next_runtime().spawn(serve_connection(connection, proxy.clone(), builder.clone(), graceful.watcher()));
+                    threads.next_runtime().spawn(serve_connection(connection, proxy.clone(), builder.clone(), drain_rx.clone()));
                 }
                 _ = &mut shutdown => break,
             }
         }
         drop(listener);
+        drop(drain_rx);
         draining.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(error) = lost {
             return Err(error);
         }
         tracing::info!(timeout = ?config.drain_timeout, "shutting down: draining requests");
+        drain.send_replace(true);
         tokio::select! {
-            _ = graceful.shutdown() => tracing::info!("drained"),
+            _ = drain.closed() => tracing::info!("drained"),
             _ = tokio::time::sleep(config.drain_timeout) => tracing::warn!("drain timeout reached; exiting with requests still open"),
         }
         if let Some(task) = admin_task {
@@ -244,43 +249,75 @@ struct Connection {
     timeouts: Timeouts,
 }
 
-/// Serves one client connection, on the serving thread it was handed to,
-/// and closes it when it has been silent too long: no complete request head
-/// within `header_read_timeout` of connecting (or of the first byte of a
-/// later request head, HTTP/1), or no request in progress for
-/// `idle_timeout`.
+/// Serves one client connection, on the serving thread it was handed to:
+/// its first request in the lobby (see [`lobby`]), then hyper. Closes it
+/// when it has been silent too long: no complete request head within
+/// `header_read_timeout` of connecting (or of the first byte of a later
+/// request head, HTTP/1), or no request in progress for `idle_timeout`.
 async fn serve_connection(
     connection: Connection,
     proxy: Arc<Proxy>,
     builder: auto::Builder<TokioExecutor>,
-    graceful: Watcher,
+    mut draining: watch::Receiver<bool>,
 ) {
     let Connection { stream, client, budget, timeouts } = connection;
     let stream = match TcpStream::from_std(stream) {
         Ok(stream) => stream,
         Err(error) => return tracing::warn!(%error, %client, "cannot register the connection"),
     };
-    let activity = Arc::new(Activity::new());
-    let io = Watched { stream, activity: activity.clone(), _budget: budget };
+    let limits = lobby::Limits {
+        head_deadline: tokio::time::Instant::now() + timeouts.header_read,
+        body_read_timeout: timeouts.body_read,
+        max_header_bytes: timeouts.max_header_bytes,
+    };
+    let (read, early) = match lobby::first_request(&stream, &proxy, limits, &mut draining).await {
+        lobby::Outcome::Close(reason) => return tracing::debug!(%client, reason, "closing the connection"),
+        lobby::Outcome::Serve { read, early } => (read, early),
+    };
+    // Boxed, so that a connection waiting in the lobby does not carry the
+    // size of hyper's part.
+    let io = Watched { stream, read, activity: Arc::new(Activity::new()), _budget: budget };
+    Box::pin(serve_http(io, client, proxy, builder, draining, timeouts, early)).await
+}
+
+/// hyper's part of a connection, with the watchdog and graceful shutdown.
+async fn serve_http(
+    io: Watched,
+    client: SocketAddr,
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    mut draining: watch::Receiver<bool>,
+    timeouts: Timeouts,
+    early: Option<proxy::Early>,
+) {
+    let activity = io.activity.clone();
     let peer = Arc::new(Peer::new(client));
-    let service_activity = activity.clone();
+    let early = early.map(|early| {
+        Arc::new(EarlyCell { early: std::sync::Mutex::new(Some(early)), taken: tokio::sync::Notify::new() })
+    });
+    let (service_activity, service_early) = (activity.clone(), early.clone());
     let service = service_fn(move |mut request: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
         let open = Open::start(&service_activity, request.version() == http::Version::HTTP_2);
+        // hyper reads the lobby's request first: it takes what the lobby did.
+        let early = service_early.as_ref().and_then(|cell| cell.take());
         async move {
             let response = match router::normalize_host(&mut request) {
-                Ok(()) => proxy.handle(request, peer).await,
+                Ok(()) => proxy.handle(request, peer, early).await,
                 Err(reason) => bad_host(&proxy, &request, reason),
             };
             Ok::<_, Infallible>(response.map(|body| Tracked { body, _open: open }))
         }
     });
-    let connection = graceful.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned());
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let mut wake = match activity.check(timeouts) {
         Ok(wake) => wake,
         Err(_) => return,
     };
+    // Shutdown was asked before hyper read the lobby's request: hyper's
+    // graceful shutdown would close the connection unread, so it waits.
+    let (mut shutting_down, mut shutdown_deferred) = (false, false);
     loop {
         tokio::select! {
             biased;
@@ -290,6 +327,18 @@ async fn serve_connection(
                 }
                 return;
             }
+            _ = draining.wait_for(|draining| *draining), if !shutting_down => {
+                shutting_down = true;
+                if early.as_ref().is_some_and(|cell| !cell.is_taken()) {
+                    shutdown_deferred = true;
+                } else {
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+            _ = async { if let Some(cell) = &early { cell.taken.notified().await } }, if shutdown_deferred => {
+                shutdown_deferred = false;
+                connection.as_mut().graceful_shutdown();
+            }
             _ = tokio::time::sleep_until(wake) => match activity.check(timeouts) {
                 Ok(next) => wake = next,
                 Err(reason) => {
@@ -298,6 +347,27 @@ async fn serve_connection(
                 }
             },
         }
+    }
+}
+
+/// The lobby's request of a connection, until hyper reads it.
+struct EarlyCell {
+    early: std::sync::Mutex<Option<proxy::Early>>,
+    /// Told when hyper has read it.
+    taken: tokio::sync::Notify,
+}
+
+impl EarlyCell {
+    fn take(&self) -> Option<proxy::Early> {
+        let early = self.early.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if early.is_some() {
+            self.taken.notify_one();
+        }
+        early
+    }
+
+    fn is_taken(&self) -> bool {
+        self.early.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).is_none()
     }
 }
 
@@ -318,16 +388,23 @@ fn bad_host(proxy: &Proxy, request: &Request<Incoming>, reason: &'static str) ->
     response
 }
 
-/// The connection timeouts of `limits`.
+/// The connection limits of `limits`.
 #[derive(Clone, Copy)]
 struct Timeouts {
     header_read: Duration,
     idle: Duration,
+    body_read: Duration,
+    max_header_bytes: usize,
 }
 
 impl Timeouts {
     fn of(limits: &Limits) -> Self {
-        Self { header_read: limits.header_read_timeout, idle: limits.idle_timeout }
+        Self {
+            header_read: limits.header_read_timeout,
+            idle: limits.idle_timeout,
+            body_read: limits.body_read_timeout,
+            max_header_bytes: limits.max_header_bytes,
+        }
     }
 }
 
@@ -463,6 +540,8 @@ impl http_body::Body for Tracked {
 /// after an upgrade, which takes the socket out of hyper's connection).
 struct Watched {
     stream: TcpStream,
+    /// What the lobby read, given to hyper before the socket.
+    read: bytes::Bytes,
     activity: Arc<Activity>,
     _budget: BudgetSlot,
 }
@@ -473,6 +552,11 @@ impl AsyncRead for Watched {
         cx: &mut TaskContext<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
