@@ -145,6 +145,8 @@ impl Gateway {
             .timer(TokioTimer::new())
             .header_read_timeout(None)
             .max_buf_size(config.limits.max_header_bytes.max(8192) + 16 * 1024);
+        // Shared, not copied into every connection's state.
+        let builder = Arc::new(builder);
         let timeouts = Timeouts::of(&config.limits);
         let budget = Arc::new(ConnectionBudget::new(max_client_connections()));
         let mut accept_errors = AcceptErrors::new("listen");
@@ -257,7 +259,7 @@ struct Connection {
 async fn serve_connection(
     connection: Connection,
     proxy: Arc<Proxy>,
-    builder: auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     mut draining: watch::Receiver<bool>,
 ) {
     let Connection { stream, client, budget, timeouts } = connection;
@@ -285,7 +287,7 @@ async fn serve_http(
     io: Watched,
     client: SocketAddr,
     proxy: Arc<Proxy>,
-    builder: auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     mut draining: watch::Receiver<bool>,
     timeouts: Timeouts,
     early: Option<proxy::Early>,
