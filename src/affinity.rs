@@ -53,6 +53,7 @@ pub enum Presented {
 }
 
 /// Signs and verifies session tokens.
+#[derive(Clone)]
 pub struct Signer {
     current: HmacSha256,
     previous: Option<HmacSha256>,
@@ -149,6 +150,13 @@ impl Affinity {
         Self { config, signer, sessions }
     }
 
+    /// The same sessions and key under a reloaded config (its timeout and
+    /// `secure` may change).
+    pub fn reconfigured(&self, config: AffinityConfig) -> Self {
+        self.sessions.set_idle(config.timeout);
+        Self { config, signer: self.signer.clone(), sessions: self.sessions.clone() }
+    }
+
     /// The session a request presents: a valid cookie, else a valid token or
     /// key in the session header.
     pub fn presented(&self, headers: &HeaderMap) -> Presented {
@@ -223,7 +231,8 @@ impl Affinity {
 pub struct Sessions {
     table: Mutex<Table>,
     max: usize,
-    idle: Duration,
+    /// The idle timeout, in milliseconds (changed by a reload).
+    idle_ms: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -241,7 +250,18 @@ struct Pin {
 
 impl Sessions {
     pub fn new(max: usize, idle: Duration) -> Self {
-        Self { table: Mutex::new(Table::default()), max: max.max(1), idle }
+        let idle_ms = std::sync::atomic::AtomicU64::new(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX));
+        Self { table: Mutex::new(Table::default()), max: max.max(1), idle_ms }
+    }
+
+    fn idle(&self) -> Duration {
+        Duration::from_millis(self.idle_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// A new idle timeout (`affinity.timeout` changed by a reload).
+    pub fn set_idle(&self, idle: Duration) {
+        let millis = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        self.idle_ms.store(millis, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -252,7 +272,7 @@ impl Sessions {
     pub fn get(&self, id: &SessionId, now: Instant) -> Option<EndpointId> {
         let mut table = self.lock();
         match table.pins.get(id) {
-            Some(pin) if now.saturating_duration_since(pin.last_used) < self.idle => Some(pin.endpoint),
+            Some(pin) if now.saturating_duration_since(pin.last_used) < self.idle() => Some(pin.endpoint),
             Some(_) => {
                 table.pins.remove(id);
                 None
@@ -279,7 +299,7 @@ impl Sessions {
     /// Drops the oldest-pinned session, unless it was used within the last
     /// tenth of the idle timeout (then it goes to the back, once per pass).
     fn evict_one(&self, table: &mut Table, now: Instant) {
-        let recent = self.idle / 10;
+        let recent = self.idle() / 10;
         // A bounded look for a second chance: under a flood every session is
         // recent, and scanning them all per insert would be quadratic.
         for _ in 0..table.order.len().min(8) {
@@ -313,7 +333,7 @@ impl Sessions {
         self.lock()
             .pins
             .values()
-            .filter(|p| p.endpoint == endpoint && now.saturating_duration_since(p.last_used) < self.idle)
+            .filter(|p| p.endpoint == endpoint && now.saturating_duration_since(p.last_used) < self.idle())
             .count()
     }
 }

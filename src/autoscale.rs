@@ -215,15 +215,17 @@ const DEMAND_DEBOUNCE: Duration = Duration::from_millis(50);
 /// Drives one service's desired replica count: samples demand, decides every
 /// `tick`, and reacts to activation at once. Each change is sent on
 /// `desired` (the provider's scale call), logged with its reason, and
-/// exported as `sdgate_desired_replicas`.
+/// exported as `sdgate_desired_replicas`. New `settings` (a reload) apply
+/// at once.
 pub async fn run(
     service: String,
     gate: Arc<SharedGate>,
-    settings: Settings,
+    mut settings: watch::Receiver<Settings>,
     tick: Duration,
     desired: watch::Sender<u32>,
 ) {
-    let mut autoscaler = Autoscaler::new(settings);
+    let mut autoscaler = Autoscaler::new(settings.borrow_and_update().clone());
+    let mut reloadable = true;
     let mut sample = tokio::time::interval(SAMPLE_PERIOD);
     let mut decide = tokio::time::interval(tick);
     sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -275,6 +277,16 @@ pub async fn run(
             _ = sample.tick() => {
                 let (demand, _) = demand_and_ready(&gate);
                 autoscaler.record(tokio::time::Instant::now().into_std(), demand);
+            }
+            changed = settings.changed(), if reloadable => {
+                if changed.is_err() {
+                    reloadable = false;
+                    continue;
+                }
+                autoscaler.settings = settings.borrow_and_update().clone();
+                let (demand, ready) = demand_and_ready(&gate);
+                let decision = autoscaler.decide(tokio::time::Instant::now().into_std(), ready);
+                publish(decision, demand, ready);
             }
             _ = decide.tick() => {
                 let (demand, ready) = demand_and_ready(&gate);

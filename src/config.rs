@@ -38,6 +38,37 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader_election: Option<LeaderElection>,
     pub services: Vec<ServiceConfig>,
+    /// Weighted splits of hosts across services (revisions of a model); a
+    /// service's own `hosts` are a route to it alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// Hosts whose requests are split across services by weight; a session
+/// stays on the service it started on while that service is in the split.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The route's name in metrics, /status and errors; default: its first host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub hosts: Vec<String>,
+    pub split: Vec<SplitConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    pub service: String,
+    /// A share of the route's new sessions (relative to the other weights);
+    /// 0: no new ones, the service keeps its sessions.
+    pub weight: u32,
+}
+
+impl RouteConfig {
+    pub fn name(&self) -> &str {
+        self.name.as_deref().or(self.hosts.first().map(String::as_str)).unwrap_or("")
+    }
 }
 
 /// Protection against slow or oversized client input.
@@ -76,7 +107,8 @@ pub struct Limits {
 pub struct ServiceConfig {
     pub name: String,
     /// Host names routed here (case-insensitive, port ignored); "*" makes this
-    /// the default service.
+    /// the default service. May be empty for a service reached through `routes`.
+    #[serde(default)]
     pub hosts: Vec<String>,
     /// Requests one pod may hold at once; 0 = unlimited.
     #[serde(default = "default_cc")]
@@ -581,17 +613,107 @@ impl Config {
             }
             service.validate(&key)?;
         }
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if route.hosts.is_empty() {
+                bail!("{key}.hosts: at least one host (or \"*\") is required");
+            }
+            for (j, host) in route.hosts.iter().enumerate() {
+                let host = host.to_ascii_lowercase();
+                if host.is_empty() {
+                    bail!("{key}.hosts[{j}]: empty host name");
+                }
+                if !hosts.insert(host.clone()) {
+                    bail!("{key}.hosts[{j}]: host {host:?} is routed elsewhere already");
+                }
+            }
+            if route.split.is_empty() {
+                bail!("{key}.split: at least one service is required");
+            }
+            let mut in_split = HashSet::new();
+            for (j, split) in route.split.iter().enumerate() {
+                if !names.contains(split.service.as_str()) {
+                    bail!("{key}.split[{j}].service: no service named {:?}", split.service);
+                }
+                if !in_split.insert(split.service.as_str()) {
+                    bail!("{key}.split[{j}].service: {:?} is in the split twice", split.service);
+                }
+                if split.weight > 1_000_000 {
+                    bail!("{key}.split[{j}].weight: at most 1000000");
+                }
+            }
+        }
         Ok(())
     }
+
+    /// Why `next` cannot replace this config without a restart, if it cannot:
+    /// the listeners, threads and leader election are fixed at start, and a
+    /// service keeps its pods (its `backend`, `readiness` and `idle_check`);
+    /// a new pool is a new service (add it, move the weights, remove the old).
+    pub fn reload_refusal(&self, next: &Config) -> Option<String> {
+        if self.listen != next.listen {
+            return Some("listen: changing it needs a restart".into());
+        }
+        if self.admin != next.admin {
+            return Some("admin: changing it needs a restart".into());
+        }
+        if self.threads != next.threads {
+            return Some("threads: changing it needs a restart".into());
+        }
+        if yaml(&self.limits) != yaml(&next.limits) {
+            return Some("limits: changing them needs a restart".into());
+        }
+        if yaml(&self.leader_election) != yaml(&next.leader_election) {
+            return Some("leader_election: changing it needs a restart".into());
+        }
+        for (i, service) in next.services.iter().enumerate() {
+            let Some(old) = self.services.iter().find(|old| old.name == service.name) else { continue };
+            let key = format!("services[{i}]");
+            if yaml(&old.backend) != yaml(&service.backend) {
+                return Some(format!(
+                    "{key}.backend: a service keeps its pods; give the new pool a new service name (or restart)"
+                ));
+            }
+            if yaml(&old.readiness) != yaml(&service.readiness) {
+                return Some(format!(
+                    "{key}.readiness: a service keeps its probes; give the new pool a new service name (or restart)"
+                ));
+            }
+            if yaml(&old.idle_check) != yaml(&service.idle_check) {
+                return Some(format!("{key}.idle_check: a service keeps its idle check; give the new pool a new service name (or restart)"));
+            }
+            let identity = |a: &Option<AffinityConfig>| {
+                a.as_ref().map(|a| {
+                    (
+                        a.cookie.clone(),
+                        a.mode,
+                        a.header.clone(),
+                        a.key_file.clone(),
+                        a.previous_key_file.clone(),
+                        a.max_sessions,
+                    )
+                })
+            };
+            if old.affinity.is_some() != service.affinity.is_some()
+                || identity(&old.affinity) != identity(&service.affinity)
+            {
+                return Some(format!("{key}.affinity: only its timeout and secure may change on reload (or restart)"));
+            }
+        }
+        None
+    }
+}
+
+/// A config part as YAML, to compare parts that hold durations, paths and
+/// enums without `PartialEq`.
+fn yaml<T: Serialize>(value: &T) -> String {
+    serde_yaml::to_string(value).unwrap_or_default()
 }
 
 impl ServiceConfig {
     fn validate(&self, key: &str) -> Result<()> {
         if self.name.is_empty() {
             bail!("{key}.name: must not be empty");
-        }
-        if self.hosts.is_empty() {
-            bail!("{key}.hosts: at least one host (or \"*\") is required");
         }
         if self.queue.timeout.is_zero() {
             bail!("{key}.queue.timeout: must be more than 0s");

@@ -42,6 +42,8 @@ pub enum ProxyError {
     Standby,
     #[error("the service has no pod, and this path does not wake it (see `wake`)")]
     Asleep,
+    #[error("route {0:?} has weight 0 for every service")]
+    NoWeight(String),
 }
 
 impl ProxyError {
@@ -56,7 +58,8 @@ impl ProxyError {
             | ProxyError::NoReadyEndpoint
             | ProxyError::ShuttingDown
             | ProxyError::Standby
-            | ProxyError::Asleep => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::Asleep
+            | ProxyError::NoWeight(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::QueueTimeout { .. } | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
@@ -81,7 +84,10 @@ impl ProxyError {
     }
 
     pub fn into_response(self, service: Option<&str>) -> Response<ResponseBody> {
-        let payload = serde_json::json!({ "error": self.to_string(), "service": service });
+        let mut payload = serde_json::json!({ "error": self.to_string(), "service": service });
+        if let ProxyError::NoWeight(route) = &self {
+            payload["route"] = serde_json::Value::from(route.as_str());
+        }
         let mut response = Response::new(body::full(Bytes::from(payload.to_string())));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();

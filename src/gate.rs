@@ -146,6 +146,15 @@ impl<W> Gate<W> {
         }
     }
 
+    /// New limits (a reload): requests an endpoint may hold and the queue's
+    /// depth. Requests above a lowered capacity finish; waiters above a
+    /// lowered depth keep their place.
+    pub fn set_limits(&mut self, capacity: u32, max_depth: usize) {
+        self.capacity = capacity;
+        self.policy = Policy::for_capacity(capacity);
+        self.max_depth = max_depth;
+    }
+
     pub fn policy(&self) -> Policy {
         self.policy
     }

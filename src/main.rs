@@ -125,10 +125,14 @@ async fn run(cli: Cli) -> Result<()> {
         }
         None => {
             let config = load(cli.config.as_ref())?;
-            sdgate::server::ignore_sighup()?;
+            // Taken before anything starts: SIGHUP must never kill the gateway.
+            let hangup = sdgate::reload::hangup_signal()?;
             sdgate::server::raise_open_files_limit(config.services.iter().map(|s| s.queue.max_depth).sum());
             let gateway = Gateway::bind(config).await?;
-            gateway.run(sdgate::server::shutdown_signal()).await
+            let watch = tokio::spawn(sdgate::reload::watch(cli.config.clone(), hangup, gateway.reloader()));
+            let ran = gateway.run(sdgate::server::shutdown_signal()).await;
+            watch.abort();
+            ran
         }
     }
 }

@@ -26,6 +26,8 @@ pub struct Metrics {
     desired_replicas: IntGaugeVec,
     cold_start: HistogramVec,
     affinity: IntCounterVec,
+    route_requests: IntCounterVec,
+    reloads: IntCounterVec,
 }
 
 /// Every `sdgate_upstream_errors_total{kind}`: each has a series from the start.
@@ -100,8 +102,21 @@ impl Metrics {
                 &["service", "result"],
             )
             .expect("static metric definition"),
+            route_requests: IntCounterVec::new(
+                Opts::new("sdgate_route_requests_total", "Requests a route sent to each of its services"),
+                &["route", "service"],
+            )
+            .expect("static metric definition"),
+            reloads: IntCounterVec::new(
+                Opts::new("sdgate_config_reloads_total", "Configuration reloads, by result (ok, error)"),
+                &["result"],
+            )
+            .expect("static metric definition"),
             registry,
         };
+        for result in ["ok", "error"] {
+            metrics.reloads.with_label_values(&[result]);
+        }
         for collector in metrics.collectors() {
             // Names are distinct constants; registering them cannot clash.
             let _ = metrics.registry.register(collector);
@@ -124,7 +139,19 @@ impl Metrics {
             Box::new(self.desired_replicas.clone()),
             Box::new(self.cold_start.clone()),
             Box::new(self.affinity.clone()),
+            Box::new(self.route_requests.clone()),
+            Box::new(self.reloads.clone()),
         ]
+    }
+
+    /// `sdgate_route_requests_total{route, service}`.
+    pub fn route_requests(&self, route: &str, service: &str) -> prometheus::IntCounter {
+        self.route_requests.with_label_values(&[route, service])
+    }
+
+    /// Counts a configuration reload (`ok` or `error`).
+    pub fn reloaded(&self, result: &str) {
+        self.reloads.with_label_values(&[result]).inc();
     }
 
     pub fn service(&self, service: &str) -> ServiceMetrics {

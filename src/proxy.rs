@@ -17,6 +17,7 @@ use crate::forward::{self, ExchangeError, Forwarder, Peer, ReplayableBody, Reque
 use crate::gate::{EndpointId, Pin, Ticket};
 use crate::metrics::Metrics;
 use crate::router::{self, Router};
+use crate::routes::{Route, Split, Window};
 use crate::slot::{SharedGate, Slot};
 
 /// One configured service, its gate and its session affinity.
@@ -60,8 +61,8 @@ impl SessionRequest {
 
 /// Everything a request needs, shared by all connections.
 pub struct Proxy {
-    router: Router,
-    services: Vec<Arc<Service>>,
+    /// Routes and services; replaced whole by a reload.
+    table: std::sync::RwLock<Arc<Table>>,
     /// One pod connection pool per serving thread, so a request and its
     /// pod connection live on the same thread.
     forwarders: Vec<Forwarder>,
@@ -69,6 +70,128 @@ pub struct Proxy {
     metrics: Metrics,
     /// Dispatches to pods (false on a standby replica: see `leader`).
     active: std::sync::atomic::AtomicBool,
+    /// The latest reload: when, and its error if it was refused.
+    last_reload: std::sync::Mutex<Option<Reloaded>>,
+}
+
+/// A reload's outcome, for /status.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Reloaded {
+    /// Unix seconds.
+    pub at: u64,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What requests are routed by: the routes (a config's `routes`, then each
+/// service's own `hosts` as a route of one) and the services.
+pub struct Table {
+    router: Router,
+    pub routes: Vec<Route>,
+    pub services: Vec<Arc<Service>>,
+}
+
+/// What a reload changed, for the control loop.
+#[derive(Default)]
+pub struct Changes {
+    /// New services: their pods and autoscaler start.
+    pub added: Vec<Arc<Service>>,
+    /// Services whose settings changed (same pods, gate and sessions).
+    pub changed: Vec<Arc<Service>>,
+    /// Services no longer in the config: they take no new requests and finish
+    /// their queued and in-flight ones.
+    pub removed: Vec<Arc<Service>>,
+}
+
+impl Table {
+    /// The table for `config`; services of `previous` with the same name keep
+    /// their gate (queue, pods) and sessions.
+    fn build(config: &Config, metrics: &Metrics, previous: Option<&Table>) -> anyhow::Result<(Self, Changes)> {
+        let mut changes = Changes::default();
+        let mut services = Vec::with_capacity(config.services.len());
+        for service in &config.services {
+            let kept = previous.and_then(|p| p.services.iter().find(|s| s.config.name == service.name));
+            let built = match kept {
+                Some(old) => {
+                    old.gate.set_limits(service.container_concurrency, service.queue.max_depth);
+                    let affinity = match (&old.affinity, &service.affinity) {
+                        (Some(old), Some(new)) => Some(Arc::new(old.reconfigured(new.clone()))),
+                        _ => None,
+                    };
+                    let built = Arc::new(Service { config: service.clone(), gate: old.gate.clone(), affinity });
+                    changes.changed.push(built.clone());
+                    built
+                }
+                None => {
+                    let built = Arc::new(Service::new(service, metrics)?);
+                    changes.added.push(built.clone());
+                    built
+                }
+            };
+            services.push(built);
+        }
+        if let Some(previous) = previous {
+            changes.removed = previous
+                .services
+                .iter()
+                .filter(|old| !config.services.iter().any(|s| s.name == old.config.name))
+                .cloned()
+                .collect();
+        }
+        let by_name = |name: &str| services.iter().find(|s| s.config.name == name).cloned();
+        let mut routes = Vec::new();
+        let mut hosts: Vec<&[String]> = Vec::new();
+        for route in &config.routes {
+            let name = route.name().to_string();
+            let split = route
+                .split
+                .iter()
+                .filter_map(|split| {
+                    let service = by_name(&split.service)?;
+                    let requests = metrics.route_requests(&name, &split.service);
+                    Some(Split { service, weight: split.weight, requests, recent: Window::default() })
+                })
+                .collect();
+            routes.push(Route::new(name, split));
+            hosts.push(&route.hosts);
+        }
+        for service in &services {
+            let requests = metrics.route_requests(&service.config.name, &service.config.name);
+            let split = vec![Split { service: service.clone(), weight: 1, requests, recent: Window::default() }];
+            routes.push(Route::new(service.config.name.clone(), split));
+            hosts.push(&service.config.hosts);
+        }
+        let router = Router::new(hosts);
+        Ok((Self { router, routes, services }, changes))
+    }
+}
+
+impl Table {
+    /// The route of a request's host, and the service it picks.
+    fn pick<B>(&self, request: &Request<B>) -> Result<&Split, ProxyError> {
+        self.routes[self.router.route(request)?].pick(request.headers())
+    }
+}
+
+impl Service {
+    fn new(service: &ServiceConfig, metrics: &Metrics) -> anyhow::Result<Self> {
+        let affinity = match &service.affinity {
+            Some(affinity) => {
+                let signer = Signer::from_environment(affinity, &service.name)?;
+                Some(Arc::new(Affinity::new(affinity.clone(), signer)))
+            }
+            None => None,
+        };
+        let gate = SharedGate::with_sessions(
+            service.container_concurrency,
+            service.queue.max_depth,
+            metrics.service(&service.name),
+            affinity.as_ref().map(|a| a.sessions.clone()),
+        );
+        gate.set_quarantine_policy(crate::quarantine::Policy::of(service));
+        Ok(Self { config: service.clone(), gate, affinity })
+    }
 }
 
 /// What the log line of a request says of the request itself (taken only
@@ -101,31 +224,38 @@ struct Trace {
 
 impl Proxy {
     pub fn new(config: &Config, metrics: Metrics) -> anyhow::Result<Self> {
-        let router = Router::new(config.services.iter().map(|s| s.hosts.as_slice()));
-        let services = config
-            .services
-            .iter()
-            .map(|service| {
-                let affinity = match &service.affinity {
-                    Some(affinity) => {
-                        let signer = Signer::from_environment(affinity, &service.name)?;
-                        Some(Arc::new(Affinity::new(affinity.clone(), signer)))
-                    }
-                    None => None,
-                };
-                let gate = SharedGate::with_sessions(
-                    service.container_concurrency,
-                    service.queue.max_depth,
-                    metrics.service(&service.name),
-                    affinity.as_ref().map(|a| a.sessions.clone()),
-                );
-                gate.set_quarantine_policy(crate::quarantine::Policy::of(service));
-                Ok(Arc::new(Service { config: service.clone(), gate, affinity }))
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let (table, _) = Table::build(config, &metrics, None)?;
         let forwarders = (0..crate::threads::count(config.threads)).map(|_| Forwarder::new()).collect();
         let active = std::sync::atomic::AtomicBool::new(config.leader_election.is_none());
-        Ok(Self { router, services, forwarders, limits: config.limits.clone(), metrics, active })
+        let table = std::sync::RwLock::new(Arc::new(table));
+        let last_reload = std::sync::Mutex::new(None);
+        Ok(Self { table, forwarders, limits: config.limits.clone(), metrics, active, last_reload })
+    }
+
+    /// Counts a reload (`sdgate_config_reloads_total`) and keeps it for /status.
+    pub fn record_reload(&self, error: Option<String>) {
+        self.metrics.reloaded(if error.is_none() { "ok" } else { "error" });
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let record = Reloaded { at, ok: error.is_none(), error };
+        *self.last_reload.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(record);
+    }
+
+    pub fn last_reload(&self) -> Option<Reloaded> {
+        self.last_reload.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// The routes and services in force.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// Puts `config`'s routes and services in force (see [`Table::build`]);
+    /// requests already routed finish where they were routed.
+    pub fn reload(&self, config: &Config) -> anyhow::Result<Changes> {
+        let mut table = self.table.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (next, changes) = Table::build(config, &self.metrics, Some(&table))?;
+        *table = Arc::new(next);
+        Ok(changes)
     }
 
     /// The pod connection pool of the serving thread this runs on.
@@ -133,8 +263,8 @@ impl Proxy {
         &self.forwarders[crate::threads::current() % self.forwarders.len()]
     }
 
-    pub fn services(&self) -> &[Arc<Service>] {
-        &self.services
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        self.table().services.clone()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -186,8 +316,9 @@ impl Proxy {
     /// client leaves before the answer: the record then says 499); an
     /// unrouted request's answer is the error.
     fn record<B>(&self, request: &mut Request<B>) -> Result<Record, Box<Response<ResponseBody>>> {
-        match self.router.route(request) {
-            Ok(index) => Ok(self.start_record(&self.services[index], request)),
+        let table = self.table();
+        match table.pick(request) {
+            Ok(split) => Ok(self.start_record(split, request)),
             Err(error) => {
                 let request_id = request_id(request);
                 let mut response = error.into_response(None);
@@ -202,7 +333,10 @@ impl Proxy {
         }
     }
 
-    fn start_record<B>(&self, service: &Arc<Service>, request: &mut Request<B>) -> Record {
+    fn start_record<B>(&self, split: &Split, request: &mut Request<B>) -> Record {
+        split.requests.inc();
+        split.recent.record();
+        let service = &split.service;
         let start = Instant::now();
         let request_id = request_id(request);
         let line = tracing::enabled!(tracing::Level::INFO).then(|| LogLine::of(request));
@@ -215,12 +349,13 @@ impl Proxy {
     /// path instead: it is not routed, is refused before the queue, or does
     /// not queue (`bypass`); that path then gives the same answer.
     pub fn admit_early(&self, request: &mut Request<()>) -> Option<EarlyWait> {
-        let service = &self.services[self.router.route(request).ok()?];
-        let admitted = self.admit(service, request).ok()?;
+        let table = self.table();
+        let split = table.pick(request).ok()?;
+        let admitted = self.admit(&split.service, request).ok()?;
         if admitted.bypass {
             return None;
         }
-        Some(EarlyWait { record: self.start_record(service, request), admitted })
+        Some(EarlyWait { record: self.start_record(split, request), admitted })
     }
 
     /// What is decided of a request before it may queue: it is not refused

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin;
@@ -31,6 +31,7 @@ use crate::lobby;
 use crate::metrics::Metrics;
 use crate::provider;
 use crate::proxy::{self, Proxy};
+use crate::reload;
 use crate::router;
 use crate::threads::{self, ServingThreads};
 
@@ -43,44 +44,97 @@ pub struct Gateway {
     /// The control loop, once this replica is active (at once without
     /// leader election).
     control: Option<Control>,
+    reloads: (mpsc::Sender<reload::Request>, mpsc::Receiver<reload::Request>),
 }
 
 /// The control loop of every service: providers and autoscalers.
 struct Control {
-    providers: Vec<provider::Running>,
-    autoscalers: Vec<JoinHandle<()>>,
-    desired: Vec<watch::Receiver<u32>>,
+    services: Vec<ServiceControl>,
+}
+
+/// One service's provider (pods and probes) and autoscaler.
+struct ServiceControl {
+    name: String,
+    provider: provider::Running,
+    autoscaler: Option<JoinHandle<()>>,
+    /// The autoscaler's settings (a reload changes them).
+    settings: watch::Sender<autoscale::Settings>,
+    desired: watch::Receiver<u32>,
 }
 
 impl Control {
     /// Starts each service's provider (endpoints and probes) and autoscaler.
     fn start(proxy: &Proxy) -> Result<Self> {
-        let mut control = Control { providers: Vec::new(), autoscalers: Vec::new(), desired: Vec::new() };
-        for service in proxy.services() {
-            let (desired_tx, desired_rx) = watch::channel(service.config.scale.min);
-            control.desired.push(desired_rx.clone());
-            control.providers.push(provider::start(&service.config, service.gate.clone(), desired_rx)?);
-            if service.config.scale.mode == ScaleMode::Builtin {
-                let settings = autoscale::Settings::new(&service.config.scale, service.config.container_concurrency);
-                control.autoscalers.push(tokio::spawn(autoscale::run(
-                    service.config.name.clone(),
-                    service.gate.clone(),
-                    settings,
-                    service.config.scale.tick,
-                    desired_tx,
-                )));
+        let services = proxy.services().iter().map(|s| ServiceControl::start(s)).collect::<Result<_>>()?;
+        Ok(Control { services })
+    }
+
+    /// Follows a reload: starts new services, gives changed ones their new
+    /// autoscaler settings, and retires removed ones once they have
+    /// finished their queued and in-flight requests (at most `drain_timeout`).
+    fn apply(&mut self, changes: &proxy::Changes, drain_timeout: Duration) -> Result<()> {
+        for service in &changes.changed {
+            if let Some(control) = self.services.iter().find(|c| c.name == service.config.name) {
+                control.settings.send_replace(settings_of(service));
             }
         }
-        Ok(control)
+        for service in &changes.removed {
+            if let Some(at) = self.services.iter().position(|c| c.name == service.config.name) {
+                tokio::spawn(self.services.remove(at).retire(service.clone(), drain_timeout));
+            }
+        }
+        for service in &changes.added {
+            self.services.push(ServiceControl::start(service)?);
+        }
+        Ok(())
     }
 
     async fn stop(self) {
-        for task in self.autoscalers {
+        for service in self.services {
+            service.stop().await;
+        }
+    }
+}
+
+fn settings_of(service: &proxy::Service) -> autoscale::Settings {
+    autoscale::Settings::new(&service.config.scale, service.config.container_concurrency)
+}
+
+impl ServiceControl {
+    fn start(service: &proxy::Service) -> Result<Self> {
+        let (desired_tx, desired) = watch::channel(service.config.scale.min);
+        let provider = provider::start(&service.config, service.gate.clone(), desired.clone())?;
+        let (settings, settings_rx) = watch::channel(settings_of(service));
+        let autoscaler = (service.config.scale.mode == ScaleMode::Builtin).then(|| {
+            tokio::spawn(autoscale::run(
+                service.config.name.clone(),
+                service.gate.clone(),
+                settings_rx,
+                service.config.scale.tick,
+                desired_tx,
+            ))
+        });
+        Ok(Self { name: service.config.name.clone(), provider, autoscaler, settings, desired })
+    }
+
+    /// A service removed by a reload: it takes no new requests; once its
+    /// queue and in-flight requests are done (or `drain_timeout` passed), its
+    /// pods and autoscaler stop.
+    async fn retire(self, service: Arc<proxy::Service>, drain_timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        let busy = || service.gate.inspect(|g| g.queue_depth() > 0 || g.inflight() > 0);
+        while busy() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::info!(service = %self.name, unfinished = busy(), "removed service retired");
+        self.stop().await;
+    }
+
+    async fn stop(self) {
+        if let Some(task) = self.autoscaler {
             task.abort();
         }
-        for provider in self.providers {
-            provider.shutdown().await;
-        }
+        self.provider.shutdown().await;
     }
 }
 
@@ -99,7 +153,7 @@ impl Gateway {
             None => Some(Control::start(&proxy)?),
             Some(_) => None,
         };
-        Ok(Self { config, proxy, listener, admin, control })
+        Ok(Self { config, proxy, listener, admin, control, reloads: mpsc::channel(4) })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -113,7 +167,12 @@ impl Gateway {
     /// The desired replica count of service `index`, as its provider sees
     /// it (each change is a scale call).
     pub fn desired(&self, index: usize) -> Option<watch::Receiver<u32>> {
-        self.control.as_ref().and_then(|c| c.desired.get(index).cloned())
+        self.control.as_ref().and_then(|c| c.services.get(index)).map(|c| c.desired.clone())
+    }
+
+    /// Hands new configs to this gateway once it runs (see [`reload`]).
+    pub fn reloader(&self) -> reload::Reloader {
+        reload::Reloader { tx: self.reloads.0.clone() }
     }
 
     pub fn proxy(&self) -> &Arc<Proxy> {
@@ -123,7 +182,8 @@ impl Gateway {
     /// Serves until `shutdown` completes, then stops accepting and lets queued
     /// and in-flight requests finish, at most `drain_timeout`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Gateway { config, proxy, listener, admin, mut control } = self;
+        let Gateway { mut config, proxy, listener, admin, mut control, reloads: (reload_tx, mut reload_rx) } = self;
+        drop(reload_tx);
         tracing::info!(
             listen = %listener.local_addr()?,
             admin = admin.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
@@ -210,6 +270,13 @@ impl Gateway {
                     let connection = Connection { stream, client, budget: slot, timeouts };
                     threads.next_runtime().spawn(serve_connection(connection, proxy.clone(), builder.clone(), drain_rx.clone()));
                 }
+                Some(request) = reload_rx.recv() => {
+                    let result = apply_reload(&mut config, request.config, &proxy, control.as_mut());
+                    if let Err(error) = &result {
+                        tracing::error!(%error, "config reload refused; the old config stays in force");
+                    }
+                    let _ = request.done.send(result);
+                }
                 _ = &mut shutdown => break,
             }
         }
@@ -241,6 +308,39 @@ impl Gateway {
         }
         Ok(())
     }
+}
+
+/// Puts `next` in force, or says why not (the old config then stays):
+/// see [`Config::reload_refusal`] and [`Proxy::reload`].
+fn apply_reload(
+    config: &mut Config,
+    next: Result<Config, String>,
+    proxy: &Proxy,
+    control: Option<&mut Control>,
+) -> Result<(), String> {
+    let applied = next.and_then(|next| {
+        if let Some(why) = config.reload_refusal(&next) {
+            return Err(why);
+        }
+        let changes = proxy.reload(&next).map_err(|error| format!("{error:#}"))?;
+        if let Some(control) = control {
+            control.apply(&changes, next.drain_timeout).map_err(|error| format!("{error:#}"))?;
+        }
+        let names = |services: &[Arc<proxy::Service>]| {
+            services.iter().map(|s| s.config.name.as_str()).collect::<Vec<_>>().join(",")
+        };
+        tracing::info!(
+            added = names(&changes.added),
+            changed = names(&changes.changed),
+            removed = names(&changes.removed),
+            routes = next.routes.len(),
+            "config reloaded"
+        );
+        *config = next;
+        Ok(())
+    });
+    proxy.record_reload(applied.as_ref().err().cloned());
+    applied
 }
 
 /// An accepted client connection on its way to a serving thread.
@@ -712,19 +812,6 @@ impl AcceptErrors {
 /// system's).
 pub(crate) fn out_of_descriptors(error: &std::io::Error) -> bool {
     matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-}
-
-/// Takes SIGHUP, which would otherwise kill the process with every request
-/// in flight: it is logged (config reload is not built yet).
-pub fn ignore_sighup() -> Result<()> {
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("cannot install the SIGHUP handler")?;
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            tracing::warn!("SIGHUP received: configuration reload is not supported yet; carrying on");
-        }
-    });
-    Ok(())
 }
 
 /// Completes on SIGTERM or SIGINT.

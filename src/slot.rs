@@ -194,6 +194,11 @@ impl SharedGate {
         self.change_endpoints(|gate| gate.quarantine(id, on));
     }
 
+    /// See [`Gate::set_limits`]; a raised capacity takes waiters at once.
+    pub fn set_limits(self: &Arc<Self>, capacity: u32, max_depth: usize) {
+        self.change_endpoints(|gate| gate.set_limits(capacity, max_depth));
+    }
+
     /// Takes a drained endpoint back; it takes waiters at once.
     pub fn undrain(self: &Arc<Self>, id: EndpointId) {
         self.change_endpoints(|gate| gate.undrain(id));

@@ -19,6 +19,26 @@ use crate::proxy::{Proxy, Service};
 pub struct Status {
     pub uptime_seconds: f64,
     pub services: Vec<ServiceStatus>,
+    /// The config's `routes` (a service's own hosts are not listed here).
+    pub routes: Vec<RouteStatus>,
+    /// The latest config reload, if any.
+    pub last_reload: Option<crate::proxy::Reloaded>,
+}
+
+#[derive(Serialize)]
+pub struct RouteStatus {
+    pub name: String,
+    pub split: Vec<SplitStatus>,
+}
+
+#[derive(Serialize)]
+pub struct SplitStatus {
+    pub service: String,
+    pub weight: u32,
+    /// Requests the route sent this service over the last minute, and their
+    /// share of the route's.
+    pub requests_last_minute: u64,
+    pub share_last_minute: f64,
 }
 
 #[derive(Serialize)]
@@ -56,9 +76,33 @@ pub struct EndpointStatus {
 
 impl Status {
     pub fn of(proxy: &Proxy, started: Instant) -> Self {
+        let table = proxy.table();
+        // Routes of one (a service's own hosts) come after the config's.
+        let configured = table.routes.len().saturating_sub(table.services.len());
+        let routes = table.routes[..configured]
+            .iter()
+            .map(|route| {
+                let counts: Vec<u64> = route.split.iter().map(|s| s.recent.last_minute()).collect();
+                let total = counts.iter().sum::<u64>().max(1) as f64;
+                let split = route
+                    .split
+                    .iter()
+                    .zip(counts)
+                    .map(|(split, count)| SplitStatus {
+                        service: split.service.config.name.clone(),
+                        weight: split.weight,
+                        requests_last_minute: count,
+                        share_last_minute: count as f64 / total,
+                    })
+                    .collect();
+                RouteStatus { name: route.name.clone(), split }
+            })
+            .collect();
         Self {
             uptime_seconds: started.elapsed().as_secs_f64(),
-            services: proxy.services().iter().map(ServiceStatus::of).collect(),
+            services: table.services.iter().map(ServiceStatus::of).collect(),
+            routes,
+            last_reload: proxy.last_reload(),
         }
     }
 }

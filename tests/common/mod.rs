@@ -67,6 +67,8 @@ pub struct TestGateway {
     pub proxy: Arc<Proxy>,
     /// The first service's desired replica count (its provider's scale calls).
     pub desired: tokio::sync::watch::Receiver<u32>,
+    /// Hands the running gateway a new config.
+    pub reloader: sdgate::reload::Reloader,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -79,11 +81,12 @@ impl TestGateway {
         let admin = gateway.admin_addr().expect("admin addr");
         let proxy = gateway.proxy().clone();
         let desired = gateway.desired(0).expect("one service");
+        let reloader = gateway.reloader();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.run(async move {
             let _ = stopped.await;
         }));
-        Self { addr, admin, proxy, desired, stop: Some(stop), task }
+        Self { addr, admin, proxy, desired, reloader, stop: Some(stop), task }
     }
 
     /// Starts a gateway in front of `backends` and waits until they are all ready.

@@ -1,0 +1,81 @@
+//! Live configuration: on SIGHUP, and when the config file changes (also
+//! when a Kubernetes ConfigMap update swaps the symlink it is read through),
+//! the file is read and validated again and handed to the gateway, which
+//! applies it without dropping a request (see [`crate::server`]). A config
+//! that does not load is logged with the key at fault and the old one stays
+//! in force.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::signal::unix::Signal;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+
+/// How often the config file is read to see whether it changed.
+pub const WATCH_PERIOD: Duration = Duration::from_secs(1);
+
+/// A reload for the gateway: the new config, or why it did not load.
+pub(crate) struct Request {
+    pub config: Result<Config, String>,
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Hands new configs to a running gateway.
+#[derive(Clone)]
+pub struct Reloader {
+    pub(crate) tx: mpsc::Sender<Request>,
+}
+
+impl Reloader {
+    /// Applies `config` (or counts and logs a config that did not load);
+    /// the error says why the old config stays in force.
+    pub async fn reload(&self, config: Result<Config, String>) -> Result<(), String> {
+        let (done, answer) = oneshot::channel();
+        self.tx.send(Request { config, done }).await.map_err(|_| "the gateway has stopped".to_string())?;
+        answer.await.map_err(|_| "the gateway has stopped".to_string())?
+    }
+}
+
+/// SIGHUP, taken from now on (its default action would kill the process).
+pub fn hangup_signal() -> anyhow::Result<Signal> {
+    use anyhow::Context;
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot install the SIGHUP handler")
+}
+
+/// Reloads `path` on SIGHUP and whenever its contents change (read every
+/// [`WATCH_PERIOD`], through any symlink). Without a file, SIGHUP is only
+/// logged. Runs until the gateway stops.
+pub async fn watch(path: Option<PathBuf>, mut hangup: Signal, reloader: Reloader) {
+    let Some(path) = path else {
+        while hangup.recv().await.is_some() {
+            tracing::warn!("SIGHUP received, but sdgate runs the built-in config: there is no file to reload");
+        }
+        return;
+    };
+    let mut seen = std::fs::read(&path).ok();
+    let mut period = tokio::time::interval(WATCH_PERIOD);
+    period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let why = tokio::select! {
+            _ = hangup.recv() => "SIGHUP",
+            _ = period.tick() => {
+                let now = std::fs::read(&path).ok();
+                // A file missing for a moment (an editor's rename) is not a change.
+                if now.is_none() || now == seen {
+                    continue;
+                }
+                seen = now;
+                "the config file changed"
+            }
+        };
+        let config = Config::load(&path).map_err(|error| format!("{error:#}"));
+        if let Err(error) = reloader.reload(config).await {
+            if error == "the gateway has stopped" {
+                return;
+            }
+            tracing::error!(file = %path.display(), %error, why, "config reload refused; the old config stays in force");
+        }
+    }
+}
