@@ -150,7 +150,8 @@ impl Table {
                 .filter_map(|split| {
                     let service = by_name(&split.service)?;
                     let requests = metrics.route_requests(&name, &split.service);
-                    Some(Split { service, weight: split.weight, requests, recent: Window::default() })
+                    let recent = previous.and_then(|p| p.window(&name, &split.service)).unwrap_or_default();
+                    Some(Split { service, weight: split.weight, requests, recent })
                 })
                 .collect();
             routes.push(Route::new(name, split));
@@ -158,7 +159,9 @@ impl Table {
         }
         for service in &services {
             let requests = metrics.route_requests(&service.config.name, &service.config.name);
-            let split = vec![Split { service: service.clone(), weight: 1, requests, recent: Window::default() }];
+            let recent =
+                previous.and_then(|p| p.window(&service.config.name, &service.config.name)).unwrap_or_default();
+            let split = vec![Split { service: service.clone(), weight: 1, requests, recent }];
             routes.push(Route::new(service.config.name.clone(), split));
             hosts.push(&service.config.hosts);
         }
@@ -168,6 +171,12 @@ impl Table {
 }
 
 impl Table {
+    /// The last-minute counts of `service` in route `route`, if it has one.
+    fn window(&self, route: &str, service: &str) -> Option<Arc<Window>> {
+        let route = self.routes.iter().find(|r| r.name == route)?;
+        route.split.iter().find(|s| s.service.config.name == service).map(|s| s.recent.clone())
+    }
+
     /// The route of a request's host, and the service it picks.
     fn pick<B>(&self, request: &Request<B>) -> Result<&Split, ProxyError> {
         self.routes[self.router.route(request)?].pick(request.headers())

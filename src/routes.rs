@@ -31,8 +31,8 @@ pub struct Split {
     pub weight: u32,
     /// `sdgate_route_requests_total{route, service}`.
     pub requests: IntCounter,
-    /// The same, over the last minute.
-    pub recent: Window,
+    /// The same, over the last minute (kept across reloads).
+    pub recent: Arc<Window>,
 }
 
 impl Route {

@@ -176,6 +176,18 @@ async fn sessions_stay_on_their_revision_also_after_a_reload_moves_every_weight_
         assert_eq!(answer.worker(), v2[0].stats().name, "a new session goes to the new revision");
     }
     assert_eq!(v1[0].stats().served + v2[0].stats().served, 0, "no generation: options only");
+    // /status counts the last minute across the reload: 200 x 5 + 50 requests.
+    let status =
+        send(&client, Request::get(format!("http://{}/status", gateway.admin)).body(Full::default()).expect("request"))
+            .await
+            .json();
+    let counted: u64 = status["routes"][0]["split"]
+        .as_array()
+        .expect("split")
+        .iter()
+        .map(|s| s["requests_last_minute"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(counted, 1050);
     gateway.shutdown().await;
 }
 
