@@ -5,33 +5,54 @@
 # page's rendered DOM is read back and compared, number by number, with /status.
 # The page is opened for the first time (a fresh profile) after the requests:
 # its charts must start with the samples /status/history had, not empty.
+# With no routes and no reload yet, the page shows neither.
+# Then the config file is rewritten (an atomic rename; sdgate reloads it within
+# a second): two more services, each on its own sim worker, and a route that
+# splits a host between them 60/20. After requests to that host, a fresh page
+# must show the route: each service's weight (and its part of the weights,
+# 75 % and 25 %), and its requests and share of the last minute, as /status
+# says, and the reload in the header. Last, a config that does not load (the
+# split names a service that does not exist): the page must show the reload as
+# refused, with /status's error, and the route as it was.
 # Needs: chromium, jq, curl (tests/browser/deps.sh installs them).
 # Usage: bash tests/browser/dashboard.sh    (SDGATE=path to use a built binary)
 set -euo pipefail
 # shellcheck source=tests/browser/lib.sh
 . "$(dirname "$0")/lib.sh"
-bounded 240 "$@"
+bounded 300 "$@"
 
 REQUESTS=${REQUESTS:-8}
 SERVICE=stable-diffusion
 find_sdgate
-start_sim --step-time 20ms --image-bytes 1024
-start_sim --step-time 20ms --image-bytes 1024
-cat >"$WORK/sdgate.yaml" <<YAML
-listen: 127.0.0.1:0
-admin: 127.0.0.1:0
-drain_timeout: 5s
-services:
-  - name: $SERVICE
-    hosts: ["$HOST_HEADER"]
+for _ in 1 2 3 4; do start_sim --step-time 20ms --image-bytes 1024; done
+# A service on fixed pods: name, hosts (a YAML list), then its pods' addresses.
+service_yaml() {
+  local name=$1 hosts=$2
+  shift 2
+  local pods
+  pods=$(printf '"%s", ' "$@")
+  cat <<YAML
+  - name: $name
+    hosts: $hosts
     container_concurrency: 1
     queue: { timeout: 60s }
     readiness: { http: /internal/ping, period: 25ms }
     # Short windows, so that the autoscaler settles before the page is read (a
     # fixed backend keeps its pods whatever it is told).
     scale: { max: 2, stable_window: 2s, panic_window: 1s, scale_to_zero_grace: 1s, tick: 200ms }
-    backend: { fixed: ["${SIMS[0]}", "${SIMS[1]}"] }
+    backend: { fixed: [${pods%, }] }
 YAML
+}
+# The gateway's config (stdin), written in one rename: the file sdgate watches
+# is never seen half-written.
+write_config() {
+  cat >"$WORK/next.yaml"
+  mv "$WORK/next.yaml" "$WORK/sdgate.yaml"
+}
+{
+  printf 'listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ndrain_timeout: 5s\nservices:\n'
+  service_yaml "$SERVICE" "[\"$HOST_HEADER\"]" "${SIMS[0]}" "${SIMS[1]}"
+} | write_config
 start_gateway "$WORK/sdgate.yaml"
 echo "sims ${SIMS[*]}, gateway $GATEWAY, admin $ADMIN"
 wait_status '.services[0].ready_replicas == 2'
@@ -68,8 +89,25 @@ stable='[.services[] | {queue_depth, inflight, ready_replicas, desired_replicas,
 dom() {
   grep -o "$1[^>]*>[^<]*<" "$WORK/dom.html" | head -n1 | sed 's/.*>\([^<]*\)<$/\1/'
 }
+# The value of attribute $2 of the first element whose opening tag has $1.
+attr() {
+  grep -o "$1[^>]*>" "$WORK/dom.html" | head -n1 | sed -n "s/.* $2=\"\([^\"]*\)\".*/\1/p"
+}
 failures=0
 checks=0
+# A check that the command (after the label) succeeds; `not CMD` for one that fails.
+not() { ! "$@"; }
+check() {
+  local what=$1
+  shift
+  checks=$((checks + 1))
+  if "$@"; then
+    printf '  ok    %s\n' "$what"
+  else
+    printf '  WRONG %s\n' "$what"
+    failures=$((failures + 1))
+  fi
+}
 compare() {
   local what=$1 expected=$2 shown=$3
   checks=$((checks + 1))
@@ -145,7 +183,107 @@ else
   failures=$((failures + 1))
 fi
 
+# No routes and no reload yet: the routes panel and the reload line are hidden
+# and empty.
+echo "no routes, no reload:"
+check "routes panel hidden" grep -q '<section class="routes" id="routes" hidden=""></section>' "$WORK/dom.html"
+check "no route rendered" not grep -Eq '<[a-z0-9]+ [^>]*data-route=' "$WORK/dom.html"
+check "reload line hidden" grep -q '<span id="reload" hidden=""></span>' "$WORK/dom.html"
+check "reload error hidden" grep -q '<div id="reload-error" hidden=""></div>' "$WORK/dom.html"
+
+# A reload: two more services, each on one sim worker, and a route across them.
+ROUTE_HOST=gray.example.com
+routed_config() { # $1: the split's second service
+  printf 'listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ndrain_timeout: 5s\nservices:\n'
+  service_yaml "$SERVICE" "[\"$HOST_HEADER\"]" "${SIMS[0]}" "${SIMS[1]}"
+  service_yaml sd-v1 "[]" "${SIMS[2]}"
+  service_yaml sd-v2 "[]" "${SIMS[3]}"
+  cat <<YAML
+routes:
+  - hosts: ["$ROUTE_HOST"]
+    split:
+      - { service: sd-v1, weight: 60 }
+      - { service: $1, weight: 20 }
+YAML
+}
+routed_config sd-v2 | write_config
+wait_status '.last_reload.ok == true and (.routes | length) == 1' 30
+wait_status '[.services[] | select(.name == "sd-v1" or .name == "sd-v2") | .ready_replicas] == [1, 1]'
+# Requests to the route's host until each service had some (the split is
+# random; 12 at least, 40 at most: under 80, no share is a tie at one decimal
+# that jq and the page could round apart).
+sent=0
+while :; do
+  code=$(txt2img "$ROUTE_HOST" 1)
+  [ "$code" = 200 ] || die "request $((sent + 1)) to $ROUTE_HOST answered $code"
+  sent=$((sent + 1))
+  if [ "$sent" -ge 12 ] && status_json | jq -e '[.routes[0].split[].requests_last_minute] | all(. > 0)' >/dev/null; then
+    break
+  fi
+  [ "$sent" -lt 40 ] || die "after $sent requests to $ROUTE_HOST, a service of its split has none: $(status_json | jq -c .routes)"
+done
+wait_status "([.routes[0].split[].requests_last_minute] | add) == $sent and all(.services[]; .inflight == 0)"
+
+# A fresh page, read as above, and /status just before and after: the figures
+# compared must not have moved in between.
+# $1: a name for the files.
+read_page() {
+  status_json >"$WORK/$1-before.json"
+  chromium_run --user-data-dir="$WORK/profile-$1" --virtual-time-budget=5000 --dump-dom "http://$ADMIN/" >"$WORK/$1.html" ||
+    die "chromium failed (see chromium.log)"
+  status_json >"$WORK/$1-after.json"
+  [ -s "$WORK/$1.html" ] || die "chromium dumped an empty DOM"
+  local moving='{routes, last_reload, services: [.services[].name]}'
+  [ "$(jq -c "$moving" "$WORK/$1-before.json")" = "$(jq -c "$moving" "$WORK/$1-after.json")" ] ||
+    die "/status changed while the page loaded: $(jq -c "$moving" "$WORK/$1-before.json") vs $(jq -c "$moving" "$WORK/$1-after.json")"
+  cp "$WORK/$1.html" "$WORK/dom.html" # what dom() and attr() read
+  J="$WORK/$1-after.json"
+}
+# As the page writes a fraction: "62.5 %", "75.0 %".
+percent='. * 1000 | round | "\(. / 10 | floor).\(. % 10) %"'
+check_routes() {
+  local route service
+  route=$(jq -r '.routes[0].name' "$J")
+  R="data-route=\"$route\""
+  check "routes panel shown" not grep -q '<section class="routes" id="routes" hidden' "$WORK/dom.html"
+  compare "route name" "$ROUTE_HOST" "$route"
+  check "route $route rendered" grep -q "<div class=\"route\" $R>" "$WORK/dom.html"
+  compare "route requests (60 s)" "$sent" "$(dom "$R data-metric=\"route_requests_total\"")"
+  for service in sd-v1 sd-v2; do
+    local RS="$R data-service=\"$service\"" split=".routes[0].split[] | select(.service == \"$service\")"
+    compare "$service weight" "$(jq -r "$split.weight" "$J")" "$(dom "$RS data-metric=\"route_weight\"")"
+    compare "$service part of the weights" "$([ "$service" = sd-v1 ] && echo "75.0 %" || echo "25.0 %")" \
+      "$(dom "$RS data-metric=\"route_weight_share\"")"
+    compare "$service requests (60 s)" "$(jq -r "$split.requests_last_minute" "$J")" "$(dom "$RS data-metric=\"route_requests\"")"
+    compare "$service share (60 s)" "$(jq -r "$split.share_last_minute | $percent" "$J")" "$(dom "$RS data-metric=\"route_share\"")"
+    check "$service has its service section" grep -q "<section class=\"service\" data-service=\"$service\"" "$WORK/dom.html"
+  done
+}
+echo "after a reload that added a route:"
+read_page routed
+check_routes
+compare "last reload" ok "$(attr 'id="reload"' data-value)"
+compare "last reload at" "$(jq -r '.last_reload.at' "$J")" "$(attr 'id="reload"' data-at)"
+reload_line=$(dom 'id="reload"')
+check "reload line: \"$reload_line\"" grep -Eqx 'config reloaded [0-9]+ s ago' <<<"$reload_line"
+check "reload error hidden" grep -q '<div id="reload-error" hidden=""></div>' "$WORK/dom.html"
+
+# A config that does not load: refused, the route stays as it was.
+routed_config sd-v3 | write_config
+wait_status '.last_reload.ok == false' 30
+echo "after a refused reload:"
+read_page refused
+check_routes
+compare "last reload" refused "$(attr 'id="reload"' data-value)"
+compare "last reload at" "$(jq -r '.last_reload.at' "$J")" "$(attr 'id="reload"' data-at)"
+reload_line=$(dom 'id="reload"')
+check "reload line: \"$reload_line\"" grep -Eqx 'config reload refused [0-9]+ s ago' <<<"$reload_line"
+check "reload error shown" grep -q '<div id="reload-error">' "$WORK/dom.html"
+error=$(jq -r '.last_reload.error' "$J")
+case "$error" in *sd-v3*) ;; *) die "the refusal does not name sd-v3: $error" ;; esac
+compare "reload error" "$error" "$(dom 'data-metric="last_reload_error"')"
+
 if [ "$failures" -ne 0 ]; then
-  die "$failures of $checks dashboard figures differ from /status"
+  die "$failures of $checks dashboard checks failed"
 fi
-echo "dashboard: $checks figures match /status"
+echo "dashboard: $checks checks passed (figures match /status)"
