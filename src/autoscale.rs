@@ -12,6 +12,13 @@
 //!   demand has been 0 for the stable window plus `scale_to_zero_grace`.
 //! - Activation: a request that must wait while no pod is wanted wakes the
 //!   scaler at once (no waiting for a tick).
+//! - Rest: a service that wants `min` pods and has seen no demand for a
+//!   whole window stops sampling; it looks at its demand once a tick
+//!   instead of ten times a second, and a waiting request still wakes it at
+//!   once. On waking, the rest counts as the zero samples it would have
+//!   taken, so every decision is the one continuous sampling gives. Five
+//!   hundred idle services cost a few hundred wake-ups a second, not
+//!   thousands.
 //!
 //! [`Autoscaler`] is pure (the clock is passed in) and unit-tested alone;
 //! [`run`] is the task around it.
@@ -88,12 +95,15 @@ pub struct Autoscaler {
     desired: u32,
     panic_until: Option<Instant>,
     last_demand: Option<Instant>,
+    /// At rest (see [`Autoscaler::rest`]): the first of the zero samples
+    /// dropped then; the next [`Autoscaler::record`] puts them back.
+    zeros_since: Option<Instant>,
 }
 
 impl Autoscaler {
     pub fn new(settings: Settings) -> Self {
         let desired = settings.min;
-        Self { settings, samples: VecDeque::new(), desired, panic_until: None, last_demand: None }
+        Self { settings, samples: VecDeque::new(), desired, panic_until: None, last_demand: None, zeros_since: None }
     }
 
     pub fn desired(&self) -> u32 {
@@ -102,14 +112,43 @@ impl Autoscaler {
 
     /// Records the demand (queued + in flight) seen at `now`.
     pub fn record(&mut self, now: Instant, demand: u32) {
+        let horizon = self.horizon();
+        if let Some(since) = self.zeros_since.take() {
+            // Back from rest: the zeros sampling would have seen, one per
+            // sample period, within the horizon.
+            let mut at = now.checked_sub(horizon).map_or(since, |start| start.max(since));
+            while at < now {
+                self.samples.push_back((at, 0));
+                at += SAMPLE_PERIOD;
+            }
+        }
         self.samples.push_back((now, demand));
         if demand > 0 {
             self.last_demand = Some(now);
         }
-        let horizon = self.settings.stable_window.max(self.settings.panic_window);
         while self.samples.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) > horizon) {
             self.samples.pop_front();
         }
+    }
+
+    fn horizon(&self) -> Duration {
+        self.settings.stable_window.max(self.settings.panic_window)
+    }
+
+    /// Whether nothing can change until demand returns: `min` pods wanted,
+    /// no panic, and no demand within the windows, so every decision would
+    /// say `min` again. Then the samples (all zeros) are dropped, to be put
+    /// back by the next [`Autoscaler::record`], and the caller may stop
+    /// sampling and deciding until it sees demand.
+    pub fn rest(&mut self, now: Instant) -> bool {
+        let resting = self.desired == self.settings.min
+            && self.panic_until.is_none()
+            && self.last_demand.is_none_or(|t| now.saturating_duration_since(t) > self.horizon());
+        if resting && self.zeros_since.is_none() {
+            self.zeros_since = Some(self.samples.front().map_or(now, |(t, _)| *t));
+            self.samples = VecDeque::new();
+        }
+        resting
     }
 
     /// A request is waiting: if no pod is wanted, want enough for the
@@ -247,9 +286,15 @@ pub async fn run(
     publish(Decision { desired: autoscaler.desired(), reason: Reason::Stable }, 0, 0);
     let mut last_demand_check = tokio::time::Instant::now() - DEMAND_DEBOUNCE;
     let mut recheck: Option<tokio::time::Instant> = None;
+    // At rest: when to look at the demand next (no sampling, no decisions).
+    let mut resting: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = gate.demand.notified() => {
+                if resting.take().is_some() {
+                    sample.reset();
+                    decide.reset();
+                }
                 let now = tokio::time::Instant::now();
                 let (demand, ready) = demand_and_ready(&gate);
                 // Activation is never debounced: the first request at zero wakes pods at once.
@@ -274,7 +319,7 @@ pub async fn run(
                 }
                 last_demand_check = now;
             }
-            _ = sample.tick() => {
+            _ = sample.tick(), if resting.is_none() => {
                 let (demand, _) = demand_and_ready(&gate);
                 autoscaler.record(tokio::time::Instant::now().into_std(), demand);
             }
@@ -283,15 +328,38 @@ pub async fn run(
                     reloadable = false;
                     continue;
                 }
+                // A reload ends a rest: the next decision tick looks again.
+                if resting.take().is_some() {
+                    sample.reset();
+                    decide.reset();
+                }
                 autoscaler.settings = settings.borrow_and_update().clone();
                 let (demand, ready) = demand_and_ready(&gate);
                 let decision = autoscaler.decide(tokio::time::Instant::now().into_std(), ready);
                 publish(decision, demand, ready);
             }
-            _ = decide.tick() => {
+            _ = decide.tick(), if resting.is_none() => {
                 let (demand, ready) = demand_and_ready(&gate);
-                let decision = autoscaler.decide(tokio::time::Instant::now().into_std(), ready);
+                let now = tokio::time::Instant::now();
+                let decision = autoscaler.decide(now.into_std(), ready);
                 publish(decision, demand, ready);
+                if demand == 0 && autoscaler.rest(now.into_std()) {
+                    resting = Some(now + tick);
+                }
+            }
+            // Demand that never waits (pods ready) does not wake the scaler:
+            // look once a tick.
+            _ = async { match resting { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
+                let now = tokio::time::Instant::now();
+                let (demand, _) = demand_and_ready(&gate);
+                if demand == 0 {
+                    resting = Some(now + tick);
+                } else {
+                    resting = None;
+                    autoscaler.record(now.into_std(), demand);
+                    sample.reset();
+                    decide.reset();
+                }
             }
         }
     }
@@ -445,6 +513,60 @@ mod tests {
         feed(&mut a, &mut now.clone(), 3, 70, 3);
         assert_eq!(a.on_demand(now + Duration::from_secs(71), 5, 3), None, "5 < 2 x 3 ready");
         assert_eq!(a.on_demand(now + Duration::from_secs(71), 20, 3).map(|d| d.desired), Some(10), "clamped to max");
+    }
+
+    /// Feeds `demand` like [`feed`], every decision kept.
+    fn decisions(a: &mut Autoscaler, clock: &mut Instant, demand: u32, for_secs: u64, ready: u32) -> Vec<Decision> {
+        let mut out = Vec::new();
+        for step in 1..=for_secs * 10 {
+            *clock += Duration::from_millis(100);
+            a.record(*clock, demand);
+            if step % 20 == 0 {
+                out.push(a.decide(*clock, ready));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_service_at_rest_decides_as_if_it_had_sampled_all_along() {
+        let (mut sampled, mut rested) = (Autoscaler::new(settings()), Autoscaler::new(settings()));
+        let start = Instant::now();
+        for a in [&mut sampled, &mut rested] {
+            let mut clock = start;
+            a.activate(clock, 2);
+            feed(a, &mut clock, 2, 10, 2);
+            assert_eq!(feed(a, &mut clock, 0, 100, 2).desired, 0, "scaled to zero");
+        }
+        let mut clock = start + Duration::from_secs(110);
+        assert!(rested.rest(clock), "no demand for a window, min wanted");
+        assert!(rested.samples.is_empty(), "at rest the zeros are not kept");
+        // 30 s later (inside the windows' reach): one sampled them, the other slept.
+        let mut sampled_clock = clock;
+        feed(&mut sampled, &mut sampled_clock, 0, 30, 0);
+        clock += Duration::from_secs(30);
+        for (demand, secs) in [(3, 8), (1, 70), (0, 100)] {
+            let mut other = clock;
+            let expected = decisions(&mut sampled, &mut other, demand, secs, 1);
+            assert_eq!(decisions(&mut rested, &mut clock, demand, secs, 1), expected, "demand {demand}");
+            assert_eq!(rested.samples.len(), sampled.samples.len());
+        }
+    }
+
+    #[test]
+    fn rest_waits_for_min_no_panic_and_a_quiet_window() {
+        let mut a = Autoscaler::new(Settings { min: 1, ..settings() });
+        let mut clock = Instant::now();
+        feed(&mut a, &mut clock, 4, 10, 1);
+        assert!(!a.rest(clock), "more than min wanted");
+        feed(&mut a, &mut clock, 0, 30, 4);
+        assert!(!a.rest(clock), "demand within the stable window");
+        feed(&mut a, &mut clock, 0, 70, 1);
+        assert_eq!(a.desired(), 1);
+        assert!(a.rest(clock));
+        // Demand again: the next record ends the rest.
+        a.record(clock + Duration::from_millis(100), 1);
+        assert!(!a.rest(clock + Duration::from_millis(100)));
     }
 
     #[test]

@@ -13,10 +13,18 @@
 //! refused` (through [`Endpoints::report_error`]). It is for backends whose
 //! provider has nothing better to say (a fixed list); a process backend's
 //! own message ("worker 0 exited ...") is more useful than its refusals.
+//!
+//! Endpoints at the same address probed the same way (many services in
+//! front of one pod) share their probes: a probe's answer serves every such
+//! endpoint due within half its period, and those due at once wait for one
+//! probe instead of each sending their own. Each endpoint still keeps its own
+//! readiness, failure count and period, so the probes a pod gets grow with
+//! the pods, not with the services in front of them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
@@ -25,16 +33,24 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::config::Readiness;
 use crate::gate::EndpointId;
 use crate::provider::Endpoints;
 
+type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+
+fn probe_client(timeout: Duration) -> ProbeClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(timeout));
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build(connector)
+}
+
 /// How a probe checks a pod.
 #[derive(Clone)]
 pub struct Prober {
     readiness: Readiness,
-    client: Client<HttpConnector, Empty<Bytes>>,
     /// Set by [`Prober::report_refusals`]; shared by the probes of one provider.
     refusals: Option<Arc<Mutex<Refusals>>>,
 }
@@ -62,6 +78,7 @@ impl Refusals {
 }
 
 /// Why a probe failed.
+#[derive(Clone)]
 enum Failure {
     /// The connection itself failed ("refused", "connect timed out", ...).
     Connect(String),
@@ -71,10 +88,7 @@ enum Failure {
 
 impl Prober {
     pub fn new(readiness: Readiness) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(readiness.timeout));
-        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build(connector);
-        Self { readiness, client, refusals: None }
+        Self { readiness, refusals: None }
     }
 
     /// Reports, when no endpoint is ready and all refuse connections, which
@@ -92,15 +106,20 @@ impl Prober {
 
     async fn run(self, gate: Endpoints, endpoint: EndpointId, addr: SocketAddr) {
         let _forget = self.refusals.clone().map(|refusals| Forget { refusals, addr, gate: gate.clone() });
+        let shared = SharedProbe::of(self.key(addr));
         let mut failures = 0u32;
         loop {
             let Some(ready) = gate.is_ready(endpoint) else { return };
-            let probed = self.probe(addr).await;
+            let fresh_for = if ready { self.readiness.ready_period } else { self.readiness.period } / 2;
+            let (taken, probed) = self.probe_shared(&shared, addr, fresh_for).await;
             self.record(&gate, addr, &probed);
             let ok = probed.is_ok();
             if ok {
                 failures = 0;
-                if !ready && self.idle_before_first_use(&gate, endpoint, addr).await && gate.set_ready(endpoint, true) {
+                if !ready
+                    && self.idle_before_first_use(&shared.client, &gate, endpoint, addr).await
+                    && gate.set_ready(endpoint, true)
+                {
                     tracing::info!(%addr, "endpoint ready");
                 }
             } else {
@@ -111,19 +130,46 @@ impl Prober {
             }
             let now_ready = ok || (ready && failures < self.readiness.failure_threshold);
             let period = if now_ready { self.readiness.ready_period } else { self.readiness.period };
-            tokio::time::sleep(period).await;
+            // From when the answer was taken: endpoints sharing it stay in
+            // step, and next time one probe serves them all again.
+            tokio::time::sleep_until(taken + period).await;
         }
+    }
+
+    /// The shared probe's last answer if it is younger than `fresh_for`,
+    /// else a new probe (which others due now wait for); with when it was
+    /// taken.
+    async fn probe_shared(
+        &self,
+        shared: &SharedProbe,
+        addr: SocketAddr,
+        fresh_for: Duration,
+    ) -> (Instant, Result<(), Failure>) {
+        let mut last = shared.last.lock().await;
+        if let Some((taken, probed)) = last.as_ref().filter(|(taken, _)| taken.elapsed() < fresh_for) {
+            return (*taken, probed.clone());
+        }
+        let probed = self.probe_with(&shared.client, addr).await;
+        let taken = Instant::now();
+        *last = Some((taken, probed.clone()));
+        (taken, probed)
     }
 
     /// A pod sdgate has never used may be busy with someone else's job (a
     /// replica that just lost its lease, an sdgate restarted with requests
     /// in flight): before its first request it must pass the idle check too.
-    async fn idle_before_first_use(&self, gate: &Endpoints, endpoint: EndpointId, addr: SocketAddr) -> bool {
+    async fn idle_before_first_use(
+        &self,
+        client: &ProbeClient,
+        gate: &Endpoints,
+        endpoint: EndpointId,
+        addr: SocketAddr,
+    ) -> bool {
         if gate.ever_served(endpoint) {
             return true;
         }
         let Some(path) = gate.idle_check_path() else { return true };
-        let idle = crate::quarantine::is_idle(&self.client, addr, &path).await;
+        let idle = crate::quarantine::is_idle(client, addr, &path).await;
         if !idle {
             tracing::info!(%addr, "endpoint answers but is busy with a job sdgate did not send: waiting until it is idle");
         }
@@ -132,10 +178,14 @@ impl Prober {
 
     /// One probe: TCP connect, or HTTP GET expecting 2xx, within the timeout.
     pub async fn check(&self, addr: SocketAddr) -> bool {
-        self.probe(addr).await.is_ok()
+        self.probe_with(&SharedProbe::of(self.key(addr)).client, addr).await.is_ok()
     }
 
-    async fn probe(&self, addr: SocketAddr) -> Result<(), Failure> {
+    fn key(&self, addr: SocketAddr) -> ProbeKey {
+        ProbeKey { addr, http: self.readiness.http.clone(), timeout: self.readiness.timeout }
+    }
+
+    async fn probe_with(&self, client: &ProbeClient, addr: SocketAddr) -> Result<(), Failure> {
         let timeout = self.readiness.timeout;
         let attempt = async {
             match &self.readiness.http {
@@ -144,7 +194,7 @@ impl Prober {
                     let Ok(request) = Request::get(format!("http://{addr}{path}")).body(Empty::new()) else {
                         return Err(Failure::Other);
                     };
-                    match self.client.request(request).await {
+                    match client.request(request).await {
                         Ok(response) if response.status().is_success() => Ok(()),
                         Ok(_) => Err(Failure::Other),
                         Err(error) if error.is_connect() => Err(Failure::Connect(connect_error(&error))),
@@ -170,6 +220,51 @@ impl Prober {
         };
         refusals.probed.insert(addr, refused);
         update_report(&mut refusals, gate);
+    }
+}
+
+/// What makes two endpoints' probes the same probe.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ProbeKey {
+    addr: SocketAddr,
+    /// The HTTP path, or `None` for a TCP connect.
+    http: Option<String>,
+    timeout: Duration,
+}
+
+/// The probes of one [`ProbeKey`], shared by every endpoint it describes.
+struct SharedProbe {
+    /// One connection kept for them all (HTTP probes, and the idle check
+    /// before a pod's first use).
+    client: ProbeClient,
+    /// The last answer and when it was taken; held for the length of a
+    /// probe, so that endpoints due together send one.
+    last: tokio::sync::Mutex<Option<(Instant, Result<(), Failure>)>>,
+}
+
+/// Every [`SharedProbe`] in use, by key; an entry lives as long as a probe
+/// task holds it.
+#[derive(Default)]
+struct SharedProbes {
+    by_key: HashMap<ProbeKey, Weak<SharedProbe>>,
+    /// Entries whose probes all ended are swept when the map reaches this.
+    sweep_at: usize,
+}
+
+impl SharedProbe {
+    fn of(key: ProbeKey) -> Arc<SharedProbe> {
+        static ALL: OnceLock<Mutex<SharedProbes>> = OnceLock::new();
+        let mut all = ALL.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(shared) = all.by_key.get(&key).and_then(Weak::upgrade) {
+            return shared;
+        }
+        if all.by_key.len() >= all.sweep_at {
+            all.by_key.retain(|_, shared| shared.strong_count() > 0);
+            all.sweep_at = (2 * all.by_key.len()).max(64);
+        }
+        let shared = Arc::new(SharedProbe { client: probe_client(key.timeout), last: tokio::sync::Mutex::new(None) });
+        all.by_key.insert(key, Arc::downgrade(&shared));
+        shared
     }
 }
 
@@ -282,6 +377,72 @@ mod tests {
             for probe in probes {
                 probe.abort();
             }
+        }
+    }
+
+    /// A pod answering 200 to every request, counting them; aborting the
+    /// task closes its listener and connections.
+    async fn counting_pod() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>, JoinHandle<()>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = hits.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let counted = counted.clone();
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |_request| {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        async { Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new())) }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        });
+        (addr, hits, task)
+    }
+
+    #[tokio::test]
+    async fn services_in_front_of_one_pod_share_its_probes_and_each_keeps_its_readiness() {
+        let (addr, hits, pod) = counting_pod().await;
+        let readiness = Readiness {
+            http: Some("/internal/ping".to_string()),
+            period: Duration::from_millis(10),
+            ready_period: Duration::from_millis(100),
+            failure_threshold: 2,
+            ..Readiness::default()
+        };
+        let gates: Vec<_> = (0..20).map(|_| SharedGate::new(1, 10, Metrics::new().service("sd"))).collect();
+        let probes: Vec<_> = gates
+            .iter()
+            .map(|gate| {
+                let endpoints = Endpoints::new(gate.clone());
+                let id = endpoints.add(addr);
+                Prober::new(readiness.clone()).spawn(endpoints, id, addr)
+            })
+            .collect();
+        let all_ready = |ready: usize| gates.iter().all(|g| g.inspect(|g| g.ready_count()) == ready);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !all_ready(1) {
+            assert!(tokio::time::Instant::now() < deadline, "every service's endpoint becomes ready");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = hits.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let probed = hits.load(std::sync::atomic::Ordering::SeqCst) - before;
+        // Each alone would probe every 100 ms (200 probes); shared, an answer
+        // serves every endpoint due within 50 ms of it.
+        assert!((1..=25).contains(&probed), "{probed} probes in 1 s for 20 endpoints at one address");
+        pod.abort();
+        while !all_ready(0) {
+            assert!(tokio::time::Instant::now() < deadline + Duration::from_secs(5), "each endpoint sees the pod go");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for probe in probes {
+            probe.abort();
         }
     }
 

@@ -90,6 +90,7 @@ impl Provider for Pool {
         };
         pool.reconcile();
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 changed = desired.changed() => {
@@ -98,7 +99,10 @@ impl Provider for Pool {
                     pool.reconcile();
                 }
                 Some(exit) = pool.exits.recv() => pool.on_exit(exit),
-                _ = housekeeping.tick() => pool.housekeeping(),
+                // A pool with nothing pending (no restart due, no worker
+                // draining or stopping) sleeps until an event: no timer per
+                // idle service.
+                _ = housekeeping.tick(), if pool.has_housekeeping() => pool.housekeeping(),
                 _ = &mut stop => break,
             }
         }
@@ -231,6 +235,15 @@ impl ProcessPool {
         let delay = FIRST_BACKOFF.saturating_mul(1 << failures.saturating_sub(1).min(6)).min(MAX_BACKOFF);
         let delay = if failures == 0 { Duration::ZERO } else { delay };
         self.restarts.insert(index, Restart { at: Instant::now() + delay, failures });
+    }
+
+    /// Whether [`ProcessPool::housekeeping`] has anything to do: a restart
+    /// waiting, a worker draining or stopping, or failure counts to clear
+    /// once a worker is ready. Everything else is driven by events.
+    fn has_housekeeping(&self) -> bool {
+        !self.restarts.is_empty()
+            || self.workers.values().any(|w| !matches!(w.phase, Phase::Running))
+            || self.failures.keys().any(|index| self.workers.contains_key(index))
     }
 
     fn housekeeping(&mut self) {
