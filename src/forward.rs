@@ -19,14 +19,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 use crate::body::{BoxError, Buffered, ResponseBody};
 use crate::error::ProxyError;
@@ -46,10 +46,10 @@ pub enum ExchangeError {
     Failed(ProxyError),
 }
 
-/// A pooled HTTP/1.1 client to the pods.
+/// The pod connections of one serving thread (see [`Pool`]).
 #[derive(Clone)]
 pub struct Forwarder {
-    client: Client<HttpConnector, ReplayableBody>,
+    pool: Arc<Pool>,
 }
 
 impl Default for Forwarder {
@@ -60,17 +60,7 @@ impl Default for Forwarder {
 
 impl Forwarder {
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            // Below the keep-alive of uvicorn (5 s), which serves the SD WebUI,
-            // so a pooled connection is not reused just as the pod closes it.
-            .pool_idle_timeout(Duration::from_secs(4))
-            .pool_timer(TokioTimer::new())
-            .set_host(false)
-            .build(connector);
-        Self { client }
+        Self { pool: Arc::new(Pool::default()) }
     }
 
     /// Sends `request` to the slot's pod and returns the response head once
@@ -84,7 +74,7 @@ impl Forwarder {
         upgrade: Option<OnUpgrade>,
         on_abandon: Option<Abandon>,
     ) -> Result<Response<ResponseBody>, ExchangeError> {
-        let mut exchange = FinishOnDrop::new(run_exchange(self.client.clone(), slot, request, limits, upgrade));
+        let mut exchange = FinishOnDrop::new(run_exchange(self.pool.clone(), slot, request, limits, upgrade));
         exchange.on_abandon = on_abandon;
         exchange.await
     }
@@ -94,13 +84,14 @@ impl Forwarder {
     /// The call takes no slot; the original exchange keeps its slot until the
     /// pod has answered it.
     pub fn interrupt(&self, pod: SocketAddr, path: &str, host: Option<&HeaderValue>) -> Abandon {
-        let client = self.client.clone();
+        let pool = self.pool.clone();
         let uri = format!("http://{pod}{path}");
+        let path = path.to_string();
         let host = host.cloned();
         Box::new(move || {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
             runtime.spawn(async move {
-                let mut request = Request::post(uri.as_str());
+                let mut request = Request::post(path.as_str());
                 if let Some(host) = host {
                     request = request.header(header::HOST, host);
                 }
@@ -110,8 +101,8 @@ impl Forwarder {
                 else {
                     return;
                 };
-                match tokio::time::timeout(Duration::from_secs(10), client.request(request)).await {
-                    Ok(Ok(response)) => tracing::info!(%uri, status = response.status().as_u16(), "client left: interrupted its generation"),
+                match tokio::time::timeout(Duration::from_secs(10), pool.send(pod, request)).await {
+                    Ok(Ok((response, _))) => tracing::info!(%uri, status = response.status().as_u16(), "client left: interrupted its generation"),
                     Ok(Err(error)) => tracing::warn!(%uri, %error, "client left: interrupt failed"),
                     Err(_) => tracing::warn!(%uri, "client left: interrupt timed out"),
                 }
@@ -186,8 +177,127 @@ where
     }
 }
 
+/// Pod connections, HTTP/1.1 and kept alive, for the serving thread that
+/// owns them (its requests run on it: the lock is never contended). It takes
+/// the place of hyper-util's legacy client, whose per-request pool work
+/// (a hashed key, a boxed connect future, connection info in extensions, an
+/// absolute URI) cost about a sixth of a small request's CPU. A connection
+/// goes back once its answer has been read in full; one whose answer streams
+/// (server-sent events, large or upgraded) is closed at its end instead.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<std::collections::HashMap<SocketAddr, Vec<Idle>>>,
+}
+
+struct Idle {
+    sender: http1::SendRequest<ReplayableBody>,
+    since: tokio::time::Instant,
+}
+
+/// Below the keep-alive of uvicorn (5 s), which serves the SD WebUI, so a
+/// pooled connection is not reused just as the pod closes it.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections kept per pod.
+const POOL_MAX_IDLE: usize = 64;
+
+/// Why a request did not get its answer head from a pod.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// No connection to the pod: nothing was sent.
+    #[error("{0}")]
+    Connect(String),
+    /// The connection failed with the request sent, at least in part.
+    #[error("{}", error_chain(.0))]
+    Http(hyper::Error),
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<SocketAddr, Vec<Idle>>> {
+        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The most recently used idle connection to `pod`, if one is fresh.
+    fn take(&self, pod: SocketAddr) -> Option<http1::SendRequest<ReplayableBody>> {
+        let mut idle = self.lock();
+        let list = idle.get_mut(&pod)?;
+        while let Some(entry) = list.pop() {
+            if entry.since.elapsed() < POOL_IDLE_TIMEOUT && !entry.sender.is_closed() {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose exchange is over for the next request.
+    fn put(&self, pod: SocketAddr, sender: http1::SendRequest<ReplayableBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        let list = idle.entry(pod).or_default();
+        list.retain(|entry| entry.since.elapsed() < POOL_IDLE_TIMEOUT && !entry.sender.is_closed());
+        if list.len() < POOL_MAX_IDLE {
+            list.push(Idle { sender, since: tokio::time::Instant::now() });
+        }
+    }
+
+    async fn connect(pod: SocketAddr) -> Result<http1::SendRequest<ReplayableBody>, SendError> {
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(pod)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(SendError::Connect(format!("tcp connect error: {error}"))),
+            Err(_) => return Err(SendError::Connect(format!("tcp connect timed out after {CONNECT_TIMEOUT:?}"))),
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| SendError::Connect(format!("handshake: {}", error_chain(&error))))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%pod, %error, "pod connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `request` (origin-form) to `pod` on an idle connection, else a
+    /// new one; a request an idle connection closed before sending goes on a
+    /// new one. Returns the answer head and its connection.
+    async fn send(
+        &self,
+        pod: SocketAddr,
+        mut request: Request<ReplayableBody>,
+    ) -> Result<(Response<Incoming>, http1::SendRequest<ReplayableBody>), SendError> {
+        loop {
+            let (mut sender, fresh) = match self.take(pod) {
+                Some(mut sender) => match sender.ready().await {
+                    Ok(()) => (sender, false),
+                    Err(_) => continue,
+                },
+                None => (Self::connect(pod).await?, true),
+            };
+            if fresh && sender.ready().await.is_err() {
+                return Err(SendError::Connect("the pod closed the connection at once".into()));
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, sender)),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if !fresh => request = unsent,
+                    Some(_) => {
+                        return Err(SendError::Connect(format!(
+                            "closed before sending: {}",
+                            error_chain(error.error())
+                        )))
+                    }
+                    None => return Err(SendError::Http(error.into_error())),
+                },
+            }
+        }
+    }
+}
+
 async fn run_exchange(
-    client: Client<HttpConnector, ReplayableBody>,
+    pool: Arc<Pool>,
     slot: Slot,
     request: Request<ReplayableBody>,
     limits: ExchangeLimits,
@@ -196,23 +306,27 @@ async fn run_exchange(
     let request_timeout = limits.request_timeout;
     let addr = slot.addr();
     let body = request.body().clone();
-    let sent = tokio::time::timeout(request_timeout, client.request(request)).await;
-    let mut response = match sent {
-        Ok(Ok(response)) => response,
-        Ok(Err(error)) if error.is_connect() && !body.was_read() => {
+    let sent = tokio::time::timeout(request_timeout, pool.send(addr, request)).await;
+    let (mut response, sender) = match sent {
+        Ok(Ok(sent)) => sent,
+        Ok(Err(SendError::Connect(reason))) if !body.was_read() => {
             // The pod refused or is unreachable: take it out of rotation now,
             // before the slot goes back, so nobody else is sent there.
             slot.gate().set_ready(slot.endpoint(), false);
             slot.gate().metrics().upstream_error("connect");
-            return Err(ExchangeError::NotSent { reason: error_chain(&error), upgrade });
+            return Err(ExchangeError::NotSent { reason, upgrade });
         }
-        Ok(Err(error)) if client_body_failed(&error) => {
+        Ok(Err(SendError::Connect(reason))) => {
+            crate::quarantine::hold(slot, "failed before answering");
+            return Err(ExchangeError::Failed(ProxyError::Upstream { addr: addr.to_string(), reason }));
+        }
+        Ok(Err(SendError::Http(error))) if client_body_failed(&error) => {
             // The client's upload broke off or went over the limit: the pod
             // never had a whole request. Not the pod's fault.
             drop(slot);
             return Err(ExchangeError::Failed(upstream_failure(addr, &error)));
         }
-        Ok(Err(error)) => {
+        Ok(Err(SendError::Http(error))) => {
             // Sent, at least in part: the pod may be working on it.
             crate::quarantine::hold(slot, "failed before answering");
             return Err(ExchangeError::Failed(upstream_failure(addr, &error)));
@@ -242,8 +356,9 @@ async fn run_exchange(
     let body = match read {
         Ok(Ok(Buffered::Complete(bytes))) => {
             // The pod has answered in full: its slot is free before the
-            // client has read a byte.
+            // client has read a byte, and its connection takes the next.
             slot.answered();
+            pool.put(addr, sender);
             crate::body::full(bytes)
         }
         Ok(Ok(Buffered::Partial(head, rest))) => crate::body::chain(head, SlotBody::new(rest, slot, request_timeout)),
@@ -272,12 +387,12 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// Whether an exchange failed because of the client's own request body.
-fn client_body_failed(error: &hyper_util::client::legacy::Error) -> bool {
+fn client_body_failed(error: &hyper::Error) -> bool {
     find_cause::<http_body_util::LengthLimitError>(error).is_some()
         || find_cause::<hyper::Error>(error).is_some_and(|e| e.is_user())
 }
 
-fn upstream_failure(addr: SocketAddr, error: &hyper_util::client::legacy::Error) -> ProxyError {
+fn upstream_failure(addr: SocketAddr, error: &hyper::Error) -> ProxyError {
     if client_body_failed(error) && find_cause::<http_body_util::LengthLimitError>(error).is_none() {
         return ProxyError::BadBody(error_chain(error));
     }
@@ -347,29 +462,21 @@ impl Peer {
     }
 }
 
-/// Builds the request a pod receives: absolute URI to the pod, HTTP/1.1, the
-/// client's Host kept, hop-by-hop headers removed, `X-Forwarded-*` added.
+/// Builds the request a pod receives: origin-form target (the connection is
+/// the pod's), HTTP/1.1, the client's Host kept, hop-by-hop headers removed,
+/// `X-Forwarded-*` added.
 pub fn upstream_request(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
     host: Option<&HeaderValue>,
     peer: &Peer,
-    pod: SocketAddr,
     body: ReplayableBody,
-) -> Result<Request<ReplayableBody>, ProxyError> {
+) -> Request<ReplayableBody> {
     let path = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let cannot = |reason: String| ProxyError::Upstream { addr: pod.to_string(), reason };
-    let authority = authority_of(pod).ok_or_else(|| cannot("cannot use the address as a URI authority".into()))?;
-    let target = Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(authority)
-        .path_and_query(path)
-        .build()
-        .map_err(|error| cannot(format!("cannot build the request URI: {error}")))?;
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
-    *request.uri_mut() = target;
+    *request.uri_mut() = Uri::from(path);
     *request.version_mut() = Version::HTTP_11;
     // Room for the headers added below, so that adding them does not regrow the map.
     let mut out = HeaderMap::with_capacity(headers.len() + 4);
@@ -395,28 +502,7 @@ pub fn upstream_request(
         out.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     *request.headers_mut() = out;
-    Ok(request)
-}
-
-/// `pod` as a URI authority, made once per pod and thread.
-fn authority_of(pod: SocketAddr) -> Option<http::uri::Authority> {
-    thread_local! {
-        static AUTHORITIES: std::cell::RefCell<std::collections::HashMap<SocketAddr, http::uri::Authority>> =
-            Default::default();
-    }
-    AUTHORITIES.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if let Some(authority) = cache.get(&pod) {
-            return Some(authority.clone());
-        }
-        let authority = http::uri::Authority::try_from(pod.to_string()).ok()?;
-        // Pods come and go (scale, restarts on new ports): keep the cache small.
-        if cache.len() >= 1024 {
-            cache.clear();
-        }
-        cache.insert(pod, authority.clone());
-        Some(authority)
-    })
+    request
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -660,11 +746,9 @@ mod tests {
             &headers,
             Some(&HeaderValue::from_static("sd.example.com")),
             &Peer::new("192.0.2.7:5555".parse().unwrap()),
-            "127.0.0.1:7860".parse().unwrap(),
             body,
-        )
-        .unwrap();
-        assert_eq!(request.uri(), "http://127.0.0.1:7860/sdapi/v1/txt2img?x=1");
+        );
+        assert_eq!(request.uri(), "/sdapi/v1/txt2img?x=1");
         assert_eq!(request.headers()[header::HOST], "sd.example.com");
         assert_eq!(request.headers()[X_FORWARDED_FOR], "10.0.0.1, 192.0.2.7");
         assert_eq!(request.headers()[X_FORWARDED_PROTO], "http");

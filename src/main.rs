@@ -125,12 +125,14 @@ async fn run(cli: Cli) -> Result<()> {
         }
         None => {
             let config = load(cli.config.as_ref())?;
-            // Taken before anything starts: SIGHUP must never kill the gateway.
+            // Taken before anything starts: no signal may kill the gateway
+            // before it can drain.
             let hangup = sdgate::reload::hangup_signal()?;
+            let shutdown = sdgate::server::shutdown_signal()?;
             sdgate::server::raise_open_files_limit(config.services.iter().map(|s| s.queue.max_depth).sum());
             let gateway = Gateway::bind(config).await?;
             let watch = tokio::spawn(sdgate::reload::watch(cli.config.clone(), hangup, gateway.reloader()));
-            let ran = gateway.run(sdgate::server::shutdown_signal()).await;
+            let ran = gateway.run(shutdown).await;
             watch.abort();
             ran
         }

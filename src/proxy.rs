@@ -434,15 +434,8 @@ impl Proxy {
                 (Some(affinity), Some(session)) if !bypass => Some(session.settle(affinity, slot.endpoint())),
                 _ => None,
             };
-            let upstream = forward::upstream_request(
-                &parts.method,
-                &parts.uri,
-                &parts.headers,
-                host.as_ref(),
-                peer,
-                slot.addr(),
-                body.clone(),
-            )?;
+            let upstream =
+                forward::upstream_request(&parts.method, &parts.uri, &parts.headers, host.as_ref(), peer, body.clone());
             let sent = Instant::now();
             let on_abandon = match (&service.config.interrupt_on_disconnect, bypass) {
                 (Some(path), false) => Some(self.forwarder().interrupt(slot.addr(), path, host.as_ref())),
