@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -41,7 +41,7 @@ pub enum ExchangeError {
     /// The connection to the pod failed before any byte of the request was
     /// sent: safe to send the request to another pod. The upgrade handle comes
     /// back so the retry can still tunnel.
-    NotSent { reason: String, upgrade: Option<OnUpgrade> },
+    NotSent { reason: String, upgrade: Option<OnUpgrade>, request: Box<Request<ReplayableBody>> },
     /// The pod failed after the request (or part of it) was sent.
     Failed(ProxyError),
 }
@@ -204,9 +204,9 @@ const POOL_MAX_IDLE: usize = 64;
 /// Why a request did not get its answer head from a pod.
 #[derive(Debug, thiserror::Error)]
 enum SendError {
-    /// No connection to the pod: nothing was sent.
+    /// No connection to the pod: nothing was sent; the request comes back.
     #[error("{0}")]
-    Connect(String),
+    Connect(String, Box<Request<ReplayableBody>>),
     /// The connection failed with the request sent, at least in part.
     #[error("{}", error_chain(.0))]
     Http(hyper::Error),
@@ -242,16 +242,17 @@ impl Pool {
         }
     }
 
-    async fn connect(pod: SocketAddr) -> Result<http1::SendRequest<ReplayableBody>, SendError> {
+    /// A new connection to `pod`, or why there is none.
+    async fn connect(pod: SocketAddr) -> Result<http1::SendRequest<ReplayableBody>, String> {
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(pod)).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Err(SendError::Connect(format!("tcp connect error: {error}"))),
-            Err(_) => return Err(SendError::Connect(format!("tcp connect timed out after {CONNECT_TIMEOUT:?}"))),
+            Ok(Err(error)) => return Err(format!("tcp connect error: {error}")),
+            Err(_) => return Err(format!("tcp connect timed out after {CONNECT_TIMEOUT:?}")),
         };
         let _ = stream.set_nodelay(true);
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|error| SendError::Connect(format!("handshake: {}", error_chain(&error))))?;
+            .map_err(|error| format!("handshake: {}", error_chain(&error)))?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(%pod, %error, "pod connection ended with an error");
@@ -274,20 +275,21 @@ impl Pool {
                     Ok(()) => (sender, false),
                     Err(_) => continue,
                 },
-                None => (Self::connect(pod).await?, true),
+                None => match Self::connect(pod).await {
+                    Ok(sender) => (sender, true),
+                    Err(reason) => return Err(SendError::Connect(reason, Box::new(request))),
+                },
             };
             if fresh && sender.ready().await.is_err() {
-                return Err(SendError::Connect("the pod closed the connection at once".into()));
+                return Err(SendError::Connect("the pod closed the connection at once".into(), Box::new(request)));
             }
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok((response, sender)),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if !fresh => request = unsent,
-                    Some(_) => {
-                        return Err(SendError::Connect(format!(
-                            "closed before sending: {}",
-                            error_chain(error.error())
-                        )))
+                    Some(unsent) => {
+                        let reason = format!("closed before sending: {}", error_chain(error.error()));
+                        return Err(SendError::Connect(reason, Box::new(unsent)));
                     }
                     None => return Err(SendError::Http(error.into_error())),
                 },
@@ -309,14 +311,14 @@ async fn run_exchange(
     let sent = tokio::time::timeout(request_timeout, pool.send(addr, request)).await;
     let (mut response, sender) = match sent {
         Ok(Ok(sent)) => sent,
-        Ok(Err(SendError::Connect(reason))) if !body.was_read() => {
+        Ok(Err(SendError::Connect(reason, request))) if !body.was_read() => {
             // The pod refused or is unreachable: take it out of rotation now,
             // before the slot goes back, so nobody else is sent there.
             slot.gate().set_ready(slot.endpoint(), false);
             slot.gate().metrics().upstream_error("connect");
-            return Err(ExchangeError::NotSent { reason, upgrade });
+            return Err(ExchangeError::NotSent { reason, upgrade, request });
         }
-        Ok(Err(SendError::Connect(reason))) => {
+        Ok(Err(SendError::Connect(reason, _))) => {
             crate::quarantine::hold(slot, "failed before answering");
             return Err(ExchangeError::Failed(ProxyError::Upstream { addr: addr.to_string(), reason }));
         }
@@ -466,43 +468,34 @@ impl Peer {
 /// the pod's), HTTP/1.1, the client's Host kept, hop-by-hop headers removed,
 /// `X-Forwarded-*` added.
 pub fn upstream_request(
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
+    mut parts: http::request::Parts,
     host: Option<&HeaderValue>,
     peer: &Peer,
     body: ReplayableBody,
 ) -> Request<ReplayableBody> {
-    let path = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut request = Request::new(body);
-    *request.method_mut() = method.clone();
-    *request.uri_mut() = Uri::from(path);
-    *request.version_mut() = Version::HTTP_11;
-    // Room for the headers added below, so that adding them does not regrow the map.
-    let mut out = HeaderMap::with_capacity(headers.len() + 4);
-    for (name, value) in headers {
-        out.append(name.clone(), value.clone());
-    }
+    parts.uri = Uri::from(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    parts.version = Version::HTTP_11;
+    parts.extensions = http::Extensions::new();
+    let headers = &mut parts.headers;
     let upgrade = upgrade_protocol(headers).cloned();
-    remove_hop_by_hop(&mut out);
+    remove_hop_by_hop(headers);
     if let Some(protocol) = upgrade {
-        out.insert(header::UPGRADE, protocol);
-        out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     if let Some(host) = host {
-        if !out.contains_key(header::HOST) {
-            out.insert(header::HOST, host.clone());
+        if !headers.contains_key(header::HOST) {
+            headers.insert(header::HOST, host.clone());
         }
-        if !out.contains_key(X_FORWARDED_HOST) {
-            out.insert(X_FORWARDED_HOST, host.clone());
+        if !headers.contains_key(X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST, host.clone());
         }
     }
-    append_forwarded_for(&mut out, &peer.ip);
-    if !out.contains_key(X_FORWARDED_PROTO) {
-        out.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    append_forwarded_for(headers, &peer.ip);
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    *request.headers_mut() = out;
-    request
+    Request::from_parts(parts, body)
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -535,7 +528,7 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<&HeaderValue> {
 /// Removes the headers that describe one connection, not the message
 /// (RFC 9110 7.6.1), including those the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -548,6 +541,21 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "keep-alive"
+            | "proxy-connection"
+    )
 }
 
 /// Headers that describe one connection only (RFC 9110 7.6.1), or that a
@@ -577,6 +585,12 @@ pub struct ReplayableBody {
 struct BodyCell {
     body: Option<RequestBody>,
     read: bool,
+}
+
+impl std::fmt::Debug for ReplayableBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayableBody").field("read", &self.was_read()).finish_non_exhaustive()
+    }
 }
 
 impl ReplayableBody {
@@ -740,10 +754,10 @@ mod tests {
         headers.insert(header::HOST, HeaderValue::from_static("sd.example.com"));
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         let body = ReplayableBody::new(crate::body::empty());
+        let (mut parts, ()) = Request::post("/sdapi/v1/txt2img?x=1").body(()).unwrap().into_parts();
+        parts.headers = headers;
         let request = upstream_request(
-            &Method::POST,
-            &"/sdapi/v1/txt2img?x=1".parse().unwrap(),
-            &headers,
+            parts,
             Some(&HeaderValue::from_static("sd.example.com")),
             &Peer::new("192.0.2.7:5555".parse().unwrap()),
             body,

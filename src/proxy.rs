@@ -408,6 +408,10 @@ impl Proxy {
             affinity.strip_cookie(&mut parts.headers);
         }
         let body = self.read_body(body).await?;
+        let secure = parts.headers.get("x-forwarded-proto").is_some_and(|v| v == "https");
+        // Made once: a request whose connection failed before sending comes
+        // back with its error and goes to the next pod as it is.
+        let mut upstream = Some(forward::upstream_request(parts, host.as_ref(), peer, body));
         let gate = &service.gate;
         let (mut queued, mut first) = match queued {
             Some(Queued { place, acquired }) => (Some(place), Some(acquired)),
@@ -434,8 +438,12 @@ impl Proxy {
                 (Some(affinity), Some(session)) if !bypass => Some(session.settle(affinity, slot.endpoint())),
                 _ => None,
             };
-            let upstream =
-                forward::upstream_request(&parts.method, &parts.uri, &parts.headers, host.as_ref(), peer, body.clone());
+            let Some(request) = upstream.take() else {
+                return Err(ProxyError::Upstream {
+                    addr: slot.addr().to_string(),
+                    reason: "no request to resend".into(),
+                });
+            };
             let sent = Instant::now();
             let on_abandon = match (&service.config.interrupt_on_disconnect, bypass) {
                 (Some(path), false) => Some(self.forwarder().interrupt(slot.addr(), path, host.as_ref())),
@@ -443,7 +451,7 @@ impl Proxy {
             };
             let outcome = self
                 .forwarder()
-                .exchange(slot, upstream, self.exchange_limits(service), upgrade.take(), on_abandon)
+                .exchange(slot, request, self.exchange_limits(service), upgrade.take(), on_abandon)
                 .await;
             trace.upstream = Some(sent.elapsed());
             match outcome {
@@ -452,18 +460,18 @@ impl Proxy {
                         if let Some(result) = affinity_result {
                             service.gate.metrics().affinity(result);
                         }
-                        let secure = parts.headers.get("x-forwarded-proto").is_some_and(|v| v == "https");
                         if let Some(cookie) = affinity.set_cookie(&session.id, secure) {
                             response.headers_mut().append(http::header::SET_COOKIE, cookie);
                         }
                     }
                     return Ok(response);
                 }
-                Err(ExchangeError::NotSent { reason, upgrade: returned })
+                Err(ExchangeError::NotSent { reason, upgrade: returned, request })
                     if attempt < service.config.connect_retries =>
                 {
                     tracing::warn!(endpoint = ?trace.endpoint, %reason, "connect failed; trying another pod");
                     upgrade = returned;
+                    upstream = Some(*request);
                     attempt += 1;
                 }
                 Err(ExchangeError::NotSent { reason, .. }) => {
