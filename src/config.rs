@@ -679,6 +679,12 @@ impl Config {
                     "{key}.readiness: a service keeps its probes; give the new pool a new service name (or restart)"
                 ));
             }
+            if old.scale.mode != service.scale.mode || old.scale.tick != service.scale.tick {
+                return Some(format!(
+                    "{key}.scale: its mode and tick are fixed while the service runs (its other scale keys reload); \
+                     give the new settings a new service name (or restart)"
+                ));
+            }
             if yaml(&old.idle_check) != yaml(&service.idle_check) {
                 return Some(format!("{key}.idle_check: a service keeps its idle check; give the new pool a new service name (or restart)"));
             }

@@ -268,12 +268,17 @@ async fn a_refused_reload_keeps_the_old_config_and_says_which_key() {
     let moved = Config::from_yaml(&yaml.replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:1")).expect("valid");
     let refused = gateway.reloader.reload(Ok(moved)).await.expect_err("refused");
     assert!(refused.starts_with("listen:"), "{refused}");
+    // A kept service's pool or its autoscaler's mode: a new service, or a restart.
+    let external =
+        Config::from_yaml(&yaml.replace("backend:", "scale: { mode: external }\n    backend:")).expect("valid");
+    let refused = gateway.reloader.reload(Ok(external)).await.expect_err("refused");
+    assert!(refused.starts_with("services[0].scale:"), "{refused}");
     // A route naming no service is refused by validation.
     let unknown = yaml.replace("service: sd-v1, weight: 100", "service: sd-v9, weight: 100");
     assert!(Config::from_yaml(&unknown).is_err_and(|e| e.to_string().contains("routes[0].split[0].service")));
     // Served as before.
     assert_eq!(send(&client(), txt2img(gateway.addr, "still here", 1)).await.status, 200);
-    assert_eq!(metric(gateway.admin, "sdgate_config_reloads_total{result=\"error\"}").await, Some(2.0));
+    assert_eq!(metric(gateway.admin, "sdgate_config_reloads_total{result=\"error\"}").await, Some(3.0));
     assert_eq!(metric(gateway.admin, "sdgate_config_reloads_total{result=\"ok\"}").await, Some(0.0));
     // Every weight at 0: 503 naming the route.
     reload(&gateway, &yaml.replace("weight: 100", "weight: 0")).await;
