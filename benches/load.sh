@@ -38,93 +38,12 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SDGATE="$ROOT/target/release/sdgate"
 BODY=$(printf '{"prompt":"x","steps":%d}' "$STEPS")
 
-log() { printf '[load.sh] %s\n' "$*" >&2; }
-die() { printf '[load.sh] ERROR: %s\n' "$*" >&2; exit 1; }
+NAME=load.sh
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # ---------------------------------------------------------------- processes
-TMP=$(mktemp -d /tmp/sdgate-load.XXXXXX)
-declare -A PIDS=()    # pid -> label
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    local pid
-    for pid in "${!PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${!PIDS[@]}"; do
-        local i
-        for i in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $status -ne 0 ]] && compgen -G "$TMP/*.log" >/dev/null; then
-        log "failed (exit $status); logs of the started processes:"
-        local f
-        for f in "$TMP"/*.log; do
-            [[ -e $f ]] || continue
-            printf -- '--- %s (last 20 lines)\n' "$(basename "$f")" >&2
-            tail -n 20 "$f" >&2 || true
-        done
-    fi
-    if [[ $KEEP_TMP == 1 || ($status -ne 0 && -n $(ls -A "$TMP")) ]]; then
-        log "configs and logs kept in $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# start LABEL CMD...: runs CMD in the background, output to $TMP/LABEL.log.
-LAST_PID=
-start() {
-    local label=$1
-    shift
-    "$@" >"$TMP/$label.log" 2>&1 &
-    LAST_PID=$!
-    PIDS[$LAST_PID]=$label
-}
-
-# stop PID: TERM, wait up to 5 s, then KILL.
-stop() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    unset "PIDS[$pid]"
-}
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-require_free() {
-    local port
-    for port in "$@"; do
-        port_open "$port" && die "port $port on 127.0.0.1 is already in use (set the *_PORT variables to move the benchmark)"
-    done
-    return 0
-}
-
-# wait_port PORT PID: until something listens on PORT, at most WAIT_SECS;
-# fails early if PID died.
-wait_port() {
-    local port=$1 pid=$2 label=${PIDS[$2]:-process} i
-    for i in $(seq 1 $((WAIT_SECS * 10))); do
-        port_open "$port" && return 0
-        kill -0 "$pid" 2>/dev/null || die "$label exited before listening on port $port (see $TMP/$label.log)"
-        sleep 0.1
-    done
-    die "$label did not listen on 127.0.0.1:$port within ${WAIT_SECS}s (see $TMP/$label.log)"
-}
+bench_init load
 
 # wait_200 URL WHAT: until a GET of URL (with the Host header) answers 200.
 wait_200() {
@@ -150,41 +69,6 @@ wait_gate_ready() {
 }
 
 # ---------------------------------------------------------------- setup
-install_tools() {
-    local missing=() tool
-    for tool in hey wrk haproxy curl jq; do
-        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-    done
-    [[ ${#missing[@]} -eq 0 ]] && return 0
-    [[ $(id -u) -eq 0 ]] || die "missing tools: ${missing[*]}; run as root or install them first"
-    command -v apt-get >/dev/null 2>&1 || die "missing tools: ${missing[*]}, and no apt-get to install them"
-    log "installing: ${missing[*]}"
-    # Keep package scripts from starting a system haproxy service.
-    local policy=/usr/sbin/policy-rc.d made_policy=0
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
-    fi
-    local ok=1
-    DEBIAN_FRONTEND=noninteractive apt-get update -q >"$TMP/apt.log" 2>&1 \
-        && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >>"$TMP/apt.log" 2>&1 \
-        || ok=0
-    [[ $made_policy -eq 1 ]] && rm -f "$policy"
-    [[ $ok -eq 1 ]] || { tail -n 20 "$TMP/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
-    for tool in "${missing[@]}"; do
-        command -v "$tool" >/dev/null 2>&1 || die "$tool still missing after apt-get install"
-    done
-}
-
-build() {
-    if [[ $SKIP_BUILD == 1 ]]; then
-        log "SKIP_BUILD=1: using $SDGATE"
-    else
-        log "cargo build --release"
-        (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
-    fi
-    [[ -x $SDGATE ]] || die "$SDGATE not found"
-}
-
 # ---------------------------------------------------------------- helpers
 # start_workers N: N sims on SIM_BASE_PORT.., waits for each; sets WORKER_PIDS.
 WORKER_PIDS=()
@@ -359,7 +243,7 @@ run_hey() {
 }
 
 # ---------------------------------------------------------------- main
-install_tools
+install_tools hey wrk haproxy curl jq
 build
 require_free $(seq "$SIM_BASE_PORT" $((SIM_BASE_PORT + WORKERS - 1))) "$GATE_PORT" "$HAPROXY_PORT" "$ADMIN_PORT"
 log "workdir $TMP; DURATION=$DURATION; $(nproc) CPUs"

@@ -43,79 +43,16 @@ PROCESS=$((SERVICES - FIXED))
 HEAD_FIXED=$((FIXED / 2))              # services 0 .. HEAD_FIXED-1 are fixed
 TAIL_START=$((HEAD_FIXED + PROCESS))   # services TAIL_START .. SERVICES-1 are fixed
 
-log() { printf '[many_services.sh] %s\n' "$*" >&2; }
-die() { printf '[many_services.sh] ERROR: %s\n' "$*" >&2; exit 1; }
+NAME=many_services.sh
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 ((SERVICES >= 2 && FIXED >= 2 && FIXED <= SERVICES && SIMS >= 1)) || die "need SERVICES >= FIXED >= 2 and SIMS >= 1"
 ((POOL_BASE_PORT + 4 * PROCESS <= 65535)) || die "POOL_BASE_PORT + 4 x process services exceeds 65535"
 [[ $READINESS == http || $READINESS == tcp ]] || die "READINESS must be http or tcp"
 
 # ---------------------------------------------------------------- processes
-TMP=$(mktemp -d /tmp/sdgate-many.XXXXXX)
-declare -A PIDS=()    # pid -> label
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    local pid i
-    for pid in "${!PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${!PIDS[@]}"; do
-        for i in $(seq 1 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $status -ne 0 ]] && compgen -G "$TMP/*.log" >/dev/null; then
-        log "failed (exit $status); logs of the started processes:"
-        local f
-        for f in "$TMP"/*.log; do
-            printf -- '--- %s (last 20 lines)\n' "$(basename "$f")" >&2
-            tail -n 20 "$f" >&2 || true
-        done
-    fi
-    if [[ $KEEP_TMP == 1 || $status -ne 0 ]]; then
-        log "config and logs kept in $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-LAST_PID=
-start() { # start LABEL CMD...: CMD in the background, output to $TMP/LABEL.log
-    local label=$1
-    shift
-    "$@" >"$TMP/$label.log" 2>&1 &
-    LAST_PID=$!
-    PIDS[$LAST_PID]=$label
-}
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-require_free() {
-    local port
-    for port in "$@"; do
-        port_open "$port" && die "port $port on 127.0.0.1 is already in use (set the *_PORT variables to move the benchmark)"
-    done
-    return 0
-}
-
-wait_port() { # wait_port PORT PID
-    local port=$1 pid=$2 label=${PIDS[$2]:-process} i
-    for i in $(seq 1 $((WAIT_SECS * 10))); do
-        port_open "$port" && return 0
-        kill -0 "$pid" 2>/dev/null || die "$label exited before listening on port $port (see $TMP/$label.log)"
-        sleep 0.1
-    done
-    die "$label did not listen on 127.0.0.1:$port within ${WAIT_SECS}s"
-}
+bench_init many
 
 # A sleep that forks nothing (a read with a timeout on a FIFO no one writes
 # to), so polling does not take CPU from the process being timed.
@@ -140,31 +77,6 @@ get_status() {
 now_ms() { local t=${EPOCHREALTIME/./}; echo $((t / 1000)); }
 
 # ---------------------------------------------------------------- setup
-install_tools() {
-    local missing=() tool
-    for tool in curl getconf; do
-        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-    done
-    [[ ${#missing[@]} -eq 0 ]] && return 0
-    [[ $(id -u) -eq 0 ]] || die "missing tools: ${missing[*]}; run as root or install them first"
-    command -v apt-get >/dev/null 2>&1 || die "missing tools: ${missing[*]}, and no apt-get to install them"
-    log "installing: ${missing[*]}"
-    local packages=("${missing[@]/getconf/libc-bin}")
-    DEBIAN_FRONTEND=noninteractive apt-get update -q >"$TMP/apt.log" 2>&1 \
-        && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >>"$TMP/apt.log" 2>&1 \
-        || { tail -n 20 "$TMP/apt.log" >&2; die "apt-get install ${packages[*]} failed"; }
-}
-
-build() {
-    if [[ $SKIP_BUILD == 1 ]]; then
-        log "SKIP_BUILD=1: using $SDGATE"
-    else
-        log "cargo build --release"
-        (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
-    fi
-    [[ -x $SDGATE ]] || die "$SDGATE not found"
-}
-
 service_name() { printf 'svc-%03d' "$1"; }
 is_fixed() { (($1 < HEAD_FIXED || $1 >= TAIL_START)); }
 sim_port() { echo $((SIM_BASE_PORT + $1 % SIMS)); }
@@ -199,7 +111,7 @@ hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 # ---------------------------------------------------------------- main
-install_tools
+install_tools curl getconf
 build
 require_free $(seq "$SIM_BASE_PORT" $((SIM_BASE_PORT + SIMS - 1))) "$GATE_PORT" "$ADMIN_PORT" \
     $(seq "$POOL_BASE_PORT" $((POOL_BASE_PORT + 3)))

@@ -29,40 +29,14 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 PROXIES=${PROXIES:-"sdgate haproxy"}
 
+WAIT_SECS=${WAIT_SECS:-10}
+
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SDGATE="$ROOT/target/release/sdgate"
-TMP=$(mktemp -d)
-PIDS=()
-
-log() { printf '[queued_memory.sh] %s\n' "$*" >&2; }
-die() { printf '[queued_memory.sh] ERROR: %s\n' "$*" >&2; exit 1; }
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    [[ $KEEP_TMP == 1 ]] && log "logs kept in $TMP" || rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-install_tools() {
-    local missing=() tool
-    for tool in haproxy curl python3; do
-        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-    done
-    [[ ${#missing[@]} -eq 0 ]] && return 0
-    [[ $(id -u) -eq 0 ]] || die "missing tools: ${missing[*]}; run as root or install them first"
-    log "installing: ${missing[*]}"
-    local policy=/usr/sbin/policy-rc.d made_policy=0
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get update -q >"$TMP/apt.log" 2>&1 \
-        && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >>"$TMP/apt.log" 2>&1 \
-        || { [[ $made_policy -eq 1 ]] && rm -f "$policy"; tail -n 20 "$TMP/apt.log" >&2; die "apt-get install failed"; }
-    [[ $made_policy -eq 1 ]] && rm -f "$policy"
-    return 0
-}
+NAME=queued_memory.sh
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+bench_init queued
 
 # Every client is a descriptor here and in the proxy.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -70,29 +44,8 @@ max_n=0
 for n in $NS; do ((n > max_n)) && max_n=$n; done
 (($(ulimit -n) > max_n + 1000)) || die "open-files limit $(ulimit -n) is too low for N=$max_n (raise ulimit -Hn)"
 
-install_tools
-if [[ $SKIP_BUILD != 1 ]]; then
-    log "cargo build --release"
-    (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
-fi
-[[ -x $SDGATE ]] || die "$SDGATE not found"
-
-wait_port() { # wait_port PORT
-    local i
-    for ((i = 0; i < 100; i++)); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "nothing listens on port $1"
-}
-
-start() { # start LABEL CMD... ; sets LAST_PID
-    "${@:2}" >"$TMP/$1.log" 2>&1 &
-    LAST_PID=$!
-    PIDS+=("$LAST_PID")
-}
-
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+install_tools haproxy curl python3
+build
 
 cat >"$TMP/gate.yaml" <<EOF
 listen: 127.0.0.1:$GATE_PORT
@@ -226,7 +179,7 @@ run() { # run PROXY N SOURCE_ADDRESS
     local proxy=$1 n=$2 source=$3 proxy_pid port queue_url
     start sim "$SDGATE" sim --port "$SIM_PORT" --step-time 100ms --cancel-on-disconnect
     local sim_pid=$LAST_PID
-    wait_port "$SIM_PORT"
+    wait_port "$SIM_PORT" "$sim_pid"
     if [[ $proxy == sdgate ]]; then
         start sdgate "$SDGATE" --config "$TMP/gate.yaml"
         proxy_pid=$LAST_PID port=$GATE_PORT queue_url="http://127.0.0.1:$ADMIN_PORT/metrics"
@@ -235,7 +188,7 @@ run() { # run PROXY N SOURCE_ADDRESS
         start haproxy haproxy -db -f "$TMP/haproxy.cfg"
         proxy_pid=$LAST_PID port=$HAPROXY_PORT queue_url="http://127.0.0.1:$HAPROXY_STATS_PORT/stats;csv"
     fi
-    wait_port "$port"
+    wait_port "$port" "$proxy_pid"
     sleep 1 # readiness probes (sdgate: 50 ms period)
     log "$proxy: $n waiting clients"
     python3 "$TMP/hold.py" "$proxy" "$port" "$proxy_pid" "$n" "$source" "$queue_url" \

@@ -1,0 +1,135 @@
+# Shared by the benchmark scripts (sourced, not run): log lines, installing
+# tools, building sdgate, and the processes a script starts, all stopped when
+# it exits (their logs printed and kept on failure).
+#
+# The sourcing script sets NAME (its log prefix), ROOT, SDGATE, SKIP_BUILD,
+# KEEP_TMP and WAIT_SECS, then calls `bench_init TAG` to get $TMP.
+
+log() { printf '[%s] %s\n' "$NAME" "$*" >&2; }
+die() { printf '[%s] ERROR: %s\n' "$NAME" "$*" >&2; exit 1; }
+
+# bench_init TAG: a fresh $TMP (/tmp/sdgate-TAG.*) and the exit traps.
+bench_init() {
+    TMP=$(mktemp -d "/tmp/sdgate-$1.XXXXXX")
+    declare -gA PIDS=()    # pid -> label
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+bench_cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    local pid
+    for pid in "${!PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${!PIDS[@]}"; do
+        local i
+        for i in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $status -ne 0 ]] && compgen -G "$TMP/*.log" >/dev/null; then
+        log "failed (exit $status); logs of the started processes:"
+        local f
+        for f in "$TMP"/*.log; do
+            [[ -e $f ]] || continue
+            printf -- '--- %s (last 20 lines)\n' "$(basename "$f")" >&2
+            tail -n 20 "$f" >&2 || true
+        done
+    fi
+    if [[ $KEEP_TMP == 1 || ($status -ne 0 && -n $(ls -A "$TMP")) ]]; then
+        log "configs and logs kept in $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$status"
+}
+
+# start LABEL CMD...: runs CMD in the background, output to $TMP/LABEL.log;
+# its pid in LAST_PID.
+LAST_PID=
+start() {
+    local label=$1
+    shift
+    "$@" >"$TMP/$label.log" 2>&1 &
+    LAST_PID=$!
+    PIDS[$LAST_PID]=$label
+}
+
+# stop PID: TERM, wait up to 5 s, then KILL.
+stop() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    unset "PIDS[$pid]"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+require_free() {
+    local port
+    for port in "$@"; do
+        port_open "$port" && die "port $port on 127.0.0.1 is already in use (set the *_PORT variables to move the benchmark)"
+    done
+    return 0
+}
+
+# wait_port PORT PID: until something listens on PORT, at most WAIT_SECS;
+# fails early if PID died.
+wait_port() {
+    local port=$1 pid=$2 label=${PIDS[$2]:-process} i
+    for i in $(seq 1 $((WAIT_SECS * 10))); do
+        port_open "$port" && return 0
+        kill -0 "$pid" 2>/dev/null || die "$label exited before listening on port $port (see $TMP/$label.log)"
+        sleep 0.1
+    done
+    die "$label did not listen on 127.0.0.1:$port within ${WAIT_SECS}s (see $TMP/$label.log)"
+}
+
+# install_tools TOOL...: installs the missing ones with apt-get (as root),
+# without letting package scripts start system services (haproxy, nginx).
+install_tools() {
+    local missing=() tool
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    [[ $(id -u) -eq 0 ]] || die "missing tools: ${missing[*]}; run as root or install them first"
+    command -v apt-get >/dev/null 2>&1 || die "missing tools: ${missing[*]}, and no apt-get to install them"
+    log "installing: ${missing[*]}"
+    local packages=("${missing[@]/getconf/libc-bin}")
+    local policy=/usr/sbin/policy-rc.d made_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
+    fi
+    local ok=1
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >"$TMP/apt.log" 2>&1 \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >>"$TMP/apt.log" 2>&1 \
+        || ok=0
+    [[ $made_policy -eq 1 ]] && rm -f "$policy"
+    [[ $ok -eq 1 ]] || { tail -n 20 "$TMP/apt.log" >&2; die "apt-get install ${packages[*]} failed"; }
+    for tool in "${missing[@]}"; do
+        command -v "$tool" >/dev/null 2>&1 || die "$tool still missing after apt-get install"
+    done
+}
+
+# build: cargo build --release, unless SKIP_BUILD=1.
+build() {
+    if [[ $SKIP_BUILD == 1 ]]; then
+        log "SKIP_BUILD=1: using $SDGATE"
+    else
+        log "cargo build --release"
+        (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+    fi
+    [[ -x $SDGATE ]] || die "$SDGATE not found"
+}
