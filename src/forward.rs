@@ -544,23 +544,13 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-            | "keep-alive"
-            | "proxy-connection"
-    )
+    HOP_BY_HOP.contains(name)
 }
 
 /// Headers that describe one connection only (RFC 9110 7.6.1), or that a
 /// proxy must not pass on.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// A `static`, not a `const`: built once, not at every use.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
