@@ -221,8 +221,9 @@ impl Pool {
     fn take(&self, pod: SocketAddr) -> Option<http1::SendRequest<ReplayableBody>> {
         let mut idle = self.lock();
         let list = idle.get_mut(&pod)?;
+        let now = tokio::time::Instant::now();
         while let Some(entry) = list.pop() {
-            if entry.since.elapsed() < POOL_IDLE_TIMEOUT && !entry.sender.is_closed() {
+            if now.saturating_duration_since(entry.since) < POOL_IDLE_TIMEOUT && !entry.sender.is_closed() {
                 return Some(entry.sender);
             }
         }
@@ -234,11 +235,15 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
+        let now = tokio::time::Instant::now();
         let mut idle = self.lock();
         let list = idle.entry(pod).or_default();
-        list.retain(|entry| entry.since.elapsed() < POOL_IDLE_TIMEOUT && !entry.sender.is_closed());
+        // Oldest first: the expired ones are a prefix (one clock read per
+        // put, not one per idle connection).
+        let expired = list.partition_point(|entry| now.saturating_duration_since(entry.since) >= POOL_IDLE_TIMEOUT);
+        list.drain(..expired);
         if list.len() < POOL_MAX_IDLE {
-            list.push(Idle { sender, since: tokio::time::Instant::now() });
+            list.push(Idle { sender, since: now });
         }
     }
 
@@ -308,32 +313,35 @@ async fn run_exchange(
     let request_timeout = limits.request_timeout;
     let addr = slot.addr();
     let body = request.body().clone();
-    let sent = tokio::time::timeout(request_timeout, pool.send(addr, request)).await;
+    // One timer for the exchange: until the answer starts, then reset to
+    // read a buffered answer.
+    let mut deadline = std::pin::pin!(tokio::time::sleep(request_timeout));
+    let sent = within(deadline.as_mut(), pool.send(addr, request)).await;
     let (mut response, sender) = match sent {
-        Ok(Ok(sent)) => sent,
-        Ok(Err(SendError::Connect(reason, request))) if !body.was_read() => {
+        Some(Ok(sent)) => sent,
+        Some(Err(SendError::Connect(reason, request))) if !body.was_read() => {
             // The pod refused or is unreachable: take it out of rotation now,
             // before the slot goes back, so nobody else is sent there.
             slot.gate().set_ready(slot.endpoint(), false);
             slot.gate().metrics().upstream_error("connect");
             return Err(ExchangeError::NotSent { reason, upgrade, request });
         }
-        Ok(Err(SendError::Connect(reason, _))) => {
+        Some(Err(SendError::Connect(reason, _))) => {
             crate::quarantine::hold(slot, "failed before answering");
             return Err(ExchangeError::Failed(ProxyError::Upstream { addr: addr.to_string(), reason }));
         }
-        Ok(Err(SendError::Http(error))) if client_body_failed(&error) => {
+        Some(Err(SendError::Http(error))) if client_body_failed(&error) => {
             // The client's upload broke off or went over the limit: the pod
             // never had a whole request. Not the pod's fault.
             drop(slot);
             return Err(ExchangeError::Failed(upstream_failure(addr, &error)));
         }
-        Ok(Err(SendError::Http(error))) => {
+        Some(Err(SendError::Http(error))) => {
             // Sent, at least in part: the pod may be working on it.
             crate::quarantine::hold(slot, "failed before answering");
             return Err(ExchangeError::Failed(upstream_failure(addr, &error)));
         }
-        Err(_) => {
+        None => {
             crate::quarantine::hold(slot, "request_timeout");
             return Err(ExchangeError::Failed(ProxyError::UpstreamTimeout {
                 addr: addr.to_string(),
@@ -354,17 +362,18 @@ async fn run_exchange(
         return Ok(response.map(|body| SlotBody::new(body, slot, request_timeout).boxed_unsync()));
     }
     let (parts, body) = response.into_parts();
-    let read = tokio::time::timeout(request_timeout, crate::body::buffer(body, limits.buffer_response_bytes)).await;
+    deadline.as_mut().reset(tokio::time::Instant::now() + request_timeout);
+    let read = within(deadline, crate::body::buffer(body, limits.buffer_response_bytes)).await;
     let body = match read {
-        Ok(Ok(Buffered::Complete(bytes))) => {
+        Some(Ok(Buffered::Complete(bytes))) => {
             // The pod has answered in full: its slot is free before the
             // client has read a byte, and its connection takes the next.
             slot.answered();
             pool.put(addr, sender);
             crate::body::full(bytes)
         }
-        Ok(Ok(Buffered::Partial(head, rest))) => crate::body::chain(head, SlotBody::new(rest, slot, request_timeout)),
-        Ok(Err(error)) => {
+        Some(Ok(Buffered::Partial(head, rest))) => crate::body::chain(head, SlotBody::new(rest, slot, request_timeout)),
+        Some(Err(error)) => {
             slot.gate().metrics().upstream_error("reset");
             crate::quarantine::hold(slot, "answer broken off");
             return Err(ExchangeError::Failed(ProxyError::Upstream {
@@ -372,7 +381,7 @@ async fn run_exchange(
                 reason: format!("answer broken off: {}", error_chain(&error)),
             }));
         }
-        Err(_) => {
+        None => {
             crate::quarantine::hold(slot, "answer not finished within request_timeout");
             return Err(ExchangeError::Failed(ProxyError::UpstreamTimeout {
                 addr: addr.to_string(),
@@ -381,6 +390,18 @@ async fn run_exchange(
         }
     };
     Ok(Response::from_parts(parts, body))
+}
+
+/// Runs `future` until `deadline`; None if the deadline came first.
+async fn within<F: Future>(mut deadline: Pin<&mut tokio::time::Sleep>, future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        deadline.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 /// Server-sent events stream as they come (never buffered).
@@ -477,24 +498,22 @@ pub fn upstream_request(
     parts.version = Version::HTTP_11;
     parts.extensions = http::Extensions::new();
     let headers = &mut parts.headers;
-    let upgrade = upgrade_protocol(headers).cloned();
-    remove_hop_by_hop(headers);
-    if let Some(protocol) = upgrade {
-        headers.insert(header::UPGRADE, protocol);
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    // Without a hop-by-hop header there is no `Connection: upgrade` either.
+    if headers.keys().any(is_hop_by_hop) {
+        let upgrade = upgrade_protocol(headers).cloned();
+        strip_hop_by_hop(headers);
+        if let Some(protocol) = upgrade {
+            headers.insert(header::UPGRADE, protocol);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
     }
+    // `entry`: one lookup for each header, whether it is there or not.
     if let Some(host) = host {
-        if !headers.contains_key(header::HOST) {
-            headers.insert(header::HOST, host.clone());
-        }
-        if !headers.contains_key(X_FORWARDED_HOST) {
-            headers.insert(X_FORWARDED_HOST, host.clone());
-        }
+        headers.entry(header::HOST).or_insert_with(|| host.clone());
+        headers.entry(X_FORWARDED_HOST).or_insert_with(|| host.clone());
     }
     append_forwarded_for(headers, &peer.ip);
-    if !headers.contains_key(X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    }
+    headers.entry(X_FORWARDED_PROTO).or_insert_with(|| HeaderValue::from_static("http"));
     Request::from_parts(parts, body)
 }
 
@@ -503,13 +522,20 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
-    let Some(previous) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) else {
-        headers.insert(X_FORWARDED_FOR, ip.clone());
-        return;
-    };
-    let value = format!("{previous}, {}", ip.to_str().unwrap_or("unknown"));
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(X_FORWARDED_FOR, value);
+    match headers.entry(X_FORWARDED_FOR) {
+        header::Entry::Vacant(entry) => {
+            entry.insert(ip.clone());
+        }
+        header::Entry::Occupied(mut entry) => {
+            let Ok(previous) = entry.get().to_str() else {
+                entry.insert(ip.clone());
+                return;
+            };
+            let value = format!("{previous}, {}", ip.to_str().unwrap_or("unknown"));
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                entry.insert(value);
+            }
+        }
     }
 }
 
@@ -528,9 +554,12 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<&HeaderValue> {
 /// Removes the headers that describe one connection, not the message
 /// (RFC 9110 7.6.1), including those the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
+    if headers.keys().any(is_hop_by_hop) {
+        strip_hop_by_hop(headers);
     }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -543,8 +572,22 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether `name` is one of [`HOP_BY_HOP`]; matched on the name's text,
+/// which for most headers stops at its length (it runs for every header of
+/// every request and answer).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
+    matches!(
+        name.as_str(),
+        "connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "keep-alive"
+            | "proxy-connection"
+    )
 }
 
 /// Headers that describe one connection only (RFC 9110 7.6.1), or that a
@@ -727,6 +770,14 @@ mod tests {
         remove_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn the_hop_by_hop_match_and_list_agree() {
+        assert!(HOP_BY_HOP.iter().all(is_hop_by_hop));
+        for name in [header::CONTENT_TYPE, header::HOST, header::TRAILER, HeaderName::from_static("x-request-id")] {
+            assert_eq!(is_hop_by_hop(&name), HOP_BY_HOP.contains(&name), "{name}");
+        }
     }
 
     #[test]
