@@ -24,7 +24,7 @@ fn metrics_per_request(c: &mut Criterion) {
             service.answered(black_box(200));
             service.duration.observe(black_box(1.25));
             service.queue_wait.observe(black_box(0.0));
-            recent.record(200, black_box(Duration::from_millis(1250)));
+            recent.record(std::time::Instant::now(), 200, black_box(Duration::from_millis(1250)));
         })
     });
 }

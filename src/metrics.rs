@@ -298,8 +298,8 @@ const RECENT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 const RECENT_MAX: usize = 4096;
 
 impl Recent {
-    pub fn record(&self, code: u16, took: std::time::Duration) {
-        let now = std::time::Instant::now();
+    /// One answer with `code`, given at `now` after `took`.
+    pub fn record(&self, now: std::time::Instant, code: u16, took: std::time::Duration) {
         let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
         if answers.len() == RECENT_MAX {
             answers.pop_front();

@@ -343,10 +343,10 @@ impl Proxy {
     }
 
     fn start_record<B>(&self, split: &Split, request: &mut Request<B>) -> Record {
-        split.requests.inc();
-        split.recent.record();
-        let service = &split.service;
         let start = Instant::now();
+        split.requests.inc();
+        split.recent.record(start);
+        let service = &split.service;
         let request_id = request_id(request);
         let line = tracing::enabled!(tracing::Level::INFO).then(|| LogLine::of(request));
         Record { service: service.clone(), start, line, request_id, trace: Trace::default(), done: false }
@@ -444,7 +444,8 @@ impl Proxy {
                     reason: "no request to resend".into(),
                 });
             };
-            let sent = Instant::now();
+            // Only the log line says how long the pod took.
+            let sent = tracing::enabled!(tracing::Level::INFO).then(Instant::now);
             let on_abandon = match (&service.config.interrupt_on_disconnect, bypass) {
                 (Some(path), false) => Some(self.forwarder().interrupt(slot.addr(), path, host.as_ref())),
                 _ => None,
@@ -453,7 +454,7 @@ impl Proxy {
                 .forwarder()
                 .exchange(slot, request, self.exchange_limits(service), upgrade.take(), on_abandon)
                 .await;
-            trace.upstream = Some(sent.elapsed());
+            trace.upstream = sent.map(|sent| sent.elapsed());
             match outcome {
                 Ok(mut response) => {
                     if let (Some(affinity), Some(session)) = (&service.affinity, &session) {
@@ -569,6 +570,10 @@ impl Place {
 
     /// Waits at this place until a pod has room, at most until the deadline.
     async fn wait(&self, service: &Service, pin: Option<Pin>, trace: &mut Trace) -> Result<Slot, ProxyError> {
+        if let Some(slot) = service.gate.try_acquire(self.ticket, pin) {
+            trace.queue_wait = Some(Duration::ZERO);
+            return Ok(slot);
+        }
         let left = self.deadline.saturating_duration_since(TokioInstant::now());
         let acquired = service.gate.acquire_pinned(self.ticket, pin, left).await;
         trace.queue_wait = Some(self.arrived.elapsed());
@@ -633,10 +638,11 @@ impl Record {
         self.done = true;
         let gate = &self.service.gate;
         let metrics = gate.metrics();
-        let took = self.start.elapsed();
+        let now = Instant::now();
+        let took = now.saturating_duration_since(self.start);
         metrics.answered(status);
         metrics.duration.observe(took.as_secs_f64());
-        gate.recent.record(status, took);
+        gate.recent.record(now, status, took);
         // A request that left while queued waited until it left.
         let queue_wait = self.trace.queue_wait.or_else(|| self.trace.arrived.map(|t| t.elapsed()));
         metrics.queue_wait.observe(queue_wait.unwrap_or_default().as_secs_f64());
@@ -674,6 +680,9 @@ fn request_id<B>(request: &mut Request<B>) -> http::HeaderValue {
     if let Some(id) = request.headers().get(&X_REQUEST_ID) {
         return id.clone();
     }
+    // Room for this header and the three `X-Forwarded-*` the pod's request
+    // gets: the map grows once, not header by header.
+    request.headers_mut().reserve(4);
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];
     for (i, byte) in fastrand::u128(..).to_be_bytes().into_iter().enumerate() {

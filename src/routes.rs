@@ -93,8 +93,9 @@ impl Default for Window {
 }
 
 impl Window {
-    pub fn record(&self) {
-        let second = self.origin.elapsed().as_secs();
+    /// Counts one request, made at `at`.
+    pub fn record(&self, at: Instant) {
+        let second = at.saturating_duration_since(self.origin).as_secs();
         let (at, count) = &self.buckets[(second % 60) as usize];
         if at.swap(second, Ordering::Relaxed) != second {
             count.store(0, Ordering::Relaxed);
@@ -121,7 +122,7 @@ mod tests {
     fn a_window_counts_the_last_minute() {
         let window = Window::default();
         for _ in 0..5 {
-            window.record();
+            window.record(Instant::now());
         }
         assert_eq!(window.last_minute(), 5);
     }

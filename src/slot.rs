@@ -115,6 +115,15 @@ impl SharedGate {
         self.acquire_pinned(ticket, None, timeout).await
     }
 
+    /// A slot for `ticket` now, if a pod has room and nobody is ahead of
+    /// it; else the ticket keeps its place for [`SharedGate::acquire_pinned`].
+    pub fn try_acquire(self: &Arc<Self>, ticket: Ticket, pin: Option<Pin>) -> Option<Slot> {
+        let mut gate = self.lock();
+        let grant = gate.try_dispatch_pinned(ticket, pin)?;
+        self.publish(&gate);
+        Some(Slot::new(self.clone(), grant))
+    }
+
     /// [`SharedGate::acquire`] for a request that may be pinned to a pod.
     pub async fn acquire_pinned(
         self: &Arc<Self>,
