@@ -34,7 +34,26 @@ where
     // The declared length, when there is one: one allocation of the right
     // size instead of doubling (a 3 MiB answer would end in a 4 MiB buffer).
     let declared = usize::try_from(body.size_hint().lower()).unwrap_or(0).min(limit.saturating_add(1));
-    let mut bytes = BytesMut::with_capacity(declared);
+    // A body that comes in one piece (the common case) is kept as it came,
+    // without a copy.
+    let first = loop {
+        match body.frame().await {
+            None => return Ok(Buffered::Complete(Bytes::new())),
+            Some(frame) => {
+                if let Ok(data) = frame?.into_data() {
+                    break data;
+                }
+            }
+        }
+    };
+    if first.len() > limit {
+        return Ok(Buffered::Partial(first, body));
+    }
+    if body.is_end_stream() {
+        return Ok(Buffered::Complete(first));
+    }
+    let mut bytes = BytesMut::with_capacity(declared.max(first.len()));
+    bytes.extend_from_slice(&first);
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
             bytes.extend_from_slice(&data);
@@ -55,4 +74,55 @@ where
     let first = futures_util::stream::once(async move { Ok::<_, BoxError>(Frame::data(head)) });
     let rest = http_body_util::BodyStream::new(rest.map_err(Into::into));
     StreamBody::new(futures_util::StreamExt::chain(first, rest)).boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(parts: &[&'static str]) -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
+            parts.iter().map(|part| Ok(Frame::data(Bytes::from_static(part.as_bytes())))).collect();
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    fn complete<B>(buffered: Buffered<B>) -> Bytes {
+        match buffered {
+            Buffered::Complete(bytes) => bytes,
+            Buffered::Partial(..) => panic!("expected the whole body"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_in_one_piece_is_kept_as_it_came() {
+        let piece = Bytes::from_static(b"{\"images\":[]}");
+        let body = Full::new(piece.clone());
+        let bytes = complete(buffer(body, 1024).await.unwrap());
+        assert_eq!(bytes, piece);
+        assert_eq!(bytes.as_ptr(), piece.as_ptr(), "no copy");
+    }
+
+    #[tokio::test]
+    async fn pieces_are_joined_and_an_empty_body_is_empty() {
+        assert_eq!(complete(buffer(frames(&["ab", "c", "de"]), 1024).await.unwrap()), "abcde");
+        assert_eq!(complete(buffer(frames(&[]), 1024).await.unwrap()), "");
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_the_rest_streams() {
+        match buffer(frames(&["abc", "def", "gh"]), 4).await.unwrap() {
+            Buffered::Partial(head, rest) => {
+                assert_eq!(head, "abcdef");
+                assert_eq!(rest.collect().await.unwrap().to_bytes(), "gh");
+            }
+            Buffered::Complete(_) => panic!("expected the rest to stream"),
+        }
+        match buffer(Full::new(Bytes::from_static(b"abcdef")), 4).await.unwrap() {
+            Buffered::Partial(head, rest) => {
+                assert_eq!(head, "abcdef");
+                assert!(rest.is_end_stream());
+            }
+            Buffered::Complete(_) => panic!("a single piece over the limit is partial too"),
+        }
+    }
 }
