@@ -33,6 +33,7 @@ WAIT_SECS=${WAIT_SECS:-10}         # how long to wait for a port or readiness
 SKIP_BUILD=${SKIP_BUILD:-0}        # 1: use the existing target/release/sdgate
 KEEP_TMP=${KEEP_TMP:-0}            # 1: keep configs and logs after the run
 PARTS=${PARTS:-ab}                 # which parts to run: a, b or ab
+ROUNDS=${ROUNDS:-3}                # (a): wrk runs per proxy, alternating; medians reported
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SDGATE="$ROOT/target/release/sdgate"
@@ -190,8 +191,9 @@ cpu_ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
 
 # run_wrk LABEL PORT [PROXY_PID]: wrk against GET /sdapi/v1/options; appends a
 # row to RESULTS_A, with the proxy's CPU time per request when PROXY_PID is given.
+# RPS, P99 and CPU collect each label's runs (space-separated) for medians.
 RESULTS_A=()
-declare -A RPS=() P99=()
+declare -A RPS=() P99=() CPU=()
 run_wrk() {
     local label=$1 port=$2 pid=${3:-} out="$TMP/wrk-$1.txt" limit u0=0 s0=0 u1=0 s1=0
     limit=$(($(duration_secs "$DURATION") + 30))
@@ -213,12 +215,14 @@ run_wrk() {
         n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
         if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
         printf "%.2f", n }')
-    RPS[$label]=$rps
-    P99[$label]=$p99ms
+    RPS[$label]+="$rps "
+    P99[$label]+="$p99ms "
     local cpu="-"
     if [[ -n $pid && ${total:-0} -gt 0 ]]; then
         cpu=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$(getconf CLK_TCK)" -v n="$total" \
             'BEGIN { printf "%.1f + %.1f", u / t / n * 1e6, s / t / n * 1e6 }')
+        CPU[$label]+="$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$(getconf CLK_TCK)" -v n="$total" \
+            'BEGIN { printf "%.2f", (u + s) / t / n * 1e6 }') "
     fi
     RESULTS_A+=("| $label | $(printf '%.0f' "$rps") | $p99ms | ${total:-?} | $((${non2xx:-0} + ${errors:-0})) | $cpu |")
 }
@@ -257,13 +261,23 @@ run_wrk direct "$SIM_BASE_PORT"
 write_haproxy_config "$TMP/haproxy-a.cfg" 1 ""
 start_haproxy "$TMP/haproxy-a.cfg"
 wait_200 "http://127.0.0.1:$HAPROXY_PORT/sdapi/v1/options" "haproxy"
-run_wrk haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
-stop "$HAPROXY_PID"
-
 write_gate_config "$TMP/sdgate-a.yaml" 0 1
 start_gate "$TMP/sdgate-a.yaml" 1
 wait_200 "http://127.0.0.1:$GATE_PORT/sdapi/v1/options" "sdgate"
-run_wrk sdgate "$GATE_PORT" "$GATE_PID"
+# Both proxies stay up; their runs alternate (haproxy first in odd rounds,
+# sdgate first in even ones), so a slow minute of this shared machine does
+# not fall on one proxy only. The summary compares medians.
+for ((round = 1; round <= ROUNDS; round++)); do
+    if ((round % 2)); then order="haproxy sdgate"; else order="sdgate haproxy"; fi
+    for proxy in $order; do
+        if [[ $proxy == haproxy ]]; then
+            run_wrk haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
+        else
+            run_wrk sdgate "$GATE_PORT" "$GATE_PID"
+        fi
+    done
+done
+stop "$HAPROXY_PID"
 stop "$GATE_PID"
 stop_workers
 fi
@@ -296,8 +310,13 @@ fi
 
 # ---------------------------------------------------------------- report
 if [[ $PARTS == *a* ]]; then
-RPS_RATIO=$(awk -v a="${RPS[sdgate]}" -v b="${RPS[haproxy]}" 'BEGIN { printf "%.2f", a / b }')
-P99_RATIO=$(awk -v a="${P99[sdgate]}" -v b="${P99[haproxy]}" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+# median "V1 V2 ...": the middle value (the mean of the two middle ones).
+median() { tr ' ' '\n' <<<"$1" | awk 'NF' | sort -g | awk '{ v[NR] = $1 } END { printf "%.2f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+RPS_RATIO=$(awk -v a="$(median "${RPS[sdgate]}")" -v b="$(median "${RPS[haproxy]}")" 'BEGIN { printf "%.2f", a / b }')
+P99_RATIO=$(awk -v a="$(median "${P99[sdgate]}")" -v b="$(median "${P99[haproxy]}")" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+CPU_SDGATE=$(median "${CPU[sdgate]}")
+CPU_HAPROXY=$(median "${CPU[haproxy]}")
+CPU_RATIO=$(awk -v a="$CPU_SDGATE" -v b="$CPU_HAPROXY" 'BEGIN { printf "%.2f", a / b }')
 cat <<EOF
 
 ## (a) tiny responses, container_concurrency 0 — wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION GET /sdapi/v1/options, 1 sim worker
@@ -306,7 +325,8 @@ cat <<EOF
 | --- | ---: | ---: | ---: | ---: | ---: |
 $(printf '%s\n' "${RESULTS_A[@]}")
 
-sdgate/HAProxy: requests/s ${RPS_RATIO}x, p99 ${P99_RATIO}x
+Medians over $ROUNDS alternating runs each: proxy CPU per request sdgate $CPU_SDGATE us, HAProxy $CPU_HAPROXY us
+sdgate/HAProxy: CPU per request ${CPU_RATIO}x, requests/s ${RPS_RATIO}x, p99 ${P99_RATIO}x
 EOF
 fi
 if [[ $PARTS == *b* ]]; then
