@@ -73,24 +73,7 @@ require_free "$SIM_PORT" "$GATE_PORT" "$HAPROXY_PORT" "$ADMIN_PORT"
 start sim env RUST_LOG=warn "$SDGATE" sim --port "$SIM_PORT"
 wait_port "$SIM_PORT" "$LAST_PID"
 
-cat >"$TMP/haproxy.cfg" <<EOF
-global
-    maxconn 4096
-
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-
-frontend fe
-    bind 127.0.0.1:$HAPROXY_PORT
-    default_backend sd
-
-backend sd
-    server s1 127.0.0.1:$SIM_PORT
-EOF
+write_haproxy_config "$TMP/haproxy.cfg" "$HAPROXY_PORT" "$SIM_PORT" 1 ""
 cat >"$TMP/sdgate.yaml" <<EOF
 listen: 127.0.0.1:$GATE_PORT
 admin: 127.0.0.1:$ADMIN_PORT

@@ -133,3 +133,31 @@ build() {
     fi
     [[ -x $SDGATE ]] || die "$SDGATE not found"
 }
+
+# write_haproxy_config FILE PORT FIRST_SIM_PORT N SERVER_OPTS: a minimal
+# `mode http` HAProxy listening on PORT, keep-alive both ways, with N servers
+# on FIRST_SIM_PORT.. (SERVER_OPTS on each, e.g. "maxconn 1").
+write_haproxy_config() {
+    local file=$1 port=$2 first=$3 n=$4 opts=$5 i
+    cat >"$file" <<CFG
+global
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout queue 60s
+
+frontend fe
+    bind 127.0.0.1:$port
+    default_backend sd
+
+backend sd
+CFG
+    for ((i = 0; i < n; i++)); do
+        printf '    server s%d 127.0.0.1:%d%s\n' $((i + 1)) $((first + i)) "${opts:+ $opts}" >>"$file"
+    done
+}

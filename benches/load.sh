@@ -132,32 +132,6 @@ services:
 EOF
 }
 
-# write_haproxy_config FILE N SERVER_OPTS
-write_haproxy_config() {
-    local file=$1 n=$2 opts=$3 i
-    cat >"$file" <<EOF
-global
-    maxconn 4096
-
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-    timeout queue 60s
-
-frontend fe
-    bind 127.0.0.1:$HAPROXY_PORT
-    default_backend sd
-
-backend sd
-EOF
-    for ((i = 0; i < n; i++)); do
-        printf '    server s%d 127.0.0.1:%d%s\n' $((i + 1)) $((SIM_BASE_PORT + i)) "${opts:+ $opts}" >>"$file"
-    done
-}
-
 HAPROXY_PID=
 start_haproxy() { # start_haproxy CONFIG
     haproxy -c -q -f "$1" || die "haproxy rejected $1"
@@ -258,7 +232,7 @@ start_workers 1
 wait_200 "http://127.0.0.1:$SIM_BASE_PORT/sdapi/v1/options" "sim worker"
 run_wrk direct "$SIM_BASE_PORT"
 
-write_haproxy_config "$TMP/haproxy-a.cfg" 1 ""
+write_haproxy_config "$TMP/haproxy-a.cfg" "$HAPROXY_PORT" "$SIM_BASE_PORT" 1 ""
 start_haproxy "$TMP/haproxy-a.cfg"
 wait_200 "http://127.0.0.1:$HAPROXY_PORT/sdapi/v1/options" "haproxy"
 write_gate_config "$TMP/sdgate-a.yaml" 0 1
@@ -292,7 +266,7 @@ log "(b) one direct txt2img took ${SERVICE}s; ideal makespan ${IDEAL}s"
 stop_workers
 
 start_workers "$WORKERS"
-write_haproxy_config "$TMP/haproxy-b.cfg" "$WORKERS" "maxconn 1"
+write_haproxy_config "$TMP/haproxy-b.cfg" "$HAPROXY_PORT" "$SIM_BASE_PORT" "$WORKERS" "maxconn 1"
 start_haproxy "$TMP/haproxy-b.cfg"
 wait_200 "http://127.0.0.1:$HAPROXY_PORT/sdapi/v1/options" "haproxy"
 run_hey haproxy "$HAPROXY_PORT"
