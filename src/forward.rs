@@ -186,7 +186,9 @@ where
 /// (server-sent events, large or upgraded) is closed at its end instead.
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<std::collections::HashMap<SocketAddr, Vec<Idle>>>,
+    /// Keyed with foldhash, not SipHash: it is looked up twice per request
+    /// and its keys are the pods' addresses, not a client's input.
+    idle: Mutex<foldhash::HashMap<SocketAddr, Vec<Idle>>>,
 }
 
 struct Idle {
@@ -213,7 +215,7 @@ enum SendError {
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<SocketAddr, Vec<Idle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<SocketAddr, Vec<Idle>>> {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -349,7 +351,10 @@ async fn run_exchange(
             }));
         }
     };
-    let switched_to = response.headers().get(header::UPGRADE).cloned();
+    let switched_to = match response.status() {
+        StatusCode::SWITCHING_PROTOCOLS => response.headers().get(header::UPGRADE).cloned(),
+        _ => None,
+    };
     remove_hop_by_hop(response.headers_mut());
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let (Some(client_side), Some(protocol)) = (upgrade, switched_to) {

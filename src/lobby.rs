@@ -46,8 +46,9 @@ pub enum Outcome {
     /// Close it: why (the client left, or sent no complete head in time).
     Close(&'static str),
     /// hyper serves it, reading `read` before the socket; `early` is its
-    /// first request's admission and slot, if it waited here.
-    Serve { read: Bytes, early: Option<Early> },
+    /// first request's admission and slot, if it waited here; `http1` when
+    /// its first bytes were an HTTP/1 request head.
+    Serve { read: Bytes, early: Option<Early>, http1: bool },
 }
 
 /// The lobby's limits for one connection.
@@ -71,7 +72,7 @@ pub async fn first_request(
     let (mut request, whole) = loop {
         match parse(&read, limits.max_header_bytes) {
             Parsed::Partial => {}
-            Parsed::Pass => return serve(read, None),
+            Parsed::Pass { http1 } => return Outcome::Serve { read: Bytes::from(read), early: None, http1 },
             Parsed::Complete { request, head, body } => break (request, head + body),
         }
         let more = tokio::select! {
@@ -91,7 +92,7 @@ pub async fn first_request(
     while read.len() < whole {
         match tokio::time::timeout_at(body_deadline, read_more(stream, &mut read)).await {
             // A slow body: hyper reads the rest, or answers 408.
-            Err(_) => return serve(read, None),
+            Err(_) => return http1(read, None),
             Ok(Ok(0) | Err(_)) => return Outcome::Close("client left"),
             Ok(Ok(_)) => {}
         }
@@ -101,7 +102,7 @@ pub async fn first_request(
         Err(_) => None,
     };
     drop(request);
-    let Some(waiting) = waiting else { return serve(read, None) };
+    let Some(waiting) = waiting else { return http1(read, None) };
     read.shrink_to_fit();
     let limit = whole + limits.max_header_bytes;
     let early = tokio::select! {
@@ -109,11 +110,12 @@ pub async fn first_request(
         // Dropping the wait takes the request out of the queue.
         left = client_left(stream, &mut read, limit) => return Outcome::Close(left),
     };
-    serve(read, Some(early))
+    http1(read, Some(early))
 }
 
-fn serve(read: Vec<u8>, early: Option<Early>) -> Outcome {
-    Outcome::Serve { read: Bytes::from(read), early }
+/// hyper serves an HTTP/1 connection.
+fn http1(read: Vec<u8>, early: Option<Early>) -> Outcome {
+    Outcome::Serve { read: Bytes::from(read), early, http1: true }
 }
 
 /// Reads what the socket has into `read`: the count, 0 at its end.
@@ -150,8 +152,9 @@ async fn client_left(stream: &TcpStream, read: &mut Vec<u8>, limit: usize) -> &'
 enum Parsed {
     /// The head is not complete yet.
     Partial,
-    /// Not for the lobby: hyper takes the connection as it is.
-    Pass,
+    /// Not for the lobby: hyper takes the connection as it is (`http1` if
+    /// it is an HTTP/1 request head).
+    Pass { http1: bool },
     /// A head of `head` bytes, then a body of `body` bytes.
     Complete { request: Request<()>, head: usize, body: usize },
 }
@@ -165,11 +168,11 @@ fn parse(read: &[u8], max_header_bytes: usize) -> Parsed {
     match head.parse(read) {
         Ok(httparse::Status::Complete(length)) => match request_of(&head) {
             Some((request, body)) => Parsed::Complete { request, head: length, body },
-            None => Parsed::Pass,
+            None => Parsed::Pass { http1: true },
         },
         // hyper refuses a head larger than its buffer; so does the lobby.
         Ok(httparse::Status::Partial) if read.len() <= max_header_bytes => Parsed::Partial,
-        _ => Parsed::Pass,
+        _ => Parsed::Pass { http1: false },
     }
 }
 
@@ -240,8 +243,11 @@ mod tests {
 
     #[test]
     fn what_the_lobby_leaves_to_hyper() {
+        // Not HTTP/1: hyper-util tells the version.
+        for text in ["PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "GARBAGE\r\n\r\n"] {
+            assert!(matches!(parsed(text), Parsed::Pass { http1: false }), "{text:?} goes to hyper, either version");
+        }
         for text in [
-            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: sd\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: sd\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
             "GET /ws HTTP/1.1\r\nHost: sd\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
@@ -249,15 +255,14 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: sd\r\nContent-Length: x\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: sd\r\nContent-Length: 65537\r\n\r\n",
             "CONNECT sd:443 HTTP/1.1\r\nHost: sd\r\n\r\n",
-            "GARBAGE\r\n\r\n",
         ] {
-            assert!(matches!(parsed(text), Parsed::Pass), "{text:?} goes to hyper");
+            assert!(matches!(parsed(text), Parsed::Pass { http1: true }), "{text:?} goes to hyper, HTTP/1");
         }
     }
 
     #[test]
     fn a_head_larger_than_the_limit_goes_to_hyper() {
         let text = format!("GET / HTTP/1.1\r\nX-Big: {}", "a".repeat(9000));
-        assert!(matches!(parsed(&text), Parsed::Pass));
+        assert!(matches!(parsed(&text), Parsed::Pass { http1: false }));
     }
 }

@@ -6,15 +6,15 @@
 //! names the default service. [`normalize_host`] runs first: it refuses two
 //! Host headers and makes Host agree with an absolute-form target.
 
-use std::collections::HashMap;
-
 use http::Request;
 
 use crate::error::ProxyError;
 
 #[derive(Debug, Default)]
 pub struct Router {
-    by_host: HashMap<String, usize>,
+    /// foldhash, not SipHash: looked up per request, and its keys come from
+    /// the config (a client's host is only looked up, never inserted).
+    by_host: foldhash::HashMap<String, usize>,
     default: Option<usize>,
 }
 

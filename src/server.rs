@@ -193,20 +193,8 @@ impl Gateway {
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let admin_task = admin.map(|admin| tokio::spawn(admin::serve(admin, proxy.clone(), draining.clone())));
 
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        // The header and idle timeouts are kept by each connection's watchdog
-        // (see `serve_connection`): hyper's own header timeout does not cover
-        // a connection that never sends a byte (the auto builder waits for
-        // the first bytes before hyper sees the connection), and it would
-        // close an idle keep-alive connection after `header_read_timeout`
-        // rather than `idle_timeout`.
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(None)
-            .max_buf_size(config.limits.max_header_bytes.max(8192) + 16 * 1024);
         // Shared, not copied into every connection's state.
-        let builder = Arc::new(builder);
+        let builder = Arc::new(Builders::new(&config.limits));
         let timeouts = Timeouts::of(&config.limits);
         let budget = Arc::new(ConnectionBudget::new(max_client_connections()));
         let mut accept_errors = AcceptErrors::new("listen");
@@ -359,7 +347,7 @@ struct Connection {
 async fn serve_connection(
     connection: Connection,
     proxy: Arc<Proxy>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Builders>,
     mut draining: watch::Receiver<bool>,
 ) {
     let Connection { stream, client, budget, timeouts } = connection;
@@ -372,25 +360,53 @@ async fn serve_connection(
         body_read_timeout: timeouts.body_read,
         max_header_bytes: timeouts.max_header_bytes,
     };
-    let (read, early) = match lobby::first_request(&stream, &proxy, limits, &mut draining).await {
+    let (read, early, http1) = match lobby::first_request(&stream, &proxy, limits, &mut draining).await {
         lobby::Outcome::Close(reason) => return tracing::debug!(%client, reason, "closing the connection"),
-        lobby::Outcome::Serve { read, early } => (read, early),
+        lobby::Outcome::Serve { read, early, http1 } => (read, early, http1),
     };
     // Boxed, so that a connection waiting in the lobby does not carry the
     // size of hyper's part.
     let io = Watched { stream, read, activity: Arc::new(Activity::new()), _budget: budget };
-    Box::pin(serve_http(io, client, proxy, builder, draining, timeouts, early)).await
+    Box::pin(serve_http(io, client, proxy, builder, draining, timeouts, early, http1)).await
+}
+
+/// hyper's connection settings: HTTP/1 alone, for a connection the lobby
+/// saw speak it, and both versions (told apart by the first bytes).
+struct Builders {
+    http1: hyper::server::conn::http1::Builder,
+    auto: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(limits: &Limits) -> Self {
+        let max_buf_size = limits.max_header_bytes.max(8192) + 16 * 1024;
+        // The header and idle timeouts are kept by each connection's
+        // watchdog (see `serve_connection`): hyper's own header timeout does
+        // not cover a connection that never sends a byte (the auto builder
+        // waits for the first bytes before hyper sees the connection), and
+        // it would close an idle keep-alive connection after
+        // `header_read_timeout` rather than `idle_timeout`.
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1.timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(max_buf_size);
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1().timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(max_buf_size);
+        Self { http1, auto }
+    }
 }
 
 /// hyper's part of a connection, with the watchdog and graceful shutdown.
+/// A connection known to speak HTTP/1 skips hyper-util's version detection
+/// (and the rewinding reader it puts under hyper).
+#[allow(clippy::too_many_arguments)]
 async fn serve_http(
     io: Watched,
     client: SocketAddr,
     proxy: Arc<Proxy>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    mut draining: watch::Receiver<bool>,
+    builder: Arc<Builders>,
+    draining: watch::Receiver<bool>,
     timeouts: Timeouts,
     early: Option<proxy::Early>,
+    http1: bool,
 ) {
     let activity = io.activity.clone();
     let peer = Arc::new(Peer::new(client));
@@ -411,43 +427,71 @@ async fn serve_http(
             Ok::<_, Infallible>(response.map(|body| Tracked { body, _open: open }))
         }
     });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(connection);
-    let mut wake = match activity.check(timeouts) {
-        Ok(wake) => wake,
-        Err(_) => return,
-    };
-    // Shutdown was asked before hyper read the lobby's request: hyper's
-    // graceful shutdown would close the connection unread, so it waits.
-    let (mut shutting_down, mut shutdown_deferred) = (false, false);
-    loop {
-        tokio::select! {
-            biased;
-            ended = &mut connection => {
-                if let Err(error) = ended {
-                    tracing::debug!(%error, %client, "connection ended with an error");
+    let watch = Watch { client, activity, early, draining, timeouts };
+    if http1 {
+        let connection = builder.http1.serve_connection(TokioIo::new(io), service).with_upgrades();
+        watch.serve(connection, |connection| connection.graceful_shutdown()).await
+    } else {
+        let connection = builder.auto.serve_connection_with_upgrades(TokioIo::new(io), service);
+        watch.serve(connection, |connection| connection.graceful_shutdown()).await
+    }
+}
+
+/// What watches a connection hyper serves.
+struct Watch {
+    client: SocketAddr,
+    activity: Arc<Activity>,
+    early: Option<Arc<EarlyCell>>,
+    draining: watch::Receiver<bool>,
+    timeouts: Timeouts,
+}
+
+impl Watch {
+    /// Runs `connection` to its end, or until it has been silent too long;
+    /// `shutdown` starts its graceful shutdown.
+    async fn serve<C, E>(self, connection: C, shutdown: impl Fn(Pin<&mut C>))
+    where
+        C: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let Watch { client, activity, early, mut draining, timeouts } = self;
+        tokio::pin!(connection);
+        let mut wake = match activity.check(timeouts) {
+            Ok(wake) => wake,
+            Err(_) => return,
+        };
+        // Shutdown was asked before hyper read the lobby's request: hyper's
+        // graceful shutdown would close the connection unread, so it waits.
+        let (mut shutting_down, mut shutdown_deferred) = (false, false);
+        loop {
+            tokio::select! {
+                biased;
+                ended = &mut connection => {
+                    if let Err(error) = ended {
+                        tracing::debug!(%error, %client, "connection ended with an error");
+                    }
+                    return;
                 }
-                return;
-            }
-            _ = draining.wait_for(|draining| *draining), if !shutting_down => {
-                shutting_down = true;
-                if early.as_ref().is_some_and(|cell| !cell.is_taken()) {
-                    shutdown_deferred = true;
-                } else {
-                    connection.as_mut().graceful_shutdown();
+                _ = draining.wait_for(|draining| *draining), if !shutting_down => {
+                    shutting_down = true;
+                    if early.as_ref().is_some_and(|cell| !cell.is_taken()) {
+                        shutdown_deferred = true;
+                    } else {
+                        shutdown(connection.as_mut());
+                    }
                 }
-            }
-            _ = async { if let Some(cell) = &early { cell.taken.notified().await } }, if shutdown_deferred => {
-                shutdown_deferred = false;
-                connection.as_mut().graceful_shutdown();
-            }
-            _ = tokio::time::sleep_until(wake) => match activity.check(timeouts) {
-                Ok(next) => wake = next,
-                Err(reason) => {
-                    // Dropping the connection closes the socket.
-                    return tracing::debug!(%client, reason, "closing a silent connection");
+                _ = async { if let Some(cell) = &early { cell.taken.notified().await } }, if shutdown_deferred => {
+                    shutdown_deferred = false;
+                    shutdown(connection.as_mut());
                 }
-            },
+                _ = tokio::time::sleep_until(wake) => match activity.check(timeouts) {
+                    Ok(next) => wake = next,
+                    Err(reason) => {
+                        // Dropping the connection closes the socket.
+                        return tracing::debug!(%client, reason, "closing a silent connection");
+                    }
+                },
+            }
         }
     }
 }
