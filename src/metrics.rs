@@ -321,12 +321,16 @@ impl Recent {
         }
         let failed = recent.iter().filter(|(_, code, _)| *code >= 500).count();
         let mut latencies: Vec<f32> = recent.iter().map(|(_, _, took)| *took).collect();
-        latencies.sort_by(f32::total_cmp);
         let mut latency_seconds = std::collections::BTreeMap::new();
         if !latencies.is_empty() {
+            // Ascending quantiles, each selected in what lies above the last
+            // (no full sort: this runs every second over up to RECENT_MAX).
+            let mut from = 0;
             for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99)] {
                 let index = ((latencies.len() - 1) as f64 * q).round() as usize;
-                latency_seconds.insert(name, f64::from(latencies[index]));
+                let (_, value, _) = latencies[from..].select_nth_unstable_by(index - from, f32::total_cmp);
+                latency_seconds.insert(name, f64::from(*value));
+                from = index;
             }
         }
         RecentSummary {
@@ -336,6 +340,31 @@ impl Recent {
             success_rate: if recent.is_empty() { 1.0 } else { 1.0 - failed as f64 / recent.len() as f64 },
             codes,
             latency_seconds,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_percentiles_are_those_of_the_sorted_latencies() {
+        let recent = Recent::default();
+        let now = std::time::Instant::now();
+        let mut took: Vec<u64> = (0..1000).map(|_| fastrand::u64(1..10_000)).collect();
+        for (i, millis) in took.iter().enumerate() {
+            let code = if i % 10 == 0 { 503 } else { 200 };
+            recent.record(now, code, std::time::Duration::from_millis(*millis));
+        }
+        took.sort_unstable();
+        let summary = recent.summary();
+        assert_eq!(summary.requests, 1000);
+        assert_eq!(summary.codes.get(&503), Some(&100));
+        assert!((summary.success_rate - 0.9).abs() < 1e-9);
+        for (name, index) in [("p50", 500), ("p90", 899), ("p95", 949), ("p99", 989)] {
+            let expected = std::time::Duration::from_millis(took[index]).as_secs_f32();
+            assert_eq!(summary.latency_seconds[name], f64::from(expected), "{name}");
         }
     }
 }

@@ -689,7 +689,10 @@ fn request_id<B>(request: &mut Request<B>) -> http::HeaderValue {
         id[2 * i] = HEX[usize::from(byte >> 4)];
         id[2 * i + 1] = HEX[usize::from(byte & 0xf)];
     }
-    let value = http::HeaderValue::from_bytes(&id).unwrap_or_else(|_| http::HeaderValue::from_static("0"));
+    // One allocation, shared by the request, the record and the answer
+    // (from a copied slice, the first clone would allocate again).
+    let value = http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id))
+        .unwrap_or_else(|_| http::HeaderValue::from_static("0"));
     request.headers_mut().insert(X_REQUEST_ID, value.clone());
     value
 }
