@@ -25,6 +25,7 @@ HAPROXY_PORT=${HAPROXY_PORT:-38081}
 WAIT_SECS=${WAIT_SECS:-60}         # startup under valgrind is slow
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
+SAME_WORK=${SAME_WORK:-1}          # 1: also an HAProxy doing sdgate's per-request work
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SDGATE="$ROOT/target/release/sdgate"
@@ -74,6 +75,9 @@ start sim env RUST_LOG=warn "$SDGATE" sim --port "$SIM_PORT"
 wait_port "$SIM_PORT" "$LAST_PID"
 
 write_haproxy_config "$TMP/haproxy.cfg" "$HAPROXY_PORT" "$SIM_PORT" 1 ""
+write_haproxy_config "$TMP/haproxy-same-work.cfg" "$HAPROXY_PORT" "$SIM_PORT" 1 "" same-work
+PROXIES=(haproxy sdgate)
+[[ $SAME_WORK == 1 ]] && PROXIES+=(haproxy-same-work)
 cat >"$TMP/sdgate.yaml" <<EOF
 listen: 127.0.0.1:$GATE_PORT
 admin: 127.0.0.1:$ADMIN_PORT
@@ -87,14 +91,15 @@ services:
     backend: { fixed: ["127.0.0.1:$SIM_PORT"] }
 EOF
 haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejected its config"
+haproxy -c -q -f "$TMP/haproxy-same-work.cfg" || die "haproxy rejected its same-work config"
 "$SDGATE" --config "$TMP/sdgate.yaml" check >/dev/null || die "sdgate rejected its config"
 
 declare -A IR=() REQ=()
-for proxy in haproxy sdgate; do
+for proxy in "${PROXIES[@]}"; do
     log "$proxy under callgrind: wrk -t1 -c$WRK_CONNS -d$DURATION"
-    if [[ $proxy == haproxy ]]; then
-        start haproxy valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind.haproxy.%p" \
-            haproxy -db -f "$TMP/haproxy.cfg"
+    if [[ $proxy == haproxy* ]]; then
+        start "$proxy" valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind.$proxy.%p" \
+            haproxy -db -f "$TMP/$proxy.cfg"
         port=$HAPROXY_PORT
     else
         start sdgate env RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind.sdgate.%p" \
@@ -114,10 +119,15 @@ cat <<EOF
 
 | proxy | requests | instructions | per request |
 | --- | ---: | ---: | ---: |
-$(for proxy in haproxy sdgate; do
+$(for proxy in "${PROXIES[@]}"; do
     awk -v p="$proxy" -v i="${IR[$proxy]}" -v n="${REQ[$proxy]}" 'BEGIN { printf "| %s | %d | %d | %.0f |\n", p, n, i, i / n }'
 done)
 
 sdgate/HAProxy: $(awk -v a="${IR[sdgate]}" -v na="${REQ[sdgate]}" -v b="${IR[haproxy]}" -v nb="${REQ[haproxy]}" \
     'BEGIN { printf "%.2f", (a / na) / (b / nb) }')x the instructions per request
 EOF
+if [[ $SAME_WORK == 1 ]]; then
+    echo "sdgate/HAProxy doing sdgate's per-request work (Host routing, X-Forwarded-*, X-Request-Id):" \
+        "$(awk -v a="${IR[sdgate]}" -v na="${REQ[sdgate]}" -v b="${IR[haproxy-same-work]}" -v nb="${REQ[haproxy-same-work]}" \
+            'BEGIN { printf "%.2f", (a / na) / (b / nb) }')x"
+fi

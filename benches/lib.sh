@@ -134,11 +134,14 @@ build() {
     [[ -x $SDGATE ]] || die "$SDGATE not found"
 }
 
-# write_haproxy_config FILE PORT FIRST_SIM_PORT N SERVER_OPTS: a minimal
-# `mode http` HAProxy listening on PORT, keep-alive both ways, with N servers
-# on FIRST_SIM_PORT.. (SERVER_OPTS on each, e.g. "maxconn 1").
+# write_haproxy_config FILE PORT FIRST_SIM_PORT N SERVER_OPTS [same-work]: a
+# minimal `mode http` HAProxy listening on PORT, keep-alive both ways, with N
+# servers on FIRST_SIM_PORT.. (SERVER_OPTS on each, e.g. "maxconn 1").
+# "same-work" has it also do what sdgate does to every request: route by
+# Host, set X-Forwarded-For/-Host/-Proto, and give the request and its
+# answer an X-Request-Id.
 write_haproxy_config() {
-    local file=$1 port=$2 first=$3 n=$4 opts=$5 i
+    local file=$1 port=$2 first=$3 n=$4 opts=$5 work=${6:-} i
     cat >"$file" <<CFG
 global
     maxconn 4096
@@ -153,10 +156,19 @@ defaults
 
 frontend fe
     bind 127.0.0.1:$port
-    default_backend sd
-
-backend sd
 CFG
+    if [[ $work == same-work ]]; then
+        cat >>"$file" <<CFG
+    option forwardfor
+    http-request set-header X-Forwarded-Host %[req.hdr(host)] unless { req.hdr(x-forwarded-host) -m found }
+    http-request set-header X-Forwarded-Proto http unless { req.hdr(x-forwarded-proto) -m found }
+    unique-id-format %[uuid()]
+    unique-id-header X-Request-Id
+    http-response set-header X-Request-Id %[unique-id]
+    use_backend sd if { hdr(host) -m str -i ${HOST_HEADER:-sd.bench.local} }
+CFG
+    fi
+    printf '    default_backend sd\n\nbackend sd\n' >>"$file"
     for ((i = 0; i < n; i++)); do
         printf '    server s%d 127.0.0.1:%d%s\n' $((i + 1)) $((first + i)) "${opts:+ $opts}" >>"$file"
     done

@@ -2,7 +2,9 @@
 # Load benchmark: sdgate against HAProxy (and a direct connection) on loopback.
 #
 #   (a) tiny responses, container_concurrency 0: wrk against GET /sdapi/v1/options
-#       on one `sdgate sim` worker, directly, through HAProxy and through sdgate.
+#       on one `sdgate sim` worker, directly, through HAProxy and through sdgate;
+#       also through a second HAProxy that does sdgate's per-request work (Host
+#       routing, X-Forwarded-*, X-Request-Id), unless SAME_WORK=0.
 #   (b) one generation at a time per worker (container_concurrency 1): hey sends
 #       192 POST txt2img (4 steps of 50ms) from 16 clients to 4 sim workers,
 #       through HAProxy (`maxconn 1` per server + queue) and through sdgate.
@@ -28,12 +30,14 @@ HOST_HEADER=${HOST_HEADER:-sd.bench.local}
 SIM_BASE_PORT=${SIM_BASE_PORT:-17860}  # workers on SIM_BASE_PORT .. +WORKERS-1
 GATE_PORT=${GATE_PORT:-18080}
 HAPROXY_PORT=${HAPROXY_PORT:-18081}
+HAPROXY_SAME_PORT=${HAPROXY_SAME_PORT:-18082}  # (a): the same-work HAProxy
 ADMIN_PORT=${ADMIN_PORT:-19090}
 WAIT_SECS=${WAIT_SECS:-10}         # how long to wait for a port or readiness
 SKIP_BUILD=${SKIP_BUILD:-0}        # 1: use the existing target/release/sdgate
 KEEP_TMP=${KEEP_TMP:-0}            # 1: keep configs and logs after the run
 PARTS=${PARTS:-ab}                 # which parts to run: a, b or ab
 ROUNDS=${ROUNDS:-3}                # (a): wrk runs per proxy, alternating; medians reported
+SAME_WORK=${SAME_WORK:-1}          # (a): 1 also runs the same-work HAProxy
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SDGATE="$ROOT/target/release/sdgate"
@@ -133,11 +137,12 @@ EOF
 }
 
 HAPROXY_PID=
-start_haproxy() { # start_haproxy CONFIG
+start_haproxy() { # start_haproxy CONFIG [PORT LABEL]: sets HAPROXY_PID
+    local port=${2:-$HAPROXY_PORT} label=${3:-haproxy}
     haproxy -c -q -f "$1" || die "haproxy rejected $1"
-    start haproxy haproxy -db -f "$1"
+    start "$label" haproxy -db -f "$1"
     HAPROXY_PID=$LAST_PID
-    wait_port "$HAPROXY_PORT" "$HAPROXY_PID"
+    wait_port "$port" "$HAPROXY_PID"
 }
 
 GATE_PID=
@@ -223,7 +228,7 @@ run_hey() {
 # ---------------------------------------------------------------- main
 install_tools hey wrk haproxy curl jq
 build
-require_free $(seq "$SIM_BASE_PORT" $((SIM_BASE_PORT + WORKERS - 1))) "$GATE_PORT" "$HAPROXY_PORT" "$ADMIN_PORT"
+require_free $(seq "$SIM_BASE_PORT" $((SIM_BASE_PORT + WORKERS - 1))) "$GATE_PORT" "$HAPROXY_PORT" "$HAPROXY_SAME_PORT" "$ADMIN_PORT"
 log "workdir $TMP; DURATION=$DURATION; $(nproc) CPUs"
 
 # (a) tiny responses, cc = 0, one worker.
@@ -235,24 +240,31 @@ run_wrk direct "$SIM_BASE_PORT"
 write_haproxy_config "$TMP/haproxy-a.cfg" "$HAPROXY_PORT" "$SIM_BASE_PORT" 1 ""
 start_haproxy "$TMP/haproxy-a.cfg"
 wait_200 "http://127.0.0.1:$HAPROXY_PORT/sdapi/v1/options" "haproxy"
+CONTESTANTS=(haproxy sdgate)
+declare -A CONTESTANT_PORT=([haproxy]=$HAPROXY_PORT [sdgate]=$GATE_PORT) CONTESTANT_PID=([haproxy]=$HAPROXY_PID)
+if [[ $SAME_WORK == 1 ]]; then
+    write_haproxy_config "$TMP/haproxy-same.cfg" "$HAPROXY_SAME_PORT" "$SIM_BASE_PORT" 1 "" same-work
+    start_haproxy "$TMP/haproxy-same.cfg" "$HAPROXY_SAME_PORT" haproxy-same-work
+    wait_200 "http://127.0.0.1:$HAPROXY_SAME_PORT/sdapi/v1/options" "haproxy-same-work"
+    CONTESTANTS+=(haproxy-same-work)
+    CONTESTANT_PORT[haproxy-same-work]=$HAPROXY_SAME_PORT
+    CONTESTANT_PID[haproxy-same-work]=$HAPROXY_PID
+fi
 write_gate_config "$TMP/sdgate-a.yaml" 0 1
 start_gate "$TMP/sdgate-a.yaml" 1
 wait_200 "http://127.0.0.1:$GATE_PORT/sdapi/v1/options" "sdgate"
-# Both proxies stay up; their runs alternate (haproxy first in odd rounds,
-# sdgate first in even ones), so a slow minute of this shared machine does
-# not fall on one proxy only. The summary compares medians.
+CONTESTANT_PID[sdgate]=$GATE_PID
+# The proxies stay up; their runs take turns, the order rotating by a place
+# each round, so a slow minute of this shared machine does not fall on one
+# proxy only. The summary compares medians.
+n=${#CONTESTANTS[@]}
 for ((round = 1; round <= ROUNDS; round++)); do
-    if ((round % 2)); then order="haproxy sdgate"; else order="sdgate haproxy"; fi
-    for proxy in $order; do
-        if [[ $proxy == haproxy ]]; then
-            run_wrk haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
-        else
-            run_wrk sdgate "$GATE_PORT" "$GATE_PID"
-        fi
+    for ((i = 0; i < n; i++)); do
+        proxy=${CONTESTANTS[$(((i + round - 1) % n))]}
+        run_wrk "$proxy" "${CONTESTANT_PORT[$proxy]}" "${CONTESTANT_PID[$proxy]}"
     done
 done
-stop "$HAPROXY_PID"
-stop "$GATE_PID"
+for proxy in "${CONTESTANTS[@]}"; do stop "${CONTESTANT_PID[$proxy]}"; done
 stop_workers
 fi
 
@@ -302,6 +314,13 @@ $(printf '%s\n' "${RESULTS_A[@]}")
 Medians over $ROUNDS alternating runs each: proxy CPU per request sdgate $CPU_SDGATE us, HAProxy $CPU_HAPROXY us
 sdgate/HAProxy: CPU per request ${CPU_RATIO}x, requests/s ${RPS_RATIO}x, p99 ${P99_RATIO}x
 EOF
+if [[ $SAME_WORK == 1 ]]; then
+CPU_SAME=$(median "${CPU[haproxy-same-work]}")
+cat <<EOF
+HAProxy doing sdgate's per-request work (Host routing, X-Forwarded-*, X-Request-Id): $CPU_SAME us;
+sdgate/that HAProxy: CPU per request $(awk -v a="$CPU_SDGATE" -v b="$CPU_SAME" 'BEGIN { printf "%.2f", a / b }')x, requests/s $(awk -v a="$(median "${RPS[sdgate]}")" -v b="$(median "${RPS[haproxy-same-work]}")" 'BEGIN { printf "%.2f", a / b }')x
+EOF
+fi
 fi
 if [[ $PARTS == *b* ]]; then
 cat <<EOF
