@@ -63,20 +63,22 @@ impl Forwarder {
         Self { pool: Arc::new(Pool::default()) }
     }
 
-    /// Sends `request` to the slot's pod and returns the response head once
-    /// it arrives. The exchange owns the slot and runs to its end even if the
-    /// caller stops waiting (client gone): see [`FinishOnDrop`].
-    pub async fn exchange(
+    /// Sends `request` to the slot's pod; the future gives the response head
+    /// once it arrives. The exchange owns the slot and runs to its end even if
+    /// the caller stops waiting (client gone): see [`FinishOnDrop`]. Not an
+    /// async fn: the caller's state holds the boxed exchange, not its
+    /// arguments as well.
+    pub fn exchange(
         &self,
         slot: Slot,
         request: Request<ReplayableBody>,
         limits: ExchangeLimits,
         upgrade: Option<OnUpgrade>,
         on_abandon: Option<Abandon>,
-    ) -> Result<Response<ResponseBody>, ExchangeError> {
+    ) -> FinishOnDrop<impl Future<Output = Result<Response<ResponseBody>, ExchangeError>> + Send + 'static> {
         let mut exchange = FinishOnDrop::new(run_exchange(self.pool.clone(), slot, request, limits, upgrade));
         exchange.on_abandon = on_abandon;
-        exchange.await
+        exchange
     }
 
     /// What to do when a client leaves before its pod answered: POST `path`
@@ -282,7 +284,9 @@ impl Pool {
                     Ok(()) => (sender, false),
                     Err(_) => continue,
                 },
-                None => match Self::connect(pod).await {
+                // Boxed: a new connection is rare (they are kept alive), and
+                // its future would otherwise add to every exchange's size.
+                None => match Box::pin(Self::connect(pod)).await {
                     Ok(sender) => (sender, true),
                     Err(reason) => return Err(SendError::Connect(reason, Box::new(request))),
                 },
@@ -318,7 +322,7 @@ async fn run_exchange(
     // One timer for the exchange: until the answer starts, then reset to
     // read a buffered answer.
     let mut deadline = std::pin::pin!(tokio::time::sleep(request_timeout));
-    let sent = within(deadline.as_mut(), pool.send(addr, request)).await;
+    let sent = within(deadline.as_mut(), std::pin::pin!(pool.send(addr, request))).await;
     let (mut response, sender) = match sent {
         Some(Ok(sent)) => sent,
         Some(Err(SendError::Connect(reason, request))) if !body.was_read() => {
@@ -368,7 +372,7 @@ async fn run_exchange(
     }
     let (parts, body) = response.into_parts();
     deadline.as_mut().reset(tokio::time::Instant::now() + request_timeout);
-    let read = within(deadline, crate::body::buffer(body, limits.buffer_response_bytes)).await;
+    let read = within(deadline, std::pin::pin!(crate::body::buffer(body, limits.buffer_response_bytes))).await;
     let body = match read {
         Some(Ok(Buffered::Complete(bytes))) => {
             // The pod has answered in full: its slot is free before the
@@ -397,9 +401,11 @@ async fn run_exchange(
     Ok(Response::from_parts(parts, body))
 }
 
-/// Runs `future` until `deadline`; None if the deadline came first.
-async fn within<F: Future>(mut deadline: Pin<&mut tokio::time::Sleep>, future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
+/// Runs `future` until `deadline`; None if the deadline came first. The
+/// future is pinned by the caller: an async fn keeps its arguments for its
+/// whole life, so one taken by value and pinned inside would be stored (and
+/// copied) twice.
+async fn within<F: Future>(mut deadline: Pin<&mut tokio::time::Sleep>, mut future: Pin<&mut F>) -> Option<F::Output> {
     std::future::poll_fn(|cx| {
         if let Poll::Ready(output) = future.as_mut().poll(cx) {
             return Poll::Ready(Some(output));
