@@ -28,7 +28,7 @@ KEEP_TMP=${KEEP_TMP:-0}
 SAME_WORK=${SAME_WORK:-1}          # 1: also an HAProxy doing sdgate's per-request work
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SDGATE="$ROOT/target/release/sdgate"
+SDGATE=${SDGATE:-$ROOT/target/release/sdgate}  # another binary: not built here
 NAME=instructions.sh
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"

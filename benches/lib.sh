@@ -123,10 +123,11 @@ install_tools() {
     done
 }
 
-# build: cargo build --release, unless SKIP_BUILD=1.
+# build: cargo build --release, unless SKIP_BUILD=1 or SDGATE names another
+# binary (e.g. the profile-guided one benches/pgo.sh builds).
 build() {
-    if [[ $SKIP_BUILD == 1 ]]; then
-        log "SKIP_BUILD=1: using $SDGATE"
+    if [[ $SKIP_BUILD == 1 || $SDGATE != "$ROOT/target/release/sdgate" ]]; then
+        log "using $SDGATE (not built by this script)"
     else
         log "cargo build --release"
         (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"

@@ -40,7 +40,7 @@ ROUNDS=${ROUNDS:-3}                # (a): wrk runs per proxy, alternating; media
 SAME_WORK=${SAME_WORK:-1}          # (a): 1 also runs the same-work HAProxy
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SDGATE="$ROOT/target/release/sdgate"
+SDGATE=${SDGATE:-$ROOT/target/release/sdgate}  # another binary: not built here
 BODY=$(printf '{"prompt":"x","steps":%d}' "$STEPS")
 
 NAME=load.sh
