@@ -360,12 +360,10 @@ async fn run_exchange(
         _ => None,
     };
     remove_hop_by_hop(response.headers_mut());
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let (Some(client_side), Some(protocol)) = (upgrade, switched_to) {
-            response.headers_mut().insert(header::UPGRADE, protocol);
-            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            return Ok(tunnel(slot, response, client_side));
-        }
+    if let (Some(client_side), Some(protocol)) = (upgrade, switched_to) {
+        response.headers_mut().insert(header::UPGRADE, protocol);
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        return Ok(tunnel(slot, response, client_side));
     }
     if is_event_stream(response.headers()) {
         return Ok(response.map(|body| SlotBody::new(body, slot, request_timeout).boxed_unsync()));

@@ -428,11 +428,13 @@ async fn serve_http(
         }
     });
     let watch = Watch { client, activity, early, draining, timeouts };
+    // Pinned here, not inside `Watch::serve`: an async fn keeps its
+    // arguments for its whole life, so hyper's connection would be held twice.
     if http1 {
-        let connection = builder.http1.serve_connection(TokioIo::new(io), service).with_upgrades();
+        let connection = std::pin::pin!(builder.http1.serve_connection(TokioIo::new(io), service).with_upgrades());
         watch.serve(connection, |connection| connection.graceful_shutdown()).await
     } else {
-        let connection = builder.auto.serve_connection_with_upgrades(TokioIo::new(io), service);
+        let connection = std::pin::pin!(builder.auto.serve_connection_with_upgrades(TokioIo::new(io), service));
         watch.serve(connection, |connection| connection.graceful_shutdown()).await
     }
 }
@@ -449,13 +451,12 @@ struct Watch {
 impl Watch {
     /// Runs `connection` to its end, or until it has been silent too long;
     /// `shutdown` starts its graceful shutdown.
-    async fn serve<C, E>(self, connection: C, shutdown: impl Fn(Pin<&mut C>))
+    async fn serve<C, E>(self, mut connection: Pin<&mut C>, shutdown: impl Fn(Pin<&mut C>))
     where
         C: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
         let Watch { client, activity, early, mut draining, timeouts } = self;
-        tokio::pin!(connection);
         let mut wake = match activity.check(timeouts) {
             Ok(wake) => wake,
             Err(_) => return,

@@ -118,9 +118,13 @@ impl SharedGate {
     /// A slot for `ticket` now, if a pod has room and nobody is ahead of
     /// it; else the ticket keeps its place for [`SharedGate::acquire_pinned`].
     pub fn try_acquire(self: &Arc<Self>, ticket: Ticket, pin: Option<Pin>) -> Option<Slot> {
-        let mut gate = self.lock();
+        self.dispatch(&mut self.lock(), ticket, pin)
+    }
+
+    /// A slot for `ticket` from the locked gate, if it can have one now.
+    fn dispatch(self: &Arc<Self>, gate: &mut Gate<Waiter>, ticket: Ticket, pin: Option<Pin>) -> Option<Slot> {
         let grant = gate.try_dispatch_pinned(ticket, pin)?;
-        self.publish(&gate);
+        self.publish(gate);
         Some(Slot::new(self.clone(), grant))
     }
 
@@ -133,9 +137,8 @@ impl SharedGate {
     ) -> Result<Slot, ProxyError> {
         let mut rx = {
             let mut gate = self.lock();
-            if let Some(grant) = gate.try_dispatch_pinned(ticket, pin) {
-                self.publish(&gate);
-                return Ok(Slot::new(self.clone(), grant));
+            if let Some(slot) = self.dispatch(&mut gate, ticket, pin) {
+                return Ok(slot);
             }
             let (tx, rx) = oneshot::channel();
             let now = tokio::time::Instant::now().into_std();
