@@ -126,8 +126,8 @@ async fn readiness_to_dispatch_once() -> Duration {
     // Let the probe fall into its rhythm against a closed port.
     tokio::time::sleep(Duration::from_millis(fastrand::u64(0..50))).await;
     let listener = TcpListener::bind(addr).await.expect("bind worker port");
-    let opened_us = sdgate::sim::micros_since_origin();
-    let worker = sdgate::sim::spawn(listener, fast_sim(1)).expect("sim");
+    let opened_us = sdgate::tools::sim::micros_since_origin();
+    let worker = sdgate::tools::sim::spawn(listener, fast_sim(1)).expect("sim");
     let answer = request.await.expect("request");
     assert_eq!(answer.status.as_u16(), 200);
     let arrived_us = worker.stats().jobs[0].arrived_us;

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use sdgate::gate::SharedGate;
 use sdgate::gate::{EndpointId, Gate};
-use sdgate::metrics::Metrics;
-use sdgate::slot::SharedGate;
+use sdgate::observe::metrics::Metrics;
 
 fn addr(n: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7000 + n))

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{header, HeaderMap, HeaderValue};
-use sdgate::affinity::{Affinity, Presented, Signer};
 use sdgate::config::AffinityConfig;
 use sdgate::gate::EndpointId;
-use sdgate::metrics::{Metrics, Recent};
+use sdgate::observe::metrics::{Metrics, Recent};
+use sdgate::proxy::affinity::{Affinity, Presented, Signer};
 
 /// The metrics one answered request updates (what `proxy` records).
 fn metrics_per_request(c: &mut Criterion) {

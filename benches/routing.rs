@@ -8,8 +8,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::Request;
-use sdgate::metrics::Metrics;
-use sdgate::router::Router;
+use sdgate::observe::metrics::Metrics;
+use sdgate::proxy::router::Router;
 
 const SIZES: [usize; 2] = [10, 500];
 

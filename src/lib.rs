@@ -1,35 +1,33 @@
 //! sdgate: a concurrency-aware activator and reverse proxy for Stable
 //! Diffusion GPU pods.
 //!
-//! Request path: [`server`] ([`threads`], [`lobby`]) -> [`proxy`] ([`router`] -> [`slot`]/[`gate`] ->
-//! [`forward`]). Control loop: [`provider`] (fixed, process, kubernetes) + [`probe`] ->
-//! [`provider::Endpoints`] -> [`gate`] -> [`autoscale`] -> [`provider`]; [`leader`] decides
-//! which replica runs it.
+//! The folders are the planes, and their arrows run one way
+//! (`tests/layering.rs` keeps them so; `docs/architecture.md` draws them):
+//!
+//! - request path: [`serve`] (listeners, lobby, threads) -> [`proxy`] (host
+//!   table, routes, affinity, admission) -> [`gate`] (slots and the wait
+//!   queue) -> [`forward`] (the exchange with the pod) -> [`pod`] (the pod
+//!   client);
+//! - control loop: [`control`] (providers and probes -> endpoints -> the
+//!   gate; the gate's demand -> autoscaler -> provider; leader election);
+//! - [`observe`]: metrics, the status snapshot and its history; written to
+//!   by the planes, steering none;
+//! - [`config`], [`error`] and [`body`]: used by all, using nothing above them;
+//! - [`tools`]: `sdgate sim` and `sdgate import-knative`.
+//!
+//! Only [`serve`] joins the planes together.
 
-pub mod admin;
-pub mod affinity;
-pub mod autoscale;
 pub mod body;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod forward;
 pub mod gate;
-pub mod knative;
-pub mod leader;
-pub mod lobby;
-pub mod metrics;
-pub mod probe;
-pub mod provider;
+pub mod observe;
+pub mod pod;
 pub mod proxy;
-pub mod quarantine;
-pub mod reload;
-pub mod router;
-pub mod routes;
-pub mod server;
-pub mod sim;
-pub mod slot;
-pub mod status;
-pub mod threads;
+pub mod serve;
+pub mod tools;
 
 pub use config::Config;
-pub use server::Gateway;
+pub use serve::Gateway;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use sdgate::sim::SimOptions;
+use sdgate::tools::sim::SimOptions;
 use sdgate::{Config, Gateway};
 
 /// A concurrency-aware activator and reverse proxy for Stable Diffusion pods.
@@ -99,7 +99,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Sim { port, host, step_time, image_bytes, startup_delay, name, cancel_on_disconnect }) => {
             let options = SimOptions { step_time, image_bytes, name, cancel_on_disconnect };
-            sdgate::sim::run(SocketAddr::new(host, port), startup_delay, options).await
+            sdgate::tools::sim::run(SocketAddr::new(host, port), startup_delay, options).await
         }
         Some(Command::ImportKnative { file }) => {
             let text = if file.as_os_str() == "-" {
@@ -108,7 +108,7 @@ async fn run(cli: Cli) -> Result<()> {
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
             };
             let imported =
-                sdgate::knative::import(&text).with_context(|| format!("cannot import {}", file.display()))?;
+                sdgate::tools::knative::import(&text).with_context(|| format!("cannot import {}", file.display()))?;
             for warning in &imported.warnings {
                 eprintln!("warning: {warning}");
             }
@@ -127,11 +127,11 @@ async fn run(cli: Cli) -> Result<()> {
             let config = load(cli.config.as_ref())?;
             // Taken before anything starts: no signal may kill the gateway
             // before it can drain.
-            let hangup = sdgate::reload::hangup_signal()?;
-            let shutdown = sdgate::server::shutdown_signal()?;
-            sdgate::server::raise_open_files_limit(config.services.iter().map(|s| s.queue.max_depth).sum());
+            let hangup = sdgate::serve::reload::hangup_signal()?;
+            let shutdown = sdgate::serve::shutdown_signal()?;
+            sdgate::serve::raise_open_files_limit(config.services.iter().map(|s| s.queue.max_depth).sum());
             let gateway = Gateway::bind(config).await?;
-            let watch = tokio::spawn(sdgate::reload::watch(cli.config.clone(), hangup, gateway.reloader()));
+            let watch = tokio::spawn(sdgate::serve::reload::watch(cli.config.clone(), hangup, gateway.reloader()));
             let ran = gateway.run(shutdown).await;
             watch.abort();
             ran

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use common::*;
 use http::Request;
 use http_body_util::Full;
-use sdgate::affinity::Signer;
+use sdgate::proxy::affinity::Signer;
 
 const KEY: &str = "test key, current";
 const PREVIOUS_KEY: &str = "test key, previous";
@@ -198,7 +198,7 @@ async fn the_cookie_is_http_only_lax_for_half_an_hour_on_every_path() {
 /// found its home worker, and the session's 15-step "long" generation now
 /// keeps that worker busy while the other one is idle.
 struct BusyHome {
-    workers: Vec<sdgate::sim::SimHandle>,
+    workers: Vec<sdgate::tools::sim::SimHandle>,
     gateway: TestGateway,
     client: TestClient,
     jar: Jar,

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue};
-use sdgate::affinity::{Affinity, Presented, Signer};
 use sdgate::config::AffinityConfig;
 use sdgate::gate::EndpointId;
+use sdgate::proxy::affinity::{Affinity, Presented, Signer};
 
 struct Counting;
 

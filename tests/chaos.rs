@@ -53,7 +53,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
-use sdgate::sim::SimStats;
+use sdgate::tools::sim::SimStats;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout, Instant};
@@ -180,7 +180,7 @@ async fn chaos_soak() {
         println!("  {event}");
     }
     let m = |series: &str| metrics.get(series).copied().unwrap_or(f64::NAN);
-    let upstream: Vec<String> = sdgate::metrics::UPSTREAM_ERROR_KINDS
+    let upstream: Vec<String> = sdgate::observe::metrics::UPSTREAM_ERROR_KINDS
         .iter()
         .map(|k| format!("{k}={}", m(&format!("sdgate_upstream_errors_total{{kind=\"{k}\",service=\"sd\"}}"))))
         .collect();

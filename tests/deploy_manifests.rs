@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Container, Secret, Service, ServiceA
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 // (apiGroup, resource, verbs): what the kubernetes backend and the leader election call.
-use sdgate::provider::kubernetes::RBAC;
+use sdgate::control::provider::kubernetes::RBAC;
 use serde_json::Value;
 
 fn deploy_dir() -> PathBuf {

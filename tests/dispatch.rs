@@ -175,7 +175,7 @@ async fn requests_wait_for_a_worker_that_opens_its_port_later() {
     }
     gateway.wait_for(|g| g.queue_depth() == 3 && g.ready_count() == 0, "three requests queued, no pod").await;
     let listener = TcpListener::bind(addr).await.unwrap();
-    let worker = sdgate::sim::spawn(listener, fast_sim(5)).unwrap();
+    let worker = sdgate::tools::sim::spawn(listener, fast_sim(5)).unwrap();
     for task in tasks {
         assert_eq!(task.await.unwrap().as_u16(), 200);
     }

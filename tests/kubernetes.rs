@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kube_api::{ClusterOptions, FakeCluster};
-use sdgate::provider::kubernetes::{DELETION_COST, RBAC};
+use sdgate::control::provider::kubernetes::{DELETION_COST, RBAC};
 
 /// A one-service config whose backend is the cluster's Deployment.
 fn kube_yaml(cluster: &FakeCluster, scale: &str, extra: &str) -> String {

@@ -47,7 +47,7 @@ async fn read_answer(reader: &mut BufReader<TcpStream>) -> (u16, String, serde_j
 
 /// A gateway with one worker (cc 1) busy with a long generation, so that
 /// the next requests wait in the lobby.
-async fn busy_gateway() -> (TestGateway, Vec<sdgate::sim::SimHandle>, BufReader<TcpStream>) {
+async fn busy_gateway() -> (TestGateway, Vec<sdgate::tools::sim::SimHandle>, BufReader<TcpStream>) {
     let workers = sims(1, fast_sim(20)).await;
     let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, "").await;
     let mut busy = TcpStream::connect(gateway.addr).await.expect("connect");

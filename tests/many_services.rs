@@ -12,7 +12,7 @@ use bytes::Bytes;
 use common::*;
 use http::Request;
 use http_body_util::Full;
-use sdgate::sim::{SimHandle, SimOptions};
+use sdgate::tools::sim::{SimHandle, SimOptions};
 
 const SERVICES: usize = 500;
 /// Fixed services are the first and the last quarter; the middle half are
@@ -55,7 +55,7 @@ async fn named_sims() -> Vec<SimHandle> {
     for k in 0..SIMS {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
         let options = SimOptions { name: Some(format!("many-sim-{k}")), ..fast_sim(1) };
-        out.push(sdgate::sim::spawn(listener, options).expect("spawn sim"));
+        out.push(sdgate::tools::sim::spawn(listener, options).expect("spawn sim"));
     }
     out
 }

@@ -503,7 +503,7 @@ async fn a_wait_that_times_out_before_any_pod_is_ready_is_not_a_cold_start() {
 
     // The pod comes up later, with nobody waiting for it.
     let listener = tokio::net::TcpListener::bind(pod).await.expect("bind the pod's port");
-    let _worker = sdgate::sim::spawn(listener, fast_sim(1)).expect("spawn sim");
+    let _worker = sdgate::tools::sim::spawn(listener, fast_sim(1)).expect("spawn sim");
     gateway.wait_for(|g| g.ready_count() == 1, "the pod ready").await;
     assert_eq!(send(&client, txt2img(gateway.addr, "warm", 1)).await.status, 200);
     let scrape = Scrape::of(gateway.admin).await;

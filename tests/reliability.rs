@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use sdgate::sim::SimStats;
+use sdgate::tools::sim::SimStats;
 
 /// One worker that keeps generating after its client left; a
 /// request_timeout shorter than a generation.
@@ -130,7 +130,7 @@ fn post_head(length: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_uploads_and_slow_readers_hold_no_pod() {
     use tokio::io::AsyncWriteExt;
-    let options = sdgate::sim::SimOptions { image_bytes: 8 << 20, ..fast_sim(5) };
+    let options = sdgate::tools::sim::SimOptions { image_bytes: 8 << 20, ..fast_sim(5) };
     let workers = sims(3, options).await;
     let addrs: Vec<_> = workers.iter().map(|w| w.addr).collect();
     let gateway = TestGateway::in_front_of(&addrs, 1, "").await;
@@ -193,7 +193,7 @@ async fn a_body_too_slow_is_408_and_a_broken_one_400_never_the_pods_fault() {
     assert!(text.contains("\"error\""), "a JSON body: {text}");
 
     assert_eq!(workers[0].stats().served, 0, "neither reached the pod");
-    for kind in sdgate::metrics::UPSTREAM_ERROR_KINDS {
+    for kind in sdgate::observe::metrics::UPSTREAM_ERROR_KINDS {
         let series = format!("sdgate_upstream_errors_total{{kind=\"{kind}\",service=\"sd\"}}");
         assert_eq!(metric(gateway.admin, &series).await, Some(0.0), "{series}");
     }

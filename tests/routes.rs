@@ -11,7 +11,7 @@ use bytes::Bytes;
 use common::*;
 use http::Request;
 use http_body_util::Full;
-use sdgate::sim::SimHandle;
+use sdgate::tools::sim::SimHandle;
 use sdgate::Config;
 
 /// One revision: a service over `workers`.

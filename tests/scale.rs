@@ -12,7 +12,7 @@ use bytes::Bytes;
 use common::*;
 use http::Request;
 use http_body_util::Full;
-use sdgate::sim::SimStats;
+use sdgate::tools::sim::SimStats;
 
 const QUICK_SCALE: &str = "max: 10, stable_window: 2s, panic_window: 1s, scale_to_zero_grace: 1s, tick: 200ms";
 
@@ -258,18 +258,18 @@ async fn a_worker_that_exits_at_once_is_retried_with_backoff_and_waiters_are_tol
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_down_drains_the_worker_holding_the_fewest_sessions() {
-    use sdgate::affinity::Sessions;
-    use sdgate::slot::SharedGate;
+    use sdgate::gate::SharedGate;
+    use sdgate::proxy::affinity::Sessions;
 
     let marker = unique_marker("sessions");
     let port_base = free_port_range(2);
     let config = sdgate::Config::from_yaml(&pool_yaml(&marker, port_base, "0s", "max: 2", "")).expect("config");
     let sessions = Arc::new(Sessions::new(1000, Duration::from_secs(1800)));
-    let metrics = sdgate::metrics::Metrics::new();
+    let metrics = sdgate::observe::metrics::Metrics::new();
     let gate = SharedGate::with_sessions(1, 100, metrics.service("sd"), Some(sessions.clone()));
     // The provider alone, driven by hand: two workers, then one.
     let (desired, desired_rx) = tokio::sync::watch::channel(2);
-    let provider = sdgate::provider::start(&config.services[0], gate.clone(), desired_rx).expect("provider");
+    let provider = sdgate::control::provider::start(&config.services[0], gate.clone(), desired_rx).expect("provider");
     let ready = |n: usize| {
         let gate = gate.clone();
         move || {

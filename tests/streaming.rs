@@ -71,7 +71,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_20_mb_answer_over_the_buffer_limit_streams_without_the_proxy_holding_it() {
     const IMAGE: usize = 20 * 1024 * 1024;
-    let options = sdgate::sim::SimOptions { image_bytes: IMAGE, ..fast_sim(1) };
+    let options = sdgate::tools::sim::SimOptions { image_bytes: IMAGE, ..fast_sim(1) };
     let workers = sims(1, options).await;
     // Answers up to 1 MiB are buffered (the slot frees when the pod is done);
     // this one is larger, so past its first MiB it streams.

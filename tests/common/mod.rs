@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use sdgate::proxy::Proxy;
-use sdgate::sim::{SimHandle, SimOptions, SimStats};
+use sdgate::tools::sim::{SimHandle, SimOptions, SimStats};
 use sdgate::{Config, Gateway};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -29,7 +29,7 @@ pub async fn sims(n: usize, options: SimOptions) -> Vec<SimHandle> {
     let mut out = Vec::new();
     for _ in 0..n {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
-        out.push(sdgate::sim::spawn(listener, options.clone()).expect("spawn sim"));
+        out.push(sdgate::tools::sim::spawn(listener, options.clone()).expect("spawn sim"));
     }
     out
 }
@@ -68,7 +68,7 @@ pub struct TestGateway {
     /// The first service's desired replica count (its provider's scale calls).
     pub desired: tokio::sync::watch::Receiver<u32>,
     /// Hands the running gateway a new config.
-    pub reloader: sdgate::reload::Reloader,
+    pub reloader: sdgate::serve::reload::Reloader,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -98,7 +98,7 @@ impl TestGateway {
     }
 
     /// Waits until `check` holds for the first service's gate (5 s at most).
-    pub async fn wait_for(&self, check: impl Fn(&sdgate::gate::Gate<sdgate::slot::Waiter>) -> bool, what: &str) {
+    pub async fn wait_for(&self, check: impl Fn(&sdgate::gate::Gate<sdgate::gate::Waiter>) -> bool, what: &str) {
         let gate = self.proxy.services()[0].gate.clone();
         eventually(what, || {
             let ok = gate.inspect(&check);

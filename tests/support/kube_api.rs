@@ -50,7 +50,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use sdgate::sim::{SimHandle, SimOptions, SimStats};
+use sdgate::tools::sim::{SimHandle, SimOptions, SimStats};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -155,7 +155,7 @@ pub struct PodInfo {
     pub created_at: Instant,
     pub scheduled_at: Option<Instant>,
     pub port_open_at: Option<Instant>,
-    /// When the port opened on the sims' clock ([`sdgate::sim::micros_since_origin`]),
+    /// When the port opened on the sims' clock ([`sdgate::tools::sim::micros_since_origin`]),
     /// comparable with the worker's `JobRecord::arrived_us`.
     pub port_open_us: Option<u64>,
     pub ready_at: Option<Instant>,
@@ -1102,7 +1102,7 @@ fn start_worker(
                         return;
                     }
                 };
-                let handle = match sdgate::sim::spawn(listener, options) {
+                let handle = match sdgate::tools::sim::spawn(listener, options) {
                     Ok(handle) => Arc::new(handle),
                     Err(e) => {
                         let _ = opened.send(Err(format!("sim: {e}")));
@@ -1110,7 +1110,7 @@ fn start_worker(
                     }
                 };
                 *lock(&slot) = Some(handle.clone());
-                let _ = opened.send(Ok((Instant::now(), sdgate::sim::micros_since_origin())));
+                let _ = opened.send(Ok((Instant::now(), sdgate::tools::sim::micros_since_origin())));
                 while let Some(command) = commands.recv().await {
                     match command {
                         WorkerCmd::StopAccepting => handle.stop(),

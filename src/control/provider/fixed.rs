@@ -14,9 +14,9 @@ use anyhow::Result;
 use tokio::task::JoinHandle;
 
 use crate::config::split_host_port;
+use crate::control::probe::Prober;
+use crate::control::provider::{Context, Endpoints, Provider};
 use crate::gate::EndpointId;
-use crate::probe::Prober;
-use crate::provider::{Context, Endpoints, Provider};
 
 /// How often names are looked up again.
 pub const RESOLVE_PERIOD: Duration = Duration::from_secs(5);

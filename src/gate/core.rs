@@ -10,7 +10,7 @@
 //! - the queue never holds more than `max_depth` waiters.
 //!
 //! The gate is plain data: no clock (callers pass `now`), no locks, no I/O. The
-//! waiter type `W` is opaque to it (the async layer in [`crate::slot`] stores a
+//! waiter type `W` is opaque to it (the async layer in [`crate::gate`] stores a
 //! channel there), so every rule here is tested without a runtime.
 //!
 //! ```
@@ -438,4 +438,5 @@ impl<W> Gate<W> {
 }
 
 #[cfg(test)]
+#[path = "core_tests.rs"]
 mod tests;

@@ -1,6 +1,11 @@
 //! The listeners: the proxy's, with its client-input limits and graceful
 //! shutdown, and the admin one.
 
+pub mod admin;
+pub mod lobby;
+pub mod reload;
+pub mod threads;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,19 +26,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::admin;
-use crate::autoscale;
 use crate::body::ResponseBody;
 use crate::config::{Config, Limits, ScaleMode};
+use crate::control::autoscale;
+use crate::control::leader;
+use crate::control::provider;
 use crate::forward::Peer;
-use crate::leader;
-use crate::lobby;
-use crate::metrics::Metrics;
-use crate::provider;
+use crate::observe::metrics::Metrics;
+use crate::proxy::router;
 use crate::proxy::{self, Proxy};
-use crate::reload;
-use crate::router;
-use crate::threads::{self, ServingThreads};
+use crate::serve::threads::ServingThreads;
 
 /// A bound, not yet running gateway.
 pub struct Gateway {

@@ -1,7 +1,7 @@
 //! Live configuration: on SIGHUP, and when the config file changes (also
 //! when a Kubernetes ConfigMap update swaps the symlink it is read through),
 //! the file is read and validated again and handed to the gateway, which
-//! applies it without dropping a request (see [`crate::server`]). A config
+//! applies it without dropping a request (see [`crate::serve`]). A config
 //! that does not load is logged with the key at fault and the old one stays
 //! in force.
 

@@ -14,8 +14,8 @@ use std::time::Instant;
 use http::HeaderMap;
 use prometheus::IntCounter;
 
-use crate::affinity::Presented;
 use crate::error::ProxyError;
+use crate::proxy::affinity::Presented;
 use crate::proxy::Service;
 
 /// One route: its name and its split.

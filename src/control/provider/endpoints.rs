@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::control::provider::drain::{self, Candidate};
 use crate::gate::EndpointId;
-use crate::provider::drain::{self, Candidate};
-use crate::slot::SharedGate;
+use crate::gate::SharedGate;
 
 /// Add, remove, mark ready or draining, report a backend error, and pick
 /// what to drain: all a provider may do to the gate.

@@ -23,9 +23,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::ProcessBackend;
+use crate::control::probe::Prober;
+use crate::control::provider::{Context, Endpoints, Provider};
 use crate::gate::EndpointId;
-use crate::probe::Prober;
-use crate::provider::{Context, Endpoints, Provider};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -515,11 +515,15 @@ mod tests {
         let cases: &[(&str, Option<WorkerLevel>, &str)] = &[
             // sdgate sim (tracing's text format)
             (
-                "2026-11-26T06:31:00.123456Z  INFO sdgate::sim: sim worker listening addr=127.0.0.1:17860",
+                "2026-11-26T06:31:00.123456Z  INFO sdgate::tools::sim: sim worker listening addr=127.0.0.1:17860",
                 Some(WorkerLevel::Info),
-                "sdgate::sim: sim worker listening addr=127.0.0.1:17860",
+                "sdgate::tools::sim: sim worker listening addr=127.0.0.1:17860",
             ),
-            ("2026-11-26T06:31:00.123Z  WARN sdgate::sim: slow", Some(WorkerLevel::Warn), "sdgate::sim: slow"),
+            (
+                "2026-11-26T06:31:00.123Z  WARN sdgate::tools::sim: slow",
+                Some(WorkerLevel::Warn),
+                "sdgate::tools::sim: slow",
+            ),
             // Python logging with asctime
             ("2026-11-26 06:31:00,123 - ERROR - model not found", Some(WorkerLevel::Error), "model not found"),
             ("2026-11-26 06:31:00,123 INFO Loading weights", Some(WorkerLevel::Info), "Loading weights"),

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::config::ScaleConfig;
-use crate::slot::SharedGate;
+use crate::gate::SharedGate;
 
 /// Why the desired replica count is what it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

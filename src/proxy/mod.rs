@@ -1,5 +1,9 @@
 //! The request path: router -> gate -> forward, and one log line per request.
 
+pub mod affinity;
+pub mod router;
+pub mod routes;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,16 +13,16 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant as TokioInstant;
 
-use crate::affinity::{Affinity, Presented, SessionId, Signer};
 use crate::body::{Buffered, ResponseBody};
 use crate::config::{AffinityMode, Config, Limits, ServiceConfig};
 use crate::error::ProxyError;
 use crate::forward::{self, ExchangeError, Forwarder, Peer, ReplayableBody, RequestBody};
 use crate::gate::{EndpointId, Pin, Ticket};
-use crate::metrics::Metrics;
-use crate::router::{self, Router};
-use crate::routes::{Route, Split, Window};
-use crate::slot::{SharedGate, Slot};
+use crate::gate::{SharedGate, Slot};
+use crate::observe::metrics::Metrics;
+use crate::proxy::affinity::{Affinity, Presented, SessionId, Signer};
+use crate::proxy::router::Router;
+use crate::proxy::routes::{Route, Split, Window};
 
 /// One configured service, its gate and its session affinity.
 pub struct Service {
@@ -198,7 +202,7 @@ impl Service {
             metrics.service(&service.name),
             affinity.as_ref().map(|a| a.sessions.clone()),
         );
-        gate.set_quarantine_policy(crate::quarantine::Policy::of(service));
+        gate.set_quarantine_policy(crate::forward::quarantine::Policy::of(service));
         Ok(Self { config: service.clone(), gate, affinity })
     }
 }
@@ -234,7 +238,7 @@ struct Trace {
 impl Proxy {
     pub fn new(config: &Config, metrics: Metrics) -> anyhow::Result<Self> {
         let (table, _) = Table::build(config, &metrics, None)?;
-        let forwarders = (0..crate::threads::count(config.threads)).map(|_| Forwarder::new()).collect();
+        let forwarders = (0..crate::serve::threads::count(config.threads)).map(|_| Forwarder::new()).collect();
         let active = std::sync::atomic::AtomicBool::new(config.leader_election.is_none());
         let table = std::sync::RwLock::new(Arc::new(table));
         let last_reload = std::sync::Mutex::new(None);
@@ -269,7 +273,7 @@ impl Proxy {
 
     /// The pod connection pool of the serving thread this runs on.
     fn forwarder(&self) -> &Forwarder {
-        &self.forwarders[crate::threads::current() % self.forwarders.len()]
+        &self.forwarders[crate::serve::threads::current() % self.forwarders.len()]
     }
 
     pub fn services(&self) -> Vec<Arc<Service>> {
@@ -291,7 +295,7 @@ impl Proxy {
 
     /// Answers one client request; never fails (errors become JSON responses).
     /// `early` is what the lobby already did for it: routed it, queued it and
-    /// waited for its slot (see [`crate::lobby`]).
+    /// waited for its slot (see [`crate::serve::lobby`]).
     pub async fn handle(
         self: Arc<Self>,
         mut request: Request<Incoming>,

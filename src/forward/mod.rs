@@ -10,6 +10,8 @@
 //! Bodies stream both ways; hop-by-hop headers are removed; `X-Forwarded-*` are
 //! added; HTTP/1.1 upgrades (websockets) are tunnelled holding their slot.
 
+pub mod quarantine;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -30,7 +32,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{BoxError, Buffered, ResponseBody};
 use crate::error::ProxyError;
-use crate::slot::Slot;
+use crate::gate::Slot;
 
 /// The request body on its way to a pod: the client's body, boxed.
 pub type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -333,7 +335,7 @@ async fn run_exchange(
             return Err(ExchangeError::NotSent { reason, upgrade, request });
         }
         Some(Err(SendError::Connect(reason, _))) => {
-            crate::quarantine::hold(slot, "failed before answering");
+            crate::forward::quarantine::hold(slot, "failed before answering");
             return Err(ExchangeError::Failed(ProxyError::Upstream { addr: addr.to_string(), reason }));
         }
         Some(Err(SendError::Http(error))) if client_body_failed(&error) => {
@@ -344,11 +346,11 @@ async fn run_exchange(
         }
         Some(Err(SendError::Http(error))) => {
             // Sent, at least in part: the pod may be working on it.
-            crate::quarantine::hold(slot, "failed before answering");
+            crate::forward::quarantine::hold(slot, "failed before answering");
             return Err(ExchangeError::Failed(upstream_failure(addr, &error)));
         }
         None => {
-            crate::quarantine::hold(slot, "request_timeout");
+            crate::forward::quarantine::hold(slot, "request_timeout");
             return Err(ExchangeError::Failed(ProxyError::UpstreamTimeout {
                 addr: addr.to_string(),
                 timeout: request_timeout,
@@ -382,14 +384,14 @@ async fn run_exchange(
         Some(Ok(Buffered::Partial(head, rest))) => crate::body::chain(head, SlotBody::new(rest, slot, request_timeout)),
         Some(Err(error)) => {
             slot.gate().metrics().upstream_error("reset");
-            crate::quarantine::hold(slot, "answer broken off");
+            crate::forward::quarantine::hold(slot, "answer broken off");
             return Err(ExchangeError::Failed(ProxyError::Upstream {
                 addr: addr.to_string(),
                 reason: format!("answer broken off: {}", error_chain(&error)),
             }));
         }
         None => {
-            crate::quarantine::hold(slot, "answer not finished within request_timeout");
+            crate::forward::quarantine::hold(slot, "answer not finished within request_timeout");
             return Err(ExchangeError::Failed(ProxyError::UpstreamTimeout {
                 addr: addr.to_string(),
                 timeout: request_timeout,
@@ -470,7 +472,7 @@ fn tunnel(slot: Slot, mut response: Response<Incoming>, client_side: OnUpgrade) 
                 if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut pod).await {
                     // Broken off (a reset): a websocket queue may have a job running.
                     tracing::debug!(%error, "tunnel broken off");
-                    crate::quarantine::hold(slot, "tunnel broken off");
+                    crate::forward::quarantine::hold(slot, "tunnel broken off");
                 }
             }
             Err(error) => tracing::debug!(%error, "upgrade failed"),
@@ -715,7 +717,7 @@ impl Body for SlotBody {
             if let Some(slot) = self.slot.take() {
                 tracing::warn!(pod = %slot.addr(), %error, "pod broke off its answer");
                 slot.gate().metrics().upstream_error("reset");
-                crate::quarantine::hold(slot, "answer broken off");
+                crate::forward::quarantine::hold(slot, "answer broken off");
             }
         }
         if finished {
@@ -754,10 +756,10 @@ impl Drop for SlotBody {
             .await;
             match drained {
                 Ok(true) => slot.answered(),
-                Ok(false) => crate::quarantine::hold(slot, "answer broken off"),
+                Ok(false) => crate::forward::quarantine::hold(slot, "answer broken off"),
                 Err(_) => {
                     tracing::warn!(pod = %slot.addr(), "pod still answering a departed client after {drain_within:?}");
-                    crate::quarantine::hold(slot, "answer not finished within request_timeout");
+                    crate::forward::quarantine::hold(slot, "answer not finished within request_timeout");
                 }
             }
         });

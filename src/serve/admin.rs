@@ -17,13 +17,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::body::{self, ResponseBody};
+use crate::observe::status::{History, Status};
 use crate::proxy::Proxy;
-use crate::server::{out_of_descriptors, AcceptErrors};
-use crate::status::{History, Status};
+use crate::serve::{out_of_descriptors, AcceptErrors};
 
 /// The dashboard: one self-contained page (no CDN) that starts its charts
 /// from `/status/history` and polls `/status`.
-const DASHBOARD: &str = include_str!("dashboard.html");
+const DASHBOARD: &str = include_str!("../observe/dashboard.html");
 
 /// Serves the admin listener until the task is aborted.
 ///

@@ -29,8 +29,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::proxy::router;
 use crate::proxy::{Early, EarlyWait, Proxy};
-use crate::router;
 
 /// The largest request body a request may have to wait in the lobby.
 pub const MAX_BODY: usize = 64 * 1024;

@@ -36,8 +36,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::Readiness;
+use crate::control::provider::Endpoints;
 use crate::gate::EndpointId;
-use crate::provider::Endpoints;
 
 type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
 
@@ -169,7 +169,7 @@ impl Prober {
             return true;
         }
         let Some(path) = gate.idle_check_path() else { return true };
-        let idle = crate::quarantine::is_idle(client, addr, &path).await;
+        let idle = crate::forward::quarantine::is_idle(client, addr, &path).await;
         if !idle {
             tracing::info!(%addr, "endpoint answers but is busy with a job sdgate did not send: waiting until it is idle");
         }
@@ -325,8 +325,8 @@ mod tests {
 
     use super::*;
     use crate::error::ProxyError;
-    use crate::metrics::Metrics;
-    use crate::slot::SharedGate;
+    use crate::gate::SharedGate;
+    use crate::observe::metrics::Metrics;
 
     /// A port on 127.0.0.1 that nothing listens on.
     fn closed_port() -> SocketAddr {

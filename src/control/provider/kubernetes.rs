@@ -37,9 +37,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::{KubernetesBackend, PortRef, ScaleMode, ServiceConfig};
+use crate::control::probe::Prober;
+use crate::control::provider::{Context, Endpoints, Provider};
 use crate::gate::EndpointId;
-use crate::probe::Prober;
-use crate::provider::{Context, Endpoints, Provider};
 
 /// Every (API group, resource, verbs) this backend and leader election use:
 /// the Role in `deploy/` grants exactly these (a test checks both ways).

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
-use crate::affinity::Sessions;
 use crate::error::ProxyError;
 use crate::gate::{EndpointId, Gate, Grant, Pin, Ticket};
-use crate::metrics::{Recent, ServiceMetrics};
+use crate::observe::metrics::{Recent, ServiceMetrics};
+use crate::proxy::affinity::Sessions;
 
 /// What a queued request waits on: the channel its slot arrives by.
 pub type Waiter = oneshot::Sender<Slot>;
@@ -45,7 +45,7 @@ pub struct SharedGate {
     /// scale-down count live sessions per pod).
     pub sessions: Option<Arc<Sessions>>,
     /// How a pod sdgate gave up on is known to be idle again (none: freed at once).
-    quarantine: std::sync::OnceLock<Arc<crate::quarantine::Policy>>,
+    quarantine: std::sync::OnceLock<Arc<crate::forward::quarantine::Policy>>,
 }
 
 /// A change of the desired replica count and why.
@@ -83,13 +83,13 @@ impl SharedGate {
     }
 
     /// Sets the quarantine policy (once, when the service is built).
-    pub fn set_quarantine_policy(&self, policy: Option<Arc<crate::quarantine::Policy>>) {
+    pub fn set_quarantine_policy(&self, policy: Option<Arc<crate::forward::quarantine::Policy>>) {
         if let Some(policy) = policy {
             let _ = self.quarantine.set(policy);
         }
     }
 
-    pub fn quarantine_policy(&self) -> Option<Arc<crate::quarantine::Policy>> {
+    pub fn quarantine_policy(&self) -> Option<Arc<crate::forward::quarantine::Policy>> {
         self.quarantine.get().cloned()
     }
 

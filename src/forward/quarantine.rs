@@ -24,7 +24,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use crate::config::IdleCheck;
-use crate::slot::Slot;
+use crate::gate::Slot;
 
 /// How one service checks that a pod is idle.
 #[derive(Clone, Debug)]

@@ -32,7 +32,7 @@ use crate::config::LeaderElection;
 pub async fn run(config: LeaderElection, active: watch::Sender<bool>) -> Result<()> {
     let identity = config.identity();
     let api = loop {
-        match crate::provider::kubernetes::client(config.kubeconfig.as_deref()).await {
+        match crate::control::provider::kubernetes::client(config.kubeconfig.as_deref()).await {
             Ok(client) => break Api::<Lease>::namespaced(client, &config.namespace),
             Err(error) => {
                 tracing::warn!(error = %format!("{error:#}"), "leader election: no Kubernetes API; retrying");
@@ -86,7 +86,7 @@ pub async fn run(config: LeaderElection, active: watch::Sender<bool>) -> Result<
 pub async fn release(config: &LeaderElection) {
     let identity = config.identity();
     let attempt = async {
-        let client = crate::provider::kubernetes::client(config.kubeconfig.as_deref()).await?;
+        let client = crate::control::provider::kubernetes::client(config.kubeconfig.as_deref()).await?;
         let api = Api::<Lease>::namespaced(client, &config.namespace);
         let Some(mut lease) = api.get_opt(&config.lease).await? else { return Ok(false) };
         let Some(spec) = lease.spec.as_mut().filter(|s| s.holder_identity.as_deref() == Some(identity.as_str())) else {

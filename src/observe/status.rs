@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::gate::EndpointId;
-use crate::metrics::RecentSummary;
+use crate::observe::metrics::RecentSummary;
 use crate::proxy::{Proxy, Service};
 
 #[derive(Serialize)]

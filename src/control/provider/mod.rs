@@ -27,7 +27,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Backend, ServiceConfig};
-use crate::slot::SharedGate;
+use crate::gate::SharedGate;
 
 pub use endpoints::Endpoints;
 

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// The configuration `sdgate` runs with when given no `--config`.
-pub const DEFAULT_CONFIG: &str = include_str!("../config/default.yaml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.yaml");
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

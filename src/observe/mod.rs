@@ -1,0 +1,6 @@
+//! What the planes tell the outside: Prometheus [`metrics`], the `/status`
+//! snapshot and the dashboard's history ([`status`]). Observers read; they
+//! steer nothing.
+
+pub mod metrics;
+pub mod status;
