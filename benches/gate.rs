@@ -5,7 +5,9 @@
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use sdgate::gate::SharedGate;
@@ -93,7 +95,7 @@ fn shared_gate(c: &mut Criterion) {
     const PODS: u16 = 4;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
-    let gate = SharedGate::new(1, 1024, Metrics::new().service("bench"));
+    let gate = SharedGate::new(1, 1024, std::sync::Arc::new(Metrics::new().service("bench")));
     for n in 0..PODS {
         let id = gate.add_endpoint(addr(n));
         gate.set_ready(id, true);

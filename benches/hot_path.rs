@@ -5,7 +5,9 @@
 //! Run with `cargo bench --bench hot_path` (about half a minute on two cores).
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{header, HeaderMap, HeaderValue};
@@ -24,7 +26,7 @@ fn metrics_per_request(c: &mut Criterion) {
             service.answered(black_box(200));
             service.duration.observe(black_box(1.25));
             service.queue_wait.observe(black_box(0.0));
-            recent.record(std::time::Instant::now(), 200, black_box(Duration::from_millis(1250)));
+            recent.record(Instant::now(), 200, black_box(Duration::from_millis(1250)));
         })
     });
 }

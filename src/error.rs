@@ -74,11 +74,11 @@ impl ProxyError {
         }
     }
 
-    /// The label of `sdgate_upstream_errors_total{kind}` for pod-side faults.
-    pub fn upstream_kind(&self) -> Option<&'static str> {
+    /// The pod-side fault behind this error, if it is one.
+    pub fn upstream_failure(&self) -> Option<UpstreamFailure> {
         match self {
-            ProxyError::UpstreamTimeout { .. } => Some("timeout"),
-            ProxyError::Upstream { .. } => Some("failed"),
+            ProxyError::UpstreamTimeout { .. } => Some(UpstreamFailure::Timeout),
+            ProxyError::Upstream { .. } => Some(UpstreamFailure::Failed),
             _ => None,
         }
     }
@@ -97,4 +97,54 @@ impl ProxyError {
         }
         response
     }
+}
+
+/// Why an exchange with a pod ended without a full answer: one value feeds
+/// the log, `sdgate_upstream_errors_total{kind}` and the decision to
+/// quarantine the pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UpstreamFailure {
+    /// No connection: nothing was sent (the pod is taken out of rotation).
+    Connect,
+    /// The pod failed before answering, with the request sent.
+    Failed,
+    /// The pod did not start its answer within `request_timeout`.
+    Timeout,
+    /// The pod broke off its answer.
+    Reset,
+}
+
+impl UpstreamFailure {
+    /// Every kind, each with a metric series from the start.
+    pub const ALL: [UpstreamFailure; 4] =
+        [UpstreamFailure::Connect, UpstreamFailure::Failed, UpstreamFailure::Timeout, UpstreamFailure::Reset];
+
+    /// The `kind` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect => "connect",
+            UpstreamFailure::Failed => "failed",
+            UpstreamFailure::Timeout => "timeout",
+            UpstreamFailure::Reset => "reset",
+        }
+    }
+}
+
+/// Locks `mutex`, recovering it from a panic elsewhere: every lock in sdgate
+/// guards state whose methods leave it whole, so a poisoned lock is used as
+/// it is rather than taking the gateway down with it.
+pub fn lock<T: ?Sized>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// An error and its sources, as one line ("handshake: connection reset: ...").
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

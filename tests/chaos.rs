@@ -180,8 +180,9 @@ async fn chaos_soak() {
         println!("  {event}");
     }
     let m = |series: &str| metrics.get(series).copied().unwrap_or(f64::NAN);
-    let upstream: Vec<String> = sdgate::observe::metrics::UPSTREAM_ERROR_KINDS
+    let upstream: Vec<String> = sdgate::error::UpstreamFailure::ALL
         .iter()
+        .map(|k| k.as_str())
         .map(|k| format!("{k}={}", m(&format!("sdgate_upstream_errors_total{{kind=\"{k}\",service=\"sd\"}}"))))
         .collect();
     let codes: Vec<String> = metrics

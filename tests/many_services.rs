@@ -93,7 +93,7 @@ async fn five_hundred_services_route_to_their_own_worker_and_those_at_zero_start
     for (index, service) in services.iter().enumerate().filter(|(i, _)| !is_fixed(*i)) {
         assert_eq!(service.config.backend.kind(), "process");
         assert!(service.gate.inspect(|g| g.endpoints().is_empty()), "{} has endpoints at zero", host(index));
-        assert_eq!(service.gate.metrics().desired_replicas.get(), 0, "{} wants pods", host(index));
+        assert_eq!(service.metrics.desired_replicas.get(), 0, "{} wants pods", host(index));
     }
     assert_eq!(processes_with(&marker), Vec::<u32>::new(), "a process service at zero started a worker");
     // Each fixed service holds its one endpoint, no more.

@@ -193,7 +193,7 @@ async fn a_body_too_slow_is_408_and_a_broken_one_400_never_the_pods_fault() {
     assert!(text.contains("\"error\""), "a JSON body: {text}");
 
     assert_eq!(workers[0].stats().served, 0, "neither reached the pod");
-    for kind in sdgate::observe::metrics::UPSTREAM_ERROR_KINDS {
+    for kind in sdgate::error::UpstreamFailure::ALL.map(|k| k.as_str()) {
         let series = format!("sdgate_upstream_errors_total{{kind=\"{kind}\",service=\"sd\"}}");
         assert_eq!(metric(gateway.admin, &series).await, Some(0.0), "{series}");
     }

@@ -266,10 +266,11 @@ async fn scale_down_drains_the_worker_holding_the_fewest_sessions() {
     let config = sdgate::Config::from_yaml(&pool_yaml(&marker, port_base, "0s", "max: 2", "")).expect("config");
     let sessions = Arc::new(Sessions::new(1000, Duration::from_secs(1800)));
     let metrics = sdgate::observe::metrics::Metrics::new();
-    let gate = SharedGate::with_sessions(1, 100, metrics.service("sd"), Some(sessions.clone()));
+    let gate = SharedGate::new(1, 100, Arc::new(metrics.service("sd")));
+    let endpoints = sdgate::control::provider::Endpoints::new(gate.clone()).with_sessions(Some(sessions.clone()));
     // The provider alone, driven by hand: two workers, then one.
     let (desired, desired_rx) = tokio::sync::watch::channel(2);
-    let provider = sdgate::control::provider::start(&config.services[0], gate.clone(), desired_rx).expect("provider");
+    let provider = sdgate::control::provider::start(&config.services[0], endpoints, desired_rx).expect("provider");
     let ready = |n: usize| {
         let gate = gate.clone();
         move || {
@@ -285,7 +286,7 @@ async fn scale_down_drains_the_worker_holding_the_fewest_sessions() {
     // Sessions live on the higher-index worker, the one that would go first
     // if sessions did not count.
     for n in 0..3u8 {
-        sessions.set([n; 16], high, std::time::Instant::now());
+        sessions.set([n; 16], high, tokio::time::Instant::now());
     }
     desired.send(1).expect("provider listening");
     eventually("the sessionless worker gone", || {

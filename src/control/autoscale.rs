@@ -25,12 +25,15 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::watch;
 
 use crate::config::ScaleConfig;
 use crate::gate::SharedGate;
+use crate::observe::metrics::ServiceMetrics;
 
 /// Why the desired replica count is what it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -259,6 +262,7 @@ const DEMAND_DEBOUNCE: Duration = Duration::from_millis(50);
 pub async fn run(
     service: String,
     gate: Arc<SharedGate>,
+    metrics: ServiceMetrics,
     mut settings: watch::Receiver<Settings>,
     tick: Duration,
     desired: watch::Sender<u32>,
@@ -270,9 +274,9 @@ pub async fn run(
     sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     decide.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let publish = |decision: Decision, demand: u32, ready: u32| {
-        gate.metrics().desired_replicas.set(i64::from(decision.desired));
+        metrics.desired_replicas.set(i64::from(decision.desired));
         if desired.send_if_modified(|current| std::mem::replace(current, decision.desired) != decision.desired) {
-            gate.record_scale(decision.desired, decision.reason.as_str());
+            metrics.record_scale(decision.desired, decision.reason.as_str());
             tracing::info!(
                 %service,
                 desired = decision.desired,
@@ -284,10 +288,10 @@ pub async fn run(
         }
     };
     publish(Decision { desired: autoscaler.desired(), reason: Reason::Stable }, 0, 0);
-    let mut last_demand_check = tokio::time::Instant::now() - DEMAND_DEBOUNCE;
-    let mut recheck: Option<tokio::time::Instant> = None;
+    let mut last_demand_check = Instant::now() - DEMAND_DEBOUNCE;
+    let mut recheck: Option<Instant> = None;
     // At rest: when to look at the demand next (no sampling, no decisions).
-    let mut resting: Option<tokio::time::Instant> = None;
+    let mut resting: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = gate.demand.notified() => {
@@ -295,14 +299,14 @@ pub async fn run(
                     sample.reset();
                     decide.reset();
                 }
-                let now = tokio::time::Instant::now();
+                let now = Instant::now();
                 let (demand, ready) = demand_and_ready(&gate);
                 // Activation is never debounced: the first request at zero wakes pods at once.
-                if let Some(decision) = autoscaler.activate(now.into_std(), demand) {
+                if let Some(decision) = autoscaler.activate(now, demand) {
                     publish(decision, demand, ready);
                     last_demand_check = now;
                 } else if now >= last_demand_check + DEMAND_DEBOUNCE {
-                    if let Some(decision) = autoscaler.on_demand(now.into_std(), demand, ready) {
+                    if let Some(decision) = autoscaler.on_demand(now, demand, ready) {
                         publish(decision, demand, ready);
                     }
                     last_demand_check = now;
@@ -312,16 +316,16 @@ pub async fn run(
             }
             _ = async { match recheck { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
                 recheck = None;
-                let now = tokio::time::Instant::now();
+                let now = Instant::now();
                 let (demand, ready) = demand_and_ready(&gate);
-                if let Some(decision) = autoscaler.on_demand(now.into_std(), demand, ready) {
+                if let Some(decision) = autoscaler.on_demand(now, demand, ready) {
                     publish(decision, demand, ready);
                 }
                 last_demand_check = now;
             }
             _ = sample.tick(), if resting.is_none() => {
                 let (demand, _) = demand_and_ready(&gate);
-                autoscaler.record(tokio::time::Instant::now().into_std(), demand);
+                autoscaler.record(Instant::now(), demand);
             }
             changed = settings.changed(), if reloadable => {
                 if changed.is_err() {
@@ -335,28 +339,28 @@ pub async fn run(
                 }
                 autoscaler.settings = settings.borrow_and_update().clone();
                 let (demand, ready) = demand_and_ready(&gate);
-                let decision = autoscaler.decide(tokio::time::Instant::now().into_std(), ready);
+                let decision = autoscaler.decide(Instant::now(), ready);
                 publish(decision, demand, ready);
             }
             _ = decide.tick(), if resting.is_none() => {
                 let (demand, ready) = demand_and_ready(&gate);
-                let now = tokio::time::Instant::now();
-                let decision = autoscaler.decide(now.into_std(), ready);
+                let now = Instant::now();
+                let decision = autoscaler.decide(now, ready);
                 publish(decision, demand, ready);
-                if demand == 0 && autoscaler.rest(now.into_std()) {
+                if demand == 0 && autoscaler.rest(now) {
                     resting = Some(now + tick);
                 }
             }
             // Demand that never waits (pods ready) does not wake the scaler:
             // look once a tick.
             _ = async { match resting { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
-                let now = tokio::time::Instant::now();
+                let now = Instant::now();
                 let (demand, _) = demand_and_ready(&gate);
                 if demand == 0 {
                     resting = Some(now + tick);
                 } else {
                     resting = None;
-                    autoscaler.record(now.into_std(), demand);
+                    autoscaler.record(now, demand);
                     sample.reset();
                     decide.reset();
                 }

@@ -26,26 +26,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::Empty;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::Readiness;
 use crate::control::provider::Endpoints;
+use crate::error::lock;
 use crate::gate::EndpointId;
-
-type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
-
-fn probe_client(timeout: Duration) -> ProbeClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(timeout));
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build(connector)
-}
+use crate::pod::{connect_error, Pool, Reply};
 
 /// How a probe checks a pod.
 #[derive(Clone)]
@@ -116,10 +105,7 @@ impl Prober {
             let ok = probed.is_ok();
             if ok {
                 failures = 0;
-                if !ready
-                    && self.idle_before_first_use(&shared.client, &gate, endpoint, addr).await
-                    && gate.set_ready(endpoint, true)
-                {
+                if !ready && self.idle_before_first_use(&gate, endpoint, addr).await && gate.set_ready(endpoint, true) {
                     tracing::info!(%addr, "endpoint ready");
                 }
             } else {
@@ -149,7 +135,7 @@ impl Prober {
         if let Some((taken, probed)) = last.as_ref().filter(|(taken, _)| taken.elapsed() < fresh_for) {
             return (*taken, probed.clone());
         }
-        let probed = self.probe_with(&shared.client, addr).await;
+        let probed = self.probe_with(addr).await;
         let taken = Instant::now();
         *last = Some((taken, probed.clone()));
         (taken, probed)
@@ -158,18 +144,12 @@ impl Prober {
     /// A pod sdgate has never used may be busy with someone else's job (a
     /// replica that just lost its lease, an sdgate restarted with requests
     /// in flight): before its first request it must pass the idle check too.
-    async fn idle_before_first_use(
-        &self,
-        client: &ProbeClient,
-        gate: &Endpoints,
-        endpoint: EndpointId,
-        addr: SocketAddr,
-    ) -> bool {
+    async fn idle_before_first_use(&self, gate: &Endpoints, endpoint: EndpointId, addr: SocketAddr) -> bool {
         if gate.ever_served(endpoint) {
             return true;
         }
         let Some(path) = gate.idle_check_path() else { return true };
-        let idle = crate::forward::quarantine::is_idle(client, addr, &path).await;
+        let idle = Pool::shared().is_idle(addr, &path).await;
         if !idle {
             tracing::info!(%addr, "endpoint answers but is busy with a job sdgate did not send: waiting until it is idle");
         }
@@ -178,27 +158,30 @@ impl Prober {
 
     /// One probe: TCP connect, or HTTP GET expecting 2xx, within the timeout.
     pub async fn check(&self, addr: SocketAddr) -> bool {
-        self.probe_with(&SharedProbe::of(self.key(addr)).client, addr).await.is_ok()
+        self.probe_with(addr).await.is_ok()
     }
 
     fn key(&self, addr: SocketAddr) -> ProbeKey {
         ProbeKey { addr, http: self.readiness.http.clone(), timeout: self.readiness.timeout }
     }
 
-    async fn probe_with(&self, client: &ProbeClient, addr: SocketAddr) -> Result<(), Failure> {
+    /// One probe on the pod client's shared connections (an HTTP probe) or
+    /// a connection of its own (a TCP probe: the connect is the probe).
+    async fn probe_with(&self, addr: SocketAddr) -> Result<(), Failure> {
         let timeout = self.readiness.timeout;
         let attempt = async {
             match &self.readiness.http {
-                None => TcpStream::connect(addr).await.map(drop).map_err(|error| Failure::Connect(why(&error))),
+                None => {
+                    TcpStream::connect(addr).await.map(drop).map_err(|error| Failure::Connect(connect_error(&error)))
+                }
                 Some(path) => {
-                    let Ok(request) = Request::get(format!("http://{addr}{path}")).body(Empty::new()) else {
-                        return Err(Failure::Other);
-                    };
-                    match client.request(request).await {
-                        Ok(response) if response.status().is_success() => Ok(()),
-                        Ok(_) => Err(Failure::Other),
-                        Err(error) if error.is_connect() => Err(Failure::Connect(connect_error(&error))),
-                        Err(_) => Err(Failure::Other),
+                    match Pool::shared()
+                        .call(addr, http::Method::GET, path, None, None, PROBE_ANSWER_LIMIT, timeout)
+                        .await
+                    {
+                        Reply::Answer(status, _) if status.is_success() => Ok(()),
+                        Reply::Refused(why) => Err(Failure::Connect(why)),
+                        Reply::Answer(..) | Reply::Nothing => Err(Failure::Other),
                     }
                 }
             }
@@ -213,7 +196,7 @@ impl Prober {
     /// Keeps the refusals up to date, and reports or clears their message.
     fn record(&self, gate: &Endpoints, addr: SocketAddr, probed: &Result<(), Failure>) {
         let Some(refusals) = &self.refusals else { return };
-        let mut refusals = refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let mut refusals = lock(refusals);
         let refused = match probed {
             Err(Failure::Connect(why)) => Some(why.clone()),
             _ => None,
@@ -232,11 +215,12 @@ struct ProbeKey {
     timeout: Duration,
 }
 
+/// The most of a probe's answer that is read (a readiness page is small; a
+/// larger one is read no further and fails the probe).
+const PROBE_ANSWER_LIMIT: usize = 256 * 1024;
+
 /// The probes of one [`ProbeKey`], shared by every endpoint it describes.
 struct SharedProbe {
-    /// One connection kept for them all (HTTP probes, and the idle check
-    /// before a pod's first use).
-    client: ProbeClient,
     /// The last answer and when it was taken; held for the length of a
     /// probe, so that endpoints due together send one.
     last: tokio::sync::Mutex<Option<(Instant, Result<(), Failure>)>>,
@@ -254,7 +238,7 @@ struct SharedProbes {
 impl SharedProbe {
     fn of(key: ProbeKey) -> Arc<SharedProbe> {
         static ALL: OnceLock<Mutex<SharedProbes>> = OnceLock::new();
-        let mut all = ALL.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = lock(ALL.get_or_init(Mutex::default));
         if let Some(shared) = all.by_key.get(&key).and_then(Weak::upgrade) {
             return shared;
         }
@@ -262,7 +246,7 @@ impl SharedProbe {
             all.by_key.retain(|_, shared| shared.strong_count() > 0);
             all.sweep_at = (2 * all.by_key.len()).max(64);
         }
-        let shared = Arc::new(SharedProbe { client: probe_client(key.timeout), last: tokio::sync::Mutex::new(None) });
+        let shared = Arc::new(SharedProbe { last: tokio::sync::Mutex::new(None) });
         all.by_key.insert(key, Arc::downgrade(&shared));
         shared
     }
@@ -289,34 +273,10 @@ struct Forget {
 
 impl Drop for Forget {
     fn drop(&mut self) {
-        let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let mut refusals = lock(&self.refusals);
         refusals.probed.remove(&self.addr);
         update_report(&mut refusals, &self.gate);
     }
-}
-
-/// A failed connect in a few words: "refused", "unreachable", or the error.
-fn why(error: &std::io::Error) -> String {
-    match error.kind() {
-        std::io::ErrorKind::ConnectionRefused => "refused".to_string(),
-        std::io::ErrorKind::TimedOut => "connect timed out".to_string(),
-        _ => match error.raw_os_error() {
-            Some(libc::EHOSTUNREACH | libc::ENETUNREACH) => "unreachable".to_string(),
-            _ => error.to_string(),
-        },
-    }
-}
-
-/// [`why`] for the HTTP client's connect error (an `io::Error` in its sources).
-fn connect_error(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut source = Some(error);
-    while let Some(error) = source {
-        if let Some(io) = error.downcast_ref::<std::io::Error>() {
-            return why(io);
-        }
-        source = error.source();
-    }
-    error.to_string()
 }
 
 #[cfg(test)]
@@ -326,7 +286,8 @@ mod tests {
     use super::*;
     use crate::error::ProxyError;
     use crate::gate::SharedGate;
-    use crate::observe::metrics::Metrics;
+    use bytes::Bytes;
+    use http_body_util::Empty;
 
     /// A port on 127.0.0.1 that nothing listens on.
     fn closed_port() -> SocketAddr {
@@ -343,7 +304,7 @@ mod tests {
     #[tokio::test]
     async fn a_service_whose_pods_all_refuse_says_so_and_stops_once_one_accepts() {
         for http in [None, Some("/internal/ping".to_string())] {
-            let gate = SharedGate::new(1, 10, Metrics::new().service("sd"));
+            let gate = SharedGate::new(1, 10, Arc::new(crate::gate::Unobserved));
             let endpoints = Endpoints::new(gate.clone());
             let readiness = Readiness { http: http.clone(), period: Duration::from_millis(10), ..Readiness::default() };
             let prober = Prober::new(readiness).report_refusals();
@@ -415,7 +376,7 @@ mod tests {
             failure_threshold: 2,
             ..Readiness::default()
         };
-        let gates: Vec<_> = (0..20).map(|_| SharedGate::new(1, 10, Metrics::new().service("sd"))).collect();
+        let gates: Vec<_> = (0..20).map(|_| SharedGate::new(1, 10, Arc::new(crate::gate::Unobserved))).collect();
         let probes: Vec<_> = gates
             .iter()
             .map(|gate| {
@@ -448,7 +409,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_report_refusals_nothing_is_reported() {
-        let gate = SharedGate::new(1, 10, Metrics::new().service("sd"));
+        let gate = SharedGate::new(1, 10, Arc::new(crate::gate::Unobserved));
         let endpoints = Endpoints::new(gate.clone());
         let readiness = Readiness { period: Duration::from_millis(10), ..Readiness::default() };
         let addr = closed_port();

@@ -15,7 +15,7 @@ pub mod quarantine;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,16 +26,14 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{BoxError, Buffered, ResponseBody};
-use crate::error::ProxyError;
+use crate::error::{chain, ProxyError, UpstreamFailure};
 use crate::gate::Slot;
-
-/// The request body on its way to a pod: the client's body, boxed.
-pub type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+use crate::pod::{Pool, ReplayableBody, Reply, SendError};
+use quarantine::Policy;
 
 /// How an exchange with a pod ended without a response for the client.
 #[derive(Debug)]
@@ -48,7 +46,7 @@ pub enum ExchangeError {
     Failed(ProxyError),
 }
 
-/// The pod connections of one serving thread (see [`Pool`]).
+/// Sends requests to pods on the pod client ([`Pool`]).
 #[derive(Clone)]
 pub struct Forwarder {
     pool: Arc<Pool>,
@@ -56,13 +54,13 @@ pub struct Forwarder {
 
 impl Default for Forwarder {
     fn default() -> Self {
-        Self::new()
+        Self::new(Pool::shared())
     }
 }
 
 impl Forwarder {
-    pub fn new() -> Self {
-        Self { pool: Arc::new(Pool::default()) }
+    pub fn new(pool: Arc<Pool>) -> Self {
+        Self { pool }
     }
 
     /// Sends `request` to the slot's pod; the future gives the response head
@@ -95,20 +93,14 @@ impl Forwarder {
         Box::new(move || {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
             runtime.spawn(async move {
-                let mut request = Request::post(path.as_str());
-                if let Some(host) = host {
-                    request = request.header(header::HOST, host);
-                }
-                let Ok(request) = request
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(ReplayableBody::new(crate::body::full(Bytes::from_static(b"{}"))))
-                else {
-                    return;
-                };
-                match tokio::time::timeout(Duration::from_secs(10), pool.send(pod, request)).await {
-                    Ok(Ok((response, _))) => tracing::info!(%uri, status = response.status().as_u16(), "client left: interrupted its generation"),
-                    Ok(Err(error)) => tracing::warn!(%uri, %error, "client left: interrupt failed"),
-                    Err(_) => tracing::warn!(%uri, "client left: interrupt timed out"),
+                let body = Some(Bytes::from_static(b"{}"));
+                let timeout = Duration::from_secs(10);
+                match pool.call(pod, http::Method::POST, &path, host.as_ref(), body, 64 * 1024, timeout).await {
+                    Reply::Answer(status, _) => {
+                        tracing::info!(%uri, status = status.as_u16(), "client left: interrupted its generation")
+                    }
+                    Reply::Refused(error) => tracing::warn!(%uri, %error, "client left: interrupt failed"),
+                    Reply::Nothing => tracing::warn!(%uri, "client left: interrupt got no answer"),
                 }
             });
         })
@@ -117,13 +109,17 @@ impl Forwarder {
 
 /// How long a pod may take, and how much of its answer sdgate reads before
 /// passing it on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ExchangeLimits {
     /// Until the answer starts; then again to read a buffered answer.
     pub request_timeout: Duration,
     /// Answers up to this size are read in full before the client gets
     /// them, so the slot is freed when the pod is done, not the client.
     pub buffer_response_bytes: usize,
+    /// How a pod sdgate gave up on is known to be idle again (none: its
+    /// slot is freed at once). Taken from the service's config when the
+    /// request is dispatched, so a reload applies to the next exchange.
+    pub quarantine: Option<Arc<Policy>>,
 }
 
 /// Called when a client leaves before its pod has answered.
@@ -181,136 +177,6 @@ where
     }
 }
 
-/// Pod connections, HTTP/1.1 and kept alive, for the serving thread that
-/// owns them (its requests run on it: the lock is never contended). It takes
-/// the place of hyper-util's legacy client, whose per-request pool work
-/// (a hashed key, a boxed connect future, connection info in extensions, an
-/// absolute URI) cost about a sixth of a small request's CPU. A connection
-/// goes back once its answer has been read in full; one whose answer streams
-/// (server-sent events, large or upgraded) is closed at its end instead.
-#[derive(Default)]
-pub struct Pool {
-    /// Keyed with foldhash, not SipHash: it is looked up twice per request
-    /// and its keys are the pods' addresses, not a client's input.
-    idle: Mutex<foldhash::HashMap<SocketAddr, Vec<Idle>>>,
-}
-
-struct Idle {
-    sender: http1::SendRequest<ReplayableBody>,
-    since: tokio::time::Instant,
-}
-
-/// Below the keep-alive of uvicorn (5 s), which serves the SD WebUI, so a
-/// pooled connection is not reused just as the pod closes it.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle connections kept per pod.
-const POOL_MAX_IDLE: usize = 64;
-
-/// Why a request did not get its answer head from a pod.
-#[derive(Debug, thiserror::Error)]
-enum SendError {
-    /// No connection to the pod: nothing was sent; the request comes back.
-    #[error("{0}")]
-    Connect(String, Box<Request<ReplayableBody>>),
-    /// The connection failed with the request sent, at least in part.
-    #[error("{}", error_chain(.0))]
-    Http(hyper::Error),
-}
-
-impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<SocketAddr, Vec<Idle>>> {
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The most recently used idle connection to `pod`, if one is fresh.
-    fn take(&self, pod: SocketAddr) -> Option<http1::SendRequest<ReplayableBody>> {
-        let mut idle = self.lock();
-        let list = idle.get_mut(&pod)?;
-        let now = tokio::time::Instant::now();
-        while let Some(entry) = list.pop() {
-            if now.saturating_duration_since(entry.since) < POOL_IDLE_TIMEOUT && !entry.sender.is_closed() {
-                return Some(entry.sender);
-            }
-        }
-        None
-    }
-
-    /// Keeps a connection whose exchange is over for the next request.
-    fn put(&self, pod: SocketAddr, sender: http1::SendRequest<ReplayableBody>) {
-        if sender.is_closed() {
-            return;
-        }
-        let now = tokio::time::Instant::now();
-        let mut idle = self.lock();
-        let list = idle.entry(pod).or_default();
-        // Oldest first: the expired ones are a prefix (one clock read per
-        // put, not one per idle connection).
-        let expired = list.partition_point(|entry| now.saturating_duration_since(entry.since) >= POOL_IDLE_TIMEOUT);
-        list.drain(..expired);
-        if list.len() < POOL_MAX_IDLE {
-            list.push(Idle { sender, since: now });
-        }
-    }
-
-    /// A new connection to `pod`, or why there is none.
-    async fn connect(pod: SocketAddr) -> Result<http1::SendRequest<ReplayableBody>, String> {
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(pod)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Err(format!("tcp connect error: {error}")),
-            Err(_) => return Err(format!("tcp connect timed out after {CONNECT_TIMEOUT:?}")),
-        };
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|error| format!("handshake: {}", error_chain(&error)))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%pod, %error, "pod connection ended with an error");
-            }
-        });
-        Ok(sender)
-    }
-
-    /// Sends `request` (origin-form) to `pod` on an idle connection, else a
-    /// new one; a request an idle connection closed before sending goes on a
-    /// new one. Returns the answer head and its connection.
-    async fn send(
-        &self,
-        pod: SocketAddr,
-        mut request: Request<ReplayableBody>,
-    ) -> Result<(Response<Incoming>, http1::SendRequest<ReplayableBody>), SendError> {
-        loop {
-            let (mut sender, fresh) = match self.take(pod) {
-                Some(mut sender) => match sender.ready().await {
-                    Ok(()) => (sender, false),
-                    Err(_) => continue,
-                },
-                // Boxed: a new connection is rare (they are kept alive), and
-                // its future would otherwise add to every exchange's size.
-                None => match Box::pin(Self::connect(pod)).await {
-                    Ok(sender) => (sender, true),
-                    Err(reason) => return Err(SendError::Connect(reason, Box::new(request))),
-                },
-            };
-            if fresh && sender.ready().await.is_err() {
-                return Err(SendError::Connect("the pod closed the connection at once".into(), Box::new(request)));
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, sender)),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if !fresh => request = unsent,
-                    Some(unsent) => {
-                        let reason = format!("closed before sending: {}", error_chain(error.error()));
-                        return Err(SendError::Connect(reason, Box::new(unsent)));
-                    }
-                    None => return Err(SendError::Http(error.into_error())),
-                },
-            }
-        }
-    }
-}
-
 async fn run_exchange(
     pool: Arc<Pool>,
     slot: Slot,
@@ -319,23 +185,24 @@ async fn run_exchange(
     upgrade: Option<OnUpgrade>,
 ) -> Result<Response<ResponseBody>, ExchangeError> {
     let request_timeout = limits.request_timeout;
+    let policy = limits.quarantine;
     let addr = slot.addr();
     let body = request.body().clone();
     // One timer for the exchange: until the answer starts, then reset to
     // read a buffered answer.
     let mut deadline = std::pin::pin!(tokio::time::sleep(request_timeout));
     let sent = within(deadline.as_mut(), std::pin::pin!(pool.send(addr, request))).await;
-    let (mut response, sender) = match sent {
+    let (mut response, sent) = match sent {
         Some(Ok(sent)) => sent,
         Some(Err(SendError::Connect(reason, request))) if !body.was_read() => {
             // The pod refused or is unreachable: take it out of rotation now,
             // before the slot goes back, so nobody else is sent there.
             slot.gate().set_ready(slot.endpoint(), false);
-            slot.gate().metrics().upstream_error("connect");
+            slot.gate().observer().upstream_failed(UpstreamFailure::Connect);
             return Err(ExchangeError::NotSent { reason, upgrade, request });
         }
         Some(Err(SendError::Connect(reason, _))) => {
-            crate::forward::quarantine::hold(slot, "failed before answering");
+            quarantine::hold(slot, "failed before answering", policy);
             return Err(ExchangeError::Failed(ProxyError::Upstream { addr: addr.to_string(), reason }));
         }
         Some(Err(SendError::Http(error))) if client_body_failed(&error) => {
@@ -346,11 +213,11 @@ async fn run_exchange(
         }
         Some(Err(SendError::Http(error))) => {
             // Sent, at least in part: the pod may be working on it.
-            crate::forward::quarantine::hold(slot, "failed before answering");
+            quarantine::hold(slot, "failed before answering", policy);
             return Err(ExchangeError::Failed(upstream_failure(addr, &error)));
         }
         None => {
-            crate::forward::quarantine::hold(slot, "request_timeout");
+            quarantine::hold(slot, "request_timeout", policy);
             return Err(ExchangeError::Failed(ProxyError::UpstreamTimeout {
                 addr: addr.to_string(),
                 timeout: request_timeout,
@@ -365,10 +232,10 @@ async fn run_exchange(
     if let (Some(client_side), Some(protocol)) = (upgrade, switched_to) {
         response.headers_mut().insert(header::UPGRADE, protocol);
         response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        return Ok(tunnel(slot, response, client_side));
+        return Ok(tunnel(slot, response, client_side, policy));
     }
     if is_event_stream(response.headers()) {
-        return Ok(response.map(|body| SlotBody::new(body, slot, request_timeout).boxed_unsync()));
+        return Ok(response.map(|body| SlotBody::new(body, slot, request_timeout, policy).boxed_unsync()));
     }
     let (parts, body) = response.into_parts();
     deadline.as_mut().reset(tokio::time::Instant::now() + request_timeout);
@@ -378,20 +245,22 @@ async fn run_exchange(
             // The pod has answered in full: its slot is free before the
             // client has read a byte, and its connection takes the next.
             slot.answered();
-            pool.put(addr, sender);
+            sent.put_back(&pool, addr);
             crate::body::full(bytes)
         }
-        Some(Ok(Buffered::Partial(head, rest))) => crate::body::chain(head, SlotBody::new(rest, slot, request_timeout)),
+        Some(Ok(Buffered::Partial(head, rest))) => {
+            crate::body::chain(head, SlotBody::new(rest, slot, request_timeout, policy))
+        }
         Some(Err(error)) => {
-            slot.gate().metrics().upstream_error("reset");
-            crate::forward::quarantine::hold(slot, "answer broken off");
+            slot.gate().observer().upstream_failed(UpstreamFailure::Reset);
+            quarantine::hold(slot, "answer broken off", policy);
             return Err(ExchangeError::Failed(ProxyError::Upstream {
                 addr: addr.to_string(),
-                reason: format!("answer broken off: {}", error_chain(&error)),
+                reason: format!("answer broken off: {}", chain(&error)),
             }));
         }
         None => {
-            crate::forward::quarantine::hold(slot, "answer not finished within request_timeout");
+            quarantine::hold(slot, "answer not finished within request_timeout", policy);
             return Err(ExchangeError::Failed(ProxyError::UpstreamTimeout {
                 addr: addr.to_string(),
                 timeout: request_timeout,
@@ -428,12 +297,12 @@ fn client_body_failed(error: &hyper::Error) -> bool {
 
 fn upstream_failure(addr: SocketAddr, error: &hyper::Error) -> ProxyError {
     if client_body_failed(error) && find_cause::<http_body_util::LengthLimitError>(error).is_none() {
-        return ProxyError::BadBody(error_chain(error));
+        return ProxyError::BadBody(chain(error));
     }
     if find_cause::<http_body_util::LengthLimitError>(error).is_some() {
         return ProxyError::BodyOverLimit;
     }
-    ProxyError::Upstream { addr: addr.to_string(), reason: error_chain(error) }
+    ProxyError::Upstream { addr: addr.to_string(), reason: chain(error) }
 }
 
 fn find_cause<'a, T: std::error::Error + 'static>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
@@ -447,21 +316,15 @@ fn find_cause<'a, T: std::error::Error + 'static>(error: &'a (dyn std::error::Er
     None
 }
 
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// Answers the client's upgrade with the pod's 101 and joins the two
 /// connections once both sides have switched. The slot is held for the life
 /// of the tunnel.
-fn tunnel(slot: Slot, mut response: Response<Incoming>, client_side: OnUpgrade) -> Response<ResponseBody> {
+fn tunnel(
+    slot: Slot,
+    mut response: Response<Incoming>,
+    client_side: OnUpgrade,
+    policy: Option<Arc<Policy>>,
+) -> Response<ResponseBody> {
     let pod_side = hyper::upgrade::on(&mut response);
     tokio::spawn(async move {
         let slot = slot;
@@ -472,7 +335,7 @@ fn tunnel(slot: Slot, mut response: Response<Incoming>, client_side: OnUpgrade) 
                 if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut pod).await {
                     // Broken off (a reset): a websocket queue may have a job running.
                     tracing::debug!(%error, "tunnel broken off");
-                    crate::forward::quarantine::hold(slot, "tunnel broken off");
+                    quarantine::hold(slot, "tunnel broken off", policy);
                 }
             }
             Err(error) => tracing::debug!(%error, "upgrade failed"),
@@ -616,71 +479,6 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
-/// The client's request body, shared so that a request whose connection
-/// failed before sending can be sent again: the body is only taken out of the
-/// shared cell when the client polls it for the first time, which happens
-/// after the connection to the pod is up.
-#[derive(Clone)]
-pub struct ReplayableBody {
-    /// None for a request without a body (nothing to share).
-    cell: Option<Arc<Mutex<BodyCell>>>,
-}
-
-struct BodyCell {
-    body: Option<RequestBody>,
-    read: bool,
-}
-
-impl std::fmt::Debug for ReplayableBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplayableBody").field("read", &self.was_read()).finish_non_exhaustive()
-    }
-}
-
-impl ReplayableBody {
-    pub fn new(body: RequestBody) -> Self {
-        Self { cell: Some(Arc::new(Mutex::new(BodyCell { body: Some(body), read: false }))) }
-    }
-
-    /// The body of a request that has none.
-    pub fn empty() -> Self {
-        Self { cell: None }
-    }
-
-    /// Whether any part of the body has been asked for by a connection.
-    pub fn was_read(&self) -> bool {
-        self.lock().is_some_and(|cell| cell.read)
-    }
-
-    fn lock(&self) -> Option<std::sync::MutexGuard<'_, BodyCell>> {
-        self.cell.as_ref().map(|cell| cell.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
-    }
-}
-
-impl Body for ReplayableBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let Some(mut cell) = self.lock() else { return Poll::Ready(None) };
-        cell.read = true;
-        match cell.body.as_mut() {
-            Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.lock().is_none_or(|cell| cell.body.as_ref().is_none_or(|b| b.is_end_stream()))
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.lock()
-            .and_then(|cell| cell.body.as_ref().map(|b| b.size_hint()))
-            .unwrap_or_else(|| SizeHint::with_exact(0))
-    }
-}
-
 /// A pod's response body that holds the pod's slot until the body has been
 /// read to its end. Dropped early (client gone), it reads the rest in the
 /// background, at most `drain_within`, and only then frees the slot.
@@ -688,11 +486,13 @@ pub struct SlotBody {
     inner: Option<Incoming>,
     slot: Option<Slot>,
     drain_within: Duration,
+    /// How the pod is checked if its answer breaks off (the exchange's).
+    quarantine: Option<Arc<Policy>>,
 }
 
 impl SlotBody {
-    pub fn new(inner: Incoming, slot: Slot, drain_within: Duration) -> Self {
-        let mut body = Self { inner: Some(inner), slot: Some(slot), drain_within };
+    pub fn new(inner: Incoming, slot: Slot, drain_within: Duration, quarantine: Option<Arc<Policy>>) -> Self {
+        let mut body = Self { inner: Some(inner), slot: Some(slot), drain_within, quarantine };
         if body.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
             body.slot = None;
         }
@@ -716,8 +516,8 @@ impl Body for SlotBody {
             // The pod broke off its answer: it may be dead, or still working.
             if let Some(slot) = self.slot.take() {
                 tracing::warn!(pod = %slot.addr(), %error, "pod broke off its answer");
-                slot.gate().metrics().upstream_error("reset");
-                crate::forward::quarantine::hold(slot, "answer broken off");
+                slot.gate().observer().upstream_failed(UpstreamFailure::Reset);
+                quarantine::hold(slot, "answer broken off", self.quarantine.clone());
             }
         }
         if finished {
@@ -743,7 +543,7 @@ impl Drop for SlotBody {
     fn drop(&mut self) {
         let (Some(slot), Some(mut inner)) = (self.slot.take(), self.inner.take()) else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let drain_within = self.drain_within;
+        let (drain_within, policy) = (self.drain_within, self.quarantine.take());
         runtime.spawn(async move {
             let drained = tokio::time::timeout(drain_within, async {
                 while let Some(frame) = inner.frame().await {
@@ -756,10 +556,10 @@ impl Drop for SlotBody {
             .await;
             match drained {
                 Ok(true) => slot.answered(),
-                Ok(false) => crate::forward::quarantine::hold(slot, "answer broken off"),
+                Ok(false) => quarantine::hold(slot, "answer broken off", policy),
                 Err(_) => {
                     tracing::warn!(pod = %slot.addr(), "pod still answering a departed client after {drain_within:?}");
-                    crate::forward::quarantine::hold(slot, "answer not finished within request_timeout");
+                    quarantine::hold(slot, "answer not finished within request_timeout", policy);
                 }
             }
         });

@@ -15,7 +15,7 @@
 //!
 //! ```
 //! use sdgate::gate::Gate;
-//! use std::time::Instant;
+//! use tokio::time::Instant;
 //! let mut gate: Gate<&str> = Gate::new(1, 10);
 //! let pod = gate.add_endpoint("127.0.0.1:7860".parse().unwrap());
 //! gate.set_ready(pod, true);
@@ -30,7 +30,9 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Identifies an endpoint for as long as the gate knows it; never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -2,7 +2,8 @@ use super::*;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 // ---------------------------------------------------------------------------
 // Helpers. The waiter is the request's own ticket, so every hand-over can be

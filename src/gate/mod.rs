@@ -4,12 +4,17 @@
 //!   pins), plain data with no clock, lock or I/O, tested exhaustively;
 //! - [`shell`]: the core behind a lock, shared by a service's requests and
 //!   its control loop, with async waiting;
-//! - [`Slot`]: the right to have one request on one pod, freed by `Drop`.
+//! - [`slot`]: the right to have one request on one pod, freed by `Drop`;
+//! - [`pins`]: the session -> pod table that pins requests.
 //!
 //! The gate depends on nothing in the crate but [`crate::error`].
 
 pub mod core;
+pub mod pins;
 pub mod shell;
+pub mod slot;
 
 pub use self::core::{Endpoint, EndpointId, Gate, Grant, Pin, Policy, QueueFull, Ticket};
-pub use self::shell::{ScaleEvent, SharedGate, Slot, Waiter};
+pub use self::pins::{SessionId, Sessions};
+pub use self::shell::{EndpointCounts, Observer, SharedGate, Unobserved, Waiter};
+pub use self::slot::Slot;

@@ -1,12 +1,10 @@
-//! The gate shared by a service's requests and its control loop, and the
-//! [`Slot`] that carries a pod's capacity.
+//! The gate shared by a service's requests and its control loop: the pure
+//! [`Gate`] behind a lock, the waiters' channels, the demand signal and the
+//! backend's error. Metrics and status observe it through [`Observer`].
 //!
-//! A [`Slot`] is the right to have one request on one pod. It is returned by
-//! `Drop`, never by remembering to call a release function (tower's
-//! `ConcurrencyLimit` permit, but owned by the upstream exchange rather than
-//! the client's future, because the pod stays busy after a client leaves).
-//! Dropping a slot hands the room straight to the next waiter, under the same
-//! lock, so no pod sits idle while a request it could take waits.
+//! A [`Slot`] is granted from here; dropping it hands the room straight to
+//! the next waiter, under the same lock, so no pod sits idle while a request
+//! it could take waits.
 //!
 //! Waiting is cancel-safe: a waiter that gives up leaves the queue, and a slot
 //! granted at the instant it gave up is dropped with its channel and so comes
@@ -14,14 +12,51 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
 
-use crate::error::ProxyError;
-use crate::gate::{EndpointId, Gate, Grant, Pin, Ticket};
-use crate::observe::metrics::{Recent, ServiceMetrics};
-use crate::proxy::affinity::Sessions;
+use super::core::{EndpointId, Gate, Grant, Pin, Ticket};
+use super::slot::Slot;
+use crate::error::{lock, ProxyError, UpstreamFailure};
+
+/// What the gate tells those who watch it (the service's metrics). The gate
+/// calls it under its lock: implementations only store numbers.
+pub trait Observer: Send + Sync {
+    /// Requests waiting, and requests on pods.
+    fn queue(&self, depth: usize, inflight: u32);
+    /// Endpoints by state.
+    fn endpoints(&self, counts: EndpointCounts);
+    /// A cold start ended: the first waiting request waited this long for a pod.
+    fn cold_start(&self, took: Duration);
+    /// An exchange with a pod ended without a full answer.
+    fn upstream_failed(&self, failure: UpstreamFailure);
+    /// A pod went into quarantine.
+    fn quarantined(&self);
+}
+
+/// Endpoints by state: ready (taking requests), not ready (starting or
+/// failing its probe), draining, quarantined (maybe still busy with a job
+/// sdgate gave up on).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCounts {
+    pub ready: usize,
+    pub not_ready: usize,
+    pub draining: usize,
+    pub quarantined: usize,
+}
+
+/// An observer that keeps nothing (tests, benchmarks).
+pub struct Unobserved;
+
+impl Observer for Unobserved {
+    fn queue(&self, _: usize, _: u32) {}
+    fn endpoints(&self, _: EndpointCounts) {}
+    fn cold_start(&self, _: Duration) {}
+    fn upstream_failed(&self, _: UpstreamFailure) {}
+    fn quarantined(&self) {}
+}
 
 /// What a queued request waits on: the channel its slot arrives by.
 pub type Waiter = oneshot::Sender<Slot>;
@@ -32,69 +67,33 @@ pub struct SharedGate {
     /// Why pods are not coming up, if the provider knows (told to requests
     /// that time out waiting).
     backend_error: Mutex<Option<String>>,
-    metrics: ServiceMetrics,
-    /// Woken when a request has to wait (the autoscaler's activation signal).
+    observer: Arc<dyn Observer>,
+    /// Woken when a request has to wait (the autoscaler's activation
+    /// signal: the control plane's read-only view of demand).
     pub demand: Notify,
     /// When a request first waited with no pod ready (a cold start under way).
     cold_since: Mutex<Option<Instant>>,
-    /// The autoscaler's latest change, for the status page.
-    last_scale: Mutex<Option<ScaleEvent>>,
-    /// Recent answers, for rates and percentiles on the status page.
-    pub recent: Recent,
-    /// The service's session pins, when it has affinity (the status page and
-    /// scale-down count live sessions per pod).
-    pub sessions: Option<Arc<Sessions>>,
-    /// How a pod sdgate gave up on is known to be idle again (none: freed at once).
-    quarantine: std::sync::OnceLock<Arc<crate::forward::quarantine::Policy>>,
-}
-
-/// A change of the desired replica count and why.
-#[derive(Clone, Debug)]
-pub struct ScaleEvent {
-    pub desired: u32,
-    pub reason: &'static str,
-    pub at: Instant,
 }
 
 impl SharedGate {
-    pub fn new(capacity: u32, max_depth: usize, metrics: ServiceMetrics) -> Arc<Self> {
-        Self::with_sessions(capacity, max_depth, metrics, None)
-    }
-
-    pub fn with_sessions(
-        capacity: u32,
-        max_depth: usize,
-        metrics: ServiceMetrics,
-        sessions: Option<Arc<Sessions>>,
-    ) -> Arc<Self> {
+    pub fn new(capacity: u32, max_depth: usize, observer: Arc<dyn Observer>) -> Arc<Self> {
         // Every state has a series from the start, zero endpoints included.
-        metrics.set_endpoints(0, 0, 0, 0);
+        observer.endpoints(EndpointCounts::default());
         Arc::new(Self {
             gate: Mutex::new(Gate::new(capacity, max_depth)),
             backend_error: Mutex::new(None),
-            metrics,
+            observer,
             demand: Notify::new(),
             cold_since: Mutex::new(None),
-            last_scale: Mutex::new(None),
-            recent: Recent::default(),
-            sessions,
-            quarantine: std::sync::OnceLock::new(),
         })
     }
 
-    /// Sets the quarantine policy (once, when the service is built).
-    pub fn set_quarantine_policy(&self, policy: Option<Arc<crate::forward::quarantine::Policy>>) {
-        if let Some(policy) = policy {
-            let _ = self.quarantine.set(policy);
-        }
+    /// Who watches this gate (the service's metrics).
+    pub fn observer(&self) -> &dyn Observer {
+        &*self.observer
     }
 
-    pub fn quarantine_policy(&self) -> Option<Arc<crate::forward::quarantine::Policy>> {
-        self.quarantine.get().cloned()
-    }
-
-    /// Locks the gate. A panic while holding the lock cannot leave the gate
-    /// half-updated (its methods do not panic), so a poisoned lock is used as is.
+    /// Locks the gate (see [`lock`]: its methods do not panic).
     fn lock(&self) -> MutexGuard<'_, Gate<Waiter>> {
         lock(&self.gate)
     }
@@ -141,7 +140,7 @@ impl SharedGate {
                 return Ok(slot);
             }
             let (tx, rx) = oneshot::channel();
-            let now = tokio::time::Instant::now().into_std();
+            let now = Instant::now();
             if gate.enqueue_pinned(ticket, pin, tx, now).is_err() {
                 return Err(ProxyError::QueueFull(gate.queue_depth()));
             }
@@ -183,16 +182,8 @@ impl SharedGate {
     /// cold start (`sdgate_cold_start_seconds`, from the first waiting request).
     fn cold_start_ended(&self) {
         if let Some(since) = lock(&self.cold_since).take() {
-            self.metrics.cold_start.observe(since.elapsed().as_secs_f64());
+            self.observer.cold_start(since.elapsed());
         }
-    }
-
-    pub fn record_scale(&self, desired: u32, reason: &'static str) {
-        *lock(&self.last_scale) = Some(ScaleEvent { desired, reason, at: tokio::time::Instant::now().into_std() });
-    }
-
-    pub fn last_scale(&self) -> Option<ScaleEvent> {
-        lock(&self.last_scale).clone()
     }
 
     /// Stops giving an endpoint new requests (scale-down); waiters pinned to
@@ -272,7 +263,7 @@ impl SharedGate {
         self.lock().record_failure(id)
     }
 
-    fn release(self: &Arc<Self>, endpoint: EndpointId, answered: bool) {
+    pub(super) fn release(self: &Arc<Self>, endpoint: EndpointId, answered: bool) {
         let mut gate = self.lock();
         if answered {
             gate.release_answered(endpoint);
@@ -296,8 +287,7 @@ impl SharedGate {
     }
 
     fn publish(&self, gate: &Gate<Waiter>) {
-        self.metrics.queue_depth.set(gate.queue_depth() as i64);
-        self.metrics.inflight.set(i64::from(gate.inflight()));
+        self.observer.queue(gate.queue_depth(), gate.inflight());
     }
 
     fn publish_endpoints(&self, gate: &Gate<Waiter>) {
@@ -305,16 +295,8 @@ impl SharedGate {
         let draining = gate.endpoints().iter().filter(|e| e.draining).count();
         let quarantined = gate.endpoints().iter().filter(|e| !e.draining && e.quarantined > 0).count();
         let not_ready = gate.endpoints().len() - ready - draining - quarantined;
-        self.metrics.set_endpoints(ready, not_ready, draining, quarantined);
+        self.observer.endpoints(EndpointCounts { ready, not_ready, draining, quarantined });
     }
-
-    pub fn metrics(&self) -> &ServiceMetrics {
-        &self.metrics
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Removes a waiter from the queue if its future is dropped (client gone).
@@ -342,61 +324,5 @@ impl LeaveQueueOnDrop<'_> {
 impl Drop for LeaveQueueOnDrop<'_> {
     fn drop(&mut self) {
         self.leave();
-    }
-}
-
-/// The right to have one request on one pod; dropping it frees the room.
-pub struct Slot {
-    gate: Arc<SharedGate>,
-    grant: Grant,
-    armed: bool,
-    /// The pod answered in full (ends a run of failures on release).
-    answered: bool,
-}
-
-impl Slot {
-    fn new(gate: Arc<SharedGate>, grant: Grant) -> Self {
-        Self { gate, grant, armed: true, answered: false }
-    }
-
-    /// A slot-less stand-in for requests that skip the gate.
-    pub fn bypass(gate: Arc<SharedGate>, grant: Grant) -> Self {
-        Self { gate, grant, armed: false, answered: false }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.grant.addr
-    }
-
-    /// Holds a pod's room (false for a bypass request's stand-in).
-    pub fn is_armed(&self) -> bool {
-        self.armed
-    }
-
-    /// Frees the slot of an exchange the pod answered in full.
-    pub fn answered(mut self) {
-        self.answered = true;
-    }
-
-    pub fn endpoint(&self) -> EndpointId {
-        self.grant.endpoint
-    }
-
-    pub fn gate(&self) -> &Arc<SharedGate> {
-        &self.gate
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if self.armed {
-            self.gate.release(self.grant.endpoint, self.answered);
-        }
-    }
-}
-
-impl std::fmt::Debug for Slot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slot").field("grant", &self.grant).field("armed", &self.armed).finish()
     }
 }

@@ -3,6 +3,13 @@
 //! Per-service handles are resolved once, so the hot path only touches
 //! atomics; only `requests_total{code}` looks up a label per request.
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::{lock, UpstreamFailure};
+use crate::gate::{EndpointCounts, Observer};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -30,10 +37,8 @@ pub struct Metrics {
     reloads: IntCounterVec,
 }
 
-/// Every `sdgate_upstream_errors_total{kind}`: each has a series from the start.
-pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "failed", "timeout", "reset"];
-
-/// The metrics of one service.
+/// The metrics of one service, and what its status page shows of its
+/// recent past (answers of the last minute, the last scale decision).
 #[derive(Clone)]
 pub struct ServiceMetrics {
     service: String,
@@ -50,6 +55,18 @@ pub struct ServiceMetrics {
     pub desired_replicas: IntGauge,
     pub cold_start: Histogram,
     affinity: IntCounterVec,
+    /// Recent answers, for rates and percentiles on the status page.
+    pub recent: Arc<Recent>,
+    /// The autoscaler's latest change, for the status page.
+    last_scale: Arc<Mutex<Option<ScaleEvent>>>,
+}
+
+/// A change of the desired replica count and why.
+#[derive(Clone, Debug)]
+pub struct ScaleEvent {
+    pub desired: u32,
+    pub reason: &'static str,
+    pub at: Instant,
 }
 
 impl Metrics {
@@ -156,8 +173,8 @@ impl Metrics {
 
     pub fn service(&self, service: &str) -> ServiceMetrics {
         // Dashboards and alerts see every error kind at 0 before the first one.
-        for kind in UPSTREAM_ERROR_KINDS {
-            self.upstream_errors.with_label_values(&[service, kind]);
+        for kind in UpstreamFailure::ALL {
+            self.upstream_errors.with_label_values(&[service, kind.as_str()]);
         }
         self.quarantined.with_label_values(&[service]);
         ServiceMetrics {
@@ -174,6 +191,8 @@ impl Metrics {
             desired_replicas: self.desired_replicas.with_label_values(&[service]),
             cold_start: self.cold_start.with_label_values(&[service]),
             affinity: self.affinity.clone(),
+            recent: Arc::default(),
+            last_scale: Arc::default(),
         }
     }
 
@@ -210,22 +229,44 @@ impl ServiceMetrics {
         self.affinity.with_label_values(&[&self.service, result]).inc();
     }
 
-    pub fn upstream_error(&self, kind: &str) {
-        self.upstream_errors.with_label_values(&[&self.service, kind]).inc();
+    /// The autoscaler changed the desired replica count.
+    pub fn record_scale(&self, desired: u32, reason: &'static str) {
+        *lock(&self.last_scale) = Some(ScaleEvent { desired, reason, at: Instant::now() });
     }
 
-    /// Endpoints by state: ready (taking requests), not_ready (starting or
-    /// failing its probe), draining (finishing its requests before it goes),
-    /// quarantined (maybe still busy with a job sdgate gave up on).
-    pub fn set_endpoints(&self, ready: usize, not_ready: usize, draining: usize, quarantined: usize) {
+    pub fn last_scale(&self) -> Option<ScaleEvent> {
+        lock(&self.last_scale).clone()
+    }
+}
+
+/// The gate's numbers become the service's gauges.
+impl Observer for ServiceMetrics {
+    fn queue(&self, depth: usize, inflight: u32) {
+        self.queue_depth.set(depth as i64);
+        self.inflight.set(i64::from(inflight));
+    }
+
+    /// `sdgate_endpoints{state}`: ready (taking requests), not_ready (starting
+    /// or failing its probe), draining (finishing its requests before it
+    /// goes), quarantined (maybe still busy with a job sdgate gave up on).
+    fn endpoints(&self, counts: EndpointCounts) {
+        let EndpointCounts { ready, not_ready, draining, quarantined } = counts;
         self.endpoints.with_label_values(&[&self.service, "ready"]).set(ready as i64);
         self.endpoints.with_label_values(&[&self.service, "not_ready"]).set(not_ready as i64);
         self.endpoints.with_label_values(&[&self.service, "draining"]).set(draining as i64);
         self.endpoints.with_label_values(&[&self.service, "quarantined"]).set(quarantined as i64);
     }
 
-    /// A pod went into quarantine (`sdgate_quarantined_total`).
-    pub fn quarantined(&self) {
+    fn cold_start(&self, took: Duration) {
+        self.cold_start.observe(took.as_secs_f64());
+    }
+
+    fn upstream_failed(&self, failure: UpstreamFailure) {
+        self.upstream_errors.with_label_values(&[&self.service, failure.as_str()]).inc();
+    }
+
+    /// `sdgate_quarantined_total`.
+    fn quarantined(&self) {
         self.quarantined.with_label_values(&[&self.service]).inc();
     }
 }
@@ -278,7 +319,7 @@ fn code_label(code: u16) -> &'static str {
 /// on the status page; Prometheus has the full history.
 #[derive(Default)]
 pub struct Recent {
-    answers: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u16, f32)>>,
+    answers: Mutex<std::collections::VecDeque<(Instant, u16, f32)>>,
 }
 
 /// What [`Recent`] reports.
@@ -294,13 +335,13 @@ pub struct RecentSummary {
     pub latency_seconds: std::collections::BTreeMap<&'static str, f64>,
 }
 
-const RECENT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+const RECENT_WINDOW: Duration = Duration::from_secs(60);
 const RECENT_MAX: usize = 4096;
 
 impl Recent {
     /// One answer with `code`, given at `now` after `took`.
-    pub fn record(&self, now: std::time::Instant, code: u16, took: std::time::Duration) {
-        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn record(&self, now: Instant, code: u16, took: Duration) {
+        let mut answers = lock(&self.answers);
         if answers.len() == RECENT_MAX {
             answers.pop_front();
         }
@@ -308,13 +349,11 @@ impl Recent {
     }
 
     pub fn summary(&self) -> RecentSummary {
-        let now = std::time::Instant::now();
-        let answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let answers = lock(&self.answers);
         let recent: Vec<_> = answers.iter().filter(|(t, _, _)| now.duration_since(*t) <= RECENT_WINDOW).collect();
-        let window = recent
-            .first()
-            .map_or(RECENT_WINDOW, |(t, _, _)| now.duration_since(*t))
-            .max(std::time::Duration::from_secs(1));
+        let window =
+            recent.first().map_or(RECENT_WINDOW, |(t, _, _)| now.duration_since(*t)).max(Duration::from_secs(1));
         let mut codes = std::collections::BTreeMap::new();
         for (_, code, _) in &recent {
             *codes.entry(*code).or_insert(0) += 1;
@@ -351,11 +390,11 @@ mod tests {
     #[test]
     fn recent_percentiles_are_those_of_the_sorted_latencies() {
         let recent = Recent::default();
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let mut took: Vec<u64> = (0..1000).map(|_| fastrand::u64(1..10_000)).collect();
         for (i, millis) in took.iter().enumerate() {
             let code = if i % 10 == 0 { 503 } else { 200 };
-            recent.record(now, code, std::time::Duration::from_millis(*millis));
+            recent.record(now, code, Duration::from_millis(*millis));
         }
         took.sort_unstable();
         let summary = recent.summary();
@@ -363,7 +402,7 @@ mod tests {
         assert_eq!(summary.codes.get(&503), Some(&100));
         assert!((summary.success_rate - 0.9).abs() < 1e-9);
         for (name, index) in [("p50", 500), ("p90", 899), ("p95", 949), ("p99", 989)] {
-            let expected = std::time::Duration::from_millis(took[index]).as_secs_f32();
+            let expected = Duration::from_millis(took[index]).as_secs_f32();
             assert_eq!(summary.latency_seconds[name], f64::from(expected), "{name}");
         }
     }

@@ -4,16 +4,49 @@
 //! [`History`] keeps the last five minutes of the figures the dashboard
 //! charts (`/status/history`), so a page opened now starts with them.
 
-use std::borrow::Borrow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
+use tokio::time::Instant;
 
-use crate::gate::EndpointId;
-use crate::observe::metrics::RecentSummary;
-use crate::proxy::{Proxy, Service};
+use crate::error::lock;
+use crate::gate::{EndpointId, Sessions, SharedGate};
+use crate::observe::metrics::{RecentSummary, ServiceMetrics};
+
+/// What the status page is taken of: the proxy's services and routes as they
+/// stand. The proxy implements it, so observers read the request path
+/// without depending on it.
+pub trait Observed: Send + Sync {
+    /// The services in force, in config order.
+    fn services(&self) -> Vec<ServiceView>;
+    /// The config's routes (a service's own hosts are not listed).
+    fn routes(&self) -> Vec<RouteStatus>;
+    /// The latest config reload, if any.
+    fn last_reload(&self) -> Option<Reloaded>;
+}
+
+/// One service as the status page reads it.
+pub struct ServiceView {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub container_concurrency: u32,
+    pub gate: Arc<SharedGate>,
+    pub metrics: ServiceMetrics,
+    /// Its pins, when it has session affinity.
+    pub sessions: Option<Arc<Sessions>>,
+}
+
+/// A reload's outcome, for /status.
+#[derive(Clone, Debug, Serialize)]
+pub struct Reloaded {
+    /// Unix seconds.
+    pub at: u64,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
 
 #[derive(Serialize)]
 pub struct Status {
@@ -22,7 +55,7 @@ pub struct Status {
     /// The config's `routes` (a service's own hosts are not listed here).
     pub routes: Vec<RouteStatus>,
     /// The latest config reload, if any.
-    pub last_reload: Option<crate::proxy::Reloaded>,
+    pub last_reload: Option<Reloaded>,
 }
 
 #[derive(Serialize)]
@@ -75,42 +108,18 @@ pub struct EndpointStatus {
 }
 
 impl Status {
-    pub fn of(proxy: &Proxy, started: Instant) -> Self {
-        let table = proxy.table();
-        // Routes of one (a service's own hosts) come after the config's.
-        let configured = table.routes.len().saturating_sub(table.services.len());
-        let routes = table.routes[..configured]
-            .iter()
-            .map(|route| {
-                let counts: Vec<u64> = route.split.iter().map(|s| s.recent.last_minute()).collect();
-                let total = counts.iter().sum::<u64>().max(1) as f64;
-                let split = route
-                    .split
-                    .iter()
-                    .zip(counts)
-                    .map(|(split, count)| SplitStatus {
-                        service: split.service.config.name.clone(),
-                        weight: split.weight,
-                        requests_last_minute: count,
-                        share_last_minute: count as f64 / total,
-                    })
-                    .collect();
-                RouteStatus { name: route.name.clone(), split }
-            })
-            .collect();
+    pub fn of(observed: &dyn Observed, started: Instant) -> Self {
         Self {
             uptime_seconds: started.elapsed().as_secs_f64(),
-            services: table.services.iter().map(ServiceStatus::of).collect(),
-            routes,
-            last_reload: proxy.last_reload(),
+            services: observed.services().iter().map(ServiceStatus::of).collect(),
+            routes: observed.routes(),
+            last_reload: observed.last_reload(),
         }
     }
 }
 
 impl ServiceStatus {
-    /// `service` as the proxy holds it (`Borrow`: by value or in an `Arc`).
-    fn of(service: &impl Borrow<Service>) -> Self {
-        let service = service.borrow();
+    fn of(service: &ServiceView) -> Self {
         let gate = &service.gate;
         let now = Instant::now();
         let (queue_depth, oldest_wait_seconds, inflight, ready_replicas, endpoints) = gate.inspect(|g| {
@@ -127,28 +136,28 @@ impl ServiceStatus {
                         "not_ready"
                     },
                     inflight: e.inflight,
-                    sessions: gate.sessions.as_ref().map_or(0, |s| s.count_for(e.id, now)),
+                    sessions: service.sessions.as_ref().map_or(0, |s| s.count_for(e.id, now)),
                     served: e.served,
                 })
                 .collect();
             (g.queue_depth(), g.oldest_wait(now).map(|d| d.as_secs_f64()), g.inflight(), g.ready_count(), endpoints)
         });
         Self {
-            name: service.config.name.clone(),
-            hosts: service.config.hosts.clone(),
-            container_concurrency: service.config.container_concurrency,
+            name: service.name.clone(),
+            hosts: service.hosts.clone(),
+            container_concurrency: service.container_concurrency,
             queue_depth,
             oldest_wait_seconds,
             inflight,
-            desired_replicas: gate.metrics().desired_replicas.get(),
+            desired_replicas: service.metrics.desired_replicas.get(),
             ready_replicas,
-            last_scale: gate.last_scale().map(|event| LastScale {
+            last_scale: service.metrics.last_scale().map(|event| LastScale {
                 desired: event.desired,
                 reason: event.reason,
                 seconds_ago: event.at.elapsed().as_secs_f64(),
             }),
             endpoints,
-            recent: gate.recent.summary(),
+            recent: service.metrics.recent.summary(),
         }
     }
 }
@@ -236,32 +245,32 @@ pub struct HistorySample {
 }
 
 impl History {
-    pub fn new(proxy: &Proxy) -> Self {
-        let tracks = proxy
+    pub fn new(observed: &dyn Observed) -> Self {
+        let tracks = observed
             .services()
-            .iter()
-            .map(|service| Track { name: service.config.name.clone(), runs: VecDeque::new() })
+            .into_iter()
+            .map(|service| Track { name: service.name, runs: VecDeque::new() })
             .collect();
         Self { tracks: Mutex::new(tracks) }
     }
 
     /// Samples every service each [`HISTORY_PERIOD`], the first one at once;
     /// runs until aborted.
-    pub async fn run(self: Arc<Self>, proxy: Arc<Proxy>) {
+    pub async fn run(self: Arc<Self>, observed: Arc<dyn Observed>) {
         let mut sampler = Sampler::default();
         let mut tick = tokio::time::interval(HISTORY_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let now = Instant::now();
-            let figures = sampler.measure(&proxy, now);
+            let figures = sampler.measure(&*observed, now);
             self.record(&figures, now);
         }
     }
 
     /// Adds one sample per service (in the order of [`History::new`]).
     pub fn record(&self, figures: &[Figures], now: Instant) {
-        let mut tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tracks = lock(&self.tracks);
         for (track, figures) in tracks.iter_mut().zip(figures) {
             match track.runs.back_mut() {
                 Some(run) if run.figures == *figures => {
@@ -279,7 +288,7 @@ impl History {
 
     /// The samples of the last [`HISTORY_SPAN`], as of `now`.
     pub fn report(&self, now: Instant) -> HistoryReport {
-        let tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
+        let tracks = lock(&self.tracks);
         let services = tracks
             .iter()
             .map(|track| ServiceHistory { name: track.name.clone(), samples: track.samples(now) })
@@ -321,10 +330,10 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn measure(&mut self, proxy: &Proxy, now: Instant) -> Vec<Figures> {
+    fn measure(&mut self, observed: &dyn Observed, now: Instant) -> Vec<Figures> {
         let elapsed = self.at.map(|at| now.saturating_duration_since(at).as_secs_f64()).filter(|s| *s > 0.0);
         self.at = Some(now);
-        let services = proxy.services();
+        let services = observed.services();
         self.served.resize_with(services.len(), Vec::new);
         let mut figures = Vec::with_capacity(services.len());
         for (service, served) in services.iter().zip(&mut self.served) {
@@ -336,7 +345,7 @@ impl Sampler {
 
 /// One service's figures; `served` (the endpoints' counts at the previous
 /// sample, sorted by id) is replaced by the current counts.
-fn measure(service: &Service, served: &mut Vec<(EndpointId, u64)>, elapsed: Option<f64>) -> Figures {
+fn measure(service: &ServiceView, served: &mut Vec<(EndpointId, u64)>, elapsed: Option<f64>) -> Figures {
     let gate = &service.gate;
     let (queue_depth, inflight, ready_replicas, mut now_served) = gate.inspect(|g| {
         let counts: Vec<(EndpointId, u64)> = g.endpoints().iter().map(|e| (e.id, e.served)).collect();
@@ -355,14 +364,14 @@ fn measure(service: &Service, served: &mut Vec<(EndpointId, u64)>, elapsed: Opti
         (grown as f64 / elapsed) as f32
     });
     *served = now_served;
-    let recent = gate.recent.summary();
+    let recent = service.metrics.recent.summary();
     let latency = |name: &str| recent.latency_seconds.get(name).map(|s| *s as f32);
     Figures {
         requests_per_second: recent.requests_per_second as f32,
         served_per_second,
         queue_depth: u32::try_from(queue_depth).unwrap_or(u32::MAX),
         inflight,
-        desired_replicas: u32::try_from(gate.metrics().desired_replicas.get()).unwrap_or(0),
+        desired_replicas: u32::try_from(service.metrics.desired_replicas.get()).unwrap_or(0),
         ready_replicas: u32::try_from(ready_replicas).unwrap_or(u32::MAX),
         latency_seconds: Latency { p50: latency("p50"), p95: latency("p95"), p99: latency("p99") },
     }

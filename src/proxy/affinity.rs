@@ -12,10 +12,8 @@
 //!   never holds more than `max_sessions`, so a flood of new sessions cannot
 //!   exhaust memory.
 
-use std::collections::{HashMap, VecDeque};
 use std::io::Read;
-use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use cookie::{Cookie, SameSite};
@@ -24,7 +22,7 @@ use http::{header, HeaderMap, HeaderValue};
 use sha2::Sha256;
 
 use crate::config::AffinityConfig;
-use crate::gate::EndpointId;
+pub use crate::gate::pins::{SessionId, Sessions};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -39,7 +37,6 @@ const MAC_LEN: usize = 16;
 const TOKEN_LEN: usize = ID_LEN + EXPIRY_LEN + MAC_LEN;
 
 /// A session's identity: random, opaque, meaningful only to this table.
-pub type SessionId = [u8; ID_LEN];
 
 /// What a request's cookie (or session header) said.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,117 +224,6 @@ impl Affinity {
     }
 }
 
-/// The pin table: session -> pod, forgetting idle sessions, bounded in size.
-pub struct Sessions {
-    table: Mutex<Table>,
-    max: usize,
-    /// The idle timeout, in milliseconds (changed by a reload).
-    idle_ms: std::sync::atomic::AtomicU64,
-}
-
-#[derive(Default)]
-struct Table {
-    pins: HashMap<SessionId, Pin>,
-    /// Sessions in the order they were pinned: eviction candidates, oldest
-    /// first (a recently used one gets a second chance at the back).
-    order: VecDeque<SessionId>,
-}
-
-struct Pin {
-    endpoint: EndpointId,
-    last_used: Instant,
-}
-
-impl Sessions {
-    pub fn new(max: usize, idle: Duration) -> Self {
-        let idle_ms = std::sync::atomic::AtomicU64::new(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX));
-        Self { table: Mutex::new(Table::default()), max: max.max(1), idle_ms }
-    }
-
-    fn idle(&self) -> Duration {
-        Duration::from_millis(self.idle_ms.load(std::sync::atomic::Ordering::Relaxed))
-    }
-
-    /// A new idle timeout (`affinity.timeout` changed by a reload).
-    pub fn set_idle(&self, idle: Duration) {
-        let millis = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-        self.idle_ms.store(millis, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The pod a live session is pinned to.
-    pub fn get(&self, id: &SessionId, now: Instant) -> Option<EndpointId> {
-        let mut table = self.lock();
-        match table.pins.get(id) {
-            Some(pin) if now.saturating_duration_since(pin.last_used) < self.idle() => Some(pin.endpoint),
-            Some(_) => {
-                table.pins.remove(id);
-                None
-            }
-            None => None,
-        }
-    }
-
-    /// Pins (or re-pins, or refreshes) a session.
-    pub fn set(&self, id: SessionId, endpoint: EndpointId, now: Instant) {
-        let mut table = self.lock();
-        if let Some(pin) = table.pins.get_mut(&id) {
-            pin.endpoint = endpoint;
-            pin.last_used = now;
-            return;
-        }
-        while table.pins.len() >= self.max {
-            self.evict_one(&mut table, now);
-        }
-        table.pins.insert(id, Pin { endpoint, last_used: now });
-        table.order.push_back(id);
-    }
-
-    /// Drops the oldest-pinned session, unless it was used within the last
-    /// tenth of the idle timeout (then it goes to the back, once per pass).
-    fn evict_one(&self, table: &mut Table, now: Instant) {
-        let recent = self.idle() / 10;
-        // A bounded look for a second chance: under a flood every session is
-        // recent, and scanning them all per insert would be quadratic.
-        for _ in 0..table.order.len().min(8) {
-            let Some(id) = table.order.pop_front() else { break };
-            let Some(pin) = table.pins.get(&id) else { continue };
-            if now.saturating_duration_since(pin.last_used) < recent {
-                table.order.push_back(id);
-                continue;
-            }
-            table.pins.remove(&id);
-            return;
-        }
-        // Every session is in active use: drop the oldest pinned anyway.
-        while let Some(id) = table.order.pop_front() {
-            if table.pins.remove(&id).is_some() {
-                return;
-            }
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().pins.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Live sessions pinned to `endpoint` (linear: for status and scale-down).
-    pub fn count_for(&self, endpoint: EndpointId, now: Instant) -> usize {
-        self.lock()
-            .pins
-            .values()
-            .filter(|p| p.endpoint == endpoint && now.saturating_duration_since(p.last_used) < self.idle())
-            .count()
-    }
-}
-
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -418,35 +304,5 @@ mod tests {
         for junk in ["", "zz", "not hex at all", &"a".repeat(TOKEN_LEN * 2), &"0".repeat(TOKEN_LEN * 2 + 2)] {
             assert_eq!(signer().verify(junk, 0), None, "{junk:?}");
         }
-    }
-
-    #[test]
-    fn the_pin_table_forgets_idle_sessions() {
-        let sessions = Sessions::new(10, Duration::from_secs(60));
-        let now = Instant::now();
-        sessions.set([1; ID_LEN], EndpointId(1), now);
-        assert_eq!(sessions.get(&[1; ID_LEN], now + Duration::from_secs(59)), Some(EndpointId(1)));
-        assert_eq!(sessions.get(&[1; ID_LEN], now + Duration::from_secs(61)), None);
-        assert!(sessions.is_empty());
-    }
-
-    #[test]
-    fn the_pin_table_stays_within_its_bound_and_keeps_active_sessions() {
-        let sessions = Sessions::new(100, Duration::from_secs(1800));
-        let start = Instant::now();
-        let active = [0xAA; ID_LEN];
-        sessions.set(active, EndpointId(9), start);
-        for i in 0..10_000u32 {
-            let now = start + Duration::from_millis(u64::from(i) * 100);
-            let mut id = [0u8; ID_LEN];
-            id[..4].copy_from_slice(&i.to_le_bytes());
-            sessions.set(id, EndpointId(1), now);
-            if i % 50 == 0 {
-                sessions.set(active, EndpointId(9), now);
-            }
-            assert!(sessions.len() <= 100);
-        }
-        let end = start + Duration::from_millis(999_900);
-        assert_eq!(sessions.get(&active, end), Some(EndpointId(9)), "an active session survives the flood");
     }
 }

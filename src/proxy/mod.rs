@@ -6,29 +6,37 @@ pub mod routes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{header, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use tokio::time::Instant as TokioInstant;
+use tokio::time::Instant;
 
 use crate::body::{Buffered, ResponseBody};
 use crate::config::{AffinityMode, Config, Limits, ServiceConfig};
 use crate::error::ProxyError;
-use crate::forward::{self, ExchangeError, Forwarder, Peer, ReplayableBody, RequestBody};
+use crate::forward::quarantine::Policy;
+use crate::forward::{self, ExchangeError, Forwarder, Peer};
 use crate::gate::{EndpointId, Pin, Ticket};
 use crate::gate::{SharedGate, Slot};
 use crate::observe::metrics::Metrics;
+use crate::observe::metrics::ServiceMetrics;
+use crate::observe::status::{Observed, Reloaded, RouteStatus, ServiceView, SplitStatus};
+use crate::pod::{ReplayableBody, RequestBody};
 use crate::proxy::affinity::{Affinity, Presented, SessionId, Signer};
 use crate::proxy::router::Router;
 use crate::proxy::routes::{Route, Split, Window};
 
-/// One configured service, its gate and its session affinity.
+/// One configured service: its gate, its metrics, its session affinity and
+/// how its pods are checked after sdgate gave up on an exchange.
 pub struct Service {
     pub config: ServiceConfig,
     pub gate: Arc<SharedGate>,
+    pub metrics: ServiceMetrics,
     pub affinity: Option<Arc<Affinity>>,
+    /// The quarantine policy each exchange takes with it.
+    pub quarantine: Option<Arc<Policy>>,
 }
 
 /// The session a request belongs to, for a service with affinity.
@@ -44,7 +52,7 @@ impl SessionRequest {
     fn of(affinity: &Affinity, headers: &http::HeaderMap, bypass: bool) -> Option<Self> {
         let presented = affinity.presented(headers);
         let (id, pinned) = match presented {
-            Presented::Valid(id) => (id, affinity.sessions.get(&id, tokio::time::Instant::now().into_std())),
+            Presented::Valid(id) => (id, affinity.sessions.get(&id, Instant::now())),
             _ if bypass => return None,
             _ => (affinity.new_session(), None),
         };
@@ -53,7 +61,7 @@ impl SessionRequest {
 
     /// Records where the request went; returns the `sdgate_affinity_total` result.
     fn settle(&self, affinity: &Affinity, endpoint: EndpointId) -> &'static str {
-        affinity.sessions.set(self.id, endpoint, tokio::time::Instant::now().into_std());
+        affinity.sessions.set(self.id, endpoint, Instant::now());
         match (self.presented, self.pinned) {
             (Presented::Invalid, _) => "invalid",
             (Presented::Nothing, _) => "new",
@@ -67,25 +75,14 @@ impl SessionRequest {
 pub struct Proxy {
     /// Routes and services; replaced whole by a reload.
     table: std::sync::RwLock<Arc<Table>>,
-    /// One pod connection pool per serving thread, so a request and its
-    /// pod connection live on the same thread.
-    forwarders: Vec<Forwarder>,
+    /// Sends requests to pods, on the pod client shared by all threads.
+    forwarder: Forwarder,
     limits: Limits,
     metrics: Metrics,
     /// Dispatches to pods (false on a standby replica: see `leader`).
     active: std::sync::atomic::AtomicBool,
     /// The latest reload: when, and its error if it was refused.
     last_reload: std::sync::Mutex<Option<Reloaded>>,
-}
-
-/// A reload's outcome, for /status.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Reloaded {
-    /// Unix seconds.
-    pub at: u64,
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
 }
 
 /// What requests are routed by: the routes (a config's `routes`, then each
@@ -123,7 +120,13 @@ impl Table {
                         (Some(old), Some(new)) => Some(Arc::new(old.reconfigured(new.clone()))),
                         _ => None,
                     };
-                    let built = Arc::new(Service { config: service.clone(), gate: old.gate.clone(), affinity });
+                    let built = Arc::new(Service {
+                        config: service.clone(),
+                        gate: old.gate.clone(),
+                        metrics: old.metrics.clone(),
+                        affinity,
+                        quarantine: Policy::of(service),
+                    });
                     changes.changed.push(built.clone());
                     built
                 }
@@ -196,14 +199,10 @@ impl Service {
             }
             None => None,
         };
-        let gate = SharedGate::with_sessions(
-            service.container_concurrency,
-            service.queue.max_depth,
-            metrics.service(&service.name),
-            affinity.as_ref().map(|a| a.sessions.clone()),
-        );
-        gate.set_quarantine_policy(crate::forward::quarantine::Policy::of(service));
-        Ok(Self { config: service.clone(), gate, affinity })
+        let metrics = metrics.service(&service.name);
+        let observer: Arc<dyn crate::gate::Observer> = Arc::new(metrics.clone());
+        let gate = SharedGate::new(service.container_concurrency, service.queue.max_depth, observer);
+        Ok(Self { config: service.clone(), gate, metrics, affinity, quarantine: Policy::of(service) })
     }
 }
 
@@ -238,11 +237,11 @@ struct Trace {
 impl Proxy {
     pub fn new(config: &Config, metrics: Metrics) -> anyhow::Result<Self> {
         let (table, _) = Table::build(config, &metrics, None)?;
-        let forwarders = (0..crate::serve::threads::count(config.threads)).map(|_| Forwarder::new()).collect();
+        let forwarder = Forwarder::default();
         let active = std::sync::atomic::AtomicBool::new(config.leader_election.is_none());
         let table = std::sync::RwLock::new(Arc::new(table));
         let last_reload = std::sync::Mutex::new(None);
-        Ok(Self { table, forwarders, limits: config.limits.clone(), metrics, active, last_reload })
+        Ok(Self { table, forwarder, limits: config.limits.clone(), metrics, active, last_reload })
     }
 
     /// Counts a reload (`sdgate_config_reloads_total`) and keeps it for /status.
@@ -250,11 +249,11 @@ impl Proxy {
         self.metrics.reloaded(if error.is_none() { "ok" } else { "error" });
         let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let record = Reloaded { at, ok: error.is_none(), error };
-        *self.last_reload.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(record);
+        *crate::error::lock(&self.last_reload) = Some(record);
     }
 
     pub fn last_reload(&self) -> Option<Reloaded> {
-        self.last_reload.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        crate::error::lock(&self.last_reload).clone()
     }
 
     /// The routes and services in force.
@@ -269,11 +268,6 @@ impl Proxy {
         let (next, changes) = Table::build(config, &self.metrics, Some(&table))?;
         *table = Arc::new(next);
         Ok(changes)
-    }
-
-    /// The pod connection pool of the serving thread this runs on.
-    fn forwarder(&self) -> &Forwarder {
-        &self.forwarders[crate::serve::threads::current() % self.forwarders.len()]
     }
 
     pub fn services(&self) -> Vec<Arc<Service>> {
@@ -316,8 +310,8 @@ impl Proxy {
         let response = match self.serve(&service, request, &peer, &mut record.trace, admitted).await {
             Ok(response) => response,
             Err(error) => {
-                if let Some(kind) = error.upstream_kind() {
-                    service.gate.metrics().upstream_error(kind);
+                if let Some(failure) = error.upstream_failure() {
+                    crate::gate::Observer::upstream_failed(&service.metrics, failure);
                 }
                 error.into_response(Some(&service.config.name))
             }
@@ -451,19 +445,17 @@ impl Proxy {
             // Only the log line says how long the pod took.
             let sent = tracing::enabled!(tracing::Level::INFO).then(Instant::now);
             let on_abandon = match (&service.config.interrupt_on_disconnect, bypass) {
-                (Some(path), false) => Some(self.forwarder().interrupt(slot.addr(), path, host.as_ref())),
+                (Some(path), false) => Some(self.forwarder.interrupt(slot.addr(), path, host.as_ref())),
                 _ => None,
             };
-            let outcome = self
-                .forwarder()
-                .exchange(slot, request, self.exchange_limits(service), upgrade.take(), on_abandon)
-                .await;
+            let outcome =
+                self.forwarder.exchange(slot, request, self.exchange_limits(service), upgrade.take(), on_abandon).await;
             trace.upstream = sent.map(|sent| sent.elapsed());
             match outcome {
                 Ok(mut response) => {
                     if let (Some(affinity), Some(session)) = (&service.affinity, &session) {
                         if let Some(result) = affinity_result {
-                            service.gate.metrics().affinity(result);
+                            service.metrics.affinity(result);
                         }
                         if let Some(cookie) = affinity.set_cookie(&session.id, secure) {
                             response.headers_mut().append(http::header::SET_COOKIE, cookie);
@@ -515,6 +507,7 @@ impl Proxy {
         forward::ExchangeLimits {
             request_timeout: service.config.request_timeout,
             buffer_response_bytes: self.limits.buffer_response_bytes,
+            quarantine: service.quarantine.clone(),
         }
     }
 
@@ -560,15 +553,15 @@ struct Queued {
 /// A request's place in its service's queue, and when its wait ends.
 struct Place {
     ticket: Ticket,
-    arrived: TokioInstant,
-    deadline: TokioInstant,
+    arrived: Instant,
+    deadline: Instant,
 }
 
 impl Place {
     fn take(service: &Service, trace: &mut Trace) -> Self {
         let ticket = service.gate.arrive();
-        let arrived = TokioInstant::now();
-        trace.arrived = Some(arrived.into_std());
+        let arrived = Instant::now();
+        trace.arrived = Some(arrived);
         Self { ticket, arrived, deadline: arrived + service.config.queue.timeout }
     }
 
@@ -578,7 +571,7 @@ impl Place {
             trace.queue_wait = Some(Duration::ZERO);
             return Ok(slot);
         }
-        let left = self.deadline.saturating_duration_since(TokioInstant::now());
+        let left = self.deadline.saturating_duration_since(Instant::now());
         let acquired = service.gate.acquire_pinned(self.ticket, pin, left).await;
         trace.queue_wait = Some(self.arrived.elapsed());
         match acquired {
@@ -640,13 +633,12 @@ impl Record {
 
     fn record(&mut self, status: u16) {
         self.done = true;
-        let gate = &self.service.gate;
-        let metrics = gate.metrics();
+        let metrics = &self.service.metrics;
         let now = Instant::now();
         let took = now.saturating_duration_since(self.start);
         metrics.answered(status);
         metrics.duration.observe(took.as_secs_f64());
-        gate.recent.record(now, status, took);
+        metrics.recent.record(now, status, took);
         // A request that left while queued waited until it left.
         let queue_wait = self.trace.queue_wait.or_else(|| self.trace.arrived.map(|t| t.elapsed()));
         metrics.queue_wait.observe(queue_wait.unwrap_or_default().as_secs_f64());
@@ -703,4 +695,51 @@ fn request_id<B>(request: &mut Request<B>) -> http::HeaderValue {
 
 fn millis(duration: Option<Duration>) -> f64 {
     duration.map_or(0.0, |d| (d.as_secs_f64() * 1e4).round() / 10.0)
+}
+
+/// What the status page reads of the proxy.
+impl Observed for Proxy {
+    fn services(&self) -> Vec<ServiceView> {
+        self.table()
+            .services
+            .iter()
+            .map(|service| ServiceView {
+                name: service.config.name.clone(),
+                hosts: service.config.hosts.clone(),
+                container_concurrency: service.config.container_concurrency,
+                gate: service.gate.clone(),
+                metrics: service.metrics.clone(),
+                sessions: service.affinity.as_ref().map(|a| a.sessions.clone()),
+            })
+            .collect()
+    }
+
+    fn routes(&self) -> Vec<RouteStatus> {
+        let table = self.table();
+        // Routes of one (a service's own hosts) come after the config's.
+        let configured = table.routes.len().saturating_sub(table.services.len());
+        table.routes[..configured]
+            .iter()
+            .map(|route| {
+                let counts: Vec<u64> = route.split.iter().map(|s| s.recent.last_minute()).collect();
+                let total = counts.iter().sum::<u64>().max(1) as f64;
+                let split = route
+                    .split
+                    .iter()
+                    .zip(counts)
+                    .map(|(split, count)| SplitStatus {
+                        service: split.service.config.name.clone(),
+                        weight: split.weight,
+                        requests_last_minute: count,
+                        share_last_minute: count as f64 / total,
+                    })
+                    .collect();
+                RouteStatus { name: route.name.clone(), split }
+            })
+            .collect()
+    }
+
+    fn last_reload(&self) -> Option<Reloaded> {
+        Proxy::last_reload(self)
+    }
 }

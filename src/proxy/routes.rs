@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http::HeaderMap;
 use prometheus::IntCounter;
@@ -73,7 +73,7 @@ impl Route {
 fn holds_session(service: &Service, headers: &HeaderMap) -> bool {
     let Some(affinity) = &service.affinity else { return false };
     match affinity.presented(headers) {
-        Presented::Valid(id) => affinity.sessions.get(&id, tokio::time::Instant::now().into_std()).is_some(),
+        Presented::Valid(id) => affinity.sessions.get(&id, Instant::now()).is_some(),
         _ => false,
     }
 }

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -37,7 +37,7 @@ const DASHBOARD: &str = include_str!("../observe/dashboard.html");
 /// It also runs the [`History`] sampler, which stops with it.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<AtomicBool>) {
     let started = Instant::now();
-    let history = Arc::new(History::new(&proxy));
+    let history = Arc::new(History::new(&*proxy));
     let _sampler = AbortOnDrop(tokio::spawn(history.clone().run(proxy.clone())));
     let mut reserve = std::fs::File::open("/dev/null").ok();
     let mut errors = AcceptErrors::new("admin");

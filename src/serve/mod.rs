@@ -105,12 +105,15 @@ fn settings_of(service: &proxy::Service) -> autoscale::Settings {
 impl ServiceControl {
     fn start(service: &proxy::Service) -> Result<Self> {
         let (desired_tx, desired) = watch::channel(service.config.scale.min);
-        let provider = provider::start(&service.config, service.gate.clone(), desired.clone())?;
+        let endpoints = provider::Endpoints::new(service.gate.clone())
+            .with_sessions(service.affinity.as_ref().map(|a| a.sessions.clone()));
+        let provider = provider::start(&service.config, endpoints, desired.clone())?;
         let (settings, settings_rx) = watch::channel(settings_of(service));
         let autoscaler = (service.config.scale.mode == ScaleMode::Builtin).then(|| {
             tokio::spawn(autoscale::run(
                 service.config.name.clone(),
                 service.gate.clone(),
+                service.metrics.clone(),
                 settings_rx,
                 service.config.scale.tick,
                 desired_tx,
@@ -200,7 +203,7 @@ impl Gateway {
         let timeouts = Timeouts::of(&config.limits);
         let budget = Arc::new(ConnectionBudget::new(max_client_connections()));
         let mut accept_errors = AcceptErrors::new("listen");
-        let mut at_limit_logged: Option<std::time::Instant> = None;
+        let mut at_limit_logged: Option<tokio::time::Instant> = None;
         // Told to every connection when the gateway shuts down; the drain is
         // over when they have all dropped their receiver (hyper-util's
         // `GracefulShutdown` cannot wait for a request still in the lobby).
@@ -245,7 +248,7 @@ impl Gateway {
                     };
                     let slot = budget.take();
                     if budget.full() && at_limit_logged.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1)) {
-                        at_limit_logged = Some(std::time::Instant::now());
+                        at_limit_logged = Some(tokio::time::Instant::now());
                         tracing::warn!(limit = budget.max, "client connections at their limit (descriptors kept for pods and the admin listener); new ones wait");
                     }
                     let _ = stream.set_nodelay(true);
@@ -827,7 +830,7 @@ impl Drop for BudgetSlot {
 pub(crate) struct AcceptErrors {
     listener: &'static str,
     since_logged: u64,
-    logged: Option<std::time::Instant>,
+    logged: Option<tokio::time::Instant>,
 }
 
 impl AcceptErrors {
@@ -844,7 +847,7 @@ impl AcceptErrors {
         if self.logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
             tracing::warn!(listener = self.listener, %error, errors = self.since_logged, "accept failed (errors counted since the last such line)");
             self.since_logged = 0;
-            self.logged = Some(std::time::Instant::now());
+            self.logged = Some(tokio::time::Instant::now());
         }
         match error.raw_os_error() {
             // The failure belongs to that one connection: go on at once.

@@ -4,19 +4,36 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::control::provider::drain::{self, Candidate};
-use crate::gate::EndpointId;
-use crate::gate::SharedGate;
+use crate::gate::{EndpointId, Sessions, SharedGate};
 
 /// Add, remove, mark ready or draining, report a backend error, and pick
 /// what to drain: all a provider may do to the gate.
 #[derive(Clone)]
 pub struct Endpoints {
     gate: Arc<SharedGate>,
+    /// The service's pins, when it has affinity: scale-down keeps the pods
+    /// that hold the most live sessions.
+    sessions: Option<Arc<Sessions>>,
+    /// The service's idle-check path: a pod sdgate has never used must pass
+    /// it before its first request.
+    idle_check: Option<Arc<str>>,
 }
 
 impl Endpoints {
     pub fn new(gate: Arc<SharedGate>) -> Self {
-        Self { gate }
+        Self { gate, sessions: None, idle_check: None }
+    }
+
+    /// Counts `sessions` when choosing what to drain.
+    pub fn with_sessions(mut self, sessions: Option<Arc<Sessions>>) -> Self {
+        self.sessions = sessions;
+        self
+    }
+
+    /// Checks a pod never used before at `path` before its first request.
+    pub fn with_idle_check(mut self, path: Option<&str>) -> Self {
+        self.idle_check = path.map(Arc::from);
+        self
     }
 
     /// A new endpoint, not ready until a probe says so.
@@ -60,8 +77,8 @@ impl Endpoints {
     }
 
     /// The service's idle-check path, if it has one.
-    pub fn idle_check_path(&self) -> Option<String> {
-        self.gate.quarantine_policy().map(|policy| policy.check.path.clone())
+    pub fn idle_check_path(&self) -> Option<Arc<str>> {
+        self.idle_check.clone()
     }
 
     /// Some endpoint may take requests.
@@ -78,8 +95,8 @@ impl Endpoints {
     /// The shared drain policy over `(key, endpoint)` pairs: the keys ordered
     /// cheapest to lose first (idle, not ready, fewest sessions, highest key).
     pub fn drain_order<K: Ord + Clone>(&self, candidates: &[(K, EndpointId)]) -> Vec<K> {
-        let now = tokio::time::Instant::now().into_std();
-        let sessions = |id| self.gate.sessions.as_ref().map_or(0, |s| s.count_for(id, now));
+        let now = tokio::time::Instant::now();
+        let sessions = |id| self.sessions.as_ref().map_or(0, |s| s.count_for(id, now));
         let states: Vec<(K, EndpointId, bool, bool)> = self.gate.inspect(|g| {
             candidates
                 .iter()

@@ -20,14 +20,12 @@ pub mod kubernetes;
 pub mod process;
 
 use std::future::Future;
-use std::sync::Arc;
 
 use anyhow::Result;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Backend, ServiceConfig};
-use crate::gate::SharedGate;
 
 pub use endpoints::Endpoints;
 
@@ -53,10 +51,12 @@ pub struct Running {
     stop: Option<oneshot::Sender<()>>,
 }
 
-/// Starts the provider the service's `backend` names.
-pub fn start(config: &ServiceConfig, gate: Arc<SharedGate>, desired: watch::Receiver<u32>) -> Result<Running> {
+/// Starts the provider the service's `backend` names, on the service's
+/// endpoints handle.
+pub fn start(config: &ServiceConfig, endpoints: Endpoints, desired: watch::Receiver<u32>) -> Result<Running> {
     let (stop_tx, stop) = oneshot::channel();
-    let cx = Context { service: config.clone(), endpoints: Endpoints::new(gate), desired, stop };
+    let endpoints = endpoints.with_idle_check(config.idle_check.as_ref().map(|check| check.path.as_str()));
+    let cx = Context { service: config.clone(), endpoints, desired, stop };
     let task = match &config.backend {
         Backend::Fixed(addrs) => tokio::spawn(fixed::Fixed::new(addrs)?.run(cx)),
         Backend::Process(backend) => tokio::spawn(process::Pool::new(backend.clone()).run(cx)),

@@ -1,0 +1,68 @@
+//! The [`Slot`]: the right to have one request on one pod.
+//!
+//! It is returned by `Drop`, never by remembering to call a release function
+//! (tower's `ConcurrencyLimit` permit, but owned by the upstream exchange
+//! rather than the client's future, because the pod stays busy after a client
+//! leaves).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::core::{EndpointId, Grant};
+use super::shell::SharedGate;
+
+/// The right to have one request on one pod; dropping it frees the room.
+pub struct Slot {
+    gate: Arc<SharedGate>,
+    grant: Grant,
+    pub(super) armed: bool,
+    /// The pod answered in full (ends a run of failures on release).
+    answered: bool,
+}
+
+impl Slot {
+    pub(super) fn new(gate: Arc<SharedGate>, grant: Grant) -> Self {
+        Self { gate, grant, armed: true, answered: false }
+    }
+
+    /// A slot-less stand-in for requests that skip the gate.
+    pub fn bypass(gate: Arc<SharedGate>, grant: Grant) -> Self {
+        Self { gate, grant, armed: false, answered: false }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.grant.addr
+    }
+
+    /// Holds a pod's room (false for a bypass request's stand-in).
+    pub fn is_armed(&self) -> bool {
+        self.armed
+    }
+
+    /// Frees the slot of an exchange the pod answered in full.
+    pub fn answered(mut self) {
+        self.answered = true;
+    }
+
+    pub fn endpoint(&self) -> EndpointId {
+        self.grant.endpoint
+    }
+
+    pub fn gate(&self) -> &Arc<SharedGate> {
+        &self.gate
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.armed {
+            self.gate.release(self.grant.endpoint, self.answered);
+        }
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("grant", &self.grant).field("armed", &self.armed).finish()
+    }
+}

@@ -1,0 +1,197 @@
+//! The pool of pod connections (see [`Pool`]).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::ThreadId;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use super::ReplayableBody;
+use crate::error::{chain, lock};
+
+/// Pod connections, HTTP/1.1 and kept alive, shared by every thread and by
+/// all who talk to pods. It takes the place of hyper-util's legacy client,
+/// whose per-request pool work (a hashed key, a boxed connect future,
+/// connection info in extensions, an absolute URI) cost about a sixth of a
+/// small request's CPU. A connection goes back once its answer has been read
+/// in full; one whose answer streams (server-sent events, large or upgraded)
+/// is closed at its end instead.
+///
+/// A connection belongs to its pod, not to a thread: a pod at cc=1 serving
+/// one request at a time sees one connection from sdgate (two while a probe
+/// or idle check overlaps a request), however many serving threads there
+/// are. Each thread still prefers a connection it opened itself (its driver
+/// task runs there, so the request and its connection wake each other
+/// without crossing threads) and takes another thread's only when it has
+/// none of its own.
+#[derive(Default)]
+pub struct Pool {
+    /// Keyed with foldhash, not SipHash: it is looked up twice per request
+    /// and its keys are the pods' addresses, not a client's input.
+    idle: Mutex<foldhash::HashMap<SocketAddr, Vec<Idle>>>,
+}
+
+struct Idle {
+    sender: http1::SendRequest<ReplayableBody>,
+    since: Instant,
+    /// The thread whose runtime drives the connection.
+    thread: ThreadId,
+}
+
+/// Below the keep-alive of uvicorn (5 s), which serves the SD WebUI, so a
+/// pooled connection is not reused just as the pod closes it.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections kept per pod.
+const POOL_MAX_IDLE: usize = 64;
+
+/// Why a request did not get its answer head from a pod.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection to the pod: nothing was sent; the request comes back.
+    #[error("{0}")]
+    Connect(String, Box<Request<ReplayableBody>>),
+    /// The connection failed with the request sent, at least in part.
+    #[error("{}", chain(.0))]
+    Http(hyper::Error),
+}
+
+impl Pool {
+    /// The pool every part of sdgate uses: one per process, as a pod's
+    /// connections are the pod's whoever sends on them.
+    pub fn shared() -> Arc<Pool> {
+        static SHARED: OnceLock<Arc<Pool>> = OnceLock::new();
+        SHARED.get_or_init(Arc::default).clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<SocketAddr, Vec<Idle>>> {
+        lock(&self.idle)
+    }
+
+    /// A fresh idle connection to `pod`: the most recently used one this
+    /// thread drives, else the most recently used one of any thread.
+    fn take(&self, pod: SocketAddr) -> Option<http1::SendRequest<ReplayableBody>> {
+        let mut idle = self.lock();
+        let list = idle.get_mut(&pod)?;
+        let now = Instant::now();
+        // Expired or closed ones go first (the oldest are a prefix).
+        let stale = list.partition_point(|entry| now.saturating_duration_since(entry.since) >= POOL_IDLE_TIMEOUT);
+        list.drain(..stale);
+        list.retain(|entry| !entry.sender.is_closed());
+        let here = std::thread::current().id();
+        let at = list.iter().rposition(|entry| entry.thread == here).or(list.len().checked_sub(1))?;
+        Some(list.remove(at).sender)
+    }
+
+    /// Idle connections kept to `pod` now (for tests and status).
+    pub fn idle_count(&self, pod: SocketAddr) -> usize {
+        self.lock().get(&pod).map_or(0, Vec::len)
+    }
+
+    /// Keeps a connection whose exchange is over for the next request.
+    pub fn put(&self, pod: SocketAddr, sender: http1::SendRequest<ReplayableBody>, thread: ThreadId) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        let list = idle.entry(pod).or_default();
+        // Oldest first: the expired ones are a prefix (one clock read per
+        // put, not one per idle connection).
+        let expired = list.partition_point(|entry| now.saturating_duration_since(entry.since) >= POOL_IDLE_TIMEOUT);
+        list.drain(..expired);
+        if list.len() < POOL_MAX_IDLE {
+            list.push(Idle { sender, since: now, thread });
+        }
+    }
+
+    /// A new connection to `pod`, or why there is none.
+    async fn connect(pod: SocketAddr) -> Result<http1::SendRequest<ReplayableBody>, String> {
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(pod)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(connect_error(&error)),
+            Err(_) => return Err(format!("tcp connect timed out after {CONNECT_TIMEOUT:?}")),
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) =
+            http1::handshake(TokioIo::new(stream)).await.map_err(|error| format!("handshake: {}", chain(&error)))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%pod, %error, "pod connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `request` (origin-form) to `pod` on an idle connection, else a
+    /// new one; a request an idle connection closed before sending goes on a
+    /// new one. Returns the answer head and its connection, which the caller
+    /// [`Pool::put`]s back once it has read the answer in full (with the
+    /// thread it was taken on: [`Sent::thread`]).
+    pub async fn send(
+        &self,
+        pod: SocketAddr,
+        mut request: Request<ReplayableBody>,
+    ) -> Result<(Response<Incoming>, Sent), SendError> {
+        loop {
+            let (mut sender, fresh) = match self.take(pod) {
+                Some(mut sender) => match sender.ready().await {
+                    Ok(()) => (sender, false),
+                    Err(_) => continue,
+                },
+                // Boxed: a new connection is rare (they are kept alive), and
+                // its future would otherwise add to every exchange's size.
+                None => match Box::pin(Self::connect(pod)).await {
+                    Ok(sender) => (sender, true),
+                    Err(reason) => return Err(SendError::Connect(reason, Box::new(request))),
+                },
+            };
+            if fresh && sender.ready().await.is_err() {
+                return Err(SendError::Connect("the pod closed the connection at once".into(), Box::new(request)));
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, Sent { sender, thread: std::thread::current().id() })),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if !fresh => request = unsent,
+                    Some(unsent) => {
+                        let reason = format!("closed before sending: {}", chain(error.error()));
+                        return Err(SendError::Connect(reason, Box::new(unsent)));
+                    }
+                    None => return Err(SendError::Http(error.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// A connection whose request went out, to give back with [`Pool::put`].
+pub struct Sent {
+    pub sender: http1::SendRequest<ReplayableBody>,
+    /// The thread that sent on it.
+    pub thread: ThreadId,
+}
+
+impl Sent {
+    /// Gives the connection back to `pool` for `pod`'s next request.
+    pub fn put_back(self, pool: &Pool, pod: SocketAddr) {
+        pool.put(pod, self.sender, self.thread);
+    }
+}
+
+/// A failed connect in a few words: "refused", "connect timed out",
+/// "unreachable", or the error.
+pub fn connect_error(error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::ConnectionRefused => "refused".to_string(),
+        std::io::ErrorKind::TimedOut => "connect timed out".to_string(),
+        _ => match error.raw_os_error() {
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH) => "unreachable".to_string(),
+            _ => error.to_string(),
+        },
+    }
+}
