@@ -26,6 +26,7 @@ pub enum Reply {
 impl Pool {
     /// `method path` to `pod` with `body` (none: empty), the answer read up
     /// to `limit` bytes, all within `timeout`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn call(
         &self,
         pod: SocketAddr,

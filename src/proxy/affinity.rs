@@ -36,8 +36,6 @@ const EXPIRY_LEN: usize = 8;
 const MAC_LEN: usize = 16;
 const TOKEN_LEN: usize = ID_LEN + EXPIRY_LEN + MAC_LEN;
 
-/// A session's identity: random, opaque, meaningful only to this table.
-
 /// What a request's cookie (or session header) said.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Presented {
