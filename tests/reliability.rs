@@ -220,3 +220,34 @@ async fn a_pod_found_busy_gets_its_first_request_only_once_idle() {
     assert_eq!(stranger.await.unwrap().as_u16(), 200);
     assert_no_overlap(&[workers[0].stats()]);
 }
+
+/// The quarantine policy travels with each exchange: a reload that turns
+/// `interrupt_on_disconnect` on is used by the next exchange's idle check
+/// (it was once fixed when the service was built).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_sets_interrupt_on_disconnect_is_used_by_the_next_idle_check() {
+    let workers = sims(1, fast_sim(20)).await;
+    let yaml = |extra: &str| config_yaml(&[workers[0].addr], 1, &format!("    request_timeout: 150ms\n{extra}"));
+    let gateway = TestGateway::start(&yaml("")).await;
+    gateway.wait_for(|g| g.ready_count() == 1, "pod ready").await;
+    let client = client();
+    // Without the key: sdgate gives up after 150 ms and only polls the pod.
+    send(&client, txt2img(gateway.addr, "before the reload", 20)).await.assert_json_error(504);
+    eventually("the pod back in rotation", || {
+        let free = gateway.inflight() == 0;
+        async move { free }
+    })
+    .await;
+    assert_eq!(workers[0].stats().interrupts, 0, "no interrupt before the reload");
+    let next = sdgate::Config::from_yaml(&yaml("    interrupt_on_disconnect: /sdapi/v1/interrupt\n")).expect("config");
+    gateway.reloader.reload(Ok(next)).await.expect("reload applied");
+    // The next exchange sdgate gives up on is interrupted by its idle check.
+    send(&client, txt2img(gateway.addr, "after the reload", 20)).await.assert_json_error(504);
+    eventually("the pod interrupted once", || {
+        let interrupts = workers[0].stats().interrupts;
+        async move { interrupts == 1 }
+    })
+    .await;
+    assert_no_overlap(&[workers[0].stats()]);
+    gateway.shutdown().await;
+}

@@ -579,3 +579,36 @@ mod tests {
         assert_eq!(settings.target, 100.0);
     }
 }
+
+#[cfg(test)]
+mod paused {
+    use super::*;
+    use crate::config::ScaleConfig;
+    use crate::gate::Unobserved;
+    use crate::observe::metrics::Metrics;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_waiting_request_wakes_the_scaler_and_idleness_brings_it_back_to_zero() {
+        let gate = SharedGate::new(1, 10, Arc::new(Unobserved));
+        let scale = ScaleConfig::default();
+        let (_settings_tx, settings) = watch::channel(Settings::new(&scale, 1));
+        let (desired_tx, mut desired) = watch::channel(0);
+        let metrics = Metrics::new().service("sd");
+        tokio::spawn(run("sd".into(), gate.clone(), metrics.clone(), settings, scale.tick, desired_tx));
+        // A request waits with no pod: activation at once, not at the next tick.
+        let ticket = gate.arrive();
+        let waiter = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.acquire(ticket, Duration::from_secs(5)).await.is_err() }
+        });
+        let woke = Instant::now();
+        desired.wait_for(|d| *d >= 1).await.expect("scaler running");
+        assert!(woke.elapsed() < Duration::from_secs(1), "activated within {:?}", woke.elapsed());
+        assert!(waiter.await.expect("waiter ran"), "no pod came: the waiter timed out");
+        // No demand: back to zero after the stable window and the grace.
+        let quiet = Instant::now();
+        desired.wait_for(|d| *d == 0).await.expect("scaler running");
+        assert!(quiet.elapsed() >= scale.scale_to_zero_grace, "scaled to zero after {:?}", quiet.elapsed());
+        assert_eq!(metrics.last_scale().map(|event| event.desired), Some(0));
+    }
+}

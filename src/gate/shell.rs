@@ -326,3 +326,56 @@ impl Drop for LeaveQueueOnDrop<'_> {
         self.leave();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_pod() -> (Arc<SharedGate>, EndpointId) {
+        let gate = SharedGate::new(1, 10, Arc::new(Unobserved));
+        let pod = gate.add_endpoint(SocketAddr::from(([127, 0, 0, 1], 7860)));
+        gate.set_ready(pod, true);
+        (gate, pod)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gives_up_at_its_queue_timeout_and_leaves_the_queue() {
+        let (gate, _) = one_pod();
+        let held = gate.acquire(gate.arrive(), Duration::from_secs(1)).await.expect("the pod is free");
+        let started = Instant::now();
+        let waited = gate.acquire(gate.arrive(), Duration::from_secs(300)).await;
+        assert!(matches!(waited, Err(ProxyError::QueueTimeout { .. })), "{waited:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(300), "the paused clock ran exactly the timeout");
+        assert_eq!(gate.inspect(|g| g.queue_depth()), 0);
+        drop(held);
+        assert_eq!(gate.inspect(|g| g.inflight()), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freed_slot_goes_to_the_first_waiter_when_the_holder_finishes() {
+        let (gate, pod) = one_pod();
+        let held = gate.acquire(gate.arrive(), Duration::from_secs(1)).await.expect("the pod is free");
+        let (first, second) = (gate.arrive(), gate.arrive());
+        let waiting = {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let first = async {
+                    // The slot is dropped as soon as it came: the pod goes on to the second.
+                    gate.acquire(first, Duration::from_secs(60)).await.map(|slot| (Instant::now(), slot.endpoint()))
+                };
+                let second = async {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    gate.acquire(second, Duration::from_secs(60)).await.is_ok()
+                };
+                tokio::join!(first, second)
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let freed_at = Instant::now();
+        drop(held);
+        let (first_got, second_got) = waiting.await.expect("waiters ran");
+        let (at, endpoint) = first_got.expect("the first waiter got the pod");
+        assert_eq!((at, endpoint), (freed_at, pod), "handed over the moment it was freed");
+        assert!(second_got, "the second got it after the first");
+    }
+}

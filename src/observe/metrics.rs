@@ -407,3 +407,17 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod paused {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn recent_answers_leave_the_summary_after_a_minute() {
+        let recent = Recent::default();
+        recent.record(Instant::now(), 200, Duration::from_millis(500));
+        assert_eq!(recent.summary().requests, 1);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(recent.summary().requests, 0, "older than the 60 s window");
+    }
+}

@@ -879,3 +879,33 @@ pub fn shutdown_signal() -> Result<impl Future<Output = ()>> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            body_read: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_closes_a_silent_connection_at_header_read_timeout_and_an_idle_one_at_idle_timeout() {
+        let activity = Arc::new(Activity::new());
+        let wake = activity.check(timeouts()).expect("a new connection may wait");
+        assert_eq!(wake, activity.epoch + Duration::from_secs(10));
+        tokio::time::sleep_until(wake).await;
+        assert_eq!(activity.check(timeouts()), Err("no request within header_read_timeout"));
+
+        let activity = Arc::new(Activity::new());
+        drop(Open::start(&activity, false));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(activity.check(timeouts()).is_ok(), "idle for 59 s of 60");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(activity.check(timeouts()), Err("idle_timeout"));
+    }
+}
