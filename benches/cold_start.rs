@@ -14,6 +14,9 @@
 //!
 //! `RUNS` (default 40) sets the number of runs of each.
 
+// Times real work (wall clock), not sdgate's runtime: the std clock is right here.
+#![allow(clippy::disallowed_types)]
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

@@ -7,6 +7,9 @@
 //! `GAP` seconds (25) apart. Workers: `sdgate sim` with a 2 s startup and 1 s
 //! per image (20 steps x 50 ms), pool 0..4, stable window 6 s, grace 2 s.
 
+// Times real work (wall clock), not sdgate's runtime: the std clock is right here.
+#![allow(clippy::disallowed_types)]
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

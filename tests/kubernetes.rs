@@ -2,6 +2,9 @@
 //! server stand-in (tests/support/kube_api.rs) that the real kube client
 //! talks to, whose pods are sim workers on their own loopback addresses.
 
+// Times real work (wall clock), not sdgate's runtime: the std clock is right here.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 #[path = "support/kube_api.rs"]
 mod kube_api;

@@ -1,6 +1,9 @@
 //! Bodies stream: websockets tunnel, server-sent events arrive one by one,
 //! and a 20 MB answer passes without the proxy holding it.
 
+// Times real work (wall clock), not sdgate's runtime: the std clock is right here.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::time::{Duration, Instant};
