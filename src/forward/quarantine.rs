@@ -37,11 +37,6 @@ pub const FAILURES_OUT_OF_ROTATION: u32 = 3;
 /// Keeps `slot` until its pod is idle (see the module docs); without a
 /// policy (`idle_check: null`) the slot is freed at once.
 pub fn hold(slot: Slot, why: &'static str, policy: Option<Arc<Policy>>) {
-    hold_with(slot, why, policy, Pool::shared());
-}
-
-/// [`hold`], checking the pod through `pool`.
-pub fn hold_with(slot: Slot, why: &'static str, policy: Option<Arc<Policy>>, pool: Arc<Pool>) {
     // A bypass request (progress poll, static file) holds no slot: its pod
     // is busy with someone else's job, which is not sdgate's to judge.
     if !slot.is_armed() {
@@ -56,6 +51,7 @@ pub fn hold_with(slot: Slot, why: &'static str, policy: Option<Arc<Policy>>, poo
     let failures = gate.record_failure(endpoint);
     tracing::warn!(pod = %addr, why, "pod may still be working: quarantined until an idle check passes");
     runtime.spawn(async move {
+        let pool = Pool::shared();
         // Interrupt only a job that is surely this exchange's: the pod holds
         // no other request of sdgate's.
         let alone = gate.inspect(|g| g.endpoint(endpoint).is_some_and(|e| e.inflight == 1));

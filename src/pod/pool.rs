@@ -88,11 +88,6 @@ impl Pool {
         Some(list.remove(at).sender)
     }
 
-    /// Idle connections kept to `pod` now (for tests and status).
-    pub fn idle_count(&self, pod: SocketAddr) -> usize {
-        self.lock().get(&pod).map_or(0, Vec::len)
-    }
-
     /// Keeps a connection whose exchange is over for the next request.
     pub fn put(&self, pod: SocketAddr, sender: http1::SendRequest<ReplayableBody>, thread: ThreadId) {
         if sender.is_closed() {
