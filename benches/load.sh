@@ -38,6 +38,9 @@ KEEP_TMP=${KEEP_TMP:-0}            # 1: keep configs and logs after the run
 PARTS=${PARTS:-ab}                 # which parts to run: a, b or ab
 ROUNDS=${ROUNDS:-3}                # (a): wrk runs per proxy, alternating; medians reported
 SAME_WORK=${SAME_WORK:-1}          # (a): 1 also runs the same-work HAProxy
+BASELINE=${BASELINE:-}             # (a): another sdgate binary (an older build) run alternately
+BASELINE_PORT=${BASELINE_PORT:-18083}
+BASELINE_ADMIN_PORT=${BASELINE_ADMIN_PORT:-19091}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SDGATE=${SDGATE:-$ROOT/target/release/sdgate}  # another binary: not built here
@@ -61,11 +64,11 @@ wait_200() {
     die "$what did not answer 200 at $url within ${WAIT_SECS}s (last status: ${code:-none})"
 }
 
-# wait_gate_ready N: until sdgate's admin metrics report N ready endpoints.
+# wait_gate_ready N [ADMIN_PORT]: until sdgate's admin metrics report N ready endpoints.
 wait_gate_ready() {
-    local want=$1 i ready=
+    local want=$1 admin=${2:-$ADMIN_PORT} i ready=
     for i in $(seq 1 $((WAIT_SECS * 10))); do
-        ready=$(curl -s -m 2 "http://127.0.0.1:$ADMIN_PORT/metrics" \
+        ready=$(curl -s -m 2 "http://127.0.0.1:$admin/metrics" \
             | awk '/^sdgate_endpoints\{/ && /state="ready"/ { print $NF; exit }' || true)
         [[ -n $ready && ${ready%.*} -ge $want ]] && return 0
         sleep 0.1
@@ -120,11 +123,11 @@ backend_list() { # backend_list N -> "127.0.0.1:P1", "127.0.0.1:P2", ...
     echo "$out"
 }
 
-write_gate_config() { # write_gate_config FILE CC N
-    local file=$1 cc=$2 n=$3
+write_gate_config() { # write_gate_config FILE CC N [PORT ADMIN_PORT]
+    local file=$1 cc=$2 n=$3 port=${4:-$GATE_PORT} admin=${5:-$ADMIN_PORT}
     cat >"$file" <<EOF
-listen: 127.0.0.1:$GATE_PORT
-admin: 127.0.0.1:$ADMIN_PORT
+listen: 127.0.0.1:$port
+admin: 127.0.0.1:$admin
 services:
   - name: sd
     hosts: ["*"]
@@ -146,12 +149,14 @@ start_haproxy() { # start_haproxy CONFIG [PORT LABEL]: sets HAPROXY_PID
 }
 
 GATE_PID=
-start_gate() { # start_gate CONFIG N_READY
-    "$SDGATE" --config "$1" check >/dev/null || die "sdgate rejected $1"
-    start sdgate env RUST_LOG=warn "$SDGATE" --config "$1"
+# start_gate CONFIG N_READY [BINARY LABEL PORT ADMIN_PORT]: sets GATE_PID
+start_gate() {
+    local bin=${3:-$SDGATE} label=${4:-sdgate} port=${5:-$GATE_PORT} admin=${6:-$ADMIN_PORT}
+    "$bin" --config "$1" check >/dev/null || die "$label rejected $1"
+    start "$label" env RUST_LOG=warn "$bin" --config "$1"
     GATE_PID=$LAST_PID
-    wait_port "$GATE_PORT" "$GATE_PID"
-    wait_gate_ready "$2"
+    wait_port "$port" "$GATE_PID"
+    wait_gate_ready "$2" "$admin"
 }
 
 duration_secs() { # 10s, 1m, 500ms -> seconds (integer, rounded up)
@@ -228,7 +233,9 @@ run_hey() {
 # ---------------------------------------------------------------- main
 install_tools hey wrk haproxy curl jq
 build
-require_free $(seq "$SIM_BASE_PORT" $((SIM_BASE_PORT + WORKERS - 1))) "$GATE_PORT" "$HAPROXY_PORT" "$HAPROXY_SAME_PORT" "$ADMIN_PORT"
+require_free $(seq "$SIM_BASE_PORT" $((SIM_BASE_PORT + WORKERS - 1))) "$GATE_PORT" "$HAPROXY_PORT" "$HAPROXY_SAME_PORT" "$ADMIN_PORT" \
+    ${BASELINE:+"$BASELINE_PORT" "$BASELINE_ADMIN_PORT"}
+[[ -z $BASELINE || -x $BASELINE ]] || die "BASELINE=$BASELINE is not an executable"
 log "workdir $TMP; DURATION=$DURATION; $(nproc) CPUs"
 
 # (a) tiny responses, cc = 0, one worker.
@@ -254,6 +261,14 @@ write_gate_config "$TMP/sdgate-a.yaml" 0 1
 start_gate "$TMP/sdgate-a.yaml" 1
 wait_200 "http://127.0.0.1:$GATE_PORT/sdapi/v1/options" "sdgate"
 CONTESTANT_PID[sdgate]=$GATE_PID
+if [[ -n $BASELINE ]]; then
+    write_gate_config "$TMP/baseline-a.yaml" 0 1 "$BASELINE_PORT" "$BASELINE_ADMIN_PORT"
+    start_gate "$TMP/baseline-a.yaml" 1 "$BASELINE" sdgate-baseline "$BASELINE_PORT" "$BASELINE_ADMIN_PORT"
+    wait_200 "http://127.0.0.1:$BASELINE_PORT/sdapi/v1/options" "sdgate-baseline"
+    CONTESTANTS+=(sdgate-baseline)
+    CONTESTANT_PORT[sdgate-baseline]=$BASELINE_PORT
+    CONTESTANT_PID[sdgate-baseline]=$GATE_PID
+fi
 # The proxies stay up; their runs take turns, the order rotating by a place
 # each round, so a slow minute of this shared machine does not fall on one
 # proxy only. The summary compares medians.
@@ -319,6 +334,12 @@ CPU_SAME=$(median "${CPU[haproxy-same-work]}")
 cat <<EOF
 HAProxy doing sdgate's per-request work (Host routing, X-Forwarded-*, X-Request-Id): $CPU_SAME us;
 sdgate/that HAProxy: CPU per request $(awk -v a="$CPU_SDGATE" -v b="$CPU_SAME" 'BEGIN { printf "%.2f", a / b }')x, requests/s $(awk -v a="$(median "${RPS[sdgate]}")" -v b="$(median "${RPS[haproxy-same-work]}")" 'BEGIN { printf "%.2f", a / b }')x
+EOF
+fi
+if [[ -n $BASELINE ]]; then
+CPU_BASE=$(median "${CPU[sdgate-baseline]}")
+cat <<EOF
+sdgate-baseline ($BASELINE): $CPU_BASE us; this build/baseline: CPU per request $(awk -v a="$CPU_SDGATE" -v b="$CPU_BASE" 'BEGIN { printf "%.3f", a / b }')x, requests/s $(awk -v a="$(median "${RPS[sdgate]}")" -v b="$(median "${RPS[sdgate-baseline]}")" 'BEGIN { printf "%.3f", a / b }')x
 EOF
 fi
 fi

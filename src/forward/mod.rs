@@ -32,7 +32,7 @@ use hyper_util::rt::TokioIo;
 use crate::body::{BoxError, Buffered, ResponseBody};
 use crate::error::{chain, ProxyError, UpstreamFailure};
 use crate::gate::Slot;
-use crate::pod::{Pool, ReplayableBody, Reply, SendError};
+use crate::pod::{Pool, ReplayableBody, Reply, SendError, Share};
 use quarantine::Policy;
 
 /// How an exchange with a pod ended without a response for the client.
@@ -120,6 +120,8 @@ pub struct ExchangeLimits {
     /// slot is freed at once). Taken from the service's config when the
     /// request is dispatched, so a reload applies to the next exchange.
     pub quarantine: Option<Arc<Policy>>,
+    /// When the exchange may take a connection another thread drives.
+    pub share: Share,
 }
 
 /// Called when a client leaves before its pod has answered.
@@ -191,7 +193,7 @@ async fn run_exchange(
     // One timer for the exchange: until the answer starts, then reset to
     // read a buffered answer.
     let mut deadline = std::pin::pin!(tokio::time::sleep(request_timeout));
-    let sent = within(deadline.as_mut(), std::pin::pin!(pool.send(addr, request))).await;
+    let sent = within(deadline.as_mut(), std::pin::pin!(pool.send(addr, request, limits.share))).await;
     let (mut response, sent) = match sent {
         Some(Ok(sent)) => sent,
         Some(Err(SendError::Connect(reason, request))) if !body.was_read() => {

@@ -50,7 +50,7 @@ impl Pool {
         };
         let Ok(request) = request.body(body) else { return Reply::Nothing };
         let attempt = async {
-            match self.send(pod, request).await {
+            match self.send(pod, request, super::Share::Any).await {
                 Ok((response, sent)) => {
                     let status = response.status();
                     match Limited::new(response.into_body(), limit).collect().await {

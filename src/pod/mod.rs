@@ -15,5 +15,5 @@ mod pool;
 mod replay;
 
 pub use check::{idle_progress, Reply};
-pub use pool::{connect_error, Pool, SendError, Sent};
+pub use pool::{connect_error, Pool, SendError, Sent, Share};
 pub use replay::{ReplayableBody, RequestBody};

@@ -22,18 +22,58 @@ use crate::error::{chain, lock};
 /// in full; one whose answer streams (server-sent events, large or upgraded)
 /// is closed at its end instead.
 ///
-/// A connection belongs to its pod, not to a thread: a pod at cc=1 serving
-/// one request at a time sees one connection from sdgate (two while a probe
-/// or idle check overlaps a request), however many serving threads there
-/// are. Each thread still prefers a connection it opened itself (its driver
-/// task runs there, so the request and its connection wake each other
-/// without crossing threads) and takes another thread's only when it has
-/// none of its own.
+/// A connection belongs to its pod, not to a thread. Each thread prefers a
+/// connection it opened itself (its driver task runs there, so the request
+/// and its connection wake each other without crossing threads: a crossing
+/// costs a futex and an eventfd write each way, about a fifth of a small
+/// request's CPU). When it has none of its own, it opens one while the pod
+/// has fewer open connections than the exchange's budget, and only then
+/// takes another thread's. A pod at cc=1 (budget cc + 1) serving one request
+/// at a time thus sees at most two connections from sdgate however many
+/// serving threads there are; at cc=0 (no budget) each thread keeps its own.
 #[derive(Default)]
 pub struct Pool {
     /// Keyed with foldhash, not SipHash: it is looked up twice per request
     /// and its keys are the pods' addresses, not a client's input.
-    idle: Mutex<foldhash::HashMap<SocketAddr, Vec<Idle>>>,
+    idle: Mutex<foldhash::HashMap<SocketAddr, PodConnections>>,
+}
+
+#[derive(Default)]
+struct PodConnections {
+    /// Idle connections, oldest first.
+    idle: Vec<Idle>,
+    /// Connections open to the pod, idle or busy (each connection's driver
+    /// task holds a count until the connection closes).
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts a connection as open until its driver task ends.
+struct OpenConnection(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(open)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Which idle connection a request may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Share {
+    /// This thread's, else any thread's (probes, idle checks: rare, and one
+    /// connection fewer is worth a crossing).
+    Any,
+    /// This thread's; another thread's only once the pod has this many
+    /// connections open (`container_concurrency` + 1).
+    Above(usize),
+    /// This thread's only (cc=0: no bound on a pod's requests).
+    Never,
 }
 
 struct Idle {
@@ -69,23 +109,33 @@ impl Pool {
         SHARED.get_or_init(Arc::default).clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<SocketAddr, Vec<Idle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<SocketAddr, PodConnections>> {
         lock(&self.idle)
     }
 
-    /// A fresh idle connection to `pod`: the most recently used one this
-    /// thread drives, else the most recently used one of any thread.
-    fn take(&self, pod: SocketAddr) -> Option<http1::SendRequest<ReplayableBody>> {
-        let mut idle = self.lock();
-        let list = idle.get_mut(&pod)?;
+    /// A fresh idle connection to `pod` (the most recently used one this
+    /// thread drives, else, as `share` allows, another thread's), or the
+    /// pod's open-connection count for the new one to take.
+    fn take(&self, pod: SocketAddr, share: Share) -> Result<http1::SendRequest<ReplayableBody>, OpenConnection> {
+        let mut pods = self.lock();
+        let conns = pods.entry(pod).or_default();
+        let list = &mut conns.idle;
         let now = Instant::now();
         // Expired or closed ones go first (the oldest are a prefix).
         let stale = list.partition_point(|entry| now.saturating_duration_since(entry.since) >= POOL_IDLE_TIMEOUT);
         list.drain(..stale);
         list.retain(|entry| !entry.sender.is_closed());
         let here = std::thread::current().id();
-        let at = list.iter().rposition(|entry| entry.thread == here).or(list.len().checked_sub(1))?;
-        Some(list.remove(at).sender)
+        let others = match share {
+            Share::Any => true,
+            Share::Above(budget) => conns.open.load(std::sync::atomic::Ordering::Relaxed) >= budget,
+            Share::Never => false,
+        };
+        let mine = list.iter().rposition(|entry| entry.thread == here);
+        match mine.or_else(|| others.then(|| list.len().checked_sub(1)).flatten()) {
+            Some(at) => Ok(list.remove(at).sender),
+            None => Err(OpenConnection::new(conns.open.clone())),
+        }
     }
 
     /// Keeps a connection whose exchange is over for the next request.
@@ -94,8 +144,8 @@ impl Pool {
             return;
         }
         let now = Instant::now();
-        let mut idle = self.lock();
-        let list = idle.entry(pod).or_default();
+        let mut pods = self.lock();
+        let list = &mut pods.entry(pod).or_default().idle;
         // Oldest first: the expired ones are a prefix (one clock read per
         // put, not one per idle connection).
         let expired = list.partition_point(|entry| now.saturating_duration_since(entry.since) >= POOL_IDLE_TIMEOUT);
@@ -105,8 +155,9 @@ impl Pool {
         }
     }
 
-    /// A new connection to `pod`, or why there is none.
-    async fn connect(pod: SocketAddr) -> Result<http1::SendRequest<ReplayableBody>, String> {
+    /// A new connection to `pod`, or why there is none; `open` counts it
+    /// until it closes.
+    async fn connect(pod: SocketAddr, open: OpenConnection) -> Result<http1::SendRequest<ReplayableBody>, String> {
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(pod)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => return Err(connect_error(&error)),
@@ -116,6 +167,7 @@ impl Pool {
         let (sender, connection) =
             http1::handshake(TokioIo::new(stream)).await.map_err(|error| format!("handshake: {}", chain(&error)))?;
         tokio::spawn(async move {
+            let _open = open;
             if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(%pod, %error, "pod connection ended with an error");
             }
@@ -123,25 +175,26 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Sends `request` (origin-form) to `pod` on an idle connection, else a
-    /// new one; a request an idle connection closed before sending goes on a
-    /// new one. Returns the answer head and its connection, which the caller
-    /// [`Pool::put`]s back once it has read the answer in full (with the
-    /// thread it was taken on: [`Sent::thread`]).
+    /// Sends `request` (origin-form) to `pod` on an idle connection `share`
+    /// allows, else a new one; a request an idle connection closed before
+    /// sending goes on a new one. Returns the answer head and its
+    /// connection, which the caller [`Pool::put`]s back once it has read the
+    /// answer in full (with the thread it was taken on: [`Sent::thread`]).
     pub async fn send(
         &self,
         pod: SocketAddr,
         mut request: Request<ReplayableBody>,
+        share: Share,
     ) -> Result<(Response<Incoming>, Sent), SendError> {
         loop {
-            let (mut sender, fresh) = match self.take(pod) {
-                Some(mut sender) => match sender.ready().await {
+            let (mut sender, fresh) = match self.take(pod, share) {
+                Ok(mut sender) => match sender.ready().await {
                     Ok(()) => (sender, false),
                     Err(_) => continue,
                 },
                 // Boxed: a new connection is rare (they are kept alive), and
                 // its future would otherwise add to every exchange's size.
-                None => match Box::pin(Self::connect(pod)).await {
+                Err(open) => match Box::pin(Self::connect(pod, open)).await {
                     Ok(sender) => (sender, true),
                     Err(reason) => return Err(SendError::Connect(reason, Box::new(request))),
                 },

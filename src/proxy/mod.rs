@@ -508,6 +508,10 @@ impl Proxy {
             request_timeout: service.config.request_timeout,
             buffer_response_bytes: self.limits.buffer_response_bytes,
             quarantine: service.quarantine.clone(),
+            share: match service.config.container_concurrency {
+                0 => crate::pod::Share::Never,
+                cc => crate::pod::Share::Above(cc as usize + 1),
+            },
         }
     }
 
