@@ -1,7 +1,7 @@
 //! The one place where failures become client responses.
 //!
 //! Every error a client sees is JSON `{"error": "...", "service": "..."}` with
-//! the status DESIGN.md promises; `Retry-After` is set where retrying helps.
+//! the status docs/behaviour.md lists; `Retry-After` is set where retrying helps.
 
 use std::time::Duration;
 
@@ -14,6 +14,8 @@ use crate::body::{self, ResponseBody};
 pub enum ProxyError {
     #[error("request has no Host header")]
     MissingHost,
+    #[error("{0}")]
+    BadHost(&'static str),
     #[error("no service for host {0:?}")]
     UnknownHost(String),
     #[error("request headers larger than {0} bytes")]
@@ -49,7 +51,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::MissingHost | ProxyError::BadBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MissingHost | ProxyError::BadHost(_) | ProxyError::BadBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

@@ -17,14 +17,14 @@
 //!
 //! Only [`serve`] joins the planes together.
 
-pub mod body;
+pub(crate) mod body;
 pub mod config;
 pub mod control;
 pub mod error;
-pub mod forward;
+pub(crate) mod forward;
 pub mod gate;
 pub mod observe;
-pub mod pod;
+pub(crate) mod pod;
 pub mod proxy;
 pub mod serve;
 pub mod tools;

@@ -214,7 +214,7 @@ fn the_configmap_config_passes_check_and_names_the_sd_deployment() {
 }
 
 #[test]
-fn the_sd_deployment_mirrors_the_seeds() {
+fn the_sd_deployment_mirrors_the_knative_guides() {
     let objects = load(&listed_resources());
     let sd = objects.deployment("stable-diffusion");
     assert_eq!(pod_labels(sd).get("app").map(String::as_str), Some("stable-diffusion"));

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seeds_hey_run_gets_fifty_200s_and_no_worker_runs_two_generations() {
+async fn the_guides_hey_run_gets_fifty_200s_and_no_worker_runs_two_generations() {
     let workers = sims(5, fast_sim(10)).await;
     let addrs: Vec<_> = workers.iter().map(|w| w.addr).collect();
     let gateway = TestGateway::in_front_of(&addrs, 1, "").await;

@@ -1,5 +1,5 @@
-//! `sdgate import-knative FILE` on the seeds' Knative Services (tests/fixtures/knative/,
-//! the YAML of ../shared/seeds/ cleaned of HTML): the real binary, its config checked
+//! `sdgate import-knative FILE` on the Knative Services of the Knative Stable Diffusion guides (tests/fixtures/knative/,
+//! the YAML of the Knative Stable Diffusion guides' pages cleaned of HTML): the real binary, its config checked
 //! by the real `sdgate check`, warnings for what does not map, exit 1 on garbage.
 
 use std::path::{Path, PathBuf};
@@ -38,10 +38,10 @@ impl Drop for Temp {
     }
 }
 
-/// Imports a seed, runs `sdgate check` on the result, and checks what the
-/// seeds ask for: cc 1, max 10, utilization 1.0, cookie sd 1800 s, TCP
+/// Imports a guide's Knative Service, runs `sdgate check` on the result, and checks what the
+/// guides ask for: cc 1, max 10, utilization 1.0, cookie sd 1800 s, TCP
 /// readiness, the Deployment named after the service on port 7860.
-fn seed_imports_and_checks(file: &str, name: &str) -> String {
+fn guide_imports_and_checks(file: &str, name: &str) -> String {
     let output = import(&fixture(file));
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
@@ -66,7 +66,7 @@ fn seed_imports_and_checks(file: &str, name: &str) -> String {
     assert_eq!(affinity.cookie, "sd");
     assert_eq!(affinity.timeout, Duration::from_secs(1800));
     assert!(service.readiness.tcp && service.readiness.http.is_none(), "tcp readiness: {:?}", service.readiness);
-    assert_eq!(service.readiness.ready_period, Duration::from_secs(1), "the seeds' periodSeconds: 1");
+    assert_eq!(service.readiness.ready_period, Duration::from_secs(1), "the guides' periodSeconds: 1");
     assert_eq!(service.readiness.failure_threshold, 3);
     let Backend::Kubernetes(k8s) = &service.backend else { panic!("a kubernetes backend: {:?}", service.backend) };
     assert_eq!((k8s.namespace.as_str(), k8s.deployment.as_str()), ("default", name));
@@ -78,15 +78,15 @@ fn seed_imports_and_checks(file: &str, name: &str) -> String {
 }
 
 #[test]
-fn seed_000_knative_sd_demo() {
-    let stderr = seed_imports_and_checks("seed-000.yaml", "knative-sd-demo");
+fn the_guides_knative_sd_demo() {
+    let stderr = guide_imports_and_checks("knative-sd-demo.yaml", "knative-sd-demo");
     // Alibaba's MPA class is not KPA: said so.
     assert!(stderr.contains("mpa.autoscaling.knative.dev"), "{stderr}");
 }
 
 #[test]
-fn seed_002_stable_diffusion() {
-    let stderr = seed_imports_and_checks("seed-002.yaml", "stable-diffusion");
+fn the_guides_stable_diffusion() {
+    let stderr = guide_imports_and_checks("stable-diffusion.yaml", "stable-diffusion");
     assert!(!stderr.contains("autoscaling.knative.dev/class"), "KPA is what sdgate does: {stderr}");
     let warnings: Vec<_> = stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
     assert_eq!(warnings.len(), 1, "only the ECI annotation: {stderr}");
@@ -94,10 +94,10 @@ fn seed_002_stable_diffusion() {
 
 #[test]
 fn an_unknown_annotation_is_named_in_a_warning() {
-    let seed = std::fs::read_to_string(fixture("seed-002.yaml")).unwrap();
+    let guide = std::fs::read_to_string(fixture("stable-diffusion.yaml")).unwrap();
     let marked = "        autoscaling.knative.dev/targetUtilizationPercentage: \"100\"\n";
-    assert!(seed.contains(marked));
-    let yaml = seed.replace(marked, &format!("{marked}        example.com/gpu-flavour: \"a100\"\n"));
+    assert!(guide.contains(marked));
+    let yaml = guide.replace(marked, &format!("{marked}        example.com/gpu-flavour: \"a100\"\n"));
     let file = Temp::new("unknown-annotation.yaml", &yaml);
     let output = import(&file.0);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -117,8 +117,8 @@ fn standard_input_is_read_for_a_dash() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let seed = std::fs::read(fixture("seed-002.yaml")).unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &seed).unwrap();
+    let guide = std::fs::read(fixture("stable-diffusion.yaml")).unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &guide).unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("deployment: stable-diffusion"));

@@ -43,8 +43,8 @@ fn verbs_within_rbac(cluster: &FakeCluster) {
     assert!(used.is_subset(&granted), "used {used:?}, granted {granted:?}");
 }
 
-/// 5 clients x 10 requests (the seeds' `hey -n 50 -c 5`).
-async fn seeds_load(addr: std::net::SocketAddr) -> Vec<u16> {
+/// 5 clients x 10 requests (the guides' `hey -n 50 -c 5`).
+async fn guides_load(addr: std::net::SocketAddr) -> Vec<u16> {
     let client = client();
     let tasks: Vec<_> = (0..5)
         .map(|c| {
@@ -66,12 +66,12 @@ async fn seeds_load(addr: std::net::SocketAddr) -> Vec<u16> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn from_zero_replicas_the_seeds_load_is_all_200_and_the_deployment_goes_back_to_zero() {
+async fn from_zero_replicas_the_guides_load_is_all_200_and_the_deployment_goes_back_to_zero() {
     let cluster = FakeCluster::start(ClusterOptions::default()).await;
     let gateway = TestGateway::start(&kube_yaml(&cluster, FAST_SCALE, "")).await;
     cluster.wait_for("sdgate watching pods", Duration::from_secs(10), |c| c.open_watches() >= 2).await;
     let sent = Instant::now();
-    let codes = seeds_load(gateway.addr).await;
+    let codes = guides_load(gateway.addr).await;
     assert_eq!(codes, vec![200; 50], "50 x 200");
     let patched = cluster.first_request_at("patch", "deployments/scale").expect("scaled");
     assert!(patched >= sent && patched - sent < Duration::from_secs(1), "activation patched at once");
@@ -209,7 +209,7 @@ async fn two_replicas_one_lease_the_standby_takes_over_when_the_holder_is_killed
     println!("takeover after SIGKILL: {takeover:?}");
     // lease_duration + 2 x renew_period, plus the probe of the pods.
     assert!(takeover < Duration::from_secs(6), "takeover took {takeover:?}");
-    let codes = seeds_load(standby.addr).await;
+    let codes = guides_load(standby.addr).await;
     assert_eq!(codes, vec![200; 50]);
     no_overlap_anywhere(&cluster);
     verbs_within_rbac(&cluster);

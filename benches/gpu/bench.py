@@ -19,7 +19,7 @@ Parts (each skipped when too little time is left before --deadline):
           worker started with --concurrent (no lock: the worker runs whatever it
           is sent at once, so the gate alone decides); latency, images/s, GPU
           overlaps, peak GPU memory
-  scale   the seeds' `hey -n 50 -c 5 -t 180` from zero with scale 0..1 and 0..N
+  scale   the guides' `hey -n 50 -c 5 -t 180` from zero with scale 0..1 and 0..N
           (N = GPUs), then a warm `hey -n 40 -c 8`; /metrics scraped every 0.25 s
   large   onegpu again with 1024x1024 images (`hey -n 12 -c 4`)
 
@@ -44,7 +44,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "examples", "diffusers-worker", "worker.py")
 HOST = "stable-diffusion.default.example.com"
-SEEDS_BODY = '{"prompt": "pretty dog"}'
+GUIDES_BODY = '{"prompt": "pretty dog"}'
 GATE_PORT, ADMIN_PORT, POOL_PORT_BASE, DIRECT_PORT = 18080, 19090, 17860, 17990
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T0 = time.time()
@@ -416,12 +416,12 @@ def part_cold(procs, gpu, results):
             if m0.get("sdgate_endpoints[ready]", 0) or m0.get("sdgate_endpoints[not_ready]", 0):
                 log("cold: the pool is not empty at the start")
             t_send = time.time()
-            status, data = http_call(GATE_PORT, "POST", "/sdapi/v1/txt2img", SEEDS_BODY, timeout=300, host=HOST)
+            status, data = http_call(GATE_PORT, "POST", "/sdapi/v1/txt2img", GUIDES_BODY, timeout=300, host=HOST)
             t_done = time.time()
             images = len(json.loads(data).get("images", [])) if status == 200 else 0
             stats = worker_stats(POOL_PORT_BASE)
             t2 = time.time()
-            status2, _ = http_call(GATE_PORT, "POST", "/sdapi/v1/txt2img", SEEDS_BODY, timeout=300, host=HOST)
+            status2, _ = http_call(GATE_PORT, "POST", "/sdapi/v1/txt2img", GUIDES_BODY, timeout=300, host=HOST)
             warm_s = time.time() - t2
             stats2 = worker_stats(POOL_PORT_BASE)
             metrics = gate.metrics()
@@ -469,7 +469,7 @@ def part_cold(procs, gpu, results):
 
 
 def part_onegpu(procs, gpu, results, key="one_gpu", body=None, n=None, c=None):
-    body, n, c = body or SEEDS_BODY, n or ARGS.n, c or ARGS.c
+    body, n, c = body or GUIDES_BODY, n or ARGS.n, c or ARGS.c
     log(f"one GPU ({key}): starting a --concurrent worker on GPU 0")
     worker = procs.start("worker-direct", [sys.executable, WORKER, *ARGS.worker_args, "--concurrent", "--host",
                                            "127.0.0.1", "--port", str(DIRECT_PORT)],
@@ -527,7 +527,7 @@ def part_scale(procs, gpu, results, gpus):
         if time_left() < 90:
             log(f"scale: out of time before 0..{pool}")
             break
-        log(f"scale 0..{pool}: seeds' hey -n 50 -c 5 from zero")
+        log(f"scale 0..{pool}: the guides' hey -n 50 -c 5 from zero")
         cfg = os.path.join(ARGS.tmp, f"scale{pool}.yaml")
         gate_config(cfg, "process", cc=1, scale_max=pool, fast=True)
         gate = Gate(procs, f"sdgate-scale{pool}", cfg)
@@ -535,12 +535,12 @@ def part_scale(procs, gpu, results, gpus):
             t_zero = time.time()
             scraper = Scraper(gate, t_zero)
             cpu0 = gate.cpu()
-            cold = load(GATE_PORT, "/sdapi/v1/txt2img", ARGS.seeds_n, ARGS.seeds_c, SEEDS_BODY, timeout_s=180)
+            cold = load(GATE_PORT, "/sdapi/v1/txt2img", ARGS.guides_n, ARGS.guides_c, GUIDES_BODY, timeout_s=180)
             t_cold_end = time.time()
             cpu1 = gate.cpu()
             warm = None
             if time_left() > 60:
-                warm = load(GATE_PORT, "/sdapi/v1/txt2img", ARGS.n, ARGS.c, SEEDS_BODY)
+                warm = load(GATE_PORT, "/sdapi/v1/txt2img", ARGS.n, ARGS.c, GUIDES_BODY)
             t_warm_end = time.time()
             cpu2 = gate.cpu()
             stats = []
@@ -560,7 +560,7 @@ def part_scale(procs, gpu, results, gpus):
         run = {
             "pool": f"0..{pool}",
             "gpus": pool,
-            "from_zero": summarise_load(cold, ARGS.seeds_n),
+            "from_zero": summarise_load(cold, ARGS.guides_n),
             "from_zero_ended_at_s": r(t_cold_end - t_zero),
             "warm": summarise_load(warm, ARGS.n) if warm else None,
             "warm_ended_at_s": r(t_warm_end - t_zero),
@@ -598,7 +598,7 @@ def write_markdown(results):
     env = results["environment"]
     lines = [f"# sdgate on GPUs: {env.get('gpu_name')} x{env.get('gpus')}, {env.get('date')}", ""]
     lines.append(f"Model: {env.get('model')}; torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
-                 f"driver {env.get('driver')}. Requests: `{SEEDS_BODY}` (the worker's defaults: 512x512, "
+                 f"driver {env.get('driver')}. Requests: `{GUIDES_BODY}` (the worker's defaults: 512x512, "
                  f"20 DDIM steps, classifier-free guidance, batch 1). Load: {env.get('load_tool')}.")
     lines.append("")
     cold = results.get("cold_start")
@@ -640,7 +640,7 @@ def write_markdown(results):
         lines.append("")
     scale = results.get("scale")
     if scale:
-        lines += ["## Pools from zero: the seeds' load, then a warm one", "",
+        lines += ["## Pools from zero: the guides' load, then a warm one", "",
                   "| pool | run | 200s | makespan | images/s | latency p50 | p99 | served per worker | "
                   "overlaps per worker | connections per worker | sdgate CPU |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |"]
@@ -648,7 +648,7 @@ def write_markdown(results):
             served = " / ".join(fmt(w.get("served")) for w in run["workers"])
             overlaps = " / ".join(fmt(w.get("overlaps")) for w in run["workers"])
             connections = " / ".join(fmt(w.get("txt2img_connections")) for w in run["workers"])
-            for label, key, cpu in ((f"from zero: -n {ARGS.seeds_n} -c {ARGS.seeds_c}", "from_zero",
+            for label, key, cpu in ((f"from zero: -n {ARGS.guides_n} -c {ARGS.guides_c}", "from_zero",
                                      run["sdgate_cpu_s"]["from_zero"]),
                                     (f"warm: -n {ARGS.n} -c {ARGS.c}", "warm", run["sdgate_cpu_s"]["warm"])):
                 s = run.get(key)
@@ -693,13 +693,13 @@ def plot(results, path):
         ax.step(t, [x["queue_depth"] for x in tl], where="post", label="queue depth", color="tab:red")
         ax.step(t, [x["inflight"] for x in tl], where="post", label="in flight", color="tab:purple", alpha=0.5)
         ax.axvline(run["from_zero_ended_at_s"], color="grey", linestyle="-.", linewidth=1)
-        ax.text(run["from_zero_ended_at_s"], ax.get_ylim()[1] * 0.95, " seeds' run done", fontsize=8, color="grey",
+        ax.text(run["from_zero_ended_at_s"], ax.get_ylim()[1] * 0.95, " the guides' run done", fontsize=8, color="grey",
                 va="top")
         if run.get("warm"):
             ax.axvline(run["warm_ended_at_s"], color="grey", linestyle="-.", linewidth=1)
             ax.text(run["warm_ended_at_s"], ax.get_ylim()[1] * 0.8, " warm run done", fontsize=8, color="grey", va="top")
-        ax.set_title(f"scale {run['pool']} ({results['environment'].get('gpu_name')}): hey -n {ARGS.seeds_n} "
-                     f"-c {ARGS.seeds_c} from zero, then -n {ARGS.n} -c {ARGS.c}", fontsize=10)
+        ax.set_title(f"scale {run['pool']} ({results['environment'].get('gpu_name')}): hey -n {ARGS.guides_n} "
+                     f"-c {ARGS.guides_c} from zero, then -n {ARGS.n} -c {ARGS.c}", fontsize=10)
         ax.set_xlabel("seconds since the first request")
         ax.set_ylabel("count")
         ax.grid(alpha=0.3)
@@ -737,7 +737,7 @@ def environment(gpus):
 
 
 def main():
-    global ARGS, GPU, SEEDS_BODY
+    global ARGS, GPU, GUIDES_BODY
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu-bench-out"))
     parser.add_argument("--sdgate", default=os.path.join(ROOT, "target", "release", "sdgate"))
@@ -752,12 +752,12 @@ def main():
     parser.add_argument("--cold-runs", type=int, default=3)
     parser.add_argument("-n", type=int, default=40)
     parser.add_argument("-c", type=int, default=8)
-    parser.add_argument("--seeds-n", type=int, default=50)
-    parser.add_argument("--seeds-c", type=int, default=5)
-    parser.add_argument("--body", default=SEEDS_BODY, help="the txt2img body (default: the seeds')")
+    parser.add_argument("--guides-n", type=int, default=50)
+    parser.add_argument("--guides-c", type=int, default=5)
+    parser.add_argument("--body", default=GUIDES_BODY, help="the txt2img body (default: the guides')")
     parser.add_argument("--deadline", type=float, default=540, help="seconds; parts that would not fit are skipped")
     ARGS = parser.parse_args()
-    SEEDS_BODY = ARGS.body
+    GUIDES_BODY = ARGS.body
     ARGS.worker_args = shlex.split(ARGS.worker_args)
     os.makedirs(ARGS.out, exist_ok=True)
     ARGS.tmp = os.path.join("/tmp", f"gpu-bench-{os.getpid()}")

@@ -959,11 +959,6 @@ fn key_error(error: &serde_path_to_error::Error<serde_yaml::Error>) -> String {
     }
 }
 
-/// Parses `ip:port`.
-pub fn parse_addr(addr: &str) -> Result<SocketAddr> {
-    addr.parse::<SocketAddr>().map_err(|_| anyhow::anyhow!("{addr:?} is not an ip:port address"))
-}
-
 /// Splits `host:port` (an IP or a DNS name such as a headless Service's
 /// `sd-0.sd.default.svc`), checking both parts. Names are resolved by the
 /// fixed provider, off the data path.

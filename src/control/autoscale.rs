@@ -1,4 +1,4 @@
-//! The built-in autoscaler: Knative's KPA rules (ANCHORS.md), per service.
+//! The built-in autoscaler: Knative's KPA rules (see docs/behaviour.md), per service.
 //!
 //! - Demand is queued + in-flight requests (queued ones count: they are what
 //!   more pods would serve), sampled every 100 ms and averaged over the

@@ -10,6 +10,6 @@
 //! `serve`).
 
 pub mod autoscale;
-pub mod leader;
+pub(crate) mod leader;
 pub mod probe;
 pub mod provider;

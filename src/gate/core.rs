@@ -51,7 +51,7 @@ pub struct Grant {
     pub addr: SocketAddr,
 }
 
-/// How a free endpoint is chosen, following Knative's activator (ANCHORS.md).
+/// How a free endpoint is chosen, following Knative's activator (docs/behaviour.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Policy {
     /// cc = 1..=3: the first endpoint (in insertion order) with room, so work

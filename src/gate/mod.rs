@@ -9,10 +9,10 @@
 //!
 //! The gate depends on nothing in the crate but [`crate::error`].
 
-pub mod core;
-pub mod pins;
-pub mod shell;
-pub mod slot;
+pub(crate) mod core;
+pub(crate) mod pins;
+pub(crate) mod shell;
+pub(crate) mod slot;
 
 pub use self::core::{Endpoint, EndpointId, Gate, Grant, Pin, Policy, QueueFull, Ticket};
 pub use self::pins::{SessionId, Sessions};

@@ -3,4 +3,4 @@
 //! steer nothing.
 
 pub mod metrics;
-pub mod status;
+pub(crate) mod status;

@@ -14,6 +14,6 @@ mod check;
 mod pool;
 mod replay;
 
-pub use check::{idle_progress, Reply};
-pub use pool::{connect_error, Pool, SendError, Sent, Share};
+pub use check::Reply;
+pub use pool::{connect_error, Pool, SendError, Share};
 pub use replay::{ReplayableBody, RequestBody};

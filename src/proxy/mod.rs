@@ -2,7 +2,7 @@
 
 pub mod affinity;
 pub mod router;
-pub mod routes;
+pub(crate) mod routes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -317,6 +317,17 @@ impl Proxy {
             }
         };
         record.finish(response)
+    }
+
+    /// The answer to a request whose Host is ambiguous (see
+    /// [`router::normalize_host`]): 400, counted and logged as unrouted.
+    pub fn bad_host<B>(&self, request: &mut Request<B>, reason: &'static str) -> Response<ResponseBody> {
+        self.metrics.unrouted(400);
+        tracing::info!(method = %request.method(), path = request.uri().path(), status = 400, reason, "unrouted");
+        let request_id = request_id(request);
+        let mut response = ProxyError::BadHost(reason).into_response(None);
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
+        response
     }
 
     /// Routes a request and starts its record (which counts it even if its

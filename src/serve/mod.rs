@@ -1,10 +1,10 @@
 //! The listeners: the proxy's, with its client-input limits and graceful
 //! shutdown, and the admin one.
 
-pub mod admin;
-pub mod lobby;
+pub(crate) mod admin;
+pub(crate) mod lobby;
 pub mod reload;
-pub mod threads;
+pub(crate) mod threads;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,7 +16,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use http::{Request, Response};
+use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -427,7 +427,7 @@ async fn serve_http(
         async move {
             let response = match router::normalize_host(&mut request) {
                 Ok(()) => proxy.handle(request, peer, early).await,
-                Err(reason) => bad_host(&proxy, &request, reason),
+                Err(reason) => proxy.bad_host(&mut request, reason),
             };
             Ok::<_, Infallible>(response.map(|body| Tracked { body, _open: open }))
         }
@@ -521,23 +521,6 @@ impl EarlyCell {
     fn is_taken(&self) -> bool {
         self.early.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).is_none()
     }
-}
-
-/// The answer to a request whose Host is ambiguous (see
-/// [`router::normalize_host`]): 400, JSON like every error sdgate writes.
-fn bad_host(proxy: &Proxy, request: &Request<Incoming>, reason: &'static str) -> Response<ResponseBody> {
-    proxy.metrics().unrouted(400);
-    tracing::info!(method = %request.method(), path = request.uri().path(), status = 400, reason, "unrouted");
-    let payload = serde_json::json!({ "error": reason, "service": null });
-    let mut response = Response::new(crate::body::full(payload.to_string()));
-    *response.status_mut() = http::StatusCode::BAD_REQUEST;
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    let id = request.headers().get("x-request-id").cloned().unwrap_or_else(|| {
-        http::HeaderValue::from_str(&format!("{:032x}", fastrand::u128(..)))
-            .unwrap_or(http::HeaderValue::from_static("0"))
-    });
-    response.headers_mut().insert("x-request-id", id);
-    response
 }
 
 /// The connection limits of `limits`.

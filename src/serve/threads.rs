@@ -13,21 +13,11 @@
 //! The control plane (providers, probes, autoscalers, the admin listener)
 //! stays on the main runtime.
 
-use std::cell::Cell;
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
-
-thread_local! {
-    static INDEX: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The index of the serving thread this runs on (0 off the serving threads).
-pub fn current() -> usize {
-    INDEX.with(Cell::get)
-}
 
 /// How many serving threads a `threads` setting means (0: one per CPU).
 pub fn count(setting: usize) -> usize {
@@ -66,7 +56,6 @@ impl ServingThreads {
                         Err(error) => return drop(started.send(Err(error))),
                     };
                     let _ = started.send(Ok(runtime.handle().clone()));
-                    INDEX.with(|i| i.set(index));
                     runtime.block_on(async {
                         let _ = stopped.await;
                     });
@@ -82,14 +71,6 @@ impl ServingThreads {
             threads.push(Thread { runtime, stop: Some(stop), join: Some(join) });
         }
         Ok(Self { threads, next: 0 })
-    }
-
-    pub fn len(&self) -> usize {
-        self.threads.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.threads.is_empty()
     }
 
     /// The runtime of the next thread, round robin.
@@ -138,15 +119,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_go_round_robin_and_each_thread_knows_its_index() {
+    async fn connections_go_round_robin_over_the_threads() {
         let mut threads = ServingThreads::start(3).expect("threads");
-        assert_eq!(threads.len(), 3);
         let mut seen = Vec::new();
         for _ in 0..6 {
-            let index = threads.next_runtime().spawn(async { current() }).await.expect("task ran");
-            seen.push(index);
+            let name = threads.next_runtime().spawn(async { std::thread::current().name().map(String::from) });
+            seen.push(name.await.expect("task ran").expect("a named thread"));
         }
-        assert_eq!(seen, [0, 1, 2, 0, 1, 2]);
+        let names = ["sdgate-serve-0", "sdgate-serve-1", "sdgate-serve-2"];
+        assert_eq!(seen, [names, names].concat());
         threads.stop().await;
     }
 }

@@ -1,5 +1,5 @@
 //! `sdgate import-knative FILE`: turns a Knative Service (`serving.knative.dev/v1`,
-//! like the seeds') into an sdgate config whose service fronts a Kubernetes
+//! like the Knative Stable Diffusion guides' own) into an sdgate config whose service fronts a Kubernetes
 //! Deployment of the same name.
 //!
 //! The YAML is read as plain values (no Knative types). What maps:

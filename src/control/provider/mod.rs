@@ -13,8 +13,8 @@
 //! - `kubernetes`: the pods of a Deployment, watched through the API and
 //!   scaled through its scale subresource.
 
-pub mod drain;
-pub mod endpoints;
+pub(crate) mod drain;
+pub(crate) mod endpoints;
 pub mod fixed;
 pub mod kubernetes;
 pub mod process;
