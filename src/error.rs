@@ -14,6 +14,8 @@ use crate::body::{self, ResponseBody};
 pub enum ProxyError {
     #[error("request has no Host header")]
     MissingHost,
+    #[error("no generation of this session is running")]
+    NoJob,
     #[error("{0}")]
     BadHost(&'static str),
     #[error("no service for host {0:?}")]
@@ -54,6 +56,7 @@ impl ProxyError {
             ProxyError::MissingHost | ProxyError::BadHost(_) | ProxyError::BadBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
+            ProxyError::NoJob => StatusCode::CONFLICT,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge(_) | ProxyError::BodyOverLimit => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::QueueFull(_)

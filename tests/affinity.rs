@@ -16,57 +16,6 @@ use http::Request;
 use http_body_util::Full;
 use sdgate::proxy::affinity::Signer;
 
-const KEY: &str = "test key, current";
-const PREVIOUS_KEY: &str = "test key, previous";
-
-/// Affinity lines for `config_yaml`, with key files that outlive the test body.
-fn affinity(mode: &str, keys: &(TempFile, TempFile), extra: &str) -> String {
-    format!(
-        "    affinity: {{ cookie: sd, timeout: 1800s, mode: {mode}, header: X-Session-Key, key_file: \"{}\", previous_key_file: \"{}\" }}\n{extra}",
-        keys.0.path.display(),
-        keys.1.path.display()
-    )
-}
-
-fn keys() -> (TempFile, TempFile) {
-    (TempFile::new("key", KEY), TempFile::new("key", PREVIOUS_KEY))
-}
-
-/// A client that keeps the `sd` cookie like a browser.
-#[derive(Clone, Default)]
-struct Jar {
-    cookie: Option<String>,
-}
-
-impl Jar {
-    fn with(cookie: &str) -> Self {
-        Self { cookie: Some(cookie.to_string()) }
-    }
-
-    fn prepare(&self, mut request: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
-        if let Some(cookie) = &self.cookie {
-            request.headers_mut().insert("cookie", format!("theme=dark; sd={cookie}").parse().unwrap());
-        }
-        request
-    }
-
-    /// Sends, keeps the cookie it is given, and returns the answer.
-    async fn send(&mut self, client: &TestClient, request: Request<Full<Bytes>>) -> Answer {
-        let answer = send(client, self.prepare(request)).await;
-        if let Some(value) = set_cookie(&answer) {
-            self.cookie = Some(value);
-        }
-        answer
-    }
-}
-
-/// The `sd` value of an answer's Set-Cookie.
-fn set_cookie(answer: &Answer) -> Option<String> {
-    let header = answer.headers.get("set-cookie")?.to_str().ok()?;
-    let value = header.strip_prefix("sd=")?.split(';').next()?;
-    Some(value.to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_stays_on_its_worker_and_four_sessions_spread_over_four() {
     let workers = sims(4, fast_sim(10)).await;

@@ -186,7 +186,9 @@ async fn requests_wait_for_a_worker_that_opens_its_port_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bypass_paths_answer_during_a_generation_without_a_slot() {
     let workers = sims(1, fast_sim(20)).await;
-    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, "").await;
+    // Without affinity, progress is a bypass path only with `owner_only` off
+    // (tests/isolation.rs: otherwise sdgate answers it).
+    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, "    owner_only: []\n").await;
     let client = client();
     let busy = {
         let (client, addr) = (client.clone(), gateway.addr);

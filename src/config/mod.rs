@@ -122,6 +122,12 @@ pub struct ServiceConfig {
     /// during a generation, such as progress polling.
     #[serde(default = "default_bypass")]
     pub bypass: Vec<String>,
+    /// Paths (exact, query ignored) that act on or reveal a pod's current
+    /// job: they reach a pod only for the session whose request runs there;
+    /// sdgate answers the others itself (progress: idle, with the caller's
+    /// place in line; anything else: 409).
+    #[serde(default = "default_owner_only")]
+    pub owner_only: Vec<String>,
     /// Path prefixes whose requests may wake a service at zero pods; other
     /// requests then get 503 at once (a port scan or a browser's favicon
     /// must not start a GPU pod). `"/"` matches the root page only.
@@ -207,6 +213,10 @@ pub struct AffinityConfig {
     pub previous_key_file: Option<std::path::PathBuf>,
     /// Most sessions remembered; the oldest idle ones are dropped first.
     pub max_sessions: usize,
+    /// `strict` mode: how long a session waits for its own pod while another
+    /// session's job runs there; after that it takes any pod with room.
+    #[serde(with = "duration")]
+    pub max_wait: Duration,
 }
 
 impl Default for AffinityConfig {
@@ -220,6 +230,7 @@ impl Default for AffinityConfig {
             key_file: None,
             previous_key_file: None,
             max_sessions: 100_000,
+            max_wait: Duration::from_secs(10),
         }
     }
 }
@@ -498,6 +509,9 @@ fn default_wake() -> Vec<String> {
 fn default_connect_retries() -> u32 {
     3
 }
+fn default_owner_only() -> Vec<String> {
+    ["/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/progress", "/internal/progress"].map(String::from).to_vec()
+}
 fn default_bypass() -> Vec<String> {
     ["/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip", "/internal/", "/file="].map(String::from).to_vec()
 }
@@ -703,7 +717,9 @@ impl Config {
             if old.affinity.is_some() != service.affinity.is_some()
                 || identity(&old.affinity) != identity(&service.affinity)
             {
-                return Some(format!("{key}.affinity: only its timeout and secure may change on reload (or restart)"));
+                return Some(format!(
+                    "{key}.affinity: only its timeout, secure and max_wait may change on reload (or restart)"
+                ));
             }
         }
         None
@@ -735,6 +751,11 @@ impl ServiceConfig {
         for (j, path) in self.bypass.iter().enumerate() {
             if !path.starts_with('/') {
                 bail!("{key}.bypass[{j}]: {path:?} must start with '/'");
+            }
+        }
+        for (j, path) in self.owner_only.iter().enumerate() {
+            if !path.starts_with('/') {
+                bail!("{key}.owner_only[{j}]: {path:?} must start with '/'");
             }
         }
         let readiness = &self.readiness;
@@ -792,6 +813,11 @@ impl ServiceConfig {
     /// Whether a request for `path` may wake the service at zero pods.
     pub fn may_wake(&self, path: &str) -> bool {
         self.wake.iter().any(|prefix| if prefix == "/" { path == "/" } else { path.starts_with(prefix.as_str()) })
+    }
+
+    /// Whether `path` reaches a pod only for the owner of its job.
+    pub fn is_owner_only(&self, path: &str) -> bool {
+        self.owner_only.iter().any(|owned| owned == path)
     }
 
     /// Whether `path` skips the gate.

@@ -206,6 +206,12 @@ impl<W> Gate<W> {
         Ok(())
     }
 
+    /// How many waiters are ahead of `ticket` in line; None when it is not
+    /// waiting.
+    pub fn position(&self, ticket: Ticket) -> Option<usize> {
+        self.queue.contains_key(&ticket).then(|| self.queue.range(..ticket).count())
+    }
+
     /// Removes a waiter that gave up (timeout, client gone). `None` if it is
     /// no longer queued, i.e. it was granted an endpoint already.
     pub fn cancel(&mut self, ticket: Ticket) -> Option<W> {

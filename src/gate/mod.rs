@@ -5,16 +5,19 @@
 //! - [`shell`]: the core behind a lock, shared by a service's requests and
 //!   its control loop, with async waiting;
 //! - [`slot`]: the right to have one request on one pod, freed by `Drop`;
-//! - [`pins`]: the session -> pod table that pins requests.
+//! - [`pins`]: the session -> pod table that pins requests;
+//! - [`jobs`]: whose request runs on each pod, and whose wait where.
 //!
 //! The gate depends on nothing in the crate but [`crate::error`].
 
 pub(crate) mod core;
+pub(crate) mod jobs;
 pub(crate) mod pins;
 pub(crate) mod shell;
 pub(crate) mod slot;
 
 pub use self::core::{Endpoint, EndpointId, Gate, Grant, Pin, Policy, QueueFull, Ticket};
+pub use self::jobs::{Jobs, Running, Waiting};
 pub use self::pins::{SessionId, Sessions};
 pub use self::shell::{EndpointCounts, Observer, SharedGate, Unobserved, Waiter};
 pub use self::slot::Slot;

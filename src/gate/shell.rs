@@ -219,6 +219,17 @@ impl SharedGate {
 
     /// An endpoint for a request that skips the gate (no slot): the pinned
     /// one if it may take requests, else any ready one.
+    /// A grant (without a slot) on exactly `id`, whatever its state, while
+    /// the gate knows it: for requests that must reach the pod a job runs on.
+    pub fn grant_of(&self, id: EndpointId) -> Option<Grant> {
+        self.lock().endpoint(id).map(|e| Grant { endpoint: e.id, addr: e.addr })
+    }
+
+    /// How many waiters are ahead of `ticket`; None when it is not waiting.
+    pub fn position(&self, ticket: Ticket) -> Option<usize> {
+        self.lock().position(ticket)
+    }
+
     pub fn any_ready(&self, pin: Option<EndpointId>) -> Option<Grant> {
         let gate = self.lock();
         let pinned = pin.and_then(|id| gate.endpoint(id)).filter(|e| e.is_serving());

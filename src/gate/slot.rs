@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::core::{EndpointId, Grant};
+use super::jobs::Running;
 use super::shell::SharedGate;
 
 /// The right to have one request on one pod; dropping it frees the room.
@@ -18,16 +19,18 @@ pub struct Slot {
     pub(super) armed: bool,
     /// The pod answered in full (ends a run of failures on release).
     answered: bool,
+    /// Whose job this is, known for as long as the pod holds it.
+    job: Option<Running>,
 }
 
 impl Slot {
     pub(super) fn new(gate: Arc<SharedGate>, grant: Grant) -> Self {
-        Self { gate, grant, armed: true, answered: false }
+        Self { gate, grant, armed: true, answered: false, job: None }
     }
 
     /// A slot-less stand-in for requests that skip the gate.
     pub fn bypass(gate: Arc<SharedGate>, grant: Grant) -> Self {
-        Self { gate, grant, armed: false, answered: false }
+        Self { gate, grant, armed: false, answered: false, job: None }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -42,6 +45,11 @@ impl Slot {
     /// Frees the slot of an exchange the pod answered in full.
     pub fn answered(mut self) {
         self.answered = true;
+    }
+
+    /// Records whose job the slot holds, until the pod is done with it.
+    pub fn own(&mut self, job: Running) {
+        self.job = Some(job);
     }
 
     pub fn endpoint(&self) -> EndpointId {

@@ -1,6 +1,7 @@
 //! The request path: router -> gate -> forward, and one log line per request.
 
 pub mod affinity;
+pub(crate) mod owners;
 pub mod router;
 pub(crate) mod routes;
 
@@ -18,7 +19,7 @@ use crate::config::{AffinityMode, Config, Limits, ServiceConfig};
 use crate::error::ProxyError;
 use crate::forward::quarantine::Policy;
 use crate::forward::{self, ExchangeError, Forwarder, Peer};
-use crate::gate::{EndpointId, Pin, Ticket};
+use crate::gate::{EndpointId, Jobs, Pin, Ticket, Waiting};
 use crate::gate::{SharedGate, Slot};
 use crate::observe::metrics::Metrics;
 use crate::observe::metrics::ServiceMetrics;
@@ -37,6 +38,8 @@ pub struct Service {
     pub affinity: Option<Arc<Affinity>>,
     /// The quarantine policy each exchange takes with it.
     pub quarantine: Option<Arc<Policy>>,
+    /// Whose job runs on each pod (for `owner_only` paths).
+    pub jobs: Arc<Jobs>,
 }
 
 /// The session a request belongs to, for a service with affinity.
@@ -126,6 +129,7 @@ impl Table {
                         metrics: old.metrics.clone(),
                         affinity,
                         quarantine: Policy::of(service),
+                        jobs: old.jobs.clone(),
                     });
                     changes.changed.push(built.clone());
                     built
@@ -202,7 +206,14 @@ impl Service {
         let metrics = metrics.service(&service.name);
         let observer: Arc<dyn crate::gate::Observer> = Arc::new(metrics.clone());
         let gate = SharedGate::new(service.container_concurrency, service.queue.max_depth, observer);
-        Ok(Self { config: service.clone(), gate, metrics, affinity, quarantine: Policy::of(service) })
+        Ok(Self {
+            config: service.clone(),
+            gate,
+            metrics,
+            affinity,
+            quarantine: Policy::of(service),
+            jobs: Jobs::new(),
+        })
     }
 }
 
@@ -384,7 +395,8 @@ impl Proxy {
             return Err(ProxyError::Standby);
         }
         self.check_limits(request)?;
-        let bypass = service.config.is_bypass(request.uri().path());
+        let owner_only = service.config.is_owner_only(request.uri().path());
+        let bypass = owner_only || service.config.is_bypass(request.uri().path());
         if !bypass
             && !service.config.may_wake(request.uri().path())
             && service.gate.inspect(|g| g.endpoints().is_empty())
@@ -394,7 +406,7 @@ impl Proxy {
         let session = service.affinity.as_deref().and_then(|a| SessionRequest::of(a, request.headers(), bypass));
         let pin =
             session.as_ref().and_then(|s| s.pinned).map(|endpoint| Pin { endpoint, strict: self.strict(service) });
-        Ok(Admitted { bypass, session, pin, queued: None })
+        Ok(Admitted { bypass, owner_only, session, pin, queued: None })
     }
 
     async fn serve(
@@ -405,9 +417,17 @@ impl Proxy {
         trace: &mut Trace,
         admitted: Option<Admitted>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let Admitted { bypass, session, pin, queued } = match admitted {
+        let Admitted { bypass, owner_only, session, pin, queued } = match admitted {
             Some(admitted) => admitted,
             None => self.admit(service, &request)?,
+        };
+        // The pod this session's job runs on, for a path only its owner may reach.
+        let owner = match owner_only {
+            false => None,
+            true => match session.as_ref().and_then(|s| service.jobs.running_on(&s.id)) {
+                Some(endpoint) => Some(endpoint),
+                None => return Ok(owners::no_job(service, request.uri().path(), session.as_ref().map(|s| &s.id))),
+            },
         };
         let mut upgrade =
             forward::upgrade_protocol(request.headers()).is_some().then(|| hyper::upgrade::on(&mut request));
@@ -425,15 +445,18 @@ impl Proxy {
         let (mut queued, mut first) = match queued {
             Some(Queued { place, acquired }) => (Some(place), Some(acquired)),
             None if bypass => (None, None),
-            None => (Some(Place::take(service, trace)), None),
+            None => (Some(Place::take(service, session.as_ref().map(|s| s.id), trace)), None),
         };
         let mut attempt = 0;
         loop {
             let slot = match queued.as_mut() {
                 None => {
                     trace.queue_wait = Some(Duration::ZERO);
-                    let grant = gate.any_ready(pin.map(|p| p.endpoint)).ok_or(ProxyError::NoReadyEndpoint)?;
-                    Slot::bypass(gate.clone(), grant)
+                    let grant = match owner {
+                        Some(endpoint) => gate.grant_of(endpoint),
+                        None => gate.any_ready(pin.map(|p| p.endpoint)),
+                    };
+                    Slot::bypass(gate.clone(), grant.ok_or(ProxyError::NoReadyEndpoint)?)
                 }
                 Some(place) => match first.take() {
                     Some(acquired) => acquired?,
@@ -441,6 +464,13 @@ impl Proxy {
                 },
             };
             trace.endpoint = Some(slot.addr());
+            let mut slot = slot;
+            if let (Some(session), true) = (&session, slot.is_armed()) {
+                slot.own(service.jobs.run(session.id, slot.endpoint()));
+            }
+            if let Some(place) = queued.as_mut() {
+                place.waiting = None;
+            }
             // The session lives where it was last sent (pinned at dispatch, so
             // a later request's move is not undone by an earlier one's answer).
             let affinity_result = match (&service.affinity, &session) {
@@ -555,6 +585,8 @@ impl Proxy {
 /// also its place in line and what its wait gave.
 pub struct Admitted {
     bypass: bool,
+    /// An `owner_only` path: it reaches only the pod its session's job runs on.
+    owner_only: bool,
     session: Option<SessionRequest>,
     pin: Option<Pin>,
     queued: Option<Queued>,
@@ -570,24 +602,45 @@ struct Place {
     ticket: Ticket,
     arrived: Instant,
     deadline: Instant,
+    /// The request's session, if it has one.
+    session: Option<SessionId>,
+    /// The session's wait, known while it lasts (for its progress polls).
+    waiting: Option<Waiting>,
 }
 
 impl Place {
-    fn take(service: &Service, trace: &mut Trace) -> Self {
+    fn take(service: &Service, session: Option<SessionId>, trace: &mut Trace) -> Self {
         let ticket = service.gate.arrive();
         let arrived = Instant::now();
         trace.arrived = Some(arrived);
-        Self { ticket, arrived, deadline: arrived + service.config.queue.timeout }
+        Self { ticket, arrived, deadline: arrived + service.config.queue.timeout, session, waiting: None }
     }
 
     /// Waits at this place until a pod has room, at most until the deadline.
-    async fn wait(&self, service: &Service, pin: Option<Pin>, trace: &mut Trace) -> Result<Slot, ProxyError> {
+    /// A strict pin waits for its pod at most `affinity.max_wait`, then takes
+    /// any pod with room (keeping its place in line).
+    async fn wait(&mut self, service: &Service, pin: Option<Pin>, trace: &mut Trace) -> Result<Slot, ProxyError> {
         if let Some(slot) = service.gate.try_acquire(self.ticket, pin) {
             trace.queue_wait = Some(Duration::ZERO);
             return Ok(slot);
         }
+        self.waiting = self.session.map(|session| service.jobs.wait(session, self.ticket));
+        let strict_for = match (pin, &service.affinity) {
+            (Some(pin), Some(affinity)) if pin.strict => Some(affinity.config.max_wait),
+            _ => None,
+        };
         let left = self.deadline.saturating_duration_since(Instant::now());
-        let acquired = service.gate.acquire_pinned(self.ticket, pin, left).await;
+        let acquired = match strict_for {
+            Some(max_wait) if max_wait < left => match service.gate.acquire_pinned(self.ticket, pin, max_wait).await {
+                Err(ProxyError::QueueTimeout { .. }) => {
+                    let loose = pin.map(|pin| Pin { strict: false, ..pin });
+                    let left = self.deadline.saturating_duration_since(Instant::now());
+                    service.gate.acquire_pinned(self.ticket, loose, left).await
+                }
+                other => other,
+            },
+            _ => service.gate.acquire_pinned(self.ticket, pin, left).await,
+        };
         trace.queue_wait = Some(self.arrived.elapsed());
         match acquired {
             Err(ProxyError::QueueTimeout { cause, .. }) => {
@@ -610,7 +663,8 @@ impl EarlyWait {
     /// Queues the request and waits for its slot, or its error.
     pub async fn wait(mut self) -> Early {
         let service = self.record.service.clone();
-        let place = Place::take(&service, &mut self.record.trace);
+        let session = self.admitted.session.as_ref().map(|s| s.id);
+        let mut place = Place::take(&service, session, &mut self.record.trace);
         let acquired = place.wait(&service, self.admitted.pin, &mut self.record.trace).await;
         self.admitted.queued = Some(Queued { place, acquired });
         Early { record: self.record, admitted: self.admitted }

@@ -396,3 +396,56 @@ pub fn with_open_files_limit(command: &mut std::process::Command, soft: u64, har
         });
     }
 }
+
+// ---------------------------------------------------------------- affinity
+
+pub const KEY: &str = "test key, current";
+pub const PREVIOUS_KEY: &str = "test key, previous";
+
+/// Affinity lines for `config_yaml`, with key files that outlive the test body.
+pub fn affinity(mode: &str, keys: &(TempFile, TempFile), extra: &str) -> String {
+    format!(
+        "    affinity: {{ cookie: sd, timeout: 1800s, mode: {mode}, header: X-Session-Key, key_file: \"{}\", previous_key_file: \"{}\" }}\n{extra}",
+        keys.0.path.display(),
+        keys.1.path.display()
+    )
+}
+
+pub fn keys() -> (TempFile, TempFile) {
+    (TempFile::new("key", KEY), TempFile::new("key", PREVIOUS_KEY))
+}
+
+/// A client that keeps the `sd` cookie like a browser.
+#[derive(Clone, Default)]
+pub struct Jar {
+    pub cookie: Option<String>,
+}
+
+impl Jar {
+    pub fn with(cookie: &str) -> Self {
+        Self { cookie: Some(cookie.to_string()) }
+    }
+
+    pub fn prepare(&self, mut request: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+        if let Some(cookie) = &self.cookie {
+            request.headers_mut().insert("cookie", format!("theme=dark; sd={cookie}").parse().unwrap());
+        }
+        request
+    }
+
+    /// Sends, keeps the cookie it is given, and returns the answer.
+    pub async fn send(&mut self, client: &TestClient, request: Request<Full<Bytes>>) -> Answer {
+        let answer = send(client, self.prepare(request)).await;
+        if let Some(value) = set_cookie(&answer) {
+            self.cookie = Some(value);
+        }
+        answer
+    }
+}
+
+/// The `sd` value of an answer's Set-Cookie.
+pub fn set_cookie(answer: &Answer) -> Option<String> {
+    let header = answer.headers.get("set-cookie")?.to_str().ok()?;
+    let value = header.strip_prefix("sd=")?.split(';').next()?;
+    Some(value.to_string())
+}
