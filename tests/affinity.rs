@@ -10,10 +10,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
-use http::Request;
-use http_body_util::Full;
 use sdgate::proxy::affinity::Signer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
