@@ -40,18 +40,18 @@ fn affinity() -> Affinity {
 fn cookies(c: &mut Criterion) {
     let affinity = affinity();
     let id = affinity.new_session();
-    let issued = affinity.set_cookie(&id, false).expect("a cookie");
+    let issued = affinity.set_cookie(&id, Some(sdgate::gate::EndpointId(3)), false).expect("a cookie");
     let token = issued.to_str().expect("ascii").split(';').next().expect("name=value").to_string();
     let mut headers = HeaderMap::new();
     // A browser's Cookie header: the session among other cookies.
     let cookie = format!("_ga=GA1.1.123456789.1700000000; theme=dark; {token}; lang=en");
     headers.insert(header::COOKIE, HeaderValue::from_str(&cookie).expect("header"));
-    assert!(matches!(affinity.presented(&headers), Presented::Valid(found) if found == id));
+    assert!(matches!(affinity.presented(&headers), Presented::Valid(found, _) if found == id));
     c.bench_function("affinity/verify the sd cookie among 4", |b| {
         b.iter(|| black_box(affinity.presented(black_box(&headers))))
     });
     c.bench_function("affinity/sign and build Set-Cookie", |b| {
-        b.iter(|| black_box(affinity.set_cookie(black_box(&id), false)))
+        b.iter(|| black_box(affinity.set_cookie(black_box(&id), Some(sdgate::gate::EndpointId(3)), false)))
     });
 }
 

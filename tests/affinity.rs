@@ -97,7 +97,7 @@ async fn bad_cookies_start_new_sessions_and_the_previous_key_still_pins() {
     let gateway = TestGateway::in_front_of(&addrs, 1, &affinity("strict", &keys, "")).await;
     let client = client();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let current = Signer::new(KEY.as_bytes(), None).unwrap();
+    let current = Signer::new(KEY.as_bytes(), None).unwrap().for_service("sd");
     let valid = current.sign(&[9; 16], now + 600);
     let mut flipped = valid.clone().into_bytes();
     flipped[10] = if flipped[10] == b'a' { b'b' } else { b'a' };
@@ -112,7 +112,7 @@ async fn bad_cookies_start_new_sessions_and_the_previous_key_still_pins() {
     }
     assert_eq!(metric(gateway.admin, "sdgate_affinity_total{result=\"invalid\",service=\"sd\"}").await, Some(4.0));
 
-    let old = Signer::new(PREVIOUS_KEY.as_bytes(), None).unwrap().sign(&[7; 16], now + 600);
+    let old = Signer::new(PREVIOUS_KEY.as_bytes(), None).unwrap().for_service("sd").sign(&[7; 16], now + 600);
     let mut seen = Vec::new();
     for i in 0..5 {
         let answer = Jar::with(&old).send(&client, txt2img(gateway.addr, &i.to_string(), 1)).await;
@@ -132,7 +132,7 @@ async fn the_cookie_is_http_only_lax_for_half_an_hour_on_every_path() {
     let answer = send(&client(), txt2img(gateway.addr, "x", 1)).await;
     let header = answer.headers["set-cookie"].to_str().unwrap().to_string();
     let attributes: Vec<&str> = header.split("; ").collect();
-    assert!(attributes[0].starts_with("sd=") && attributes[0].len() == 3 + 80, "{header}");
+    assert!(attributes[0].starts_with("sd=") && attributes[0].len() == 3 + 96, "{header}");
     for expected in ["HttpOnly", "SameSite=Lax", "Max-Age=1800", "Path=/"] {
         assert!(attributes.contains(&expected), "{expected} missing from {header}");
     }

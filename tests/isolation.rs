@@ -148,3 +148,58 @@ async fn a_strict_pin_moves_after_max_wait_while_another_pod_is_free() {
     assert_eq!(metric(gateway.admin, "sdgate_affinity_total{result=\"repinned\",service=\"sd\"}").await, Some(1.0));
     assert_eq!(long.await.unwrap().worker(), home);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_cookieless_requests_neither_move_a_pin_nor_take_table_space() {
+    let workers = sims(2, fast_sim(1)).await;
+    let addrs: Vec<_> = workers.iter().map(|w| w.addr).collect();
+    let keys = keys();
+    let extra = affinity("strict", &keys, "").replace("timeout: 1800s,", "timeout: 1800s, max_sessions: 1000,");
+    let gateway = TestGateway::in_front_of(&addrs, 1, &extra).await;
+    let client = client();
+    let mut user = Jar::default();
+    let home = user.send(&client, txt2img(gateway.addr, "first", 1)).await.worker();
+    // The cookie came back once: now the session has its place in the table.
+    assert_eq!(user.send(&client, txt2img(gateway.addr, "second", 1)).await.worker(), home);
+
+    let flood: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, addr) = (client.clone(), gateway.addr);
+            tokio::spawn(async move {
+                let mut ok = 0;
+                for _ in 0..2_500 {
+                    ok += u32::from(send(&client, get(addr, "/sdapi/v1/options")).await.status == 200);
+                }
+                ok
+            })
+        })
+        .collect();
+    // The user keeps working through the flood, always on its pod.
+    while !flood.iter().all(|f| f.is_finished()) {
+        assert_eq!(user.send(&client, txt2img(gateway.addr, "during", 1)).await.worker(), home);
+    }
+    let mut answered = 0;
+    for f in flood {
+        answered += f.await.unwrap();
+    }
+    assert_eq!(answered, 20_000);
+    assert_eq!(user.send(&client, txt2img(gateway.addr, "after", 1)).await.worker(), home);
+
+    let service = &gateway.proxy.services()[0];
+    let sessions = &service.affinity.as_ref().unwrap().sessions;
+    assert_eq!(sessions.len(), 1, "only the session whose cookie came back holds a place");
+    let status: serde_json::Value =
+        send(&client, Request::get(format!("http://{}/status", gateway.admin)).body(Full::new(Bytes::new())).unwrap())
+            .await
+            .json();
+    let counts: Vec<u64> = status["services"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["sessions"].as_u64().unwrap())
+        .collect();
+    let mut sorted = counts.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [0, 1], "per-pod session counts: {counts:?}");
+    assert_no_overlap(&workers.iter().map(|w| w.stats()).collect::<Vec<_>>());
+}

@@ -2,6 +2,11 @@
 //!
 //! It forgets sessions idle for the timeout and never holds more than
 //! `max_sessions`, so a flood of new sessions cannot exhaust memory. The
+//! proxy puts a session here only once its cookie has come back (a new
+//! session is pinned by its cookie alone), so cookieless requests never
+//! take a place. The sessions pinned to each pod are counted as they are
+//! pinned and unpinned; idle ones leave the counts as a sweep of a few
+//! entries per call finds them, never by a scan of the table. The
 //! cookie that names a session is the proxy's (`proxy::affinity`); the table
 //! belongs to the gate's core, since pins decide where a request may go.
 
@@ -31,6 +36,46 @@ struct Table {
     /// Sessions in the order they were pinned: eviction candidates, oldest
     /// first (a recently used one gets a second chance at the back).
     order: VecDeque<SessionId>,
+    /// Sessions pinned to each pod.
+    counts: HashMap<EndpointId, usize>,
+}
+
+/// Entries of the order looked at per call for idle sessions.
+const SWEEP: usize = 4;
+
+impl Table {
+    fn count(&mut self, endpoint: EndpointId, add: bool) {
+        let count = self.counts.entry(endpoint).or_default();
+        if add {
+            *count += 1;
+        } else {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.counts.remove(&endpoint);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &SessionId) -> Option<Pin> {
+        let pin = self.pins.remove(id)?;
+        self.count(pin.endpoint, false);
+        Some(pin)
+    }
+
+    /// Drops idle sessions among the first few of the order (live ones go
+    /// to the back), so the counts shed sessions no request comes back for.
+    fn sweep(&mut self, now: Instant, idle: Duration) {
+        for _ in 0..self.order.len().min(SWEEP) {
+            let Some(id) = self.order.pop_front() else { break };
+            match self.pins.get(&id) {
+                Some(pin) if now.saturating_duration_since(pin.last_used) >= idle => {
+                    self.remove(&id);
+                }
+                Some(_) => self.order.push_back(id),
+                None => {}
+            }
+        }
+    }
 }
 
 struct Pin {
@@ -64,7 +109,7 @@ impl Sessions {
         match table.pins.get(id) {
             Some(pin) if now.saturating_duration_since(pin.last_used) < self.idle() => Some(pin.endpoint),
             Some(_) => {
-                table.pins.remove(id);
+                table.remove(id);
                 None
             }
             None => None,
@@ -75,14 +120,20 @@ impl Sessions {
     pub fn set(&self, id: SessionId, endpoint: EndpointId, now: Instant) {
         let mut table = self.lock();
         if let Some(pin) = table.pins.get_mut(&id) {
-            pin.endpoint = endpoint;
+            let moved = std::mem::replace(&mut pin.endpoint, endpoint);
             pin.last_used = now;
+            if moved != endpoint {
+                table.count(moved, false);
+                table.count(endpoint, true);
+            }
             return;
         }
+        table.sweep(now, self.idle());
         while table.pins.len() >= self.max {
             self.evict_one(&mut table, now);
         }
         table.pins.insert(id, Pin { endpoint, last_used: now });
+        table.count(endpoint, true);
         table.order.push_back(id);
     }
 
@@ -99,12 +150,12 @@ impl Sessions {
                 table.order.push_back(id);
                 continue;
             }
-            table.pins.remove(&id);
+            table.remove(&id);
             return;
         }
         // Every session is in active use: drop the oldest pinned anyway.
         while let Some(id) = table.order.pop_front() {
-            if table.pins.remove(&id).is_some() {
+            if table.remove(&id).is_some() {
                 return;
             }
         }
@@ -118,13 +169,12 @@ impl Sessions {
         self.len() == 0
     }
 
-    /// Live sessions pinned to `endpoint` (linear: for status and scale-down).
+    /// Sessions pinned to `endpoint` (for status and scale-down): a counter,
+    /// read after a short sweep for idle sessions.
     pub fn count_for(&self, endpoint: EndpointId, now: Instant) -> usize {
-        self.lock()
-            .pins
-            .values()
-            .filter(|p| p.endpoint == endpoint && now.saturating_duration_since(p.last_used) < self.idle())
-            .count()
+        let mut table = self.lock();
+        table.sweep(now, self.idle());
+        table.counts.get(&endpoint).copied().unwrap_or(0)
     }
 }
 
@@ -139,6 +189,27 @@ mod tests {
         sessions.set([1; 16], EndpointId(1), now);
         assert_eq!(sessions.get(&[1; 16], now + Duration::from_secs(59)), Some(EndpointId(1)));
         assert_eq!(sessions.get(&[1; 16], now + Duration::from_secs(61)), None);
+        assert!(sessions.is_empty());
+    }
+
+    #[test]
+    fn the_counts_follow_pins_moves_evictions_and_idle_sessions() {
+        let sessions = Sessions::new(3, Duration::from_secs(60));
+        let now = Instant::now();
+        sessions.set([1; 16], EndpointId(1), now);
+        sessions.set([2; 16], EndpointId(1), now);
+        sessions.set([3; 16], EndpointId(2), now);
+        assert_eq!((sessions.count_for(EndpointId(1), now), sessions.count_for(EndpointId(2), now)), (2, 1));
+        sessions.set([2; 16], EndpointId(2), now);
+        assert_eq!((sessions.count_for(EndpointId(1), now), sessions.count_for(EndpointId(2), now)), (1, 2));
+        // A fourth evicts the oldest (session 1, on pod 1).
+        sessions.set([4; 16], EndpointId(2), now + Duration::from_secs(30));
+        assert_eq!((sessions.count_for(EndpointId(1), now), sessions.count_for(EndpointId(2), now)), (0, 3));
+        // Idle ones leave the counts as sweeps find them, with no lookup.
+        let later = now + Duration::from_secs(61);
+        assert_eq!(sessions.count_for(EndpointId(2), later), 1, "sessions 2 and 3 idle, 4 live");
+        let much_later = now + Duration::from_secs(200);
+        assert_eq!(sessions.count_for(EndpointId(2), much_later), 0);
         assert!(sessions.is_empty());
     }
 

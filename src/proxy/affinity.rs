@@ -2,10 +2,15 @@
 //!
 //! Guarantees:
 //! - the cookie is opaque and signed: `hex(session id (16 bytes) || expiry
-//!   (unix seconds, 8 bytes) || HMAC-SHA256 over both, first 16 bytes)`. It
-//!   never contains a pod address, so it cannot be forged to aim at a pod;
-//!   a cookie that fails verification (garbled, forged, expired, another key)
-//!   starts a new session, never an error;
+//!   (unix seconds, 8 bytes) || pin (8 bytes) || HMAC-SHA256 over those and
+//!   the service's name, first 16 bytes)`. The pin is the gate's id of the
+//!   session's pod (never its address), so a session is pinned before the
+//!   table holds it, and it cannot be forged to aim at a pod; a cookie that
+//!   fails verification (garbled, forged, expired, another key or another
+//!   service) starts a new session, never an error;
+//! - a session costs table space only once its cookie has come back: a flood
+//!   of cookieless requests adds nothing to the pin table, so it cannot
+//!   evict anyone's pin or inflate the per-pod session counts;
 //! - a cookie signed with the previous key (rotation) is still accepted and
 //!   re-issued with the current one;
 //! - the pin table (session -> pod) forgets sessions idle for the timeout and
@@ -23,6 +28,7 @@ use sha2::Sha256;
 
 use crate::config::AffinityConfig;
 pub use crate::gate::pins::{SessionId, Sessions};
+use crate::gate::EndpointId;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -33,8 +39,12 @@ pub const PREVIOUS_KEY_ENV: &str = "SDGATE_AFFINITY_PREVIOUS_KEY";
 
 const ID_LEN: usize = 16;
 const EXPIRY_LEN: usize = 8;
+const PIN_LEN: usize = 8;
 const MAC_LEN: usize = 16;
-const TOKEN_LEN: usize = ID_LEN + EXPIRY_LEN + MAC_LEN;
+const SIGNED_LEN: usize = ID_LEN + EXPIRY_LEN + PIN_LEN;
+const TOKEN_LEN: usize = SIGNED_LEN + MAC_LEN;
+/// The pin field of a session with no pod yet.
+const NO_PIN: u64 = u64::MAX;
 
 /// What a request's cookie (or session header) said.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,8 +53,19 @@ pub enum Presented {
     Nothing,
     /// A cookie that failed verification: a new session.
     Invalid,
-    /// A valid session.
-    Valid(SessionId),
+    /// A valid session, and the pod its cookie names (none for a session
+    /// header, or a cookie issued before the session had a pod).
+    Valid(SessionId, Option<EndpointId>),
+}
+
+impl Presented {
+    /// The session, if valid.
+    pub fn session(&self) -> Option<SessionId> {
+        match self {
+            Presented::Valid(id, _) => Some(*id),
+            _ => None,
+        }
+    }
 }
 
 /// Signs and verifies session tokens.
@@ -52,6 +73,13 @@ pub enum Presented {
 pub struct Signer {
     current: HmacSha256,
     previous: Option<HmacSha256>,
+}
+
+fn keyed(key: &HmacSha256, context: &[u8]) -> HmacSha256 {
+    let mut mac = key.clone();
+    mac.update(&(context.len() as u64).to_be_bytes());
+    mac.update(context);
+    mac
 }
 
 impl Signer {
@@ -86,22 +114,43 @@ impl Signer {
         Ok(Self { current: mac(key)?, previous: previous.map(mac).transpose()? })
     }
 
-    /// A token for `id`, valid until `expires` (unix seconds).
+    /// The signer of one service's cookies: a token signed for one service
+    /// does not verify for another.
+    pub fn for_service(&self, service: &str) -> Self {
+        let context = [b"service:", service.as_bytes()].concat();
+        Self {
+            current: keyed(&self.current, &context),
+            previous: self.previous.as_ref().map(|previous| keyed(previous, &context)),
+        }
+    }
+
+    /// A token for `id` with no pod, valid until `expires` (unix seconds).
     pub fn sign(&self, id: &SessionId, expires: u64) -> String {
+        self.sign_pinned(id, None, expires)
+    }
+
+    /// A token for `id` pinned to `pin`, valid until `expires` (unix seconds).
+    pub fn sign_pinned(&self, id: &SessionId, pin: Option<EndpointId>, expires: u64) -> String {
         let mut token = [0u8; TOKEN_LEN];
         token[..ID_LEN].copy_from_slice(id);
         token[ID_LEN..ID_LEN + EXPIRY_LEN].copy_from_slice(&expires.to_be_bytes());
+        token[ID_LEN + EXPIRY_LEN..SIGNED_LEN].copy_from_slice(&pin.map_or(NO_PIN, |p| p.0).to_be_bytes());
         let mut mac = self.current.clone();
-        mac.update(&token[..ID_LEN + EXPIRY_LEN]);
-        token[ID_LEN + EXPIRY_LEN..].copy_from_slice(&mac.finalize().into_bytes()[..MAC_LEN]);
+        mac.update(&token[..SIGNED_LEN]);
+        token[SIGNED_LEN..].copy_from_slice(&mac.finalize().into_bytes()[..MAC_LEN]);
         hex(&token)
     }
 
     /// The session a token names, if it is well-formed, signed by the current
     /// or previous key (compared in constant time), and not expired at `now`.
     pub fn verify(&self, token: &str, now: u64) -> Option<SessionId> {
+        self.verify_pinned(token, now).map(|(id, _)| id)
+    }
+
+    /// [`Signer::verify`], with the pod the token names.
+    pub fn verify_pinned(&self, token: &str, now: u64) -> Option<(SessionId, Option<EndpointId>)> {
         let token = unhex::<TOKEN_LEN>(token)?;
-        let (signed, tag) = token.split_at(ID_LEN + EXPIRY_LEN);
+        let (signed, tag) = token.split_at(SIGNED_LEN);
         let valid = |key: &HmacSha256| {
             let mut mac = key.clone();
             mac.update(signed);
@@ -111,13 +160,16 @@ impl Signer {
             return None;
         }
         let mut expiry = [0u8; EXPIRY_LEN];
-        expiry.copy_from_slice(&signed[ID_LEN..]);
+        expiry.copy_from_slice(&signed[ID_LEN..ID_LEN + EXPIRY_LEN]);
         if u64::from_be_bytes(expiry) <= now {
             return None;
         }
         let mut id = [0u8; ID_LEN];
         id.copy_from_slice(&signed[..ID_LEN]);
-        Some(id)
+        let mut pin = [0u8; PIN_LEN];
+        pin.copy_from_slice(&signed[ID_LEN + EXPIRY_LEN..]);
+        let pin = Some(u64::from_be_bytes(pin)).filter(|p| *p != NO_PIN).map(EndpointId);
+        Some((id, pin))
     }
 
     /// A stable session for a client-chosen key (`X-Session-Key`): the same
@@ -160,8 +212,8 @@ impl Affinity {
         for value in headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()) {
             for cookie in Cookie::split_parse(value).flatten() {
                 if cookie.name() == self.config.cookie {
-                    match self.signer.verify(cookie.value(), now) {
-                        Some(id) => return Presented::Valid(id),
+                    match self.signer.verify_pinned(cookie.value(), now) {
+                        Some((id, pin)) => return Presented::Valid(id, pin),
                         None => presented = Presented::Invalid,
                     }
                 }
@@ -170,8 +222,11 @@ impl Affinity {
         if let Some(header) = &self.config.header {
             if let Some(value) = headers.get(header.as_str()).filter(|v| !v.is_empty()) {
                 let text = value.to_str().unwrap_or("");
-                let id = self.signer.verify(text, now).unwrap_or_else(|| self.signer.session_for_key(value.as_bytes()));
-                return Presented::Valid(id);
+                let (id, pin) = self
+                    .signer
+                    .verify_pinned(text, now)
+                    .unwrap_or_else(|| (self.signer.session_for_key(value.as_bytes()), None));
+                return Presented::Valid(id, pin);
             }
         }
         presented
@@ -186,10 +241,11 @@ impl Affinity {
         id
     }
 
-    /// The `Set-Cookie` value that (re)issues `id` for another `timeout`.
-    pub fn set_cookie(&self, id: &SessionId, secure: bool) -> Option<HeaderValue> {
+    /// The `Set-Cookie` value that (re)issues `id`, pinned to `pin`, for
+    /// another `timeout`.
+    pub fn set_cookie(&self, id: &SessionId, pin: Option<EndpointId>, secure: bool) -> Option<HeaderValue> {
         let timeout = self.config.timeout;
-        let token = self.signer.sign(id, unix_now() + timeout.as_secs());
+        let token = self.signer.sign_pinned(id, pin, unix_now() + timeout.as_secs());
         let cookie = Cookie::build((self.config.cookie.as_str(), token))
             .path("/")
             .http_only(true)
@@ -295,6 +351,18 @@ mod tests {
         let id = [3u8; ID_LEN];
         assert_eq!(signer().verify(&old.sign(&id, u64::MAX), 0), Some(id));
         assert_eq!(signer().verify(&foreign.sign(&id, u64::MAX), 0), None);
+    }
+
+    #[test]
+    fn the_pin_travels_signed_and_another_service_cannot_use_the_token() {
+        let a = signer().for_service("a");
+        let token = a.sign_pinned(&[5u8; ID_LEN], Some(EndpointId(42)), u64::MAX);
+        assert_eq!(a.verify_pinned(&token, 0), Some(([5u8; ID_LEN], Some(EndpointId(42)))));
+        assert_eq!(a.verify_pinned(&a.sign(&[5u8; ID_LEN], u64::MAX), 0), Some(([5u8; ID_LEN], None)));
+        assert_eq!(signer().for_service("b").verify(&token, 0), None);
+        assert_eq!(signer().verify(&token, 0), None);
+        let rotated = Signer::new(b"new key", Some(b"current key")).unwrap().for_service("a");
+        assert_eq!(rotated.verify(&token, 0), Some([5u8; ID_LEN]), "the previous key, same service");
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Service {
 struct SessionRequest {
     id: SessionId,
     presented: Presented,
+    /// Where the session was pinned when the request came (the table's
+    /// entry, else its cookie's pin); after dispatch, where it went.
     pinned: Option<EndpointId>,
 }
 
@@ -55,22 +57,28 @@ impl SessionRequest {
     fn of(affinity: &Affinity, headers: &http::HeaderMap, bypass: bool) -> Option<Self> {
         let presented = affinity.presented(headers);
         let (id, pinned) = match presented {
-            Presented::Valid(id) => (id, affinity.sessions.get(&id, Instant::now())),
+            Presented::Valid(id, pin) => (id, affinity.sessions.get(&id, Instant::now()).or(pin)),
             _ if bypass => return None,
             _ => (affinity.new_session(), None),
         };
         Some(Self { id, presented, pinned })
     }
 
-    /// Records where the request went; returns the `sdgate_affinity_total` result.
-    fn settle(&self, affinity: &Affinity, endpoint: EndpointId) -> &'static str {
-        affinity.sessions.set(self.id, endpoint, Instant::now());
-        match (self.presented, self.pinned) {
+    /// Records where the request went; returns the `sdgate_affinity_total`
+    /// result. Only a session whose cookie came back takes a place in the
+    /// pin table; a new one is pinned by the cookie it is given.
+    fn settle(&mut self, affinity: &Affinity, endpoint: EndpointId) -> &'static str {
+        let result = match (self.presented, self.pinned) {
             (Presented::Invalid, _) => "invalid",
             (Presented::Nothing, _) => "new",
-            (Presented::Valid(_), Some(pinned)) if pinned == endpoint => "hit",
-            (Presented::Valid(_), _) => "repinned",
+            (Presented::Valid(..), Some(pinned)) if pinned == endpoint => "hit",
+            (Presented::Valid(..), _) => "repinned",
+        };
+        if let Presented::Valid(..) = self.presented {
+            affinity.sessions.set(self.id, endpoint, Instant::now());
         }
+        self.pinned = Some(endpoint);
+        result
     }
 }
 
@@ -198,7 +206,7 @@ impl Service {
     fn new(service: &ServiceConfig, metrics: &Metrics) -> anyhow::Result<Self> {
         let affinity = match &service.affinity {
             Some(affinity) => {
-                let signer = Signer::from_environment(affinity, &service.name)?;
+                let signer = Signer::from_environment(affinity, &service.name)?.for_service(&service.name);
                 Some(Arc::new(Affinity::new(affinity.clone(), signer)))
             }
             None => None,
@@ -417,7 +425,7 @@ impl Proxy {
         trace: &mut Trace,
         admitted: Option<Admitted>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let Admitted { bypass, owner_only, session, pin, queued } = match admitted {
+        let Admitted { bypass, owner_only, mut session, pin, queued } = match admitted {
             Some(admitted) => admitted,
             None => self.admit(service, &request)?,
         };
@@ -473,7 +481,7 @@ impl Proxy {
             }
             // The session lives where it was last sent (pinned at dispatch, so
             // a later request's move is not undone by an earlier one's answer).
-            let affinity_result = match (&service.affinity, &session) {
+            let affinity_result = match (&service.affinity, &mut session) {
                 (Some(affinity), Some(session)) if !bypass => Some(session.settle(affinity, slot.endpoint())),
                 _ => None,
             };
@@ -498,7 +506,7 @@ impl Proxy {
                         if let Some(result) = affinity_result {
                             service.metrics.affinity(result);
                         }
-                        if let Some(cookie) = affinity.set_cookie(&session.id, secure) {
+                        if let Some(cookie) = affinity.set_cookie(&session.id, session.pinned, secure) {
                             response.headers_mut().append(http::header::SET_COOKIE, cookie);
                         }
                     }

@@ -73,7 +73,10 @@ impl Route {
 fn holds_session(service: &Service, headers: &HeaderMap) -> bool {
     let Some(affinity) = &service.affinity else { return false };
     match affinity.presented(headers) {
-        Presented::Valid(id) => affinity.sessions.get(&id, Instant::now()).is_some(),
+        // A cookie's token is signed for one service, so one that names a
+        // pod is this service's; a session header's is known by the table.
+        Presented::Valid(_, Some(_)) => true,
+        Presented::Valid(id, None) => affinity.sessions.get(&id, Instant::now()).is_some(),
         _ => false,
     }
 }
