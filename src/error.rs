@@ -16,6 +16,8 @@ pub enum ProxyError {
     MissingHost,
     #[error("no generation of this session is running")]
     NoJob,
+    #[error("CONNECT is not proxied: sdgate forwards HTTP requests to Stable Diffusion pods")]
+    MethodNotAllowed,
     #[error("{0}")]
     BadHost(&'static str),
     #[error("no service for host {0:?}")]
@@ -38,8 +40,11 @@ pub enum ProxyError {
     NoReadyEndpoint,
     #[error("pod {addr} did not start its response within {timeout:?}")]
     UpstreamTimeout { addr: String, timeout: Duration },
+    /// `kind`: how `sdgate_upstream_errors_total` counts it when the
+    /// request ends (none: already counted where it happened, as each failed
+    /// connect is).
     #[error("pod {addr} failed before answering: {reason}")]
-    Upstream { addr: String, reason: String },
+    Upstream { addr: String, reason: String, kind: Option<UpstreamFailure> },
     #[error("sdgate is shutting down")]
     ShuttingDown,
     #[error("this sdgate replica is a standby; another one is active")]
@@ -57,6 +62,7 @@ impl ProxyError {
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
             ProxyError::NoJob => StatusCode::CONFLICT,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge(_) | ProxyError::BodyOverLimit => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::QueueFull(_)
@@ -83,7 +89,7 @@ impl ProxyError {
     pub fn upstream_failure(&self) -> Option<UpstreamFailure> {
         match self {
             ProxyError::UpstreamTimeout { .. } => Some(UpstreamFailure::Timeout),
-            ProxyError::Upstream { .. } => Some(UpstreamFailure::Failed),
+            ProxyError::Upstream { kind, .. } => *kind,
             _ => None,
         }
     }
@@ -97,6 +103,9 @@ impl ProxyError {
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let ProxyError::MethodNotAllowed = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
+        }
         if let Some(seconds) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }

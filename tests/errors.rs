@@ -249,3 +249,100 @@ async fn a_fixed_backend_whose_pods_all_refuse_connections_says_so() {
     let expected = format!("no pod accepts connections: {} refused; {} refused", sorted[0], sorted[1]);
     assert!(error.contains(&expected), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_405_json_and_reaches_no_pod() {
+    let workers = sims(1, fast_sim(1)).await;
+    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, "").await;
+    let reply = raw_exchange(
+        gateway.addr,
+        &format!("CONNECT {HOST}:443 HTTP/1.1\r\nhost: {HOST}:443\r\nconnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 405"), "{reply}");
+    assert!(reply.to_ascii_lowercase().contains("allow: get, head, post"), "{reply}");
+    assert!(reply_body(&reply)["error"].as_str().unwrap().contains("CONNECT"), "{reply}");
+    assert_eq!(workers[0].stats().served, 0);
+    assert_eq!(metric(gateway.admin, "sdgate_requests_total{code=\"405\",service=\"sd\"}").await, Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_with_a_sign_is_400_before_it_takes_a_slot() {
+    let workers = sims(1, fast_sim(1)).await;
+    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, "").await;
+    let body = r#"{"prompt":"x","steps":1}"#;
+    for length in [format!("+{}", body.len()), format!("{0}, {0}", body.len() + 1)] {
+        let reply = raw_exchange(
+            gateway.addr,
+            &format!(
+                "POST /sdapi/v1/txt2img HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: {length}\r\nconnection: close\r\n\r\n{body}"
+            ),
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "Content-Length: {length}: {reply}");
+    }
+    assert_eq!(gateway.arrivals(), 0, "no request took a place in line");
+    assert_eq!(workers[0].stats().served, 0);
+}
+
+/// A pod that answers a POST with a head promising 1000 bytes and closes
+/// after 10; GETs (the idle check) get 404.
+async fn cutting_pod() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                loop {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    let head_end = loop {
+                        let Ok(n) = stream.read(&mut buf).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                        if let Some(at) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                        .unwrap_or(0);
+                    while request.len() < head_end + length {
+                        let Ok(n) = stream.read(&mut buf).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                    }
+                    if head.starts_with("post") {
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789").await;
+                        return;
+                    }
+                    let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_off_mid_body_is_one_502_counted_once() {
+    let pod = cutting_pod().await;
+    let gateway = TestGateway::start(&config_yaml(&[pod], 1, "").replace("http: /internal/ping", "tcp: true")).await;
+    send(&client(), txt2img(gateway.addr, "cut", 1)).await.assert_json_error(502);
+    gateway.wait_for(|g| g.inflight() == 0, "the pod back after its idle check").await;
+    let count = |kind: &'static str| {
+        let admin = gateway.admin;
+        async move { metric(admin, &format!("sdgate_upstream_errors_total{{kind=\"{kind}\",service=\"sd\"}}")).await }
+    };
+    assert_eq!(count("reset").await, Some(1.0));
+    assert_eq!(count("failed").await, Some(0.0));
+    assert_eq!(count("connect").await, Some(0.0));
+}

@@ -3,7 +3,9 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -250,4 +252,53 @@ async fn a_reload_that_sets_interrupt_on_disconnect_is_used_by_the_next_idle_che
     .await;
     assert_no_overlap(&[workers[0].stats()]);
     gateway.shutdown().await;
+}
+
+/// An app that serves its page (200, 100 KiB of HTML) on every path, the
+/// WebUI's progress API included, and counts the paths it was asked.
+async fn page_for_every_path() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                    seen.lock().unwrap().push(request.uri().to_string());
+                    let page = format!("<html>{}</html>", "x".repeat(100 * 1024));
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header("content-type", "text/html")
+                                .body(http_body_util::Full::new(bytes::Bytes::from(page)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (addr, asked)
+}
+
+/// The idle check a never-used pod must pass reads an answer too large or
+/// not the WebUI's JSON as idle: such a pod is not shut out for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_answers_every_path_with_a_large_page_is_not_taken_for_busy() {
+    let (pod, asked) = page_for_every_path().await;
+    let gateway = TestGateway::start(&config_yaml(&[pod], 1, "").replace("http: /internal/ping", "tcp: true")).await;
+    let answer = send(&client(), txt2img(gateway.addr, "ours", 1)).await;
+    assert_eq!(answer.status.as_u16(), 200);
+    assert!(answer.body.len() > 100 * 1024, "the pod's own page came back");
+    let asked = asked.lock().unwrap().clone();
+    assert!(
+        asked.iter().any(|p| p == "/sdapi/v1/progress?skip_current_image=true"),
+        "the idle check asked without the preview image: {asked:?}"
+    );
+    assert_eq!(asked.last().map(String::as_str), Some("/sdapi/v1/txt2img"));
 }

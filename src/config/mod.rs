@@ -163,9 +163,9 @@ pub struct ServiceConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdleCheck {
-    /// GET this path: idle when it answers 2xx (with the WebUI's progress
-    /// JSON, when `state.job_count` is 0) or 404 (no such API: nothing more
-    /// to learn); busy otherwise, or when it does not answer.
+    /// GET this path: busy when it answers the WebUI's progress JSON with
+    /// `state.job_count` other than 0, a 5xx, or nothing in time; idle on
+    /// any other answer (see `pod::Pool::is_idle`).
     pub path: String,
     /// Poll period.
     #[serde(with = "duration")]

@@ -179,9 +179,9 @@ impl Prober {
                         .call(addr, http::Method::GET, path, None, None, PROBE_ANSWER_LIMIT, timeout)
                         .await
                     {
-                        Reply::Answer(status, _) if status.is_success() => Ok(()),
+                        Reply::Answer(status, _) | Reply::Oversized(status) if status.is_success() => Ok(()),
                         Reply::Refused(why) => Err(Failure::Connect(why)),
-                        Reply::Answer(..) | Reply::Nothing => Err(Failure::Other),
+                        Reply::Answer(..) | Reply::Oversized(_) | Reply::Nothing => Err(Failure::Other),
                     }
                 }
             }

@@ -100,6 +100,9 @@ impl Forwarder {
                         tracing::info!(%uri, status = status.as_u16(), "client left: interrupted its generation")
                     }
                     Reply::Refused(error) => tracing::warn!(%uri, %error, "client left: interrupt failed"),
+                    Reply::Oversized(status) => {
+                        tracing::info!(%uri, status = status.as_u16(), "client left: interrupted its generation")
+                    }
                     Reply::Nothing => tracing::warn!(%uri, "client left: interrupt got no answer"),
                 }
             });
@@ -205,7 +208,11 @@ async fn run_exchange(
         }
         Some(Err(SendError::Connect(reason, _))) => {
             quarantine::hold(slot, "failed before answering", policy);
-            return Err(ExchangeError::Failed(ProxyError::Upstream { addr: addr.to_string(), reason }));
+            return Err(ExchangeError::Failed(ProxyError::Upstream {
+                addr: addr.to_string(),
+                reason,
+                kind: Some(UpstreamFailure::Failed),
+            }));
         }
         Some(Err(SendError::Http(error))) if client_body_failed(&error) => {
             // The client's upload broke off or went over the limit: the pod
@@ -254,11 +261,11 @@ async fn run_exchange(
             crate::body::chain(head, SlotBody::new(rest, slot, request_timeout, policy))
         }
         Some(Err(error)) => {
-            slot.gate().observer().upstream_failed(UpstreamFailure::Reset);
             quarantine::hold(slot, "answer broken off", policy);
             return Err(ExchangeError::Failed(ProxyError::Upstream {
                 addr: addr.to_string(),
                 reason: format!("answer broken off: {}", chain(&error)),
+                kind: Some(UpstreamFailure::Reset),
             }));
         }
         None => {
@@ -304,7 +311,7 @@ fn upstream_failure(addr: SocketAddr, error: &hyper::Error) -> ProxyError {
     if find_cause::<http_body_util::LengthLimitError>(error).is_some() {
         return ProxyError::BodyOverLimit;
     }
-    ProxyError::Upstream { addr: addr.to_string(), reason: chain(error) }
+    ProxyError::Upstream { addr: addr.to_string(), reason: chain(error), kind: Some(UpstreamFailure::Failed) }
 }
 
 fn find_cause<'a, T: std::error::Error + 'static>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {

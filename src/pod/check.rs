@@ -19,7 +19,9 @@ pub enum Reply {
     /// No connection (nothing listens: the process and its job are gone),
     /// with why in a few words ("refused").
     Refused(String),
-    /// Nothing usable: no answer in time, a broken one, or one over the limit.
+    /// An answer larger than the limit (its head only).
+    Oversized(StatusCode),
+    /// Nothing usable: no answer in time, or a broken one.
     Nothing,
 }
 
@@ -58,6 +60,7 @@ impl Pool {
                             sent.put_back(self, pod);
                             Reply::Answer(status, body.to_bytes())
                         }
+                        Err(error) if error.is::<http_body_util::LengthLimitError>() => Reply::Oversized(status),
                         Err(_) => Reply::Nothing,
                     }
                 }
@@ -68,24 +71,33 @@ impl Pool {
         tokio::time::timeout(timeout, attempt).await.unwrap_or(Reply::Nothing)
     }
 
-    /// Whether `pod` runs no job, asked at `path` (the WebUI's progress API).
-    /// Idle: 2xx (with the WebUI's progress JSON, `state.job_count` exactly 0),
-    /// 404/401/403/405 (no such API, or not ours to read: nothing more to
-    /// learn), or nothing listening (the job died with its process).
+    /// Whether `pod` runs no job, asked at `path` (the WebUI's progress API,
+    /// asked without its live preview image: `skip_current_image=true`).
+    /// Busy only on what says so: the WebUI's progress JSON with
+    /// `state.job_count` other than 0, a 5xx, or no answer in time. Anything
+    /// else is idle: another 2xx, 3xx or 4xx (not the WebUI's API, or not
+    /// ours to read), an answer too large or not JSON (an app that serves
+    /// its page for every path), or nothing listening (the job died with its
+    /// process). A pod that does not speak the API is never shut out.
     pub async fn is_idle(&self, pod: SocketAddr, path: &str) -> bool {
-        match self.call(pod, Method::GET, path, None, None, IDLE_ANSWER_LIMIT, IDLE_CHECK_TIMEOUT).await {
-            Reply::Answer(
-                StatusCode::NOT_FOUND
-                | StatusCode::UNAUTHORIZED
-                | StatusCode::FORBIDDEN
-                | StatusCode::METHOD_NOT_ALLOWED,
-                _,
-            )
-            | Reply::Refused(_) => true,
-            Reply::Answer(status, body) => status.is_success() && idle_progress(&body),
+        let path = with_skip_current_image(path);
+        match self.call(pod, Method::GET, &path, None, None, IDLE_ANSWER_LIMIT, IDLE_CHECK_TIMEOUT).await {
+            Reply::Answer(status, _) | Reply::Oversized(status) if status.is_server_error() => false,
+            Reply::Answer(status, body) if status.is_success() => idle_progress(&body),
+            Reply::Answer(..) | Reply::Oversized(_) | Reply::Refused(_) => true,
             Reply::Nothing => false,
         }
     }
+}
+
+/// `path` asking the WebUI's progress API to leave out the live preview
+/// (a base64 image in every answer otherwise), unless the path says already.
+fn with_skip_current_image(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.ends_with("/progress") && !path.contains("/progress?") || path.contains("skip_current_image") {
+        return path.into();
+    }
+    let separator = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{separator}skip_current_image=true").into()
 }
 
 /// The most of an idle check's answer that is read.
@@ -116,5 +128,16 @@ mod tests {
         assert!(idle_progress(br#"{"progress":0,"state":{"job_count":0}}"#));
         assert!(idle_progress(b"ok"));
         assert!(idle_progress(br#"{"status":"fine"}"#));
+    }
+
+    #[test]
+    fn progress_is_asked_without_its_preview_image() {
+        assert_eq!(with_skip_current_image("/sdapi/v1/progress"), "/sdapi/v1/progress?skip_current_image=true");
+        assert_eq!(with_skip_current_image("/sdapi/v1/progress?a=1"), "/sdapi/v1/progress?a=1&skip_current_image=true");
+        assert_eq!(
+            with_skip_current_image("/sdapi/v1/progress?skip_current_image=false"),
+            "/sdapi/v1/progress?skip_current_image=false"
+        );
+        assert_eq!(with_skip_current_image("/busy"), "/busy");
     }
 }

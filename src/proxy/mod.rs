@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::body::{Buffered, ResponseBody};
 use crate::config::{AffinityMode, Config, Limits, ServiceConfig};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, UpstreamFailure};
 use crate::forward::quarantine::Policy;
 use crate::forward::{self, ExchangeError, Forwarder, Peer};
 use crate::gate::{EndpointId, Jobs, Pin, Ticket, Waiting};
@@ -399,6 +399,9 @@ impl Proxy {
     /// (standby, oversized, a path that may not wake a sleeping service), and
     /// its session and pin.
     fn admit<B>(&self, service: &Service, request: &Request<B>) -> Result<Admitted, ProxyError> {
+        if request.method() == http::Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed);
+        }
         if !self.is_active() {
             return Err(ProxyError::Standby);
         }
@@ -489,6 +492,7 @@ impl Proxy {
                 return Err(ProxyError::Upstream {
                     addr: slot.addr().to_string(),
                     reason: "no request to resend".into(),
+                    kind: Some(UpstreamFailure::Failed),
                 });
             };
             // Only the log line says how long the pod took.
@@ -522,7 +526,8 @@ impl Proxy {
                 }
                 Err(ExchangeError::NotSent { reason, .. }) => {
                     let addr = trace.endpoint.map(|a| a.to_string()).unwrap_or_default();
-                    return Err(ProxyError::Upstream { addr, reason });
+                    // Each failed connect was counted as it happened.
+                    return Err(ProxyError::Upstream { addr, reason, kind: None });
                 }
                 Err(ExchangeError::Failed(error)) => return Err(error),
             }

@@ -201,7 +201,12 @@ fn request_of(head: &httparse::Request<'_, '_>) -> Option<(Request<()>, usize)> 
             if body.is_some() {
                 return None;
             }
-            body = Some(std::str::from_utf8(field.value).ok()?.trim().parse::<usize>().ok()?);
+            // Digits only, as hyper reads it (`+5` or `5, 5` are hyper's to refuse).
+            let digits = std::str::from_utf8(field.value).ok()?.trim();
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            body = Some(digits.parse::<usize>().ok()?);
         }
         headers.append(name, HeaderValue::from_bytes(field.value).ok()?);
     }
@@ -253,6 +258,8 @@ mod tests {
             "GET /ws HTTP/1.1\r\nHost: sd\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: sd\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: sd\r\nContent-Length: x\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: sd\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: sd\r\nContent-Length: 5, 5\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: sd\r\nContent-Length: 65537\r\n\r\n",
             "CONNECT sd:443 HTTP/1.1\r\nHost: sd\r\n\r\n",
         ] {
