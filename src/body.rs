@@ -65,6 +65,66 @@ where
     Ok(Buffered::Complete(bytes.freeze()))
 }
 
+/// A client's request body paused for longer than `body_read_timeout`
+/// while sdgate was reading it.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body paused for more than {0:?}")]
+pub struct Stalled(pub std::time::Duration);
+
+/// `body`, failing with [`Stalled`] once it keeps its reader waiting `pause`
+/// for one frame. The clock runs only while a frame is asked for: a body
+/// nobody reads (its request waits for a pod, or the pod reads slowly) is
+/// not the client's fault.
+pub struct PauseLimit<B> {
+    body: B,
+    pause: std::time::Duration,
+    waiting: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> PauseLimit<B> {
+    pub fn new(body: B, pause: std::time::Duration) -> Self {
+        Self { body, pause, waiting: None }
+    }
+}
+
+impl<B> Body for PauseLimit<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                self.waiting = None;
+                Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let pause = self.pause;
+                let timer = self.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(pause)));
+                match std::future::Future::poll(timer.as_mut(), cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Stalled(pause))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// `head` followed by what is left of `rest`, as one body.
 pub fn chain<B>(head: Bytes, rest: B) -> UnsyncBoxBody<Bytes, BoxError>
 where
@@ -79,6 +139,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_pauses_too_long_while_read_is_stalled() {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let stream = futures_util::stream::unfold(receiver, |mut r| async move { r.recv().await.map(|f| (f, r)) });
+        let mut body = PauseLimit::new(StreamBody::new(Box::pin(stream)), std::time::Duration::from_secs(10));
+        // Nobody reads for a minute (the request waited for a pod): no fault.
+        tokio::time::advance(std::time::Duration::from_secs(60)).await;
+        sender.send(Ok(Frame::data(Bytes::from_static(b"a")))).await.unwrap();
+        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "a");
+        let reader = tokio::spawn(async move { body.frame().await.map(|f| f.map(|_| ())) });
+        tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+        let stalled = reader.await.unwrap().unwrap().unwrap_err();
+        assert!(stalled.is::<Stalled>(), "{stalled}");
+        drop(sender);
+    }
 
     fn frames(parts: &[&'static str]) -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
         let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =

@@ -256,3 +256,44 @@ async fn three_hundred_silent_connections_under_a_256_descriptor_limit() {
     );
     let _ = child.start_kill();
 }
+
+/// The admin listener has the proxy's watchdog: silent connections are
+/// closed at `header_read_timeout`, and `/healthz` answers throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_silent_admin_connections_are_closed_while_healthz_answers() {
+    const SILENT: usize = 500;
+    sdgate::serve::raise_open_files_limit(0);
+    let workers = sims(1, fast_sim(1)).await;
+    let gateway = TestGateway::start(&limits_yaml("header_read_timeout: 1s", &[workers[0].addr])).await;
+    let admin = gateway.admin;
+    let connected = Instant::now();
+    let mut silent = Vec::with_capacity(SILENT);
+    for _ in 0..SILENT {
+        silent.push(TcpStream::connect(admin).await.expect("the admin listener takes the connection"));
+    }
+    let closes = tokio::spawn(async move {
+        let waits: Vec<_> = silent
+            .into_iter()
+            .map(|mut stream| {
+                tokio::spawn(async move { closed_by_server(&mut stream, connected, Duration::from_secs(20)).await })
+            })
+            .collect();
+        let mut closed = Vec::new();
+        for wait in waits {
+            closed.push(wait.await.unwrap());
+        }
+        closed
+    });
+    let mut probes = 0;
+    while !closes.is_finished() {
+        assert!(healthz(admin).await, "the admin port stopped answering /healthz");
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(probes >= 5, "only {probes} /healthz probes while the silent connections were open");
+    for (i, after) in closes.await.unwrap().into_iter().enumerate() {
+        let after = after.unwrap_or_else(|| panic!("silent admin connection {i} was never closed"));
+        assert!(after >= Duration::from_millis(900), "silent admin connection {i} closed after {after:?}");
+    }
+    assert!(healthz(admin).await);
+}

@@ -92,7 +92,9 @@ pub struct Limits {
     /// takes a pod (a slow upload holds no pod); larger ones stream.
     #[serde(default = "default_buffer_body_bytes")]
     pub buffer_body_bytes: usize,
-    /// A request body must arrive within this (408 otherwise).
+    /// A request body must arrive within this, and a streamed one (over
+    /// `buffer_body_bytes`) may pause no longer than this between bytes
+    /// (408 otherwise; the pod is freed without blame).
     #[serde(default = "default_body_read_timeout", with = "duration")]
     pub body_read_timeout: Duration,
     /// Pod answers up to this size are read in full before the client gets
@@ -100,6 +102,15 @@ pub struct Limits {
     /// has read; larger ones, server-sent events and websockets stream.
     #[serde(default = "default_buffer_response_bytes")]
     pub buffer_response_bytes: usize,
+    /// A tunnel through sdgate (a websocket, another upgrade) with no byte
+    /// either way for this long is closed, and its pod freed.
+    #[serde(default = "default_tunnel_idle_timeout", with = "duration")]
+    pub tunnel_idle_timeout: Duration,
+    /// A client that takes no byte of an answer for this long is cut; a
+    /// streamed answer is still read from the pod to its end, so the pod
+    /// is freed when it is done.
+    #[serde(default = "default_send_timeout", with = "duration")]
+    pub send_timeout: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -441,6 +452,8 @@ impl Default for Limits {
             buffer_body_bytes: default_buffer_body_bytes(),
             body_read_timeout: default_body_read_timeout(),
             buffer_response_bytes: default_buffer_response_bytes(),
+            tunnel_idle_timeout: default_tunnel_idle_timeout(),
+            send_timeout: default_send_timeout(),
         }
     }
 }
@@ -486,6 +499,12 @@ fn default_buffer_body_bytes() -> usize {
     16 << 20
 }
 fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_tunnel_idle_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_send_timeout() -> Duration {
     Duration::from_secs(30)
 }
 fn default_buffer_response_bytes() -> usize {
@@ -605,6 +624,12 @@ impl Config {
         }
         if self.limits.idle_timeout.is_zero() {
             bail!("limits.idle_timeout: must be more than 0s");
+        }
+        if self.limits.tunnel_idle_timeout.is_zero() {
+            bail!("limits.tunnel_idle_timeout: must be more than 0s");
+        }
+        if self.limits.send_timeout.is_zero() {
+            bail!("limits.send_timeout: must be more than 0s");
         }
         if let Some(election) = &self.leader_election {
             election.validate()?;

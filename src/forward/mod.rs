@@ -125,6 +125,8 @@ pub struct ExchangeLimits {
     pub quarantine: Option<Arc<Policy>>,
     /// When the exchange may take a connection another thread drives.
     pub share: Share,
+    /// A tunnel with no byte either way for this long is closed.
+    pub tunnel_idle: Duration,
 }
 
 /// Called when a client leaves before its pod has answered.
@@ -241,7 +243,7 @@ async fn run_exchange(
     if let (Some(client_side), Some(protocol)) = (upgrade, switched_to) {
         response.headers_mut().insert(header::UPGRADE, protocol);
         response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        return Ok(tunnel(slot, response, client_side, policy));
+        return Ok(tunnel(slot, response, client_side, policy, limits.tunnel_idle));
     }
     if is_event_stream(response.headers()) {
         return Ok(response.map(|body| SlotBody::new(body, slot, request_timeout, policy).boxed_unsync()));
@@ -301,10 +303,14 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 /// Whether an exchange failed because of the client's own request body.
 fn client_body_failed(error: &hyper::Error) -> bool {
     find_cause::<http_body_util::LengthLimitError>(error).is_some()
+        || find_cause::<crate::body::Stalled>(error).is_some()
         || find_cause::<hyper::Error>(error).is_some_and(|e| e.is_user())
 }
 
 fn upstream_failure(addr: SocketAddr, error: &hyper::Error) -> ProxyError {
+    if let Some(crate::body::Stalled(pause)) = find_cause::<crate::body::Stalled>(error) {
+        return ProxyError::BodyTimeout(*pause);
+    }
     if client_body_failed(error) && find_cause::<http_body_util::LengthLimitError>(error).is_none() {
         return ProxyError::BadBody(chain(error));
     }
@@ -327,30 +333,111 @@ fn find_cause<'a, T: std::error::Error + 'static>(error: &'a (dyn std::error::Er
 
 /// Answers the client's upgrade with the pod's 101 and joins the two
 /// connections once both sides have switched. The slot is held for the life
-/// of the tunnel.
+/// of the tunnel, which ends when either side closes or after `idle` with
+/// no byte either way (a websocket left open with no work holds no pod).
 fn tunnel(
     slot: Slot,
     mut response: Response<Incoming>,
     client_side: OnUpgrade,
     policy: Option<Arc<Policy>>,
+    idle: Duration,
 ) -> Response<ResponseBody> {
     let pod_side = hyper::upgrade::on(&mut response);
     tokio::spawn(async move {
         let slot = slot;
         match tokio::try_join!(pod_side, client_side) {
             Ok((pod, client)) => {
-                let mut pod = TokioIo::new(pod);
-                let mut client = TokioIo::new(client);
-                if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut pod).await {
-                    // Broken off (a reset): a websocket queue may have a job running.
-                    tracing::debug!(%error, "tunnel broken off");
-                    quarantine::hold(slot, "tunnel broken off", policy);
+                let last = Arc::new(LastByte::new());
+                let mut pod = Counted { io: TokioIo::new(pod), last: last.clone() };
+                let mut client = Counted { io: TokioIo::new(client), last: last.clone() };
+                let copy = tokio::io::copy_bidirectional(&mut client, &mut pod);
+                tokio::pin!(copy);
+                loop {
+                    tokio::select! {
+                        copied = &mut copy => {
+                            if let Err(error) = copied {
+                                // Broken off (a reset): a websocket queue may have a job running.
+                                tracing::debug!(%error, "tunnel broken off");
+                                quarantine::hold(slot, "tunnel broken off", policy);
+                            }
+                            return;
+                        }
+                        _ = tokio::time::sleep_until(last.at() + idle) => {
+                            if last.at() + idle <= tokio::time::Instant::now() {
+                                tracing::info!(pod = %slot.addr(), ?idle, "tunnel idle: closed, its pod freed");
+                                return;
+                            }
+                        }
+                    }
                 }
             }
             Err(error) => tracing::debug!(%error, "upgrade failed"),
         }
     });
     response.map(|_| crate::body::empty())
+}
+
+/// When a tunnel last moved a byte, either way.
+struct LastByte {
+    epoch: tokio::time::Instant,
+    /// Milliseconds since `epoch`.
+    millis: std::sync::atomic::AtomicU64,
+}
+
+impl LastByte {
+    fn new() -> Self {
+        Self { epoch: tokio::time::Instant::now(), millis: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    fn moved(&self) {
+        let millis = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.millis.store(millis, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn at(&self) -> tokio::time::Instant {
+        self.epoch + Duration::from_millis(self.millis.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// One side of a tunnel, telling [`LastByte`] of every byte it moves.
+struct Counted<T> {
+    io: T,
+    last: Arc<LastByte>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last.moved();
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            if n > 0 {
+                self.last.moved();
+            }
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Who a client connection comes from, worked out once per connection.

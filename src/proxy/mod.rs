@@ -349,6 +349,20 @@ impl Proxy {
         response
     }
 
+    /// The answer to a connection's first request whose body did not come
+    /// within `body_read_timeout` while the lobby read it: 408, counted and
+    /// logged (an unrouted one gets its routing error).
+    pub fn body_timed_out<B>(&self, request: &mut Request<B>) -> Response<ResponseBody> {
+        match self.record(request) {
+            Ok(record) => {
+                let error = ProxyError::BodyTimeout(self.limits.body_read_timeout);
+                let response = error.into_response(Some(&record.service.config.name));
+                record.finish(response)
+            }
+            Err(response) => *response,
+        }
+    }
+
     /// Routes a request and starts its record (which counts it even if its
     /// client leaves before the answer: the record then says 499); an
     /// unrouted request's answer is the error.
@@ -553,7 +567,10 @@ impl Proxy {
             Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyOverLimit),
             Ok(Err(error)) => Err(ProxyError::BadBody(error.to_string())),
             Ok(Ok(Buffered::Complete(bytes))) => Ok(ReplayableBody::new(crate::body::full(bytes))),
-            Ok(Ok(Buffered::Partial(head, rest))) => Ok(ReplayableBody::new(crate::body::chain(head, rest))),
+            Ok(Ok(Buffered::Partial(head, rest))) => {
+                let rest = crate::body::PauseLimit::new(rest, timeout);
+                Ok(ReplayableBody::new(crate::body::chain(head, rest)))
+            }
         }
     }
 
@@ -562,6 +579,7 @@ impl Proxy {
             request_timeout: service.config.request_timeout,
             buffer_response_bytes: self.limits.buffer_response_bytes,
             quarantine: service.quarantine.clone(),
+            tunnel_idle: self.limits.tunnel_idle_timeout,
             share: match service.config.container_concurrency {
                 0 => crate::pod::Share::Never,
                 cc => crate::pod::Share::Above(cc as usize + 1),

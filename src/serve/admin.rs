@@ -19,7 +19,13 @@ use tokio::task::JoinHandle;
 use crate::body::{self, ResponseBody};
 use crate::observe::status::{History, Status};
 use crate::proxy::Proxy;
-use crate::serve::{out_of_descriptors, AcceptErrors};
+use crate::serve::{
+    out_of_descriptors, AcceptErrors, Activity, ConnectionBudget, Open, Timeouts, Tracked, Watch, Watched,
+};
+
+/// Admin connections open at once; more are closed at once (a poller
+/// retries). Well above what dashboards and scrapers use.
+const MAX_CONNECTIONS: usize = 1024;
 
 /// The dashboard: one self-contained page (no CDN) that starts its charts
 /// from `/status/history` and polls `/status`.
@@ -34,25 +40,34 @@ const DASHBOARD: &str = include_str!("../observe/dashboard.html");
 /// reserve back once a descriptor is free again. Other failed accepts
 /// pause 50 ms and are logged at most once a second.
 ///
+/// Its connections have the proxy's watchdog: a connection with no complete
+/// request head within `header_read_timeout`, or idle for `idle_timeout`, is
+/// closed, and at most [`MAX_CONNECTIONS`] are open, so silent clients
+/// cannot use up the descriptors `/healthz` needs.
+///
 /// It also runs the [`History`] sampler, which stops with it.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<AtomicBool>) {
+pub(super) async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<AtomicBool>, timeouts: Timeouts) {
     let started = Instant::now();
     let history = Arc::new(History::new(&*proxy));
     let _sampler = AbortOnDrop(tokio::spawn(history.clone().run(proxy.clone())));
     let mut reserve = std::fs::File::open("/dev/null").ok();
     let mut errors = AcceptErrors::new("admin");
+    let budget = Arc::new(ConnectionBudget::new(MAX_CONNECTIONS));
+    // Admin connections are not drained on shutdown: a sender that never
+    // says so (kept for as long as the listener runs).
+    let (_never, not_draining) = tokio::sync::watch::channel(false);
     loop {
         if reserve.is_none() {
             reserve = std::fs::File::open("/dev/null").ok();
         }
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, client) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(error) => {
                 let pause = errors.failed(&error);
                 if out_of_descriptors(&error) && reserve.take().is_some() {
                     // The reserve's descriptor is free now: take the waiting connection with it.
                     match listener.accept().await {
-                        Ok((stream, _)) => stream,
+                        Ok(accepted) => accepted,
                         Err(error) => {
                             if let Some(pause) = errors.failed(&error) {
                                 tokio::time::sleep(pause).await;
@@ -68,15 +83,25 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<Atomi
                 }
             }
         };
+        if budget.full() {
+            drop(stream);
+            continue;
+        }
+        let activity = Arc::new(Activity::new());
+        let io = Watched { stream, read: Bytes::new(), activity: activity.clone(), _budget: budget.take() };
+        let watch = Watch { client, activity: activity.clone(), early: None, draining: not_draining.clone(), timeouts };
         let proxy = proxy.clone();
         let draining = draining.clone();
         let history = history.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let open = Open::start(&activity, request.version() == http::Version::HTTP_2);
                 let response = answer(&request, &proxy, &history, &draining, started);
-                async move { Ok::<_, Infallible>(response) }
+                async move { Ok::<_, Infallible>(response.map(|body| Tracked::new(body, open))) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
+            watch.serve(connection, |connection| connection.graceful_shutdown()).await;
         });
     }
 }

@@ -91,8 +91,14 @@ pub async fn first_request(
     let body_deadline = Instant::now() + limits.body_read_timeout;
     while read.len() < whole {
         match tokio::time::timeout_at(body_deadline, read_more(stream, &mut read)).await {
-            // A slow body: hyper reads the rest, or answers 408.
-            Err(_) => return http1(read, None),
+            // A slow body gets its 408 here, once: handing it to hyper would
+            // start a second `body_read_timeout`.
+            Err(_) => {
+                let _ = router::normalize_host(&mut request);
+                let response = proxy.body_timed_out(&mut request);
+                write_answer(stream, response).await;
+                return Outcome::Close("request body not complete within body_read_timeout");
+            }
             Ok(Ok(0) | Err(_)) => return Outcome::Close("client left"),
             Ok(Ok(_)) => {}
         }
@@ -116,6 +122,37 @@ pub async fn first_request(
 /// hyper serves an HTTP/1 connection.
 fn http1(read: Vec<u8>, early: Option<Early>) -> Outcome {
     Outcome::Serve { read: Bytes::from(read), early, http1: true }
+}
+
+/// Writes sdgate's own answer (a small JSON error) on the socket, closing
+/// the connection after it; gives up after a few seconds.
+async fn write_answer(stream: &TcpStream, response: http::Response<crate::body::ResponseBody>) {
+    use http_body_util::BodyExt;
+    let (parts, body) = response.into_parts();
+    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else { return };
+    let mut out = format!("HTTP/1.1 {} {}\r\n", parts.status.as_u16(), parts.status.canonical_reason().unwrap_or(""))
+        .into_bytes();
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("content-length: {}\r\nconnection: close\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(&body);
+    let write = async {
+        let mut written = 0;
+        while written < out.len() {
+            stream.writable().await?;
+            match stream.try_write(&out[written..]) {
+                Ok(n) => written += n,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), write).await;
 }
 
 /// Reads what the socket has into `read`: the count, 0 at its end.

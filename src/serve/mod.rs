@@ -196,7 +196,9 @@ impl Gateway {
         );
         let mut threads = ServingThreads::start(threads::count(config.threads))?;
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let admin_task = admin.map(|admin| tokio::spawn(admin::serve(admin, proxy.clone(), draining.clone())));
+        let admin_timeouts = Timeouts::of(&config.limits);
+        let admin_task =
+            admin.map(|admin| tokio::spawn(admin::serve(admin, proxy.clone(), draining.clone(), admin_timeouts)));
 
         // Shared, not copied into every connection's state.
         let builder = Arc::new(Builders::new(&config.limits));
@@ -429,7 +431,7 @@ async fn serve_http(
                 Ok(()) => proxy.handle(request, peer, early).await,
                 Err(reason) => proxy.bad_host(&mut request, reason),
             };
-            Ok::<_, Infallible>(response.map(|body| Tracked { body, _open: open }))
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, open)))
         }
     });
     let watch = Watch { client, activity, early, draining, timeouts };
@@ -528,6 +530,7 @@ impl EarlyCell {
 struct Timeouts {
     header_read: Duration,
     idle: Duration,
+    send: Duration,
     body_read: Duration,
     max_header_bytes: usize,
 }
@@ -537,6 +540,7 @@ impl Timeouts {
         Self {
             header_read: limits.header_read_timeout,
             idle: limits.idle_timeout,
+            send: limits.send_timeout,
             body_read: limits.body_read_timeout,
             max_header_bytes: limits.max_header_bytes,
         }
@@ -560,6 +564,11 @@ struct Activity {
     idle_since: AtomicU64,
     /// HTTP/1, no request open: when the first byte of the next head came.
     head_since: AtomicU64,
+    /// Answers that gave hyper a frame it has not yet taken the next one
+    /// after (hyper is writing it, or the client is not reading).
+    sending: AtomicUsize,
+    /// When hyper last took a frame of any answer.
+    sent_at: AtomicU64,
 }
 
 impl Activity {
@@ -571,6 +580,8 @@ impl Activity {
             http2: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(NONE),
+            sending: AtomicUsize::new(0),
+            sent_at: AtomicU64::new(0),
         }
     }
 
@@ -597,8 +608,18 @@ impl Activity {
     fn check(&self, timeouts: Timeouts) -> Result<tokio::time::Instant, &'static str> {
         let now = tokio::time::Instant::now();
         if self.open.load(Ordering::Acquire) > 0 {
+            // A client that takes no byte of an answer for `send_timeout`
+            // is cut: dropping the connection drops the answer, whose pod
+            // part is then read to its end in the background.
+            if self.sending.load(Ordering::Acquire) > 0 {
+                let stuck_until = self.at(self.sent_at.load(Ordering::Acquire)) + timeouts.send;
+                if stuck_until <= now {
+                    return Err("the client took no bytes of its answer within send_timeout");
+                }
+                return Ok(stuck_until.min(now + timeouts.header_read.min(timeouts.idle)));
+            }
             // Busy: look again later (its end is not signalled to the watchdog).
-            return Ok(now + timeouts.header_read.min(timeouts.idle));
+            return Ok(now + timeouts.header_read.min(timeouts.idle).min(timeouts.send));
         }
         let (deadline, reason) = if !self.served.load(Ordering::Acquire) {
             (self.epoch + timeouts.header_read, "no request within header_read_timeout")
@@ -644,10 +665,39 @@ impl Drop for Open {
 }
 
 /// An answer's body that keeps its request [`Open`] until it is dropped
-/// (sent in full, or the connection closed).
+/// (sent in full, or the connection closed), and tells the watchdog while a
+/// frame it gave hyper has not been followed by a call for the next (the
+/// client may not be reading).
 struct Tracked {
     body: ResponseBody,
-    _open: Open,
+    open: Open,
+    sending: bool,
+}
+
+impl Tracked {
+    fn new(body: ResponseBody, open: Open) -> Self {
+        Self { body, open, sending: false }
+    }
+
+    fn set_sending(&mut self, sending: bool) {
+        if self.sending == sending {
+            return;
+        }
+        self.sending = sending;
+        let activity = &self.open.activity;
+        if sending {
+            activity.sent_at.store(activity.now(), Ordering::Release);
+            activity.sending.fetch_add(1, Ordering::AcqRel);
+        } else {
+            activity.sending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.set_sending(false);
+    }
 }
 
 impl http_body::Body for Tracked {
@@ -658,7 +708,13 @@ impl http_body::Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        // hyper asks for the next frame: the one before has been taken.
+        self.set_sending(false);
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self.set_sending(true);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -871,6 +927,7 @@ mod tests {
         Timeouts {
             header_read: Duration::from_secs(10),
             idle: Duration::from_secs(60),
+            send: Duration::from_secs(30),
             body_read: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
         }
@@ -890,5 +947,44 @@ mod tests {
         assert!(activity.check(timeouts()).is_ok(), "idle for 59 s of 60");
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(activity.check(timeouts()), Err("idle_timeout"));
+    }
+
+    /// An answer whose frame hyper took, with no call for the next one for
+    /// `send_timeout`, closes the connection; a pod that is slow to give the
+    /// next frame does not.
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_cuts_a_client_that_takes_no_bytes_for_send_timeout() {
+        use http_body::Body;
+        let activity = Arc::new(Activity::new());
+        struct Frames(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+        impl Body for Frames {
+            type Data = bytes::Bytes;
+            type Error = crate::body::BoxError;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                cx: &mut TaskContext<'_>,
+            ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+                self.0.poll_recv(cx).map(|frame| frame.map(|data| Ok(http_body::Frame::data(data))))
+            }
+        }
+        let (sender, frames) = tokio::sync::mpsc::channel(4);
+        let body: ResponseBody = http_body_util::BodyExt::boxed_unsync(Frames(frames));
+        let mut tracked = Box::pin(Tracked::new(body, Open::start(&activity, false)));
+        let waker = futures_util::task::noop_waker();
+        let mut cx = TaskContext::from_waker(&waker);
+        // The pod is slow: hyper waits for a frame.
+        assert!(tracked.as_mut().poll_frame(&mut cx).is_pending());
+        tokio::time::advance(Duration::from_secs(300)).await;
+        assert!(activity.check(timeouts()).is_ok(), "a slow pod is not the client's fault");
+        // A frame comes and hyper takes it; the client does not read on.
+        sender.send(bytes::Bytes::from_static(b"frame")).await.unwrap();
+        assert!(tracked.as_mut().poll_frame(&mut cx).is_ready());
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert!(activity.check(timeouts()).is_ok(), "29 s of 30");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(activity.check(timeouts()), Err("the client took no bytes of its answer within send_timeout"));
+        // hyper asked for the next frame: the client is reading again.
+        assert!(tracked.as_mut().poll_frame(&mut cx).is_pending());
+        assert!(activity.check(timeouts()).is_ok());
     }
 }
