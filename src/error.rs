@@ -16,6 +16,8 @@ pub enum ProxyError {
     MissingHost,
     #[error("no generation of this session is running")]
     NoJob,
+    #[error("this client already has {0} requests waiting (fairness.max_queued)")]
+    ClientQueueFull(usize),
     #[error("CONNECT is not proxied: sdgate forwards HTTP requests to Stable Diffusion pods")]
     MethodNotAllowed,
     #[error("{0}")]
@@ -62,6 +64,7 @@ impl ProxyError {
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
             ProxyError::NoJob => StatusCode::CONFLICT,
+            ProxyError::ClientQueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge(_) | ProxyError::BodyOverLimit => StatusCode::PAYLOAD_TOO_LARGE,
@@ -79,7 +82,10 @@ impl ProxyError {
     /// Seconds after which a retry may succeed, for errors where one may.
     fn retry_after(&self) -> Option<u32> {
         match self {
-            ProxyError::QueueFull(_) | ProxyError::NoReadyEndpoint | ProxyError::Asleep => Some(5),
+            ProxyError::QueueFull(_)
+            | ProxyError::ClientQueueFull(_)
+            | ProxyError::NoReadyEndpoint
+            | ProxyError::Asleep => Some(5),
             ProxyError::ShuttingDown | ProxyError::Standby => Some(1),
             _ => None,
         }

@@ -54,6 +54,95 @@ pub struct RouteConfig {
     pub name: Option<String>,
     pub hosts: Vec<String>,
     pub split: Vec<SplitConfig>,
+    /// The class of requests that come through this route (default: each
+    /// service's own `priority`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<PriorityConfig>,
+}
+
+/// A request's class: `interactive` goes first; `batch` yields to
+/// `fairness.batch_delay` interactive requests, then takes its turn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PriorityConfig {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+/// What tells clients apart for fair share.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FairnessKey {
+    /// The client's address (the last `X-Forwarded-For` hop when the
+    /// connection comes from one of `trusted_proxies`).
+    #[default]
+    Address,
+    /// The session (the affinity cookie or session header); else the address.
+    Session,
+    /// A request header (e.g. `X-Api-Key`, `Authorization`), hashed and never
+    /// logged; else the address.
+    Header,
+}
+
+/// Fair share between the clients of one service.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FairnessConfig {
+    pub key: FairnessKey,
+    /// The header for `key: header`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
+    /// Requests one client may have waiting; more get 429 (0: no bound).
+    pub max_queued: usize,
+    /// Interactive requests a batch request yields to before its turn.
+    pub batch_delay: u64,
+}
+
+impl Default for FairnessConfig {
+    fn default() -> Self {
+        Self { key: FairnessKey::Address, header: None, trusted_proxies: Vec::new(), max_queued: 0, batch_delay: 20 }
+    }
+}
+
+/// An address or a CIDR block (`10.0.0.0/8`, `::1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpBlock {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpBlock {
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = || anyhow::anyhow!("{text:?} is not an address or CIDR block");
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix.parse::<u8>().map_err(|_| bad())?)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Self { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        match (self.addr, ip) {
+            (std::net::IpAddr::V4(block), std::net::IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(block) & mask == u32::from(ip) & mask
+            }
+            (std::net::IpAddr::V6(block), std::net::IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(block) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -155,6 +244,12 @@ pub struct ServiceConfig {
     /// Session affinity with a signed cookie; omit to disable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<AffinityConfig>,
+    /// Fair share between clients waiting for a pod.
+    #[serde(default)]
+    pub fairness: FairnessConfig,
+    /// The class of this service's requests (a route may set another).
+    #[serde(default)]
+    pub priority: PriorityConfig,
     /// When a client leaves during its generation, POST this path to the pod
     /// (e.g. `/sdapi/v1/interrupt`) so it stops early. The slot is still held
     /// until the pod answers the original request.
@@ -816,6 +911,16 @@ impl ServiceConfig {
                 }
             }
         }
+        for (j, proxy) in self.fairness.trusted_proxies.iter().enumerate() {
+            IpBlock::parse(proxy).map_err(|error| anyhow::anyhow!("{key}.fairness.trusted_proxies[{j}]: {error}"))?;
+        }
+        match (&self.fairness.key, &self.fairness.header) {
+            (FairnessKey::Header, None) => bail!("{key}.fairness.header: required with key: header"),
+            (_, Some(header)) if http::HeaderName::from_bytes(header.as_bytes()).is_err() => {
+                bail!("{key}.fairness.header: {header:?} is not a header name")
+            }
+            _ => {}
+        }
         if let Some(check) = &self.idle_check {
             if !check.path.starts_with('/') {
                 bail!("{key}.idle_check.path: {:?} must start with '/'", check.path);
@@ -1049,6 +1154,20 @@ mod duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_blocks_hold_what_they_should() {
+        let block = IpBlock::parse("10.1.0.0/16").unwrap();
+        assert!(block.contains("10.1.200.3".parse().unwrap()));
+        assert!(!block.contains("10.2.0.1".parse().unwrap()));
+        assert!(!block.contains("::1".parse().unwrap()));
+        assert!(IpBlock::parse("127.0.0.1").unwrap().contains("127.0.0.1".parse().unwrap()));
+        assert!(IpBlock::parse("0.0.0.0/0").unwrap().contains("192.168.1.1".parse().unwrap()));
+        assert!(IpBlock::parse("fd00::/8").unwrap().contains("fd12::1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x"] {
+            assert!(IpBlock::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     fn minimal(service: &str) -> String {
         format!(

@@ -3,10 +3,17 @@
 //! Guarantees, for one service:
 //! - an endpoint never holds more than `capacity` granted requests
 //!   (`container_concurrency`; 0 means unlimited);
-//! - waiters are served strictly in arrival order (by [`Ticket`]), and a waiter
-//!   is never left waiting while an endpoint that could take it has room
-//!   (work-conserving: every event that frees room is followed by
-//!   [`Gate::next_grant`] until it returns `None`);
+//! - waiters are served in [`Ticket`] order, and a waiter is never left
+//!   waiting while an endpoint that could take it has room (work-conserving:
+//!   every event that frees room is followed by [`Gate::next_grant`] until it
+//!   returns `None`);
+//! - tickets share the pods fairly between clients (start-time fair
+//!   queueing, one unit per request): a client's requests are served in
+//!   arrival order, and a newcomer waits behind at most about one request of
+//!   each other client with requests waiting, however many those sent. A
+//!   `batch` request yields to `batch_delay` units of interactive work, then
+//!   goes in its turn (nothing starves). Requests of one client (or all
+//!   taken with [`Gate::arrive`]) keep strict arrival order;
 //! - the queue never holds more than `max_depth` waiters.
 //!
 //! The gate is plain data: no clock (callers pass `now`), no locks, no I/O. The
@@ -28,11 +35,14 @@
 //! assert_eq!(gate.next_grant().unwrap().0, "second");      // FIFO hand-over
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// Units of interactive work a batch request yields to, by default.
+pub const DEFAULT_BATCH_DELAY: u64 = 20;
 
 /// Identifies an endpoint for as long as the gate knows it; never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -40,8 +50,30 @@ pub struct EndpointId(pub u64);
 
 /// A request's place in line: taken at arrival, kept across retries, so a
 /// request that must be re-dispatched goes back to its own place, not the end.
+/// Ordered by its fair-queueing tag, then arrival.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ticket(u64);
+pub struct Ticket {
+    /// The virtual time it is served at (its start tag, plus the batch
+    /// delay for a batch request).
+    key: u64,
+    /// Arrival order.
+    seq: u64,
+    /// Its start tag (the virtual time moves to it when it is served).
+    start: u64,
+}
+
+/// A request's class: interactive requests go first; a batch request waits
+/// for at most `batch_delay` units of interactive work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+/// Who sent a request, for fair share: a hash of its key (session, API key
+/// or address), never the key itself.
+pub type ClientKey = u64;
 
 /// Permission to send one request to one endpoint. The caller must call
 /// [`Gate::release`] with `endpoint` exactly once when the pod has finished.
@@ -119,6 +151,69 @@ struct Waiting<W> {
     waiter: W,
     since: Instant,
     pin: Option<Pin>,
+    client: Option<ClientKey>,
+    priority: Priority,
+}
+
+/// The fair-queueing state: the virtual time and each client's next start.
+#[derive(Default)]
+struct Fairness {
+    /// Just past the start tag of the latest request served.
+    virtual_time: u64,
+    /// Each client's finish tag in each class: where its next request of
+    /// that class starts, at the earliest (a client's batch backlog does not
+    /// hold back its interactive requests). Entries at or behind the virtual
+    /// time say nothing and are pruned.
+    finish: HashMap<(ClientKey, Priority), u64>,
+    /// The size `finish` may grow to before it is pruned.
+    prune_at: usize,
+    /// Waiting requests per client.
+    waiting: HashMap<ClientKey, usize>,
+    /// Waiting requests per class (interactive, batch).
+    depth: [usize; 2],
+    /// Units of interactive work a batch request yields to.
+    batch_delay: u64,
+}
+
+impl Fairness {
+    fn start(&mut self, client: Option<ClientKey>, priority: Priority) -> u64 {
+        let Some(client) = client else { return self.virtual_time };
+        if self.finish.len() >= self.prune_at {
+            let now = self.virtual_time;
+            self.finish.retain(|_, finish| *finish > now);
+            self.prune_at = (self.finish.len() * 2).max(1024);
+        }
+        let finish = self.finish.entry((client, priority)).or_insert(0);
+        let start = (*finish).max(self.virtual_time);
+        *finish = start + 1;
+        start
+    }
+
+    /// The virtual time moves past the start of each request served, so a
+    /// newcomer starts behind those already waiting at the same tag and a
+    /// client that has nothing waiting falls behind (and is forgotten).
+    fn served(&mut self, ticket: Ticket) {
+        self.virtual_time = self.virtual_time.max(ticket.start + 1);
+    }
+
+    fn joined(&mut self, client: Option<ClientKey>, priority: Priority) {
+        if let Some(client) = client {
+            *self.waiting.entry(client).or_default() += 1;
+        }
+        self.depth[priority as usize] += 1;
+    }
+
+    fn left(&mut self, client: Option<ClientKey>, priority: Priority) {
+        if let Some(client) = client {
+            if let Some(count) = self.waiting.get_mut(&client) {
+                *count -= 1;
+                if *count == 0 {
+                    self.waiting.remove(&client);
+                }
+            }
+        }
+        self.depth[priority as usize] = self.depth[priority as usize].saturating_sub(1);
+    }
 }
 
 pub struct Gate<W> {
@@ -130,6 +225,7 @@ pub struct Gate<W> {
     next_ticket: u64,
     next_endpoint: u64,
     rng: fastrand::Rng,
+    fairness: Fairness,
 }
 
 impl<W> Gate<W> {
@@ -145,7 +241,13 @@ impl<W> Gate<W> {
             next_ticket: 0,
             next_endpoint: 0,
             rng: fastrand::Rng::with_seed(0x5d_6a7e),
+            fairness: Fairness { prune_at: 1024, batch_delay: DEFAULT_BATCH_DELAY, ..Fairness::default() },
         }
+    }
+
+    /// How many units of interactive work a batch request yields to.
+    pub fn set_batch_delay(&mut self, units: u64) {
+        self.fairness.batch_delay = units;
     }
 
     /// New limits (a reload): requests an endpoint may hold and the queue's
@@ -161,10 +263,23 @@ impl<W> Gate<W> {
         self.policy
     }
 
-    /// Takes a place in line for a new request.
+    /// Takes a place in line for a new request, in strict arrival order
+    /// with every other request taken so.
     pub fn arrive(&mut self) -> Ticket {
+        self.arrive_from(None, Priority::Interactive)
+    }
+
+    /// Takes a place in line for a new request of `client` (none: a client
+    /// of its own) in class `priority`: after the client's own earlier
+    /// requests, and about one request of each other waiting client.
+    pub fn arrive_from(&mut self, client: Option<ClientKey>, priority: Priority) -> Ticket {
         self.next_ticket += 1;
-        Ticket(self.next_ticket)
+        let start = self.fairness.start(client, priority);
+        let key = match priority {
+            Priority::Interactive => start,
+            Priority::Batch => start.saturating_add(self.fairness.batch_delay),
+        };
+        Ticket { key, seq: self.next_ticket, start }
     }
 
     /// Grants an endpoint at once if one has room and nobody who arrived
@@ -182,6 +297,7 @@ impl<W> Gate<W> {
         if self.queue.range(..ticket).any(|(_, w)| self.could_take(w.pin, endpoint)) {
             return None;
         }
+        self.fairness.served(ticket);
         Some(self.grant(index))
     }
 
@@ -199,11 +315,44 @@ impl<W> Gate<W> {
         waiter: W,
         now: Instant,
     ) -> Result<(), QueueFull<W>> {
+        self.enqueue_from(ticket, pin, None, Priority::Interactive, waiter, now)
+    }
+
+    /// [`Gate::enqueue_pinned`] for a request of `client`, in class
+    /// `priority` (counted for [`Gate::waiting_clients`] and
+    /// [`Gate::depth_of`]).
+    pub fn enqueue_from(
+        &mut self,
+        ticket: Ticket,
+        pin: Option<Pin>,
+        client: Option<ClientKey>,
+        priority: Priority,
+        waiter: W,
+        now: Instant,
+    ) -> Result<(), QueueFull<W>> {
         if self.queue.len() >= self.max_depth {
             return Err(QueueFull(waiter));
         }
-        self.queue.insert(ticket, Waiting { waiter, since: now, pin });
+        if let Some(old) = self.queue.insert(ticket, Waiting { waiter, since: now, pin, client, priority }) {
+            self.fairness.left(old.client, old.priority);
+        }
+        self.fairness.joined(client, priority);
         Ok(())
+    }
+
+    /// Requests `client` has waiting.
+    pub fn waiting_of(&self, client: ClientKey) -> usize {
+        self.fairness.waiting.get(&client).copied().unwrap_or(0)
+    }
+
+    /// Clients with requests waiting (those that named one).
+    pub fn waiting_clients(&self) -> usize {
+        self.fairness.waiting.len()
+    }
+
+    /// Requests of class `priority` waiting.
+    pub fn depth_of(&self, priority: Priority) -> usize {
+        self.fairness.depth[priority as usize]
     }
 
     /// How many waiters are ahead of `ticket` in line; None when it is not
@@ -215,7 +364,9 @@ impl<W> Gate<W> {
     /// Removes a waiter that gave up (timeout, client gone). `None` if it is
     /// no longer queued, i.e. it was granted an endpoint already.
     pub fn cancel(&mut self, ticket: Ticket) -> Option<W> {
-        self.queue.remove(&ticket).map(|w| w.waiter)
+        let waiting = self.queue.remove(&ticket)?;
+        self.fairness.left(waiting.client, waiting.priority);
+        Some(waiting.waiter)
     }
 
     /// Hands the first waiter an endpoint, if one has room. Call until `None`
@@ -233,6 +384,8 @@ impl<W> Gate<W> {
         })?;
         let index = self.pick_for(waiting.pin)?;
         let waiting = self.queue.remove(&ticket)?;
+        self.fairness.left(waiting.client, waiting.priority);
+        self.fairness.served(ticket);
         Some((waiting.waiter, self.grant(index)))
     }
 

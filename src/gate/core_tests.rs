@@ -1260,7 +1260,7 @@ impl Model {
             _ => {
                 self.gate.release(EndpointId(u64::MAX));
                 self.gate.set_draining(EndpointId(u64::MAX));
-                assert_eq!(self.gate.cancel(Ticket(u64::MAX)), None);
+                assert_eq!(self.gate.cancel(Ticket { key: u64::MAX, seq: u64::MAX, start: u64::MAX }), None);
             }
         }
     }
@@ -1389,4 +1389,101 @@ fn a_drain_called_off_serves_again() {
     assert_eq!(gate.ready_count(), 0);
     gate.undrain(pods[0]);
     assert_eq!(gate.ready_count(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Fair share between clients, and priority classes.
+// ---------------------------------------------------------------------------
+
+/// One pod at cc=1, busy; requests of (client, class) arrive in `arrivals`
+/// order and wait; returns the clients in the order the pod serves them.
+fn served_order(arrivals: &[(ClientKey, Priority)], batch_delay: u64) -> Vec<ClientKey> {
+    let (mut gate, ids) = gate_with(1, 1000, 1);
+    gate.set_batch_delay(batch_delay);
+    let now = Instant::now();
+    let busy = admit(&mut gate);
+    let mut clients = BTreeMap::new();
+    for &(client, priority) in arrivals {
+        let ticket = gate.arrive_from(Some(client), priority);
+        assert!(gate.try_dispatch(ticket).is_none());
+        gate.enqueue_from(ticket, None, Some(client), priority, ticket, now).unwrap();
+        clients.insert(ticket, client);
+    }
+    let mut order = Vec::new();
+    gate.release(busy.endpoint);
+    while let Some((ticket, grant)) = gate.next_grant() {
+        order.push(clients[&ticket]);
+        gate.release(grant.endpoint);
+    }
+    assert_eq!(order.len(), arrivals.len());
+    assert_eq!(ids.len(), 1);
+    order
+}
+
+#[test]
+fn a_light_client_waits_behind_one_request_of_a_greedy_one_not_all_forty() {
+    const GREEDY: ClientKey = 1;
+    const LIGHT: ClientKey = 2;
+    let mut arrivals = vec![(GREEDY, Priority::Interactive); 40];
+    arrivals.push((LIGHT, Priority::Interactive));
+    let order = served_order(&arrivals, DEFAULT_BATCH_DELAY);
+    let light_at = order.iter().position(|&c| c == LIGHT).unwrap();
+    assert!(light_at <= 1, "the light client is served at place {light_at}: {order:?}");
+}
+
+#[test]
+fn waiting_clients_are_served_round_robin_and_each_in_its_own_order() {
+    let mut arrivals = Vec::new();
+    for client in [1, 2, 3] {
+        arrivals.extend(std::iter::repeat_n((client, Priority::Interactive), 4));
+    }
+    let order = served_order(&arrivals, DEFAULT_BATCH_DELAY);
+    assert_eq!(order, [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3]);
+}
+
+#[test]
+fn one_clients_requests_keep_arrival_order() {
+    let (mut gate, _) = gate_with(1, 100, 1);
+    let now = Instant::now();
+    let busy = admit(&mut gate);
+    let tickets: Vec<Ticket> = (0..10).map(|_| gate.arrive_from(Some(7), Priority::Interactive)).collect();
+    for &ticket in tickets.iter().rev() {
+        gate.enqueue_from(ticket, None, Some(7), Priority::Interactive, ticket, now).unwrap();
+    }
+    assert_eq!(gate.waiting_of(7), 10);
+    assert_eq!(gate.waiting_clients(), 1);
+    gate.release(busy.endpoint);
+    let mut served = Vec::new();
+    while let Some((ticket, grant)) = gate.next_grant() {
+        served.push(ticket);
+        gate.release(grant.endpoint);
+    }
+    assert_eq!(served, tickets);
+    assert_eq!((gate.waiting_of(7), gate.waiting_clients()), (0, 0));
+}
+
+#[test]
+fn interactive_requests_go_before_a_batch_flood_which_still_gets_its_turn() {
+    const BATCH: ClientKey = 1;
+    const USER: ClientKey = 2;
+    let mut arrivals = vec![(BATCH, Priority::Batch); 10];
+    arrivals.extend(std::iter::repeat_n((USER, Priority::Interactive), 30));
+    let order = served_order(&arrivals, 5);
+    // The user's first five go first; then a batch request takes its turn
+    // each time the user has had one (nothing starves).
+    assert_eq!(&order[..5], &[USER; 5]);
+    let first_batch = order.iter().position(|&c| c == BATCH).unwrap();
+    assert!(first_batch <= 6, "{order:?}");
+    let batch_done = order.iter().rposition(|&c| c == BATCH).unwrap();
+    assert!(batch_done < 30, "the batch flood is not starved by the user: {order:?}");
+}
+
+#[test]
+fn the_fairness_table_forgets_clients_that_fell_behind() {
+    let (mut gate, _) = gate_with(0, 10, 1);
+    for client in 0..5000u64 {
+        let ticket = gate.arrive_from(Some(client), Priority::Interactive);
+        assert!(gate.try_dispatch(ticket).is_some());
+    }
+    assert!(gate.fairness.finish.len() <= 2048, "{} clients remembered", gate.fairness.finish.len());
 }

@@ -16,8 +16,8 @@ pub(crate) mod pins;
 pub(crate) mod shell;
 pub(crate) mod slot;
 
-pub use self::core::{Endpoint, EndpointId, Gate, Grant, Pin, Policy, QueueFull, Ticket};
+pub use self::core::{ClientKey, Endpoint, EndpointId, Gate, Grant, Pin, Policy, Priority, QueueFull, Ticket};
 pub use self::jobs::{Jobs, Running, Waiting};
 pub use self::pins::{SessionId, Sessions};
-pub use self::shell::{EndpointCounts, Observer, SharedGate, Unobserved, Waiter};
+pub use self::shell::{EndpointCounts, Observer, Origin, SharedGate, Unobserved, Waiter};
 pub use self::slot::Slot;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use super::core::{EndpointId, Gate, Grant, Pin, Ticket};
+use super::core::{ClientKey, EndpointId, Gate, Grant, Pin, Priority, Ticket};
 use super::slot::Slot;
 use crate::error::{lock, ProxyError, UpstreamFailure};
 
@@ -26,6 +26,9 @@ use crate::error::{lock, ProxyError, UpstreamFailure};
 pub trait Observer: Send + Sync {
     /// Requests waiting, and requests on pods.
     fn queue(&self, depth: usize, inflight: u32);
+    /// Clients with requests waiting, and the requests waiting per class
+    /// (interactive, batch).
+    fn waiting(&self, _clients: usize, _by_class: [usize; 2]) {}
     /// Endpoints by state.
     fn endpoints(&self, counts: EndpointCounts);
     /// A cold start ended: the first waiting request waited this long for a pod.
@@ -60,6 +63,15 @@ impl Observer for Unobserved {
 
 /// What a queued request waits on: the channel its slot arrives by.
 pub type Waiter = oneshot::Sender<Slot>;
+
+/// Who a request comes from, for fair share: its client, its class, and how
+/// many requests the client may have waiting (0: no bound).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Origin {
+    pub client: Option<ClientKey>,
+    pub priority: Priority,
+    pub max_queued: usize,
+}
 
 /// One service's gate, shared by its requests, probes and provider.
 pub struct SharedGate {
@@ -108,6 +120,16 @@ impl SharedGate {
         self.lock().arrive()
     }
 
+    /// See [`Gate::set_batch_delay`].
+    pub fn set_batch_delay(&self, units: u64) {
+        self.lock().set_batch_delay(units);
+    }
+
+    /// A place in line for a new request from `origin` (see [`Gate::arrive_from`]).
+    pub fn arrive_from(&self, origin: Origin) -> Ticket {
+        self.lock().arrive_from(origin.client, origin.priority)
+    }
+
     /// Waits, at `ticket`'s place in line, until a pod has room, at most
     /// `timeout`.
     pub async fn acquire(self: &Arc<Self>, ticket: Ticket, timeout: Duration) -> Result<Slot, ProxyError> {
@@ -134,14 +156,31 @@ impl SharedGate {
         pin: Option<Pin>,
         timeout: Duration,
     ) -> Result<Slot, ProxyError> {
+        self.acquire_from(ticket, pin, Origin::default(), timeout).await
+    }
+
+    /// [`SharedGate::acquire_pinned`] for a request from `origin`: refused
+    /// (429) when its client already has `max_queued` requests waiting.
+    pub async fn acquire_from(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        pin: Option<Pin>,
+        origin: Origin,
+        timeout: Duration,
+    ) -> Result<Slot, ProxyError> {
         let mut rx = {
             let mut gate = self.lock();
             if let Some(slot) = self.dispatch(&mut gate, ticket, pin) {
                 return Ok(slot);
             }
+            if let (Some(client), max) = (origin.client, origin.max_queued) {
+                if max > 0 && gate.waiting_of(client) >= max {
+                    return Err(ProxyError::ClientQueueFull(max));
+                }
+            }
             let (tx, rx) = oneshot::channel();
             let now = Instant::now();
-            if gate.enqueue_pinned(ticket, pin, tx, now).is_err() {
+            if gate.enqueue_from(ticket, pin, origin.client, origin.priority, tx, now).is_err() {
                 return Err(ProxyError::QueueFull(gate.queue_depth()));
             }
             if gate.ready_count() == 0 {
@@ -299,6 +338,8 @@ impl SharedGate {
 
     fn publish(&self, gate: &Gate<Waiter>) {
         self.observer.queue(gate.queue_depth(), gate.inflight());
+        let by_class = [gate.depth_of(Priority::Interactive), gate.depth_of(Priority::Batch)];
+        self.observer.waiting(gate.waiting_clients(), by_class);
     }
 
     fn publish_endpoints(&self, gate: &Gate<Waiter>) {

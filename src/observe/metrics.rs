@@ -25,6 +25,8 @@ pub struct Metrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     queue_depth: IntGaugeVec,
+    queue_depth_by_priority: IntGaugeVec,
+    waiting_clients: IntGaugeVec,
     queue_wait: HistogramVec,
     inflight: IntGaugeVec,
     endpoints: IntGaugeVec,
@@ -50,6 +52,9 @@ pub struct ServiceMetrics {
     endpoints: IntGaugeVec,
     pub duration: Histogram,
     pub queue_depth: IntGauge,
+    /// `sdgate_queue_depth_by_priority{priority}`: interactive, batch.
+    pub queue_depth_by_priority: [IntGauge; 2],
+    pub waiting_clients: IntGauge,
     pub queue_wait: Histogram,
     pub inflight: IntGauge,
     pub desired_replicas: IntGauge,
@@ -81,6 +86,16 @@ impl Metrics {
             duration: histogram("sdgate_request_duration_seconds", "Time from arrival to response start"),
             queue_depth: IntGaugeVec::new(Opts::new("sdgate_queue_depth", "Requests waiting for a pod"), &["service"])
                 .expect("static metric definition"),
+            queue_depth_by_priority: IntGaugeVec::new(
+                Opts::new("sdgate_queue_depth_by_priority", "Requests waiting for a pod, by priority class"),
+                &["service", "priority"],
+            )
+            .expect("static metric definition"),
+            waiting_clients: IntGaugeVec::new(
+                Opts::new("sdgate_waiting_clients", "Clients (by fairness.key) with requests waiting for a pod"),
+                &["service"],
+            )
+            .expect("static metric definition"),
             queue_wait: histogram("sdgate_queue_wait_seconds", "Time a request waited for a pod"),
             inflight: IntGaugeVec::new(
                 Opts::new("sdgate_inflight_requests", "Requests holding a pod slot"),
@@ -148,6 +163,8 @@ impl Metrics {
             Box::new(self.requests.clone()),
             Box::new(self.duration.clone()),
             Box::new(self.queue_depth.clone()),
+            Box::new(self.queue_depth_by_priority.clone()),
+            Box::new(self.waiting_clients.clone()),
             Box::new(self.queue_wait.clone()),
             Box::new(self.inflight.clone()),
             Box::new(self.endpoints.clone()),
@@ -186,6 +203,9 @@ impl Metrics {
             endpoints: self.endpoints.clone(),
             duration: self.duration.with_label_values(&[service]),
             queue_depth: self.queue_depth.with_label_values(&[service]),
+            queue_depth_by_priority: ["interactive", "batch"]
+                .map(|priority| self.queue_depth_by_priority.with_label_values(&[service, priority])),
+            waiting_clients: self.waiting_clients.with_label_values(&[service]),
             queue_wait: self.queue_wait.with_label_values(&[service]),
             inflight: self.inflight.with_label_values(&[service]),
             desired_replicas: self.desired_replicas.with_label_values(&[service]),
@@ -244,6 +264,13 @@ impl Observer for ServiceMetrics {
     fn queue(&self, depth: usize, inflight: u32) {
         self.queue_depth.set(depth as i64);
         self.inflight.set(i64::from(inflight));
+    }
+
+    fn waiting(&self, clients: usize, by_class: [usize; 2]) {
+        self.waiting_clients.set(clients as i64);
+        for (gauge, depth) in self.queue_depth_by_priority.iter().zip(by_class) {
+            gauge.set(depth as i64);
+        }
     }
 
     /// `sdgate_endpoints{state}`: ready (taking requests), not_ready (starting

@@ -1,6 +1,7 @@
 //! The request path: router -> gate -> forward, and one log line per request.
 
 pub mod affinity;
+pub(crate) mod fairness;
 pub(crate) mod owners;
 pub mod router;
 pub(crate) mod routes;
@@ -40,6 +41,8 @@ pub struct Service {
     pub quarantine: Option<Arc<Policy>>,
     /// Whose job runs on each pod (for `owner_only` paths).
     pub jobs: Arc<Jobs>,
+    /// How its clients are told apart for fair share.
+    pub fairness: fairness::Fairness,
 }
 
 /// The session a request belongs to, for a service with affinity.
@@ -127,6 +130,7 @@ impl Table {
             let built = match kept {
                 Some(old) => {
                     old.gate.set_limits(service.container_concurrency, service.queue.max_depth);
+                    old.gate.set_batch_delay(service.fairness.batch_delay);
                     let affinity = match (&old.affinity, &service.affinity) {
                         (Some(old), Some(new)) => Some(Arc::new(old.reconfigured(new.clone()))),
                         _ => None,
@@ -138,6 +142,7 @@ impl Table {
                         affinity,
                         quarantine: Policy::of(service),
                         jobs: old.jobs.clone(),
+                        fairness: fairness::Fairness::of(&service.fairness),
                     });
                     changes.changed.push(built.clone());
                     built
@@ -170,7 +175,8 @@ impl Table {
                     let service = by_name(&split.service)?;
                     let requests = metrics.route_requests(&name, &split.service);
                     let recent = previous.and_then(|p| p.window(&name, &split.service)).unwrap_or_default();
-                    Some(Split { service, weight: split.weight, requests, recent })
+                    let priority = fairness::priority(route.priority.unwrap_or(service.config.priority));
+                    Some(Split { service, weight: split.weight, requests, recent, priority })
                 })
                 .collect();
             routes.push(Route::new(name, split));
@@ -180,7 +186,8 @@ impl Table {
             let requests = metrics.route_requests(&service.config.name, &service.config.name);
             let recent =
                 previous.and_then(|p| p.window(&service.config.name, &service.config.name)).unwrap_or_default();
-            let split = vec![Split { service: service.clone(), weight: 1, requests, recent }];
+            let priority = fairness::priority(service.config.priority);
+            let split = vec![Split { service: service.clone(), weight: 1, requests, recent, priority }];
             routes.push(Route::new(service.config.name.clone(), split));
             hosts.push(&service.config.hosts);
         }
@@ -214,6 +221,7 @@ impl Service {
         let metrics = metrics.service(&service.name);
         let observer: Arc<dyn crate::gate::Observer> = Arc::new(metrics.clone());
         let gate = SharedGate::new(service.container_concurrency, service.queue.max_depth, observer);
+        gate.set_batch_delay(service.fairness.batch_delay);
         Ok(Self {
             config: service.clone(),
             gate,
@@ -221,6 +229,7 @@ impl Service {
             affinity,
             quarantine: Policy::of(service),
             jobs: Jobs::new(),
+            fairness: fairness::Fairness::of(&service.fairness),
         })
     }
 }
@@ -326,7 +335,8 @@ impl Proxy {
             },
         };
         let service = record.service.clone();
-        let response = match self.serve(&service, request, &peer, &mut record.trace, admitted).await {
+        let priority = record.priority;
+        let response = match self.serve(&service, request, &peer, &mut record.trace, admitted, priority).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(failure) = error.upstream_failure() {
@@ -391,7 +401,8 @@ impl Proxy {
         let service = &split.service;
         let request_id = request_id(request);
         let line = tracing::enabled!(tracing::Level::INFO).then(|| LogLine::of(request));
-        Record { service: service.clone(), start, line, request_id, trace: Trace::default(), done: false }
+        let priority = split.priority;
+        Record { service: service.clone(), priority, start, line, request_id, trace: Trace::default(), done: false }
     }
 
     /// The lobby's part of a connection's first request (a head without a
@@ -399,10 +410,10 @@ impl Proxy {
     /// with nothing counted or logged, when the request takes the ordinary
     /// path instead: it is not routed, is refused before the queue, or does
     /// not queue (`bypass`); that path then gives the same answer.
-    pub fn admit_early(&self, request: &mut Request<()>) -> Option<EarlyWait> {
+    pub fn admit_early(&self, request: &mut Request<()>, peer: Option<std::net::IpAddr>) -> Option<EarlyWait> {
         let table = self.table();
         let split = table.pick(request).ok()?;
-        let admitted = self.admit(&split.service, request).ok()?;
+        let admitted = self.admit(&split.service, request, peer, split.priority).ok()?;
         if admitted.bypass {
             return None;
         }
@@ -412,7 +423,13 @@ impl Proxy {
     /// What is decided of a request before it may queue: it is not refused
     /// (standby, oversized, a path that may not wake a sleeping service), and
     /// its session and pin.
-    fn admit<B>(&self, service: &Service, request: &Request<B>) -> Result<Admitted, ProxyError> {
+    fn admit<B>(
+        &self,
+        service: &Service,
+        request: &Request<B>,
+        peer: Option<std::net::IpAddr>,
+        priority: crate::gate::Priority,
+    ) -> Result<Admitted, ProxyError> {
         if request.method() == http::Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
         }
@@ -431,7 +448,10 @@ impl Proxy {
         let session = service.affinity.as_deref().and_then(|a| SessionRequest::of(a, request.headers(), bypass));
         let pin =
             session.as_ref().and_then(|s| s.pinned).map(|endpoint| Pin { endpoint, strict: self.strict(service) });
-        Ok(Admitted { bypass, owner_only, session, pin, queued: None })
+        // Only a session whose cookie came back names a client.
+        let returned = session.as_ref().filter(|s| matches!(s.presented, Presented::Valid(..))).map(|s| &s.id);
+        let origin = fairness::origin(service, request.headers(), peer, returned, priority);
+        Ok(Admitted { bypass, owner_only, session, pin, origin, queued: None })
     }
 
     async fn serve(
@@ -441,10 +461,11 @@ impl Proxy {
         peer: &Peer,
         trace: &mut Trace,
         admitted: Option<Admitted>,
+        priority: crate::gate::Priority,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let Admitted { bypass, owner_only, mut session, pin, queued } = match admitted {
+        let Admitted { bypass, owner_only, mut session, pin, origin, queued } = match admitted {
             Some(admitted) => admitted,
-            None => self.admit(service, &request)?,
+            None => self.admit(service, &request, Some(peer.addr.ip()), priority)?,
         };
         // The pod this session's job runs on, for a path only its owner may reach.
         let owner = match owner_only {
@@ -470,7 +491,7 @@ impl Proxy {
         let (mut queued, mut first) = match queued {
             Some(Queued { place, acquired }) => (Some(place), Some(acquired)),
             None if bypass => (None, None),
-            None => (Some(Place::take(service, session.as_ref().map(|s| s.id), trace)), None),
+            None => (Some(Place::take(service, session.as_ref().map(|s| s.id), origin, trace)), None),
         };
         let mut attempt = 0;
         loop {
@@ -620,6 +641,8 @@ pub struct Admitted {
     owner_only: bool,
     session: Option<SessionRequest>,
     pin: Option<Pin>,
+    /// Who sent it, for fair share.
+    origin: crate::gate::Origin,
     queued: Option<Queued>,
 }
 
@@ -635,16 +658,18 @@ struct Place {
     deadline: Instant,
     /// The request's session, if it has one.
     session: Option<SessionId>,
+    /// Who sent it, for fair share.
+    origin: crate::gate::Origin,
     /// The session's wait, known while it lasts (for its progress polls).
     waiting: Option<Waiting>,
 }
 
 impl Place {
-    fn take(service: &Service, session: Option<SessionId>, trace: &mut Trace) -> Self {
-        let ticket = service.gate.arrive();
+    fn take(service: &Service, session: Option<SessionId>, origin: crate::gate::Origin, trace: &mut Trace) -> Self {
+        let ticket = service.gate.arrive_from(origin);
         let arrived = Instant::now();
         trace.arrived = Some(arrived);
-        Self { ticket, arrived, deadline: arrived + service.config.queue.timeout, session, waiting: None }
+        Self { ticket, arrived, deadline: arrived + service.config.queue.timeout, session, origin, waiting: None }
     }
 
     /// Waits at this place until a pod has room, at most until the deadline.
@@ -662,15 +687,17 @@ impl Place {
         };
         let left = self.deadline.saturating_duration_since(Instant::now());
         let acquired = match strict_for {
-            Some(max_wait) if max_wait < left => match service.gate.acquire_pinned(self.ticket, pin, max_wait).await {
-                Err(ProxyError::QueueTimeout { .. }) => {
-                    let loose = pin.map(|pin| Pin { strict: false, ..pin });
-                    let left = self.deadline.saturating_duration_since(Instant::now());
-                    service.gate.acquire_pinned(self.ticket, loose, left).await
+            Some(max_wait) if max_wait < left => {
+                match service.gate.acquire_from(self.ticket, pin, self.origin, max_wait).await {
+                    Err(ProxyError::QueueTimeout { .. }) => {
+                        let loose = pin.map(|pin| Pin { strict: false, ..pin });
+                        let left = self.deadline.saturating_duration_since(Instant::now());
+                        service.gate.acquire_from(self.ticket, loose, self.origin, left).await
+                    }
+                    other => other,
                 }
-                other => other,
-            },
-            _ => service.gate.acquire_pinned(self.ticket, pin, left).await,
+            }
+            _ => service.gate.acquire_from(self.ticket, pin, self.origin, left).await,
         };
         trace.queue_wait = Some(self.arrived.elapsed());
         match acquired {
@@ -695,7 +722,7 @@ impl EarlyWait {
     pub async fn wait(mut self) -> Early {
         let service = self.record.service.clone();
         let session = self.admitted.session.as_ref().map(|s| s.id);
-        let mut place = Place::take(&service, session, &mut self.record.trace);
+        let mut place = Place::take(&service, session, self.admitted.origin, &mut self.record.trace);
         let acquired = place.wait(&service, self.admitted.pin, &mut self.record.trace).await;
         self.admitted.queued = Some(Queued { place, acquired });
         Early { record: self.record, admitted: self.admitted }
@@ -717,6 +744,8 @@ const CLIENT_LEFT: u16 = 499;
 /// when its client leaves first.
 struct Record {
     service: Arc<Service>,
+    /// The class of the request (its route's, else its service's).
+    priority: crate::gate::Priority,
     start: Instant,
     line: Option<LogLine>,
     request_id: http::HeaderValue,

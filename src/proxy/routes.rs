@@ -15,6 +15,7 @@ use http::HeaderMap;
 use prometheus::IntCounter;
 
 use crate::error::ProxyError;
+use crate::gate::Priority;
 use crate::proxy::affinity::Presented;
 use crate::proxy::Service;
 
@@ -33,6 +34,8 @@ pub struct Split {
     pub requests: IntCounter,
     /// The same, over the last minute (kept across reloads).
     pub recent: Arc<Window>,
+    /// The class of the requests it sends (the route's, else the service's).
+    pub priority: Priority,
 }
 
 impl Route {

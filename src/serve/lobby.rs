@@ -104,7 +104,7 @@ pub async fn first_request(
         }
     }
     let waiting = match router::normalize_host(&mut request) {
-        Ok(()) => proxy.admit_early(&mut request),
+        Ok(()) => proxy.admit_early(&mut request, stream.peer_addr().ok().map(|a| a.ip())),
         Err(_) => None,
     };
     drop(request);
