@@ -39,6 +39,8 @@ PARTS=${PARTS:-ab}                 # which parts to run: a, b or ab
 ROUNDS=${ROUNDS:-3}                # (a): wrk runs per proxy, alternating; medians reported
 SAME_WORK=${SAME_WORK:-1}          # (a): 1 also runs the same-work HAProxy
 BASELINE=${BASELINE:-}             # (a): another sdgate binary (an older build) run alternately
+BASELINE_LOG=${BASELINE_LOG:-warn} # (a): the baseline's RUST_LOG (info: the default level's cost)
+SDGATE_LOG=${SDGATE_LOG:-warn}     # (a): this build's RUST_LOG
 BASELINE_PORT=${BASELINE_PORT:-18083}
 BASELINE_ADMIN_PORT=${BASELINE_ADMIN_PORT:-19091}
 
@@ -149,11 +151,11 @@ start_haproxy() { # start_haproxy CONFIG [PORT LABEL]: sets HAPROXY_PID
 }
 
 GATE_PID=
-# start_gate CONFIG N_READY [BINARY LABEL PORT ADMIN_PORT]: sets GATE_PID
+# start_gate CONFIG N_READY [BINARY LABEL PORT ADMIN_PORT RUST_LOG]: sets GATE_PID
 start_gate() {
-    local bin=${3:-$SDGATE} label=${4:-sdgate} port=${5:-$GATE_PORT} admin=${6:-$ADMIN_PORT}
+    local bin=${3:-$SDGATE} label=${4:-sdgate} port=${5:-$GATE_PORT} admin=${6:-$ADMIN_PORT} level=${7:-warn}
     "$bin" --config "$1" check >/dev/null || die "$label rejected $1"
-    start "$label" env RUST_LOG=warn "$bin" --config "$1"
+    start "$label" env RUST_LOG="$level" "$bin" --config "$1"
     GATE_PID=$LAST_PID
     wait_port "$port" "$GATE_PID"
     wait_gate_ready "$2" "$admin"
@@ -258,12 +260,12 @@ if [[ $SAME_WORK == 1 ]]; then
     CONTESTANT_PID[haproxy-same-work]=$HAPROXY_PID
 fi
 write_gate_config "$TMP/sdgate-a.yaml" 0 1
-start_gate "$TMP/sdgate-a.yaml" 1
+start_gate "$TMP/sdgate-a.yaml" 1 "$SDGATE" sdgate "$GATE_PORT" "$ADMIN_PORT" "$SDGATE_LOG"
 wait_200 "http://127.0.0.1:$GATE_PORT/sdapi/v1/options" "sdgate"
 CONTESTANT_PID[sdgate]=$GATE_PID
 if [[ -n $BASELINE ]]; then
     write_gate_config "$TMP/baseline-a.yaml" 0 1 "$BASELINE_PORT" "$BASELINE_ADMIN_PORT"
-    start_gate "$TMP/baseline-a.yaml" 1 "$BASELINE" sdgate-baseline "$BASELINE_PORT" "$BASELINE_ADMIN_PORT"
+    start_gate "$TMP/baseline-a.yaml" 1 "$BASELINE" sdgate-baseline "$BASELINE_PORT" "$BASELINE_ADMIN_PORT" "$BASELINE_LOG"
     wait_200 "http://127.0.0.1:$BASELINE_PORT/sdapi/v1/options" "sdgate-baseline"
     CONTESTANTS+=(sdgate-baseline)
     CONTESTANT_PORT[sdgate-baseline]=$BASELINE_PORT
@@ -339,7 +341,7 @@ fi
 if [[ -n $BASELINE ]]; then
 CPU_BASE=$(median "${CPU[sdgate-baseline]}")
 cat <<EOF
-sdgate-baseline ($BASELINE): $CPU_BASE us; this build/baseline: CPU per request $(awk -v a="$CPU_SDGATE" -v b="$CPU_BASE" 'BEGIN { printf "%.3f", a / b }')x, requests/s $(awk -v a="$(median "${RPS[sdgate]}")" -v b="$(median "${RPS[sdgate-baseline]}")" 'BEGIN { printf "%.3f", a / b }')x
+sdgate-baseline ($BASELINE, RUST_LOG=$BASELINE_LOG): $CPU_BASE us; this build/baseline: CPU per request $(awk -v a="$CPU_SDGATE" -v b="$CPU_BASE" 'BEGIN { printf "%.3f", a / b }')x, requests/s $(awk -v a="$(median "${RPS[sdgate]}")" -v b="$(median "${RPS[sdgate-baseline]}")" 'BEGIN { printf "%.3f", a / b }')x
 EOF
 fi
 fi

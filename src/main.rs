@@ -72,7 +72,8 @@ enum LogFormat {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Held to the end of main: dropping it writes out what is still queued.
+    let _log_writer = init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -158,13 +159,20 @@ fn load(path: Option<&PathBuf>) -> Result<Config> {
     .context("config")
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go through a non-blocking writer: a thread of its own writes them
+/// to stdout, so a slow reader of the log (a full pipe, a slow disk) never
+/// stalls a serving thread; when its buffer is full, lines are dropped and
+/// counted rather than waited for.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let ansi = std::io::stdout().is_terminal();
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
+        LogFormat::Text => builder.with_ansi(ansi).init(),
     }
+    guard
 }

@@ -155,6 +155,10 @@ struct Waiting<W> {
     priority: Priority,
 }
 
+/// Maps keyed by clients: their keys are hashes under a random seed already,
+/// so foldhash (a few instructions) rather than SipHash.
+type ClientMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
+
 /// The fair-queueing state: the virtual time and each client's next start.
 #[derive(Default)]
 struct Fairness {
@@ -164,11 +168,11 @@ struct Fairness {
     /// that class starts, at the earliest (a client's batch backlog does not
     /// hold back its interactive requests). Entries at or behind the virtual
     /// time say nothing and are pruned.
-    finish: HashMap<(ClientKey, Priority), u64>,
+    finish: ClientMap<(ClientKey, Priority), u64>,
     /// The size `finish` may grow to before it is pruned.
     prune_at: usize,
     /// Waiting requests per client.
-    waiting: HashMap<ClientKey, usize>,
+    waiting: ClientMap<ClientKey, usize>,
     /// Waiting requests per class (interactive, batch).
     depth: [usize; 2],
     /// Units of interactive work a batch request yields to.

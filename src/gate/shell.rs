@@ -85,6 +85,9 @@ pub struct SharedGate {
     pub demand: Notify,
     /// When a request first waited with no pod ready (a cold start under way).
     cold_since: Mutex<Option<Instant>>,
+    /// The observer was told of waiting clients and classes, not yet of an
+    /// empty queue (written under the gate's lock).
+    waiting_told: std::sync::atomic::AtomicBool,
 }
 
 impl SharedGate {
@@ -97,6 +100,7 @@ impl SharedGate {
             observer,
             demand: Notify::new(),
             cold_since: Mutex::new(None),
+            waiting_told: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -338,8 +342,14 @@ impl SharedGate {
 
     fn publish(&self, gate: &Gate<Waiter>) {
         self.observer.queue(gate.queue_depth(), gate.inflight());
-        let by_class = [gate.depth_of(Priority::Interactive), gate.depth_of(Priority::Batch)];
-        self.observer.waiting(gate.waiting_clients(), by_class);
+        // The per-client and per-class figures change only with the queue:
+        // told while it has waiters, and once more when it empties.
+        let waiting = gate.queue_depth() > 0;
+        if waiting || self.waiting_told.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            self.waiting_told.store(waiting, std::sync::atomic::Ordering::Relaxed);
+            let by_class = [gate.depth_of(Priority::Interactive), gate.depth_of(Priority::Batch)];
+            self.observer.waiting(gate.waiting_clients(), by_class);
+        }
     }
 
     fn publish_endpoints(&self, gate: &Gate<Waiter>) {

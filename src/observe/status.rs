@@ -80,6 +80,10 @@ pub struct ServiceStatus {
     pub hosts: Vec<String>,
     pub container_concurrency: u32,
     pub queue_depth: usize,
+    /// Waiting requests by class.
+    pub queue_depth_by_priority: ByPriority,
+    /// Clients (by `fairness.key`) with requests waiting.
+    pub waiting_clients: usize,
     /// How long the longest-waiting request has waited.
     pub oldest_wait_seconds: Option<f64>,
     pub inflight: u32,
@@ -88,6 +92,12 @@ pub struct ServiceStatus {
     pub last_scale: Option<LastScale>,
     pub endpoints: Vec<EndpointStatus>,
     pub recent: RecentSummary,
+}
+
+#[derive(Serialize)]
+pub struct ByPriority {
+    pub interactive: usize,
+    pub batch: usize,
 }
 
 #[derive(Serialize)]
@@ -122,6 +132,13 @@ impl ServiceStatus {
     fn of(service: &ServiceView) -> Self {
         let gate = &service.gate;
         let now = Instant::now();
+        let (by_priority, waiting_clients) = gate.inspect(|g| {
+            let by_priority = ByPriority {
+                interactive: g.depth_of(crate::gate::Priority::Interactive),
+                batch: g.depth_of(crate::gate::Priority::Batch),
+            };
+            (by_priority, g.waiting_clients())
+        });
         let (queue_depth, oldest_wait_seconds, inflight, ready_replicas, endpoints) = gate.inspect(|g| {
             let endpoints = g
                 .endpoints()
@@ -147,6 +164,8 @@ impl ServiceStatus {
             hosts: service.hosts.clone(),
             container_concurrency: service.container_concurrency,
             queue_depth,
+            queue_depth_by_priority: by_priority,
+            waiting_clients,
             oldest_wait_seconds,
             inflight,
             desired_replicas: service.metrics.desired_replicas.get(),

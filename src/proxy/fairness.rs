@@ -2,7 +2,8 @@
 //! service (`fairness.key`), and its class (`priority`).
 //!
 //! The key is hashed at once (an API key or a session id is never kept,
-//! shown or logged) with a hasher seeded at random per process.
+//! shown or logged) with a hasher seeded at random per process (so no
+//! client can aim its key at another's).
 
 use std::hash::BuildHasher;
 use std::net::IpAddr;
@@ -54,10 +55,10 @@ pub fn origin(
     let fairness = &service.fairness;
     let client = match fairness.key {
         FairnessKey::Header => fairness.header.as_ref().and_then(|name| headers.get(name)).map(|v| hash(v.as_bytes())),
-        FairnessKey::Session => session.map(|id| hash(id)),
+        FairnessKey::Session => session.map(hash),
         FairnessKey::Address => None,
     }
-    .or_else(|| address(fairness, headers, peer).map(|ip| hash(ip.to_string().as_bytes())));
+    .or_else(|| address(fairness, headers, peer).map(|ip| hash(&ip)));
     Origin { client, priority, max_queued: fairness.max_queued }
 }
 
@@ -72,9 +73,9 @@ fn address(fairness: &Fairness, headers: &HeaderMap, peer: Option<IpAddr>) -> Op
     forwarded.and_then(|v| v.rsplit(',').next()).and_then(|hop| hop.trim().parse().ok()).or(Some(peer))
 }
 
-fn hash(bytes: &[u8]) -> ClientKey {
-    static STATE: OnceLock<foldhash::quality::RandomState> = OnceLock::new();
-    STATE.get_or_init(Default::default).hash_one(bytes)
+fn hash<T: std::hash::Hash + ?Sized>(key: &T) -> ClientKey {
+    static STATE: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
+    STATE.get_or_init(Default::default).hash_one(key)
 }
 
 #[cfg(test)]

@@ -773,6 +773,13 @@ impl Record {
         metrics.queue_wait.observe(queue_wait.unwrap_or_default().as_secs_f64());
         let Some(line) = &self.line else { return };
         let trace = &self.trace;
+        if status == CLIENT_LEFT && trace.endpoint.is_none() {
+            // Left before reaching a pod (a reset HTTP/2 stream, a client
+            // giving up in the queue): counted above, summarised in the log.
+            static LEFT: crate::observe::flood::Flood =
+                crate::observe::flood::Flood::new("requests ended by their client before reaching a pod");
+            return LEFT.hit();
+        }
         tracing::info!(
             method = %line.method,
             host = %line.host,

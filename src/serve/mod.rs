@@ -567,8 +567,12 @@ struct Activity {
     /// Answers that gave hyper a frame it has not yet taken the next one
     /// after (hyper is writing it, or the client is not reading).
     sending: AtomicUsize,
-    /// When hyper last took a frame of any answer.
-    sent_at: AtomicU64,
+    /// Frames hyper has taken, over all answers (no clock read per frame:
+    /// the watchdog notices when this stops moving).
+    frames: AtomicU64,
+    /// The watchdog's: `frames` when it last saw it move, and when.
+    frames_seen: AtomicU64,
+    frames_moved_at: AtomicU64,
 }
 
 impl Activity {
@@ -581,7 +585,9 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(NONE),
             sending: AtomicUsize::new(0),
-            sent_at: AtomicU64::new(0),
+            frames: AtomicU64::new(0),
+            frames_seen: AtomicU64::new(0),
+            frames_moved_at: AtomicU64::new(0),
         }
     }
 
@@ -612,7 +618,11 @@ impl Activity {
             // is cut: dropping the connection drops the answer, whose pod
             // part is then read to its end in the background.
             if self.sending.load(Ordering::Acquire) > 0 {
-                let stuck_until = self.at(self.sent_at.load(Ordering::Acquire)) + timeouts.send;
+                let frames = self.frames.load(Ordering::Acquire);
+                if self.frames_seen.swap(frames, Ordering::Relaxed) != frames {
+                    self.frames_moved_at.store(self.now(), Ordering::Relaxed);
+                }
+                let stuck_until = self.at(self.frames_moved_at.load(Ordering::Relaxed)) + timeouts.send;
                 if stuck_until <= now {
                     return Err("the client took no bytes of its answer within send_timeout");
                 }
@@ -634,7 +644,9 @@ impl Activity {
         if deadline <= now {
             Err(reason)
         } else {
-            Ok(deadline)
+            // A request may open before the deadline (the watchdog is not
+            // told): look again within `send_timeout` to watch its answer.
+            Ok(deadline.min(now + timeouts.send))
         }
     }
 }
@@ -686,7 +698,7 @@ impl Tracked {
         self.sending = sending;
         let activity = &self.open.activity;
         if sending {
-            activity.sent_at.store(activity.now(), Ordering::Release);
+            activity.frames.fetch_add(1, Ordering::AcqRel);
             activity.sending.fetch_add(1, Ordering::AcqRel);
         } else {
             activity.sending.fetch_sub(1, Ordering::AcqRel);
@@ -976,9 +988,11 @@ mod tests {
         assert!(tracked.as_mut().poll_frame(&mut cx).is_pending());
         tokio::time::advance(Duration::from_secs(300)).await;
         assert!(activity.check(timeouts()).is_ok(), "a slow pod is not the client's fault");
-        // A frame comes and hyper takes it; the client does not read on.
+        // A frame comes and hyper takes it (the watchdog sees it move); the
+        // client does not read on.
         sender.send(bytes::Bytes::from_static(b"frame")).await.unwrap();
         assert!(tracked.as_mut().poll_frame(&mut cx).is_ready());
+        assert!(activity.check(timeouts()).is_ok());
         tokio::time::advance(Duration::from_secs(29)).await;
         assert!(activity.check(timeouts()).is_ok(), "29 s of 30");
         tokio::time::advance(Duration::from_secs(1)).await;
