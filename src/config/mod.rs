@@ -946,11 +946,13 @@ impl ServiceConfig {
     }
 
     /// Whether `path` reaches a pod only for the owner of its job.
+    #[inline]
     pub fn is_owner_only(&self, path: &str) -> bool {
         self.owner_only.iter().any(|owned| owned == path)
     }
 
     /// Whether `path` skips the gate.
+    #[inline]
     pub fn is_bypass(&self, path: &str) -> bool {
         self.bypass.iter().any(|prefix| path.starts_with(prefix.as_str()))
     }

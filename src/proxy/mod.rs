@@ -491,7 +491,7 @@ impl Proxy {
         let (mut queued, mut first) = match queued {
             Some(Queued { place, acquired }) => (Some(place), Some(acquired)),
             None if bypass => (None, None),
-            None => (Some(Place::take(service, session.as_ref().map(|s| s.id), origin, trace)), None),
+            None => (Some(Place::take(service, origin, trace)), None),
         };
         let mut attempt = 0;
         loop {
@@ -506,7 +506,7 @@ impl Proxy {
                 }
                 Some(place) => match first.take() {
                     Some(acquired) => acquired?,
-                    None => place.wait(service, pin, trace).await?,
+                    None => place.wait(service, pin, session.as_ref().map(|s| s.id), origin, trace).await?,
                 },
             };
             trace.endpoint = Some(slot.addr());
@@ -656,31 +656,35 @@ struct Place {
     ticket: Ticket,
     arrived: Instant,
     deadline: Instant,
-    /// The request's session, if it has one.
-    session: Option<SessionId>,
-    /// Who sent it, for fair share.
-    origin: crate::gate::Origin,
-    /// The session's wait, known while it lasts (for its progress polls).
-    waiting: Option<Waiting>,
+    /// The session's wait, known while it lasts (for its progress polls);
+    /// boxed, as it is rare and a place is moved with every request.
+    waiting: Option<Box<Waiting>>,
 }
 
 impl Place {
-    fn take(service: &Service, session: Option<SessionId>, origin: crate::gate::Origin, trace: &mut Trace) -> Self {
+    fn take(service: &Service, origin: crate::gate::Origin, trace: &mut Trace) -> Self {
         let ticket = service.gate.arrive_from(origin);
         let arrived = Instant::now();
         trace.arrived = Some(arrived);
-        Self { ticket, arrived, deadline: arrived + service.config.queue.timeout, session, origin, waiting: None }
+        Self { ticket, arrived, deadline: arrived + service.config.queue.timeout, waiting: None }
     }
 
     /// Waits at this place until a pod has room, at most until the deadline.
     /// A strict pin waits for its pod at most `affinity.max_wait`, then takes
     /// any pod with room (keeping its place in line).
-    async fn wait(&mut self, service: &Service, pin: Option<Pin>, trace: &mut Trace) -> Result<Slot, ProxyError> {
+    async fn wait(
+        &mut self,
+        service: &Service,
+        pin: Option<Pin>,
+        session: Option<SessionId>,
+        origin: crate::gate::Origin,
+        trace: &mut Trace,
+    ) -> Result<Slot, ProxyError> {
         if let Some(slot) = service.gate.try_acquire(self.ticket, pin) {
             trace.queue_wait = Some(Duration::ZERO);
             return Ok(slot);
         }
-        self.waiting = self.session.map(|session| service.jobs.wait(session, self.ticket));
+        self.waiting = session.map(|session| Box::new(service.jobs.wait(session, self.ticket)));
         let strict_for = match (pin, &service.affinity) {
             (Some(pin), Some(affinity)) if pin.strict => Some(affinity.config.max_wait),
             _ => None,
@@ -688,16 +692,16 @@ impl Place {
         let left = self.deadline.saturating_duration_since(Instant::now());
         let acquired = match strict_for {
             Some(max_wait) if max_wait < left => {
-                match service.gate.acquire_from(self.ticket, pin, self.origin, max_wait).await {
+                match service.gate.acquire_from(self.ticket, pin, origin, max_wait).await {
                     Err(ProxyError::QueueTimeout { .. }) => {
                         let loose = pin.map(|pin| Pin { strict: false, ..pin });
                         let left = self.deadline.saturating_duration_since(Instant::now());
-                        service.gate.acquire_from(self.ticket, loose, self.origin, left).await
+                        service.gate.acquire_from(self.ticket, loose, origin, left).await
                     }
                     other => other,
                 }
             }
-            _ => service.gate.acquire_from(self.ticket, pin, self.origin, left).await,
+            _ => service.gate.acquire_from(self.ticket, pin, origin, left).await,
         };
         trace.queue_wait = Some(self.arrived.elapsed());
         match acquired {
@@ -722,8 +726,9 @@ impl EarlyWait {
     pub async fn wait(mut self) -> Early {
         let service = self.record.service.clone();
         let session = self.admitted.session.as_ref().map(|s| s.id);
-        let mut place = Place::take(&service, session, self.admitted.origin, &mut self.record.trace);
-        let acquired = place.wait(&service, self.admitted.pin, &mut self.record.trace).await;
+        let origin = self.admitted.origin;
+        let mut place = Place::take(&service, origin, &mut self.record.trace);
+        let acquired = place.wait(&service, self.admitted.pin, session, origin, &mut self.record.trace).await;
         self.admitted.queued = Some(Queued { place, acquired });
         Early { record: self.record, admitted: self.admitted }
     }
