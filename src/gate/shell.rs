@@ -68,9 +68,17 @@ pub type Waiter = oneshot::Sender<Slot>;
 /// many requests the client may have waiting (0: no bound).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Origin {
-    pub client: Option<ClientKey>,
+    /// Its client's key (a hash never 0, so the field is 8 bytes: an origin
+    /// is carried by every request).
+    pub client: Option<std::num::NonZeroU64>,
     pub priority: Priority,
-    pub max_queued: usize,
+    pub max_queued: u32,
+}
+
+impl Origin {
+    fn client_key(&self) -> Option<ClientKey> {
+        self.client.map(std::num::NonZeroU64::get)
+    }
 }
 
 /// One service's gate, shared by its requests, probes and provider.
@@ -131,7 +139,7 @@ impl SharedGate {
 
     /// A place in line for a new request from `origin` (see [`Gate::arrive_from`]).
     pub fn arrive_from(&self, origin: Origin) -> Ticket {
-        self.lock().arrive_from(origin.client, origin.priority)
+        self.lock().arrive_from(origin.client_key(), origin.priority)
     }
 
     /// Waits, at `ticket`'s place in line, until a pod has room, at most
@@ -177,14 +185,14 @@ impl SharedGate {
             if let Some(slot) = self.dispatch(&mut gate, ticket, pin) {
                 return Ok(slot);
             }
-            if let (Some(client), max) = (origin.client, origin.max_queued) {
+            if let (Some(client), max) = (origin.client_key(), origin.max_queued as usize) {
                 if max > 0 && gate.waiting_of(client) >= max {
                     return Err(ProxyError::ClientQueueFull(max));
                 }
             }
             let (tx, rx) = oneshot::channel();
             let now = Instant::now();
-            if gate.enqueue_from(ticket, pin, origin.client, origin.priority, tx, now).is_err() {
+            if gate.enqueue_from(ticket, pin, origin.client_key(), origin.priority, tx, now).is_err() {
                 return Err(ProxyError::QueueFull(gate.queue_depth()));
             }
             if gate.ready_count() == 0 {

@@ -19,8 +19,9 @@ pub struct Slot {
     pub(super) armed: bool,
     /// The pod answered in full (ends a run of failures on release).
     answered: bool,
-    /// Whose job this is, known for as long as the pod holds it.
-    job: Option<Running>,
+    /// Whose job this is, known for as long as the pod holds it (boxed: a
+    /// slot is moved along the whole exchange, and most have no session).
+    job: Option<Box<Running>>,
 }
 
 impl Slot {
@@ -49,7 +50,7 @@ impl Slot {
 
     /// Records whose job the slot holds, until the pod is done with it.
     pub fn own(&mut self, job: Running) {
-        self.job = Some(job);
+        self.job = Some(Box::new(job));
     }
 
     pub fn endpoint(&self) -> EndpointId {

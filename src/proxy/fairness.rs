@@ -59,7 +59,8 @@ pub fn origin(
         FairnessKey::Address => None,
     }
     .or_else(|| address(fairness, headers, peer).map(|ip| hash(&ip)));
-    Origin { client, priority, max_queued: fairness.max_queued }
+    let client = client.map(|key| std::num::NonZeroU64::new(key).unwrap_or(std::num::NonZeroU64::MIN));
+    Origin { client, priority, max_queued: u32::try_from(fairness.max_queued).unwrap_or(u32::MAX) }
 }
 
 /// The client's address: the peer's, or the last `X-Forwarded-For` hop when
