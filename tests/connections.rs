@@ -33,7 +33,7 @@ async fn closed_by_server(stream: &mut TcpStream, since: Instant, limit: Duratio
 }
 
 fn limits_yaml(limits: &str, backends: &[SocketAddr]) -> String {
-    format!("limits: {{ {limits} }}\n{}", config_yaml(backends, 1, ""))
+    with_limits(limits, config_yaml(backends, 1, ""))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,6 +146,37 @@ async fn healthz(admin: SocketAddr) -> bool {
     tokio::time::timeout(Duration::from_secs(1), attempt).await.ok().flatten().unwrap_or(false)
 }
 
+/// Waits until the server has closed every one of `silent` (each `None`
+/// if not within 20 s), asking `admin` for /healthz every 100 ms meanwhile
+/// (each must answer); returns how long after `since` each closed, and
+/// the number of /healthz probes.
+async fn closed_while_healthz_answers(
+    silent: Vec<TcpStream>,
+    since: Instant,
+    admin: SocketAddr,
+) -> (Vec<Option<Duration>>, usize) {
+    let waits: Vec<_> = silent
+        .into_iter()
+        .map(|mut stream| {
+            tokio::spawn(async move { closed_by_server(&mut stream, since, Duration::from_secs(20)).await })
+        })
+        .collect();
+    let closes = tokio::spawn(async move {
+        let mut closed = Vec::new();
+        for wait in waits {
+            closed.push(wait.await.unwrap());
+        }
+        closed
+    });
+    let mut probes = 0;
+    while !closes.is_finished() {
+        assert!(healthz(admin).await, "the admin port stopped answering /healthz ({:?} in)", since.elapsed());
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (closes.await.unwrap(), probes)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_hundred_silent_connections_under_a_256_descriptor_limit() {
     const SILENT: usize = 300;
@@ -201,26 +232,7 @@ async fn three_hundred_silent_connections_under_a_256_descriptor_limit() {
     // Every silent connection is closed by the server (EOF or reset) once
     // it has been accepted and kept silent for header_read_timeout, while
     // the admin listener answers throughout.
-    let closes = tokio::spawn(async move {
-        let mut waits = Vec::new();
-        for mut stream in silent {
-            waits.push(tokio::spawn(
-                async move { closed_by_server(&mut stream, connected, Duration::from_secs(20)).await },
-            ));
-        }
-        let mut closed = Vec::new();
-        for wait in waits {
-            closed.push(wait.await.unwrap());
-        }
-        closed
-    });
-    let mut probes = 0;
-    while !closes.is_finished() {
-        assert!(healthz(admin).await, "the admin port stopped answering /healthz ({:?} in)", window.elapsed());
-        probes += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let closed = closes.await.unwrap();
+    let (closed, probes) = closed_while_healthz_answers(silent, connected, admin).await;
     let elapsed = window.elapsed();
     assert!(probes >= 5, "only {probes} /healthz probes during the window");
     for (i, after) in closed.iter().enumerate() {
@@ -271,27 +283,9 @@ async fn five_hundred_silent_admin_connections_are_closed_while_healthz_answers(
     for _ in 0..SILENT {
         silent.push(TcpStream::connect(admin).await.expect("the admin listener takes the connection"));
     }
-    let closes = tokio::spawn(async move {
-        let waits: Vec<_> = silent
-            .into_iter()
-            .map(|mut stream| {
-                tokio::spawn(async move { closed_by_server(&mut stream, connected, Duration::from_secs(20)).await })
-            })
-            .collect();
-        let mut closed = Vec::new();
-        for wait in waits {
-            closed.push(wait.await.unwrap());
-        }
-        closed
-    });
-    let mut probes = 0;
-    while !closes.is_finished() {
-        assert!(healthz(admin).await, "the admin port stopped answering /healthz");
-        probes += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (closed, probes) = closed_while_healthz_answers(silent, connected, admin).await;
     assert!(probes >= 5, "only {probes} /healthz probes while the silent connections were open");
-    for (i, after) in closes.await.unwrap().into_iter().enumerate() {
+    for (i, after) in closed.into_iter().enumerate() {
         let after = after.unwrap_or_else(|| panic!("silent admin connection {i} was never closed"));
         assert!(after >= Duration::from_millis(900), "silent admin connection {i} closed after {after:?}");
     }

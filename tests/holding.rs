@@ -16,10 +16,6 @@ use http_body_util::BodyExt;
 use sdgate::tools::sim::SimOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn with_limits(limits: &str, yaml: String) -> String {
-    format!("limits: {{ {limits} }}\n{yaml}")
-}
-
 /// Reads what the server sends until it closes, at most `limit`.
 async fn read_all(stream: &mut tokio::net::TcpStream, limit: Duration) -> String {
     let mut reply = Vec::new();

@@ -55,6 +55,11 @@ pub fn config_yaml(backends: &[SocketAddr], cc: u32, extra: &str) -> String {
     )
 }
 
+/// `yaml` (a whole config) with `limits: { LIMITS }`.
+pub fn with_limits(limits: &str, yaml: String) -> String {
+    format!("limits: {{ {limits} }}\n{yaml}")
+}
+
 /// `yaml` (a whole config) with `threads` serving threads.
 pub fn with_threads(yaml: &str, threads: usize) -> String {
     format!("threads: {threads}\n{yaml}")
