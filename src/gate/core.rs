@@ -180,17 +180,33 @@ struct Fairness {
 }
 
 impl Fairness {
-    fn start(&mut self, client: Option<ClientKey>, priority: Priority) -> u64 {
-        let Some(client) = client else { return self.virtual_time };
+    /// A new request's start tag: its client's finish tag, or the virtual
+    /// time if that is later. With nobody waiting every finish tag is at or
+    /// behind the virtual time (a served request moves it past its own), so
+    /// the tag is the virtual time and the table is left alone until the
+    /// request has to wait ([`Fairness::started`]): the common case costs
+    /// no lookup.
+    fn start(&mut self, client: Option<ClientKey>, priority: Priority, anyone_waiting: bool) -> u64 {
+        match client {
+            Some(client) if anyone_waiting => {
+                let start = self.finish.get(&(client, priority)).map_or(0, |finish| *finish).max(self.virtual_time);
+                self.started(client, priority, start);
+                start
+            }
+            _ => self.virtual_time,
+        }
+    }
+
+    /// Records that `client` has a request of `priority` starting at
+    /// `start`: its next one starts after it.
+    fn started(&mut self, client: ClientKey, priority: Priority, start: u64) {
         if self.finish.len() >= self.prune_at {
             let now = self.virtual_time;
             self.finish.retain(|_, finish| *finish > now);
             self.prune_at = (self.finish.len() * 2).max(1024);
         }
         let finish = self.finish.entry((client, priority)).or_insert(0);
-        let start = (*finish).max(self.virtual_time);
-        *finish = start + 1;
-        start
+        *finish = (*finish).max(start + 1);
     }
 
     /// The virtual time moves past the start of each request served, so a
@@ -278,7 +294,7 @@ impl<W> Gate<W> {
     /// requests, and about one request of each other waiting client.
     pub fn arrive_from(&mut self, client: Option<ClientKey>, priority: Priority) -> Ticket {
         self.next_ticket += 1;
-        let start = self.fairness.start(client, priority);
+        let start = self.fairness.start(client, priority, !self.queue.is_empty());
         let key = match priority {
             Priority::Interactive => start,
             Priority::Batch => start.saturating_add(self.fairness.batch_delay),
@@ -341,6 +357,9 @@ impl<W> Gate<W> {
             self.fairness.left(old.client, old.priority);
         }
         self.fairness.joined(client, priority);
+        if let Some(client) = client {
+            self.fairness.started(client, priority, ticket.start);
+        }
         Ok(())
     }
 

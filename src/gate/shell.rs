@@ -142,6 +142,16 @@ impl SharedGate {
         self.lock().arrive_from(origin.client_key(), origin.priority)
     }
 
+    /// [`SharedGate::arrive_from`] and [`SharedGate::try_acquire`] under one
+    /// lock: a place in line, and a slot at once if a pod has room and
+    /// nobody is ahead (the common case, so it takes the lock once).
+    pub fn arrive_and_try(self: &Arc<Self>, origin: Origin, pin: Option<Pin>) -> (Ticket, Option<Slot>) {
+        let mut gate = self.lock();
+        let ticket = gate.arrive_from(origin.client_key(), origin.priority);
+        let slot = self.dispatch(&mut gate, ticket, pin);
+        (ticket, slot)
+    }
+
     /// Waits, at `ticket`'s place in line, until a pod has room, at most
     /// `timeout`.
     pub async fn acquire(self: &Arc<Self>, ticket: Ticket, timeout: Duration) -> Result<Slot, ProxyError> {

@@ -489,9 +489,15 @@ impl Proxy {
         let mut upstream = Some(forward::upstream_request(parts, host.as_ref(), peer, body));
         let gate = &service.gate;
         let (mut queued, mut first) = match queued {
-            Some(Queued { place, acquired }) => (Some(place), Some(acquired)),
+            Some(queued) => {
+                let Queued { place, acquired } = *queued;
+                (Some(place), Some(acquired?))
+            }
             None if bypass => (None, None),
-            None => (Some(Place::take(service, origin, trace)), None),
+            None => {
+                let (place, slot) = Place::take(service, origin, pin, trace);
+                (Some(place), slot)
+            }
         };
         let mut attempt = 0;
         loop {
@@ -505,7 +511,7 @@ impl Proxy {
                     Slot::bypass(gate.clone(), grant.ok_or(ProxyError::NoReadyEndpoint)?)
                 }
                 Some(place) => match first.take() {
-                    Some(acquired) => acquired?,
+                    Some(slot) => slot,
                     None => place.wait(service, pin, session.as_ref().map(|s| s.id), origin, trace).await?,
                 },
             };
@@ -643,7 +649,8 @@ pub struct Admitted {
     pin: Option<Pin>,
     /// Who sent it, for fair share.
     origin: crate::gate::Origin,
-    queued: Option<Queued>,
+    /// Boxed: only the lobby's first requests have one.
+    queued: Option<Box<Queued>>,
 }
 
 struct Queued {
@@ -654,19 +661,28 @@ struct Queued {
 /// A request's place in its service's queue, and when its wait ends.
 struct Place {
     ticket: Ticket,
-    arrived: Instant,
-    deadline: Instant,
+    /// When it began to wait, and until when it may: read from the clock
+    /// only once it has to wait (most requests never do).
+    waited: Option<(Instant, Instant)>,
     /// The session's wait, known while it lasts (for its progress polls);
     /// boxed, as it is rare and a place is moved with every request.
     waiting: Option<Box<Waiting>>,
 }
 
 impl Place {
-    fn take(service: &Service, origin: crate::gate::Origin, trace: &mut Trace) -> Self {
-        let ticket = service.gate.arrive_from(origin);
-        let arrived = Instant::now();
-        trace.arrived = Some(arrived);
-        Self { ticket, arrived, deadline: arrived + service.config.queue.timeout, waiting: None }
+    /// A place in line, and a slot at once when a pod has room and nobody
+    /// is ahead (else [`Place::wait`]).
+    fn take(
+        service: &Service,
+        origin: crate::gate::Origin,
+        pin: Option<Pin>,
+        trace: &mut Trace,
+    ) -> (Self, Option<Slot>) {
+        let (ticket, slot) = service.gate.arrive_and_try(origin, pin);
+        if slot.is_some() {
+            trace.queue_wait = Some(Duration::ZERO);
+        }
+        (Self { ticket, waited: None, waiting: None }, slot)
     }
 
     /// Waits at this place until a pod has room, at most until the deadline.
@@ -684,18 +700,23 @@ impl Place {
             trace.queue_wait = Some(Duration::ZERO);
             return Ok(slot);
         }
+        let (arrived, deadline) = *self.waited.get_or_insert_with(|| {
+            let now = Instant::now();
+            (now, now + service.config.queue.timeout)
+        });
+        trace.arrived = Some(arrived);
         self.waiting = session.map(|session| Box::new(service.jobs.wait(session, self.ticket)));
         let strict_for = match (pin, &service.affinity) {
             (Some(pin), Some(affinity)) if pin.strict => Some(affinity.config.max_wait),
             _ => None,
         };
-        let left = self.deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         let acquired = match strict_for {
             Some(max_wait) if max_wait < left => {
                 match service.gate.acquire_from(self.ticket, pin, origin, max_wait).await {
                     Err(ProxyError::QueueTimeout { .. }) => {
                         let loose = pin.map(|pin| Pin { strict: false, ..pin });
-                        let left = self.deadline.saturating_duration_since(Instant::now());
+                        let left = deadline.saturating_duration_since(Instant::now());
                         service.gate.acquire_from(self.ticket, loose, origin, left).await
                     }
                     other => other,
@@ -703,7 +724,7 @@ impl Place {
             }
             _ => service.gate.acquire_from(self.ticket, pin, origin, left).await,
         };
-        trace.queue_wait = Some(self.arrived.elapsed());
+        trace.queue_wait = Some(arrived.elapsed());
         match acquired {
             Err(ProxyError::QueueTimeout { cause, .. }) => {
                 Err(ProxyError::QueueTimeout { timeout: service.config.queue.timeout, cause })
@@ -727,9 +748,13 @@ impl EarlyWait {
         let service = self.record.service.clone();
         let session = self.admitted.session.as_ref().map(|s| s.id);
         let origin = self.admitted.origin;
-        let mut place = Place::take(&service, origin, &mut self.record.trace);
-        let acquired = place.wait(&service, self.admitted.pin, session, origin, &mut self.record.trace).await;
-        self.admitted.queued = Some(Queued { place, acquired });
+        let pin = self.admitted.pin;
+        let (mut place, slot) = Place::take(&service, origin, pin, &mut self.record.trace);
+        let acquired = match slot {
+            Some(slot) => Ok(slot),
+            None => place.wait(&service, pin, session, origin, &mut self.record.trace).await,
+        };
+        self.admitted.queued = Some(Box::new(Queued { place, acquired }));
         Early { record: self.record, admitted: self.admitted }
     }
 }
