@@ -101,7 +101,19 @@ impl ProxyError {
     }
 
     pub fn into_response(self, service: Option<&str>) -> Response<ResponseBody> {
+        self.into_response_with(service, |_| {})
+    }
+
+    /// [`ProxyError::into_response`] with more fields in the JSON body.
+    pub fn into_response_with(
+        self,
+        service: Option<&str>,
+        more: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+    ) -> Response<ResponseBody> {
         let mut payload = serde_json::json!({ "error": self.to_string(), "service": service });
+        if let Some(fields) = payload.as_object_mut() {
+            more(fields);
+        }
         if let ProxyError::NoWeight(route) = &self {
             payload["route"] = serde_json::Value::from(route.as_str());
         }

@@ -10,7 +10,10 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::*;
+use http::Request;
+use http_body_util::Full;
 use sdgate::proxy::affinity::Signer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,6 +144,29 @@ async fn the_cookie_is_http_only_lax_for_half_an_hour_on_every_path() {
     request.headers_mut().insert("x-forwarded-proto", "https".parse().unwrap());
     let secure = send(&client(), request).await;
     assert!(secure.headers["set-cookie"].to_str().unwrap().contains("; Secure"));
+}
+
+/// A pod's error answer passes through as the pod wrote it, and starts no
+/// session: no cookie for a request the pod refused (a session with a
+/// cookie keeps it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_answer_from_the_pod_sets_no_cookie() {
+    let workers = sims(1, fast_sim(1)).await;
+    let keys = keys();
+    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, &affinity("strict", &keys, "")).await;
+    let request = Request::post(format!("http://{}/sdapi/v1/txt2img", gateway.addr))
+        .header("host", HOST)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"[1, 2]")))
+        .unwrap();
+    let refused = send(&client(), request).await;
+    assert_eq!(refused.status.as_u16(), 422);
+    assert!(refused.json()["detail"].is_string(), "the pod's own body: {:?}", refused.body);
+    assert!(!refused.headers.contains_key("set-cookie"), "{:?}", refused.headers);
+    let answered = send(&client(), txt2img(gateway.addr, "x", 1)).await;
+    assert_eq!(answered.status.as_u16(), 200);
+    assert!(answered.headers.contains_key("set-cookie"));
+    assert_eq!(workers[0].stats().served, 1);
 }
 
 /// Two workers behind affinity in `mode`: a session's first request ("first")

@@ -75,6 +75,10 @@ async fn an_unknown_host_is_404_and_a_missing_host_400() {
     let answer = send(&client(), request).await;
     answer.assert_json_error(404);
     assert!(answer.json()["service"].is_null());
+    // On a loopback listener it says how to name a host, and lists them.
+    let hint = answer.json()["hint"].as_str().unwrap().to_string();
+    assert!(hint.contains(&format!("curl -H \"Host: {HOST}\"")), "{hint}");
+    assert_eq!(answer.json()["hosts"], serde_json::json!([HOST]));
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
@@ -83,7 +87,25 @@ async fn an_unknown_host_is_404_and_a_missing_host_400() {
     stream.read_to_string(&mut reply).await.unwrap();
     assert!(reply.starts_with("HTTP/1.0 400"), "{reply}");
     assert!(reply.contains("\"error\""), "{reply}");
+    assert!(reply.contains("\"hint\""), "{reply}");
     assert_eq!(workers[0].stats().served, 0);
+}
+
+/// `list_hosts: never` (the default `auto` on a public listener): the 404
+/// says how to name a host but not which hosts there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_hosts_404_lists_no_hosts_where_the_config_says_not_to() {
+    let workers = sims(1, fast_sim(1)).await;
+    let gateway = TestGateway::start(&format!("list_hosts: never\n{}", config_yaml(&[workers[0].addr], 1, ""))).await;
+    let request = Request::get(format!("http://{}/", gateway.addr))
+        .header("host", "elsewhere.example.com")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = send(&client(), request).await;
+    answer.assert_json_error(404);
+    assert!(answer.json().get("hosts").is_none(), "{:?}", answer.json());
+    let hint = answer.json()["hint"].as_str().unwrap().to_string();
+    assert!(hint.contains("Host: <a service's host>") && !hint.contains(HOST), "{hint}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,6 +30,11 @@ pub struct Config {
     pub drain_timeout: Duration,
     #[serde(default)]
     pub limits: Limits,
+    /// Whether a 404 for an unknown host lists the hosts sdgate serves:
+    /// `auto` (when `listen` is a loopback address), `always` or `never`.
+    /// On a public listener host names are for clients that know them.
+    #[serde(default)]
+    pub list_hosts: ListHosts,
     /// Threads serving client connections, each with its own single-threaded
     /// runtime and pod connection pool; 0 = one per CPU.
     #[serde(default)]
@@ -42,6 +47,40 @@ pub struct Config {
     /// service's own `hosts` are a route to it alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteConfig>,
+}
+
+/// See [`Config::list_hosts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListHosts {
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl Config {
+    /// Whether a 404 for an unknown host lists the hosts (see `list_hosts`).
+    pub fn lists_hosts(&self) -> bool {
+        match self.list_hosts {
+            ListHosts::Auto => self.listen.ip().is_loopback(),
+            ListHosts::Always => true,
+            ListHosts::Never => false,
+        }
+    }
+
+    /// The host names clients can send (services' and routes'), in config
+    /// order, without `*`.
+    pub fn host_names(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = Vec::new();
+        let all = self.routes.iter().flat_map(|r| &r.hosts).chain(self.services.iter().flat_map(|s| &s.hosts));
+        for host in all {
+            if host != "*" && !hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+                hosts.push(host.clone());
+            }
+        }
+        hosts
+    }
 }
 
 /// Hosts whose requests are split across services by weight; a session

@@ -154,7 +154,7 @@ impl Metrics {
             let _ = metrics.registry.register(collector);
         }
         // process_cpu_seconds_total, process_resident_memory_bytes, ...
-        let _ = metrics.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        let _ = metrics.registry.register(Box::new(Process::default()));
         metrics
     }
 
@@ -298,6 +298,49 @@ impl Observer for ServiceMetrics {
     }
 }
 
+/// The process metrics (memory, open files, start time, CPU), with
+/// `process_cpu_seconds_total` to the microsecond (getrusage): the
+/// prometheus crate counts it in whole seconds, so a gateway that used 0.9 s
+/// of CPU would show 0.
+struct Process(prometheus::process_collector::ProcessCollector);
+
+impl Default for Process {
+    fn default() -> Self {
+        Self(prometheus::process_collector::ProcessCollector::for_self())
+    }
+}
+
+impl prometheus::core::Collector for Process {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.0.collect();
+        if let Some(seconds) = cpu_seconds() {
+            for family in families.iter_mut().filter(|f| f.get_name() == "process_cpu_seconds_total") {
+                for metric in family.mut_metric().iter_mut() {
+                    let mut counter = prometheus::proto::Counter::default();
+                    counter.set_value(seconds);
+                    metric.set_counter(counter);
+                }
+            }
+        }
+        families
+    }
+}
+
+/// User and system CPU time of this process so far.
+pub fn cpu_seconds() -> Option<f64> {
+    // SAFETY: getrusage writes the struct it is given and nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(seconds(usage.ru_utime) + seconds(usage.ru_stime))
+}
+
 fn histogram(name: &str, help: &str) -> HistogramVec {
     HistogramVec::new(HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec()), &["service"])
         .expect("static metric definition")
@@ -342,18 +385,45 @@ fn code_label(code: u16) -> &'static str {
     }
 }
 
-/// The answers of the last minute (at most 4096), for rates and percentiles
-/// on the status page; Prometheus has the full history.
-#[derive(Default)]
+/// The answers of the last minute, for rates and percentiles on the status
+/// page; Prometheus has the full history. Rates and the success rate count
+/// every answer (per second of the last minute); status codes and latency
+/// percentiles are those of the latest 4096.
 pub struct Recent {
-    answers: Mutex<std::collections::VecDeque<(Instant, u16, f32)>>,
+    /// Rates divide by the minute, or by the time since this began if less.
+    started: Instant,
+    answers: Mutex<Answers>,
+}
+
+struct Answers {
+    samples: std::collections::VecDeque<(Instant, u16, f32)>,
+    /// Answers counted by the second they came in (seconds since
+    /// `started`), a ring over the last minute.
+    seconds: [Second; RECENT_SECONDS],
+}
+
+impl Default for Answers {
+    fn default() -> Self {
+        Self { samples: Default::default(), seconds: [Second::default(); RECENT_SECONDS] }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Second {
+    at: u64,
+    answers: u32,
+    failed: u32,
 }
 
 /// What [`Recent`] reports.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct RecentSummary {
+    /// The window the figures cover: 60 s, or the time since sdgate (or the
+    /// service) started if less.
     pub window_seconds: f64,
+    /// Answers in the window.
     pub requests: usize,
+    /// `requests` / `window_seconds`.
     pub requests_per_second: f64,
     /// Share of answers that were not 5xx (1.0 with no answers).
     pub success_rate: f64,
@@ -364,28 +434,51 @@ pub struct RecentSummary {
 
 const RECENT_WINDOW: Duration = Duration::from_secs(60);
 const RECENT_MAX: usize = 4096;
+/// One more than the window's seconds: the ring holds the whole minute
+/// while the current second fills.
+const RECENT_SECONDS: usize = 61;
+
+impl Default for Recent {
+    fn default() -> Self {
+        Self { started: Instant::now(), answers: Mutex::default() }
+    }
+}
 
 impl Recent {
     /// One answer with `code`, given at `now` after `took`.
     pub fn record(&self, now: Instant, code: u16, took: Duration) {
+        let second = now.saturating_duration_since(self.started).as_secs();
         let mut answers = lock(&self.answers);
-        if answers.len() == RECENT_MAX {
-            answers.pop_front();
+        if answers.samples.len() == RECENT_MAX {
+            answers.samples.pop_front();
         }
-        answers.push_back((now, code, took.as_secs_f32()));
+        answers.samples.push_back((now, code, took.as_secs_f32()));
+        let slot = &mut answers.seconds[(second % RECENT_SECONDS as u64) as usize];
+        if slot.at != second || slot.answers == 0 {
+            *slot = Second { at: second, answers: 0, failed: 0 };
+        }
+        slot.answers += 1;
+        slot.failed += u32::from(code >= 500);
     }
 
     pub fn summary(&self) -> RecentSummary {
         let now = Instant::now();
+        let window = now.saturating_duration_since(self.started).min(RECENT_WINDOW).max(Duration::from_secs(1));
+        let this_second = now.saturating_duration_since(self.started).as_secs();
         let answers = lock(&self.answers);
-        let recent: Vec<_> = answers.iter().filter(|(t, _, _)| now.duration_since(*t) <= RECENT_WINDOW).collect();
-        let window =
-            recent.first().map_or(RECENT_WINDOW, |(t, _, _)| now.duration_since(*t)).max(Duration::from_secs(1));
+        // The seconds that began within the window (the current one included).
+        let first_second = this_second.saturating_sub(RECENT_WINDOW.as_secs() - 1);
+        let (counted, failed) = answers
+            .seconds
+            .iter()
+            .filter(|s| s.answers > 0 && s.at >= first_second && s.at <= this_second)
+            .fold((0u64, 0u64), |(n, f), s| (n + u64::from(s.answers), f + u64::from(s.failed)));
+        let recent: Vec<_> =
+            answers.samples.iter().filter(|(t, _, _)| now.saturating_duration_since(*t) <= RECENT_WINDOW).collect();
         let mut codes = std::collections::BTreeMap::new();
         for (_, code, _) in &recent {
             *codes.entry(*code).or_insert(0) += 1;
         }
-        let failed = recent.iter().filter(|(_, code, _)| *code >= 500).count();
         let mut latencies: Vec<f32> = recent.iter().map(|(_, _, took)| *took).collect();
         let mut latency_seconds = std::collections::BTreeMap::new();
         if !latencies.is_empty() {
@@ -401,9 +494,9 @@ impl Recent {
         }
         RecentSummary {
             window_seconds: window.as_secs_f64(),
-            requests: recent.len(),
-            requests_per_second: recent.len() as f64 / window.as_secs_f64(),
-            success_rate: if recent.is_empty() { 1.0 } else { 1.0 - failed as f64 / recent.len() as f64 },
+            requests: counted as usize,
+            requests_per_second: counted as f64 / window.as_secs_f64(),
+            success_rate: if counted == 0 { 1.0 } else { 1.0 - failed as f64 / counted as f64 },
             codes,
             latency_seconds,
         }
@@ -446,5 +539,54 @@ mod paused {
         assert_eq!(recent.summary().requests, 1);
         tokio::time::advance(Duration::from_secs(61)).await;
         assert_eq!(recent.summary().requests, 0, "older than the 60 s window");
+    }
+
+    /// Rates divide by the window (60 s, or the time since the start if
+    /// less), not by the age of the oldest answer in it, and count every
+    /// answer, beyond the 4096 kept for percentiles.
+    #[tokio::test(start_paused = true)]
+    async fn recent_rates_are_answers_over_the_window() {
+        let recent = Recent::default();
+        // Nothing for 5 s, then one answer a second for 10 s: 10 answers
+        // over the 15 s there have been.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        for _ in 0..10 {
+            recent.record(Instant::now(), 200, Duration::from_millis(900));
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let summary = recent.summary();
+        assert_eq!((summary.requests, summary.window_seconds), (10, 15.0));
+        assert!((summary.requests_per_second - 10.0 / 15.0).abs() < 1e-9, "{summary:?}");
+        // 50 answers in all, from 5 s to 54 s; at 60.5 s: 50 in the minute.
+        for _ in 10..50 {
+            recent.record(Instant::now(), 200, Duration::from_millis(900));
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        tokio::time::advance(Duration::from_millis(5_500)).await;
+        let summary = recent.summary();
+        assert_eq!((summary.requests, summary.window_seconds), (50, 60.0));
+        assert!((summary.requests_per_second - 50.0 / 60.0).abs() < 1e-9, "{summary:?}");
+        // Four pods at one image a second for a minute: exactly 4/s.
+        let recent = Recent::default();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        for _ in 0..60 {
+            for _ in 0..4 {
+                recent.record(Instant::now(), 200, Duration::from_secs(1));
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let summary = recent.summary();
+        assert_eq!(summary.requests, 236, "the first second's answers are a minute old: {summary:?}");
+        assert!(summary.requests_per_second <= 4.0, "{summary:?}");
+        // More answers than the percentiles keep: all counted, 5xx too.
+        let recent = Recent::default();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for i in 0..5000 {
+            recent.record(Instant::now(), if i % 5 == 0 { 502 } else { 200 }, Duration::from_millis(20));
+        }
+        let summary = recent.summary();
+        assert_eq!(summary.requests, 5000);
+        assert!((summary.success_rate - 0.8).abs() < 1e-9, "{summary:?}");
+        assert!((summary.requests_per_second - 5000.0 / 60.0).abs() < 1e-9, "{summary:?}");
     }
 }

@@ -103,6 +103,8 @@ pub struct Proxy {
 /// service's own `hosts` as a route of one) and the services.
 pub struct Table {
     router: Router,
+    /// The hosts an unknown host's 404 lists (none: it lists none).
+    hosts: Option<Vec<String>>,
     pub routes: Vec<Route>,
     pub services: Vec<Arc<Service>>,
 }
@@ -192,7 +194,8 @@ impl Table {
             hosts.push(&service.config.hosts);
         }
         let router = Router::new(hosts);
-        Ok((Self { router, routes, services }, changes))
+        let hosts = config.lists_hosts().then(|| config.host_names());
+        Ok((Self { router, hosts, routes, services }, changes))
     }
 }
 
@@ -201,6 +204,23 @@ impl Table {
     fn window(&self, route: &str, service: &str) -> Option<Arc<Window>> {
         let route = self.routes.iter().find(|r| r.name == route)?;
         route.split.iter().find(|s| s.service.config.name == service).map(|s| s.recent.clone())
+    }
+
+    /// The answer to a request with no route: for a missing or unknown
+    /// host, how to name one, and the hosts where the config lets it say.
+    fn unrouted(&self, error: ProxyError) -> Response<ResponseBody> {
+        if !matches!(error, ProxyError::UnknownHost(_) | ProxyError::MissingHost) {
+            return error.into_response(None);
+        }
+        let hosts = self.hosts.as_ref();
+        let example = hosts.and_then(|h| h.first()).map_or("<a service's host>", String::as_str);
+        error.into_response_with(None, |fields| {
+            let hint = format!("sdgate routes by the Host header: send one it serves, e.g. curl -H \"Host: {example}\" ...");
+            fields.insert("hint".into(), hint.into());
+            if let Some(hosts) = hosts {
+                fields.insert("hosts".into(), hosts.clone().into());
+            }
+        })
     }
 
     /// The route of a request's host, and the service it picks.
@@ -382,7 +402,7 @@ impl Proxy {
             Ok(split) => Ok(self.start_record(split, request)),
             Err(error) => {
                 let request_id = request_id(request);
-                let mut response = error.into_response(None);
+                let mut response = table.unrouted(error);
                 response.headers_mut().insert(X_REQUEST_ID, request_id);
                 self.metrics.unrouted(response.status().as_u16());
                 if tracing::enabled!(tracing::Level::INFO) {
@@ -551,7 +571,10 @@ impl Proxy {
                         if let Some(result) = affinity_result {
                             service.metrics.affinity(result);
                         }
-                        if let Some(cookie) = affinity.set_cookie(&session.id, session.pinned, secure) {
+                        // An error answer (the pod's 4xx or 5xx) starts no
+                        // session and renews none.
+                        let error = response.status().is_client_error() || response.status().is_server_error();
+                        if let Some(cookie) = (!error).then(|| affinity.set_cookie(&session.id, session.pinned, secure)).flatten() {
                             response.headers_mut().append(http::header::SET_COOKIE, cookie);
                         }
                     }
