@@ -108,20 +108,32 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
             };
-            let imported =
-                sdgate::tools::knative::import(&text).with_context(|| format!("cannot import {}", file.display()))?;
+            let source =
+                if file.as_os_str() == "-" { "the standard input".to_string() } else { file.display().to_string() };
+            let imported = sdgate::tools::knative::import(&text).with_context(|| format!("cannot import {source}"))?;
             for warning in &imported.warnings {
                 eprintln!("warning: {warning}");
             }
-            print!("{}", imported.to_yaml(&file.display().to_string())?);
+            print!("{}", imported.to_yaml(&source)?);
             Ok(())
         }
         Some(Command::Check { file }) => {
             if file.is_some() && cli.config.is_some() {
                 anyhow::bail!("--config is given twice (before and after `check`)");
             }
-            let config = load(file.or(cli.config).as_ref())?;
-            print!("{}", config.to_yaml()?);
+            let path = file.or(cli.config);
+            let config = load(path.as_ref())?;
+            let text = match &path {
+                Some(path) => {
+                    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+                }
+                None => sdgate::config::DEFAULT_CONFIG.to_string(),
+            };
+            print!("{}", config.to_effective_yaml()?);
+            for warning in config.inert_keys(&text) {
+                eprintln!("warning: {warning}");
+            }
+            eprintln!("{}", config.verdict());
             Ok(())
         }
         None => {

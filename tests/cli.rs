@@ -30,6 +30,31 @@ fn check_without_a_file_prints_the_built_in_default() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("stable-diffusion"));
 }
 
+/// `check` ends with a one-line verdict on stderr, and names each key that
+/// does nothing with the rest of the config; the effective config leaves
+/// out what does not apply (a fixed backend's `scale`).
+#[test]
+fn check_says_ok_and_warns_about_keys_that_do_nothing() {
+    let output = Command::new(sdgate_bin()).arg("check").output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "ok: 1 service, 0 routes\n");
+    let config = TempFile::new(
+        "yaml",
+        "services:\n  - name: sd\n    hosts: [sd.test]\n    scale: { max: 3 }\n    affinity: { mode: prefer, max_wait: 5s }\n    backend: { fixed: [\"127.0.0.1:7860\"] }\n",
+    );
+    let output = Command::new(sdgate_bin()).arg("check").arg("--config").arg(&config.path).output().unwrap();
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    assert!(lines[0].starts_with("warning: services[0].scale: does nothing with a fixed backend"), "{stderr}");
+    assert!(lines[1].starts_with("warning: services[0].affinity.max_wait: does nothing"), "{stderr}");
+    assert_eq!(lines[2], "ok: 1 service, 0 routes");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains("scale:") && !stdout.contains("wake:"), "{stdout}");
+    assert!(sdgate::Config::from_yaml(&stdout).is_ok(), "the effective config loads: {stdout}");
+}
+
 #[test]
 fn check_names_the_key_of_a_broken_config() {
     let broken = TempFile::new(

@@ -89,7 +89,8 @@ fn the_guides_stable_diffusion() {
     let stderr = guide_imports_and_checks("stable-diffusion.yaml", "stable-diffusion");
     assert!(!stderr.contains("autoscaling.knative.dev/class"), "KPA is what sdgate does: {stderr}");
     let warnings: Vec<_> = stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
-    assert_eq!(warnings.len(), 1, "only the ECI annotation: {stderr}");
+    assert_eq!(warnings.len(), 2, "the ECI annotation and the probe's initial delay: {stderr}");
+    assert!(warnings[0].contains("readinessProbe.initialDelaySeconds is not imported"), "{stderr}");
 }
 
 #[test]
@@ -121,7 +122,42 @@ fn standard_input_is_read_for_a_dash() {
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), &guide).unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(String::from_utf8_lossy(&output.stdout).contains("deployment: stable-diffusion"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("deployment: stable-diffusion"));
+    assert!(
+        stdout.starts_with(
+            "# sdgate config imported by `sdgate import-knative` from the Knative Service in the standard input.\n"
+        ),
+        "{stdout}"
+    );
+}
+
+/// Every probe setting sdgate has no use for is named in a warning: none is
+/// dropped silently.
+#[test]
+fn probe_settings_that_do_not_map_are_each_named() {
+    let guide = std::fs::read_to_string(fixture("stable-diffusion.yaml")).unwrap();
+    let marked = "          initialDelaySeconds: 5\n";
+    assert!(guide.contains(marked), "{guide}");
+    let yaml = guide.replace(marked, "          initialDelaySeconds: 5\n          successThreshold: 2\n          terminationGracePeriodSeconds: 9\n")
+        .replace("          periodSeconds: 1\n", "          periodSeconds: 0\n");
+    let yaml = yaml.replace(
+        "        readinessProbe:\n",
+        "        livenessProbe:\n          tcpSocket: { port: 7860 }\n        readinessProbe:\n",
+    );
+    let file = Temp::new("probe.yaml", &yaml);
+    let output = import(&file.0);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    for named in [
+        "readinessProbe.initialDelaySeconds",
+        "readinessProbe.successThreshold",
+        "readinessProbe.terminationGracePeriodSeconds",
+        "readinessProbe.periodSeconds 0",
+        "livenessProbe is not imported",
+    ] {
+        assert!(stderr.lines().any(|l| l.starts_with("warning: ") && l.contains(named)), "{named}: {stderr}");
+    }
 }
 
 #[test]

@@ -49,6 +49,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
+/// Service keys that do nothing with a `fixed` backend.
+const INERT_WITH_FIXED: [&str; 2] = ["scale", "wake"];
+
 /// See [`Config::list_hosts`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -744,6 +747,65 @@ impl Config {
     /// The effective config (defaults filled in) as YAML.
     pub fn to_yaml(&self) -> Result<String> {
         serde_yaml::to_string(self).context("cannot print config")
+    }
+
+    /// What `sdgate check` prints: the effective config without the keys
+    /// that do nothing for a service's backend (a fixed backend's `scale`
+    /// and `wake`: sdgate neither starts nor stops its pods).
+    pub fn to_effective_yaml(&self) -> Result<String> {
+        let mut value = serde_yaml::to_value(self).context("cannot print config")?;
+        if let Some(services) = value.get_mut("services").and_then(serde_yaml::Value::as_sequence_mut) {
+            for (service, config) in services.iter_mut().zip(&self.services) {
+                if let (Backend::Fixed(_), Some(map)) = (&config.backend, service.as_mapping_mut()) {
+                    for key in INERT_WITH_FIXED {
+                        map.remove(key);
+                    }
+                }
+            }
+        }
+        serde_yaml::to_string(&value).context("cannot print config")
+    }
+
+    /// Keys written in `text` (this config's YAML) that do nothing with the
+    /// rest of it, one warning each, naming the key.
+    pub fn inert_keys(&self, text: &str) -> Vec<String> {
+        let Ok(raw) = serde_yaml::from_str::<serde_yaml::Value>(text) else { return Vec::new() };
+        let mut warnings = Vec::new();
+        let written = raw.get("services").and_then(serde_yaml::Value::as_sequence);
+        for (i, (service, raw)) in self.services.iter().zip(written.into_iter().flatten()).enumerate() {
+            let has = |path: &[&str]| path.iter().try_fold(raw, |v, key| v.get(*key)).is_some();
+            if let Backend::Fixed(_) = service.backend {
+                for key in INERT_WITH_FIXED.into_iter().filter(|key| has(&[key])) {
+                    warnings.push(format!(
+                        "services[{i}].{key}: does nothing with a fixed backend (sdgate neither starts nor stops its pods)"
+                    ));
+                }
+            }
+            if has(&["affinity", "max_wait"])
+                && service.affinity.as_ref().is_some_and(|a| a.mode != AffinityMode::Strict)
+            {
+                warnings.push(format!("services[{i}].affinity.max_wait: does nothing unless affinity.mode is strict"));
+            }
+            if has(&["fairness", "header"]) && service.fairness.key != FairnessKey::Header {
+                warnings.push(format!("services[{i}].fairness.header: does nothing unless fairness.key is header"));
+            }
+            if has(&["scale"]) && service.scale.mode == ScaleMode::External {
+                for key in
+                    ["stable_window", "panic_window", "scale_to_zero_grace"].into_iter().filter(|k| has(&["scale", k]))
+                {
+                    warnings.push(format!(
+                        "services[{i}].scale.{key}: does nothing with scale.mode external (KEDA or an HPA decides)"
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+
+    /// The one-line verdict of `sdgate check`.
+    pub fn verdict(&self) -> String {
+        let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        format!("ok: {}, {}", plural(self.services.len(), "service"), plural(self.routes.len(), "route"))
     }
 
     fn validate(&self) -> Result<()> {

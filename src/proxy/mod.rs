@@ -215,7 +215,8 @@ impl Table {
         let hosts = self.hosts.as_ref();
         let example = hosts.and_then(|h| h.first()).map_or("<a service's host>", String::as_str);
         error.into_response_with(None, |fields| {
-            let hint = format!("sdgate routes by the Host header: send one it serves, e.g. curl -H \"Host: {example}\" ...");
+            let hint =
+                format!("sdgate routes by the Host header: send one it serves, e.g. curl -H \"Host: {example}\" ...");
             fields.insert("hint".into(), hint.into());
             if let Some(hosts) = hosts {
                 fields.insert("hosts".into(), hosts.clone().into());
@@ -574,7 +575,9 @@ impl Proxy {
                         // An error answer (the pod's 4xx or 5xx) starts no
                         // session and renews none.
                         let error = response.status().is_client_error() || response.status().is_server_error();
-                        if let Some(cookie) = (!error).then(|| affinity.set_cookie(&session.id, session.pinned, secure)).flatten() {
+                        if let Some(cookie) =
+                            (!error).then(|| affinity.set_cookie(&session.id, session.pinned, secure)).flatten()
+                        {
                             response.headers_mut().append(http::header::SET_COOKIE, cookie);
                         }
                     }

@@ -212,6 +212,9 @@ fn service(ksvc: &Value, warnings: &mut Vec<String>) -> Result<serde_json::Value
         None => KNATIVE_DEFAULT_PORT,
     };
     service["readiness"] = readiness(container.get("readinessProbe"), port, &mut warn)?;
+    for probe in ["livenessProbe", "startupProbe"].into_iter().filter(|p| container.get(*p).is_some()) {
+        warn(format!("{probe} is not imported: sdgate uses the readinessProbe only (keep it in the Deployment)"));
+    }
     service["backend"] = json!({ "kubernetes": { "namespace": namespace, "deployment": name, "port": port } });
 
     // Annotations: the Service's and its revision template's (the latter win).
@@ -449,6 +452,22 @@ fn readiness(probe: Option<&Value>, port: u16, warn: &mut impl FnMut(String)) ->
         check_port("tcpSocket", warn);
     } else if let Some(kind) = ["exec", "grpc"].into_iter().find(|k| probe.get(*k).is_some()) {
         warn(format!("readinessProbe.{kind} is not imported: sdgate probes with a TCP connect"));
+    }
+    for key in probe.as_mapping().into_iter().flat_map(|m| m.keys()).filter_map(Value::as_str) {
+        let why = match key {
+            "httpGet" | "tcpSocket" | "exec" | "grpc" | "periodSeconds" | "timeoutSeconds" | "failureThreshold" => {
+                continue
+            }
+            "initialDelaySeconds" => {
+                "sdgate probes a starting pod from its start (every readiness.period); it gets requests once it answers"
+            }
+            "successThreshold" => "one successful probe makes a pod ready",
+            _ => "sdgate has no such setting",
+        };
+        warn(format!("readinessProbe.{key} is not imported: {why}"));
+    }
+    if probe.get("periodSeconds").and_then(u64_of) == Some(0) {
+        warn("readinessProbe.periodSeconds 0 (Knative's aggressive probing) is not imported: sdgate probes a starting pod every readiness.period (25 ms) anyway; once ready, every readiness.ready_period".into());
     }
     let seconds = |key: &str| probe.get(key).and_then(u64_of).filter(|s| *s > 0);
     if let Some(period) = seconds("periodSeconds") {
