@@ -60,4 +60,10 @@ async fn a_hundred_clients_leaving_the_queue_are_one_summary_line() {
     assert!((1..=2).contains(&summaries), "{summaries} summary lines:\n{log}");
     assert_eq!(singles, 0, "no line per departed client:\n{log}");
     assert_eq!(workers[0].stats().served, 1, "none of them reached the pod");
+    // The one that was served has its line: how long in all, and from whom.
+    let served: Vec<&str> = log.lines().filter(|l| l.contains("status=200")).collect();
+    assert_eq!(served.len(), 1, "{log}");
+    for field in ["total_ms=", "queue_ms=", "upstream_ms=", "client=127.0.0.1", "service=sd"] {
+        assert!(served[0].contains(field), "{field} missing: {}", served[0]);
+    }
 }

@@ -58,14 +58,14 @@ pub fn origin(
         FairnessKey::Session => session.map(hash),
         FairnessKey::Address => None,
     }
-    .or_else(|| address(fairness, headers, peer).map(|ip| hash(&ip)));
+    .or_else(|| client_address(fairness, headers, peer).map(|ip| hash(&ip)));
     let client = client.map(|key| std::num::NonZeroU64::new(key).unwrap_or(std::num::NonZeroU64::MIN));
     Origin { client, priority, max_queued: u32::try_from(fairness.max_queued).unwrap_or(u32::MAX) }
 }
 
-/// The client's address: the peer's, or the last `X-Forwarded-For` hop when
-/// the peer is a trusted proxy.
-fn address(fairness: &Fairness, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
+/// The client's address (for fair share and the log): the peer's, or the
+/// last `X-Forwarded-For` hop when the peer is a trusted proxy.
+pub fn client_address(fairness: &Fairness, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
     let peer = peer?;
     if !fairness.trusted.iter().any(|block| block.contains(peer)) {
         return Some(peer);
@@ -99,10 +99,10 @@ mod tests {
         headers.insert("x-forwarded-for", "203.0.113.9, 198.51.100.7".parse().unwrap());
         let proxy: IpAddr = "10.0.0.5".parse().unwrap();
         let trusting = fairness(FairnessKey::Address, &["10.0.0.0/8"]);
-        assert_eq!(address(&trusting, &headers, Some(proxy)), Some("198.51.100.7".parse().unwrap()));
+        assert_eq!(client_address(&trusting, &headers, Some(proxy)), Some("198.51.100.7".parse().unwrap()));
         let wary = fairness(FairnessKey::Address, &[]);
-        assert_eq!(address(&wary, &headers, Some(proxy)), Some(proxy));
-        assert_eq!(address(&trusting, &HeaderMap::new(), Some(proxy)), Some(proxy));
+        assert_eq!(client_address(&wary, &headers, Some(proxy)), Some(proxy));
+        assert_eq!(client_address(&trusting, &HeaderMap::new(), Some(proxy)), Some(proxy));
     }
 
     #[test]

@@ -261,14 +261,18 @@ struct LogLine {
     method: http::Method,
     uri: http::Uri,
     host: String,
+    /// The client's address: the peer's, or the one a trusted proxy
+    /// forwarded (`fairness.trusted_proxies`).
+    client: Option<std::net::IpAddr>,
 }
 
 impl LogLine {
-    fn of<B>(request: &Request<B>) -> Self {
+    fn of<B>(request: &Request<B>, client: Option<std::net::IpAddr>) -> Self {
         Self {
             method: request.method().clone(),
             uri: request.uri().clone(),
             host: router::request_host(request).unwrap_or("").to_string(),
+            client,
         }
     }
 }
@@ -350,7 +354,7 @@ impl Proxy {
                 request.headers_mut().insert(X_REQUEST_ID, record.request_id.clone());
                 (record, Some(admitted))
             }
-            None => match self.record(&mut request) {
+            None => match self.record(&mut request, Some(peer.addr.ip())) {
                 Ok(record) => (record, None),
                 Err(response) => return *response,
             },
@@ -383,8 +387,12 @@ impl Proxy {
     /// The answer to a connection's first request whose body did not come
     /// within `body_read_timeout` while the lobby read it: 408, counted and
     /// logged (an unrouted one gets its routing error).
-    pub fn body_timed_out<B>(&self, request: &mut Request<B>) -> Response<ResponseBody> {
-        match self.record(request) {
+    pub fn body_timed_out<B>(
+        &self,
+        request: &mut Request<B>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Response<ResponseBody> {
+        match self.record(request, peer) {
             Ok(record) => {
                 let error = ProxyError::BodyTimeout(self.limits.body_read_timeout);
                 let response = error.into_response(Some(&record.service.config.name));
@@ -397,31 +405,37 @@ impl Proxy {
     /// Routes a request and starts its record (which counts it even if its
     /// client leaves before the answer: the record then says 499); an
     /// unrouted request's answer is the error.
-    fn record<B>(&self, request: &mut Request<B>) -> Result<Record, Box<Response<ResponseBody>>> {
+    fn record<B>(
+        &self,
+        request: &mut Request<B>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Record, Box<Response<ResponseBody>>> {
         let table = self.table();
         match table.pick(request) {
-            Ok(split) => Ok(self.start_record(split, request)),
+            Ok(split) => Ok(self.start_record(split, request, peer)),
             Err(error) => {
                 let request_id = request_id(request);
                 let mut response = table.unrouted(error);
                 response.headers_mut().insert(X_REQUEST_ID, request_id);
                 self.metrics.unrouted(response.status().as_u16());
                 if tracing::enabled!(tracing::Level::INFO) {
-                    let line = LogLine::of(request);
-                    tracing::info!(method = %line.method, host = %line.host, path = line.uri.path(), status = response.status().as_u16(), "unrouted");
+                    let line = LogLine::of(request, peer);
+                    let client = line.client.map(|ip| ip.to_string()).unwrap_or_default();
+                    tracing::info!(method = %line.method, host = %line.host, path = line.uri.path(), status = response.status().as_u16(), %client, "unrouted");
                 }
                 Err(Box::new(response))
             }
         }
     }
 
-    fn start_record<B>(&self, split: &Split, request: &mut Request<B>) -> Record {
+    fn start_record<B>(&self, split: &Split, request: &mut Request<B>, peer: Option<std::net::IpAddr>) -> Record {
         let start = Instant::now();
         split.requests.inc();
         split.recent.record(start);
         let service = &split.service;
         let request_id = request_id(request);
-        let line = tracing::enabled!(tracing::Level::INFO).then(|| LogLine::of(request));
+        let line = tracing::enabled!(tracing::Level::INFO)
+            .then(|| LogLine::of(request, fairness::client_address(&service.fairness, request.headers(), peer)));
         let priority = split.priority;
         Record { service: service.clone(), priority, start, line, request_id, trace: Trace::default(), done: false }
     }
@@ -438,7 +452,7 @@ impl Proxy {
         if admitted.bypass {
             return None;
         }
-        Some(EarlyWait { record: self.start_record(split, request), admitted })
+        Some(EarlyWait { record: self.start_record(split, request, peer), admitted })
     }
 
     /// What is decided of a request before it may queue: it is not refused
@@ -842,8 +856,10 @@ impl Record {
             path = line.uri.path(),
             status,
             service = %self.service.config.name,
+            total_ms = millis(Some(took)),
             queue_ms = millis(queue_wait),
             upstream_ms = millis(trace.upstream),
+            client = %line.client.map(|ip| ip.to_string()).unwrap_or_default(),
             endpoint = trace.endpoint.map(|a| a.to_string()).unwrap_or_default(),
             request_id = self.request_id.to_str().unwrap_or(""),
             "{}",

@@ -95,7 +95,7 @@ pub async fn first_request(
             // start a second `body_read_timeout`.
             Err(_) => {
                 let _ = router::normalize_host(&mut request);
-                let response = proxy.body_timed_out(&mut request);
+                let response = proxy.body_timed_out(&mut request, stream.peer_addr().ok().map(|a| a.ip()));
                 write_answer(stream, response).await;
                 return Outcome::Close("request body not complete within body_read_timeout");
             }

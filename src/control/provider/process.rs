@@ -393,13 +393,29 @@ enum WorkerLevel {
 fn worker_line(line: &str) -> (Option<WorkerLevel>, &str) {
     let rest = skip_separators(skip_timestamp(line));
     let (level, rest) = match take_level(rest) {
-        Some((level, after)) => (Some(level), skip_separators(after)),
+        Some((level, after)) => (Some(level), skip_target(skip_separators(after))),
         None => (None, rest),
     };
     if rest.is_empty() {
         (None, line)
     } else {
         (level, rest)
+    }
+}
+
+/// `text` after a leading Rust module path and colon (a tracing target,
+/// `sdgate::tools::sim: `): sdgate's own line already says whose it is.
+fn skip_target(text: &str) -> &str {
+    let Some((target, rest)) = text.split_once(": ") else { return text };
+    let is_path = target.contains("::")
+        && target.split("::").all(|part| {
+            part.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+    if is_path && !rest.is_empty() {
+        rest
+    } else {
+        text
     }
 }
 
@@ -517,13 +533,12 @@ mod tests {
             (
                 "2026-11-26T06:31:00.123456Z  INFO sdgate::tools::sim: sim worker listening addr=127.0.0.1:17860",
                 Some(WorkerLevel::Info),
-                "sdgate::tools::sim: sim worker listening addr=127.0.0.1:17860",
+                "sim worker listening addr=127.0.0.1:17860",
             ),
-            (
-                "2026-11-26T06:31:00.123Z  WARN sdgate::tools::sim: slow",
-                Some(WorkerLevel::Warn),
-                "sdgate::tools::sim: slow",
-            ),
+            ("2026-11-26T06:31:00.123Z  WARN sdgate::tools::sim: slow", Some(WorkerLevel::Warn), "slow"),
+            // A module path without a level is left alone; so is a colon in prose.
+            ("sdgate::tools::sim: no level", None, "sdgate::tools::sim: no level"),
+            ("2026-11-26 06:31:00,123 INFO Note: weights cached", Some(WorkerLevel::Info), "Note: weights cached"),
             // Python logging with asctime
             ("2026-11-26 06:31:00,123 - ERROR - model not found", Some(WorkerLevel::Error), "model not found"),
             ("2026-11-26 06:31:00,123 INFO Loading weights", Some(WorkerLevel::Info), "Loading weights"),
