@@ -55,6 +55,26 @@ fn check_says_ok_and_warns_about_keys_that_do_nothing() {
     assert!(sdgate::Config::from_yaml(&stdout).is_ok(), "the effective config loads: {stdout}");
 }
 
+/// The single-GPU-box example runs AUTOMATIC1111 itself, one per GPU, and
+/// `check` finds nothing to say against it.
+#[test]
+fn the_a1111_example_starts_one_webui_per_gpu() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/a1111-local.yaml");
+    let output = Command::new(sdgate_bin()).arg("check").arg("--config").arg(&path).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "ok: 1 service, 0 routes\n");
+    let config = sdgate::Config::load(&path).unwrap();
+    let service = &config.services[0];
+    assert_eq!(service.container_concurrency, 1);
+    assert!(!service.hosts.iter().any(|h| h == "*"), "routed by Host: {:?}", service.hosts);
+    assert_eq!(service.readiness.http.as_deref(), Some("/sdapi/v1/sd-models"));
+    let sdgate::config::Backend::Process(process) = &service.backend else { panic!("{:?}", service.backend) };
+    let command = process.command.join(" ");
+    assert!(command.contains("launch.py --api --nowebui --port {port}"), "{command}");
+    assert_eq!(process.env["CUDA_VISIBLE_DEVICES"], "{index}");
+    assert_eq!(process.host.to_string(), "127.0.0.1");
+}
+
 #[test]
 fn check_names_the_key_of_a_broken_config() {
     let broken = TempFile::new(
