@@ -107,20 +107,10 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
     labels
 }
 
-fn plain_get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
-    Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new())).expect("request")
-}
-
 fn txt2img_to(addr: SocketAddr, host: &str, prompt: &str, steps: u32) -> Request<Full<Bytes>> {
     let mut request = txt2img(addr, prompt, steps);
     request.headers_mut().insert("host", host.parse().expect("host header"));
     request
-}
-
-async fn status(admin: SocketAddr) -> serde_json::Value {
-    let answer = send(&client(), plain_get(admin, "/status")).await;
-    assert_eq!(answer.status.as_u16(), 200);
-    answer.json()
 }
 
 async fn history(admin: SocketAddr) -> serde_json::Value {
@@ -443,6 +433,14 @@ async fn the_admin_root_serves_a_self_contained_dashboard_that_polls_status() {
     for metric in ["queue_depth", "inflight", "ready_replicas", "desired_replicas", "success_rate", "latency_"] {
         assert!(page.contains(&format!("\"{metric}")), "the page shows {metric}");
     }
+    // The state it opens on is in the page: its first paint needs no fetch.
+    let start = page.find("const INITIAL = ").expect("the inlined state") + "const INITIAL = ".len();
+    let end = start + page[start..].find(";\n").unwrap();
+    let initial: serde_json::Value = serde_json::from_str(&page[start..end]).expect("the inlined state is JSON");
+    assert_eq!(initial["status"]["services"][0]["name"], "sd");
+    assert_eq!(initial["status"]["services"][0]["endpoints"][0]["address"], workers[0].addr.to_string());
+    assert!(initial["history"]["services"].is_array(), "{initial}");
+    assert!(!page.contains("/*INITIAL*/"));
     // The page's data source answers.
     assert_eq!(status(gateway.admin).await["services"][0]["name"], "sd");
     gateway.shutdown().await;

@@ -35,11 +35,14 @@
 //! assert_eq!(gate.next_grant().unwrap().0, "second");      // FIFO hand-over
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// Removed endpoints remembered for the status page.
+const MAX_RETIRED: usize = 16;
 
 /// Units of interactive work a batch request yields to, by default.
 pub const DEFAULT_BATCH_DELAY: u64 = 20;
@@ -124,6 +127,8 @@ pub struct Endpoint {
     pub inflight: u32,
     /// Requests granted over the endpoint's life.
     pub served: u64,
+    /// Exchanges that ended abnormally over its life.
+    pub failed: u64,
 }
 
 impl Endpoint {
@@ -241,6 +246,9 @@ pub struct Gate<W> {
     policy: Policy,
     max_depth: usize,
     endpoints: Vec<Endpoint>,
+    /// The latest endpoints removed (scaled away, gone), newest last, one
+    /// per address: what they did stays visible after a scale to zero.
+    retired: VecDeque<Endpoint>,
     queue: BTreeMap<Ticket, Waiting<W>>,
     next_ticket: u64,
     next_endpoint: u64,
@@ -257,6 +265,7 @@ impl<W> Gate<W> {
             policy: Policy::for_capacity(capacity),
             max_depth,
             endpoints: Vec::new(),
+            retired: VecDeque::new(),
             queue: BTreeMap::new(),
             next_ticket: 0,
             next_endpoint: 0,
@@ -434,6 +443,7 @@ impl<W> Gate<W> {
             failures: 0,
             inflight: 0,
             served: 0,
+            failed: 0,
         });
         id
     }
@@ -469,6 +479,7 @@ impl<W> Gate<W> {
     pub fn record_failure(&mut self, id: EndpointId) -> u32 {
         self.endpoint_mut(id).map_or(0, |endpoint| {
             endpoint.failures += 1;
+            endpoint.failed += 1;
             endpoint.failures
         })
     }
@@ -491,7 +502,19 @@ impl<W> Gate<W> {
     /// Forgets an endpoint. Its outstanding grants release as no-ops.
     pub fn remove_endpoint(&mut self, id: EndpointId) -> Option<Endpoint> {
         let index = self.endpoints.iter().position(|e| e.id == id)?;
-        Some(self.endpoints.remove(index))
+        let removed = self.endpoints.remove(index);
+        self.retired.retain(|e| e.addr != removed.addr);
+        if self.retired.len() == MAX_RETIRED {
+            self.retired.pop_front();
+        }
+        self.retired.push_back(removed.clone());
+        Some(removed)
+    }
+
+    /// The latest removed endpoints (at most 16, one per address), oldest
+    /// first, as they were when removed.
+    pub fn retired(&self) -> impl Iterator<Item = &Endpoint> {
+        self.retired.iter()
     }
 
     /// Any ready endpoint, for requests that skip the gate (`bypass`); the

@@ -1487,3 +1487,34 @@ fn the_fairness_table_forgets_clients_that_fell_behind() {
     }
     assert!(gate.fairness.finish.len() <= 2048, "{} clients remembered", gate.fairness.finish.len());
 }
+
+#[test]
+fn removed_endpoints_are_remembered_with_their_counts_one_per_address() {
+    let (mut gate, ids) = gate_with(1, 10, 2);
+    for _ in 0..3 {
+        let grant = admit(&mut gate);
+        gate.release_answered(grant.endpoint);
+    }
+    let grant = admit(&mut gate);
+    assert_eq!(gate.record_failure(grant.endpoint), 1);
+    gate.release(grant.endpoint);
+    let first = gate.endpoint(ids[0]).cloned().unwrap();
+    assert_eq!((first.served, first.failed), (4, 1), "FirstAvailable packs onto the first pod");
+    gate.remove_endpoint(ids[0]).unwrap();
+    let retired: Vec<_> = gate.retired().map(|e| (e.addr, e.served, e.failed)).collect();
+    assert_eq!(retired, [(addr(0), 4, 1)]);
+    // The same address back and gone again: one entry, the latest.
+    let again = gate.add_endpoint(addr(0));
+    gate.remove_endpoint(again).unwrap();
+    let retired: Vec<_> = gate.retired().map(|e| (e.addr, e.served)).collect();
+    assert_eq!(retired, [(addr(0), 0)]);
+    // Bounded: the oldest go first.
+    for n in 10..40 {
+        let id = gate.add_endpoint(addr(n));
+        gate.remove_endpoint(id).unwrap();
+    }
+    let retired: Vec<_> = gate.retired().map(|e| e.addr).collect();
+    assert_eq!(retired.len(), 16);
+    assert_eq!(retired[0], addr(24));
+    assert_eq!(retired[15], addr(39));
+}

@@ -507,6 +507,22 @@ impl Recent {
 mod tests {
     use super::*;
 
+    /// `process_cpu_seconds_total` is the process's CPU time to the
+    /// microsecond, not rounded down to whole seconds.
+    #[test]
+    fn process_cpu_seconds_are_not_whole_seconds() {
+        let start = cpu_seconds().expect("getrusage");
+        let mut spins = 0u64;
+        while cpu_seconds().expect("getrusage") - start < 0.02 {
+            spins = std::hint::black_box(spins.wrapping_add(1));
+        }
+        let scrape = String::from_utf8(Metrics::default().render()).expect("text");
+        let line = scrape.lines().find(|l| l.starts_with("process_cpu_seconds_total ")).expect("the metric");
+        let shown: f64 = line["process_cpu_seconds_total ".len()..].parse().expect("a number");
+        let now = cpu_seconds().expect("getrusage");
+        assert!(shown > start && shown <= now, "{shown} not within [{start}, {now}]");
+    }
+
     #[test]
     fn recent_percentiles_are_those_of_the_sorted_latencies() {
         let recent = Recent::default();

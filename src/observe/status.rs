@@ -91,7 +91,17 @@ pub struct ServiceStatus {
     pub ready_replicas: usize,
     pub last_scale: Option<LastScale>,
     pub endpoints: Vec<EndpointStatus>,
+    /// Endpoints removed lately (scaled away), as they were when removed;
+    /// one per address not in `endpoints` (at most 16).
+    pub gone_endpoints: Vec<GoneEndpoint>,
     pub recent: RecentSummary,
+}
+
+#[derive(Serialize)]
+pub struct GoneEndpoint {
+    pub address: String,
+    pub served: u64,
+    pub failed: u64,
 }
 
 #[derive(Serialize)]
@@ -115,6 +125,8 @@ pub struct EndpointStatus {
     pub inflight: u32,
     pub sessions: usize,
     pub served: u64,
+    /// Exchanges that ended abnormally (timeout, reset, failed) over its life.
+    pub failed: u64,
 }
 
 impl Status {
@@ -155,9 +167,16 @@ impl ServiceStatus {
                     inflight: e.inflight,
                     sessions: service.sessions.as_ref().map_or(0, |s| s.count_for(e.id, now)),
                     served: e.served,
+                    failed: e.failed,
                 })
                 .collect();
             (g.queue_depth(), g.oldest_wait(now).map(|d| d.as_secs_f64()), g.inflight(), g.ready_count(), endpoints)
+        });
+        let gone_endpoints = gate.inspect(|g| {
+            g.retired()
+                .filter(|gone| !g.endpoints().iter().any(|e| e.addr == gone.addr))
+                .map(|e| GoneEndpoint { address: e.addr.to_string(), served: e.served, failed: e.failed })
+                .collect()
         });
         Self {
             name: service.name.clone(),
@@ -176,6 +195,7 @@ impl ServiceStatus {
                 seconds_ago: event.at.elapsed().as_secs_f64(),
             }),
             endpoints,
+            gone_endpoints,
             recent: service.metrics.recent.summary(),
         }
     }

@@ -123,7 +123,7 @@ fn answer(
     started: Instant,
 ) -> Response<ResponseBody> {
     match request.uri().path() {
-        "/" => with_type(Response::new(body::full(DASHBOARD)), "text/html; charset=utf-8"),
+        "/" => with_type(Response::new(body::full(dashboard(proxy, history, started))), "text/html; charset=utf-8"),
         "/status" => {
             let status = serde_json::to_vec(&Status::of(proxy, started)).unwrap_or_default();
             with_type(Response::new(body::full(status)), "application/json")
@@ -141,6 +141,20 @@ fn answer(
         "/readyz" => text(StatusCode::OK, "ready\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// The dashboard page with the state it opens on inlined (/status,
+/// /status/history, the server's clock), so its first paint has data.
+fn dashboard(proxy: &Proxy, history: &History, started: Instant) -> String {
+    let served_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let initial = serde_json::json!({
+        "status": Status::of(proxy, started),
+        "history": history.report(Instant::now()),
+        "served_at": served_at,
+    });
+    // `</` would end the script element early.
+    let inlined = initial.to_string().replace("</", "<\\/");
+    DASHBOARD.replacen("/*INITIAL*/null", &inlined, 1)
 }
 
 fn text(status: StatusCode, message: &'static str) -> Response<ResponseBody> {

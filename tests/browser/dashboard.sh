@@ -15,6 +15,9 @@
 # split names a service that does not exist): the page must show the reload as
 # refused, with /status's error, and the route as it was.
 # Needs: chromium, jq, curl (tests/browser/deps.sh installs them).
+# The page as served is also opened from a file, where nothing can be fetched:
+# its first paint must show the same figures (sdgate inlines its state), and a
+# screenshot of it is taken (kept in $SHOT_DIR when that is set).
 # Usage: bash tests/browser/dashboard.sh    (SDGATE=path to use a built binary)
 set -euo pipefail
 # shellcheck source=tests/browser/lib.sh
@@ -87,7 +90,7 @@ stable='[.services[] | {queue_depth, inflight, ready_replicas, desired_replicas,
 
 # The text of the first element whose opening tag has these attributes, in order.
 dom() {
-  grep -o "$1[^>]*>[^<]*<" "$WORK/dom.html" | head -n1 | sed 's/.*>\([^<]*\)<$/\1/'
+  grep -o "$1[^>]*>[^<]*<" "${DOMFILE:-$WORK/dom.html}" | head -n1 | sed 's/.*>\([^<]*\)<$/\1/'
 }
 # The value of attribute $2 of the first element whose opening tag has $1.
 attr() {
@@ -158,6 +161,27 @@ for p in p50 p90 p95 p99; do
   compare "latency $p" "$(jq -r "$svc.recent.latency_seconds.$p | $seconds" "$J")" "$(dom "$S data-metric=\"latency_$p\"")"
 done
 grep -q '<polyline' "$WORK/dom.html" || { echo "  WRONG no chart line drawn"; failures=$((failures + 1)); }
+
+# The first paint has data: the page as served (sdgate inlines the state it
+# opens on), opened from a file, where no fetch of /status can succeed.
+echo "first paint, with nothing fetched (the page as served, opened from a file):"
+curl -sS --max-time 10 "http://$ADMIN/" >"$WORK/page.html" || die "cannot read the dashboard page"
+status_json >"$WORK/served.json"
+chromium_run --user-data-dir="$WORK/profile-file" --virtual-time-budget=500 --dump-dom "file://$WORK/page.html" \
+  >"$WORK/dom-file.html" || die "chromium failed on the saved page (see chromium.log)"
+chromium_run --user-data-dir="$WORK/profile-shot" --window-size=1280,1400 --screenshot="$WORK/first-paint.png" \
+  "file://$WORK/page.html" >/dev/null || die "chromium could not take the screenshot (see chromium.log)"
+DOMFILE="$WORK/dom-file.html"
+compare "first paint: answers in window" "$(jq -r "$svc.recent.requests" "$WORK/served.json")" "$(dom "$S data-metric=\"requests\"")"
+compare "first paint: served by all endpoints" "$REQUESTS" "$(dom "$S data-metric=\"served_total\"")"
+compare "first paint: ready replicas" "$(jq -r "$svc.ready_replicas" "$WORK/served.json")" "$(dom "$S data-metric=\"ready_replicas\"")"
+check "first paint: the window is named (answers/s (last 60 s) or less)" \
+  grep -qE 'data-label="requests_per_second">answers/s \(last [0-9]+ s\)<' "$WORK/dom-file.html"
+check "first paint: a chart line from the inlined history" grep -q '<polyline' "$WORK/dom-file.html"
+check "first paint: a screenshot of it ($(stat -c %s "$WORK/first-paint.png" 2>/dev/null || echo 0) bytes)" \
+  test "$(stat -c %s "$WORK/first-paint.png" 2>/dev/null || echo 0)" -gt 20000
+unset DOMFILE
+if [ -n "${SHOT_DIR:-}" ]; then cp "$WORK/first-paint.png" "$SHOT_DIR/dashboard-first-paint.png"; fi
 
 # History: the fresh page took every sample the server had when it loaded
 # (between the counts just before and just after), at least the few taken

@@ -213,6 +213,18 @@ pub fn txt2img(addr: SocketAddr, prompt: &str, steps: u32) -> Request<Full<Bytes
         .expect("request")
 }
 
+/// A GET without a Host header (the admin listener's pages).
+pub fn plain_get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new())).expect("request")
+}
+
+/// The admin listener's `/status`.
+pub async fn status(admin: SocketAddr) -> serde_json::Value {
+    let answer = send(&client(), plain_get(admin, "/status")).await;
+    assert_eq!(answer.status.as_u16(), 200);
+    answer.json()
+}
+
 pub fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
     Request::get(format!("http://{addr}{path}")).header("host", HOST).body(Full::new(Bytes::new())).expect("request")
 }
