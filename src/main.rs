@@ -145,7 +145,7 @@ async fn run(cli: Cli) -> Result<()> {
             sdgate::serve::raise_open_files_limit(config.services.iter().map(|s| s.queue.max_depth).sum());
             let gateway = Gateway::bind(config).await?;
             let watch = tokio::spawn(sdgate::serve::reload::watch(cli.config.clone(), hangup, gateway.reloader()));
-            let ran = gateway.run(shutdown).await;
+            let ran = gateway.run_until(shutdown).await;
             watch.abort();
             ran
         }

@@ -111,6 +111,36 @@ fn sim_help_lists_only_the_flags_a_sim_worker_reads() {
     assert!(before.status.success(), "{}", String::from_utf8_lossy(&before.stderr));
 }
 
+/// A rollout drops nothing: on SIGTERM `/readyz` says 503 at once while
+/// sdgate keeps accepting and serving for `shutdown_delay` (a load balancer
+/// still sends for a moment); a client that follows readiness sees no
+/// failure: every request it sent, before and after the signal, is 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigterm_readyz_fails_at_once_and_new_connections_are_served_for_shutdown_delay() {
+    let workers = sims(1, fast_sim(1)).await;
+    let yaml = format!("shutdown_delay: 3s\n{}", config_yaml(&[workers[0].addr], 1, ""));
+    let mut gateway = GatewayProcess::start(&yaml).await;
+    let ready = |admin| async move { send(&client(), plain_get(admin, "/readyz")).await.status.as_u16() };
+    let client = client();
+    eventually("ready", || async { ready(gateway.admin).await == 200 }).await;
+    assert_eq!(send(&client, txt2img(gateway.addr, "before", 1)).await.status.as_u16(), 200);
+    gateway.signal("TERM");
+    let signalled = tokio::time::Instant::now();
+    eventually("/readyz 503 after SIGTERM", || async { ready(gateway.admin).await == 503 }).await;
+    // What a load balancer that has not noticed yet sends: new connections
+    // (a fresh client each time), all answered.
+    let mut answered = 0;
+    while signalled.elapsed() < std::time::Duration::from_millis(1500) {
+        assert_eq!(send(&common::client(), txt2img(gateway.addr, "late", 1)).await.status.as_u16(), 200);
+        answered += 1;
+    }
+    assert!(answered > 0);
+    let status = tokio::time::timeout(std::time::Duration::from_secs(15), gateway.child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(signalled.elapsed() >= std::time::Duration::from_secs(3), "served on for shutdown_delay");
+    assert_eq!(workers[0].stats().served, 1 + answered);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_queued_and_inflight_requests_then_exits_0() {
     let workers = sims(2, fast_sim(20)).await;

@@ -168,11 +168,14 @@ fn container_port(container: &Container, port: &IntOrString) -> i32 {
     }
 }
 
-fn sdgate_config(objects: &Objects) -> sdgate::Config {
+fn config_text(objects: &Objects) -> String {
     let config_map =
         objects.config_maps.iter().find(|c| name_of(&c.metadata) == "sdgate-config").expect("sdgate-config");
-    let text = config_map.data.as_ref().and_then(|d| d.get("config.yaml")).expect("data: config.yaml");
-    sdgate::Config::from_yaml(text).unwrap_or_else(|e| panic!("the ConfigMap's config: {e:#}"))
+    config_map.data.as_ref().and_then(|d| d.get("config.yaml")).expect("data: config.yaml").clone()
+}
+
+fn sdgate_config(objects: &Objects) -> sdgate::Config {
+    sdgate::Config::from_yaml(&config_text(objects)).unwrap_or_else(|e| panic!("the ConfigMap's config: {e:#}"))
 }
 
 #[test]
@@ -184,7 +187,7 @@ fn every_listed_resource_is_a_known_kind_with_no_unknown_field() {
         assert!(objects.ids.iter().any(|(k, _, _)| k == kind), "no {kind}");
     }
     for (kind, namespace, name) in &objects.ids {
-        assert_eq!(namespace, "default", "{kind} {name}: the namespace the config and the Role name");
+        assert_eq!(namespace, "", "{kind} {name}: no namespace written (they go where they are applied)");
     }
 }
 
@@ -194,8 +197,21 @@ fn the_configmap_config_passes_check_and_names_the_sd_deployment() {
     let config = sdgate_config(&objects);
     assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
     assert_eq!(config.admin.map(|a| a.to_string()).as_deref(), Some("0.0.0.0:9090"));
-    let election = config.leader_election.as_ref().expect("leader_election: two replicas");
-    assert_eq!((election.lease.as_str(), election.namespace.as_str()), ("sdgate", "default"));
+    // No namespace written anywhere in the config: sdgate's own (POD_NAMESPACE).
+    let text = config_text(&objects);
+    assert!(!text.contains("namespace:"), "{text}");
+    let election = config.election().expect("leader election, on by default with a kubernetes backend");
+    assert_eq!(election.lease, "sdgate-stable-diffusion");
+    let sdgate = container(objects.deployment("sdgate"), "sdgate");
+    let env = sdgate.env.as_ref().expect("env");
+    let from_field = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.clone())
+    };
+    assert_eq!(from_field("POD_NAMESPACE").as_deref(), Some("metadata.namespace"));
     let service = &config.services[0];
     assert_eq!(service.name, "stable-diffusion");
     assert_eq!(service.hosts, ["stable-diffusion.default.example.com"]);
@@ -205,7 +221,7 @@ fn the_configmap_config_passes_check_and_names_the_sd_deployment() {
     assert!(service.readiness.tcp);
     assert_eq!((service.scale.min, service.scale.max), (0, 10));
     let sdgate::config::Backend::Kubernetes(k8s) = &service.backend else { panic!("{:?}", service.backend) };
-    assert_eq!(k8s.namespace, "default");
+    assert_eq!(k8s.namespace, sdgate::config::pod_namespace(), "the pod's");
     let sd = objects.deployment(&k8s.deployment);
     assert_eq!(sd.spec.as_ref().and_then(|s| s.replicas), Some(0), "the SD Deployment starts at zero");
     let sd_container = container(sd, "stable-diffusion");
@@ -335,7 +351,7 @@ fn the_servicemonitor_and_keda_examples_match_the_manifests() {
     let text = std::fs::read_to_string(deploy_dir().join("servicemonitor.yaml")).unwrap();
     let monitor = documents(&text, "servicemonitor.yaml").into_iter().find(|d| d["kind"] == "ServiceMonitor").unwrap();
     let match_labels = monitor["spec"]["selector"]["matchLabels"].as_object().expect("matchLabels");
-    let namespaces = monitor["spec"]["namespaceSelector"]["matchNames"].as_array().expect("matchNames");
+    assert!(monitor["spec"].get("namespaceSelector").is_none(), "its own namespace, sdgate's");
     let port = monitor["spec"]["endpoints"][0]["port"].as_str().expect("endpoint port");
     let selected: Vec<_> = objects
         .services
@@ -347,7 +363,6 @@ fn the_servicemonitor_and_keda_examples_match_the_manifests() {
         .collect();
     assert_eq!(selected.len(), 1, "the ServiceMonitor selects one Service");
     let admin = selected[0];
-    assert!(namespaces.iter().any(|n| n.as_str() == admin.metadata.namespace.as_deref()));
     let admin_port = admin.spec.as_ref().unwrap().ports.iter().flatten().find(|p| p.name.as_deref() == Some(port));
     let admin_port = admin_port.unwrap_or_else(|| panic!("Service {} has no port {port}", name_of(&admin.metadata)));
     let config = sdgate_config(&objects);
@@ -405,4 +420,40 @@ fn kubectl_kustomize_renders_the_same_objects() {
     };
     let rendered = load(&documents(&rendered, "kubectl kustomize"));
     assert_eq!(rendered.ids, load(&listed_resources()).ids);
+}
+
+/// An overlay with kustomize's `namespace:` puts every object there and
+/// leaves nothing in `default`: no object, no RoleBinding subject, and no
+/// namespace in sdgate's config (it takes its pod's).
+#[test]
+fn kubectl_kustomize_an_overlay_with_a_namespace_leaves_nothing_in_default() {
+    // Beside deploy/ (kustomize takes a base by a relative path).
+    let overlay = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(format!("overlay-{}", std::process::id()))
+        .join("sd-prod");
+    std::fs::create_dir_all(&overlay).unwrap();
+    let kustomization = "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: sd-prod\nresources:\n  - ../../../deploy\n";
+    std::fs::write(overlay.join("kustomization.yaml"), kustomization).unwrap();
+    let output = std::process::Command::new("kubectl").arg("kustomize").arg(&overlay).output();
+    let _ = std::fs::remove_dir_all(overlay.parent().unwrap());
+    let output = match output {
+        Ok(output) => output,
+        Err(_) => {
+            eprintln!("skipped: kubectl is not installed (tests/deploy/render.sh installs it)");
+            return;
+        }
+    };
+    assert!(output.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    let documents = documents(&text, "the overlay");
+    let objects = load(&documents);
+    assert_eq!(objects.ids.len(), load(&listed_resources()).ids.len());
+    for (kind, namespace, name) in &objects.ids {
+        assert_eq!(namespace, "sd-prod", "{kind} {name}");
+    }
+    let binding = documents.iter().find(|d| d["kind"] == "RoleBinding").expect("the RoleBinding");
+    assert_eq!(binding["subjects"][0]["namespace"], "sd-prod", "{binding}");
+    assert!(!text.contains("namespace: default"), "{text}");
+    assert!(!config_text(&objects).contains("namespace:"));
 }

@@ -16,8 +16,16 @@ use common::*;
 use kube_api::{ClusterOptions, FakeCluster};
 use sdgate::control::provider::kubernetes::{DELETION_COST, RBAC};
 
-/// A one-service config whose backend is the cluster's Deployment.
+/// A one-service config whose backend is the cluster's Deployment; one
+/// replica (`leader_election: off`) unless `extra` sets leader election.
 fn kube_yaml(cluster: &FakeCluster, scale: &str, extra: &str) -> String {
+    let extra =
+        if extra.contains("leader_election") { extra.to_string() } else { format!("leader_election: off\n{extra}") };
+    kube_yaml_as_written(cluster, scale, &extra)
+}
+
+/// [`kube_yaml`] with `extra` as it is (no `leader_election` unless it has one).
+fn kube_yaml_as_written(cluster: &FakeCluster, scale: &str, extra: &str) -> String {
     format!(
         "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ndrain_timeout: 5s\n{extra}services:\n  - name: sd\n    hosts: [\"{HOST}\"]\n    container_concurrency: 1\n    readiness: {{ tcp: true, period: 10ms }}\n    scale: {{ {scale} }}\n    backend: {{ kubernetes: {{ namespace: default, deployment: {}, port: http, kubeconfig: \"{}\" }} }}\n",
         cluster.deployment_name(),
@@ -170,7 +178,7 @@ async fn is_ready(admin: std::net::SocketAddr) -> bool {
 async fn two_replicas(cluster: &FakeCluster, scale: &str, lease: &str) -> (GatewayProcess, GatewayProcess) {
     let election = |name: &str| {
         format!(
-            "leader_election: {{ lease: sdgate, identity: {name}, {lease}, kubeconfig: \"{}\" }}\n",
+            "shutdown_delay: 1s\nleader_election: {{ lease: sdgate, identity: {name}, {lease}, kubeconfig: \"{}\" }}\n",
             cluster.kubeconfig_path().display()
         )
     };
@@ -186,6 +194,38 @@ async fn two_replicas(cluster: &FakeCluster, scale: &str, lease: &str) -> (Gatew
     } else {
         (b, a)
     }
+}
+
+/// Two replicas started from a config written for one (no
+/// `leader_election`): a kubernetes backend elects by default, on a Lease
+/// named after the Deployment, so only one of them ever dispatches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_of_a_config_without_leader_election_never_both_dispatch() {
+    let cluster = FakeCluster::start(ClusterOptions::default()).await;
+    let scale = "min: 1, max: 2, stable_window: 60s, panic_window: 6s, tick: 200ms";
+    let yaml = kube_yaml_as_written(&cluster, scale, "shutdown_delay: 0s\n");
+    let config = sdgate::Config::from_yaml(&yaml).unwrap();
+    let lease = config.election().expect("on by default with a kubernetes backend");
+    assert_eq!(lease.lease, format!("sdgate-{}", cluster.deployment_name()));
+    let a = GatewayProcess::start(&yaml).await;
+    let b = GatewayProcess::start(&yaml).await;
+    eventually("one replica active", || {
+        let (ra, rb) = (is_ready(a.admin), is_ready(b.admin));
+        async move { ra.await ^ rb.await }
+    })
+    .await;
+    let (active, standby) = if is_ready(a.admin).await { (&a, &b) } else { (&b, &a) };
+    let client = client();
+    let mut sent = Vec::new();
+    for i in 0..6 {
+        let (client, addr) = (client.clone(), active.addr);
+        sent.push(tokio::spawn(async move { send(&client, txt2img(addr, &i.to_string(), 2)).await.status.as_u16() }));
+    }
+    for task in sent {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    send(&client, txt2img(standby.addr, "to the standby", 1)).await.assert_json_error(503);
+    no_overlap_anywhere(&cluster);
 }
 
 /// Two sdgate processes, one Lease: only the holder serves; kill it and the
@@ -247,7 +287,7 @@ async fn without_an_api_server_waiting_requests_are_told_why() {
         ),
     );
     let yaml = format!(
-        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: sd\n    hosts: [\"{HOST}\"]\n    queue: {{ timeout: 1s }}\n    backend: {{ kubernetes: {{ deployment: sd, port: 7860, kubeconfig: \"{}\" }} }}\n",
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nleader_election: off\nservices:\n  - name: sd\n    hosts: [\"{HOST}\"]\n    queue: {{ timeout: 1s }}\n    backend: {{ kubernetes: {{ deployment: sd, port: 7860, kubeconfig: \"{}\" }} }}\n",
         kubeconfig.path.display()
     );
     let gateway = TestGateway::start(&yaml).await;

@@ -39,14 +39,69 @@ pub struct Config {
     /// runtime and pod connection pool; 0 = one per CPU.
     #[serde(default)]
     pub threads: usize,
-    /// Several replicas, one active (Kubernetes Lease); omit: always active.
+    /// Several replicas, one active (Kubernetes Lease). Omitted: on when a
+    /// service has a `kubernetes` backend (a Lease named after its
+    /// Deployment), so two replicas can never both dispatch to its pods;
+    /// `off` turns it off (one replica only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub leader_election: Option<LeaderElection>,
+    pub leader_election: Option<Election>,
+    /// On SIGTERM, how long sdgate keeps accepting and serving with
+    /// `/readyz` answering 503, so load balancers stop sending before it
+    /// stops listening; then it drains (`drain_timeout`). SIGINT (Ctrl-C)
+    /// drains at once.
+    #[serde(default = "default_shutdown_delay", with = "duration")]
+    pub shutdown_delay: Duration,
     pub services: Vec<ServiceConfig>,
     /// Weighted splits of hosts across services (revisions of a model); a
     /// service's own `hosts` are a route to it alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteConfig>,
+}
+
+/// `leader_election`: settings for a Lease, or `off`.
+#[derive(Clone, Debug)]
+pub enum Election {
+    Off,
+    On(LeaderElection),
+}
+
+impl Serialize for Election {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Election::Off => serializer.serialize_str("off"),
+            Election::On(settings) => settings.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Election {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let value = serde_yaml::Value::deserialize(deserializer)?;
+        match &value {
+            serde_yaml::Value::String(word) if word == "off" => Ok(Election::Off),
+            serde_yaml::Value::Bool(false) => Ok(Election::Off),
+            serde_yaml::Value::String(word) => {
+                Err(serde::de::Error::custom(format!("{word:?}: write `off`, or the Lease's settings")))
+            }
+            _ => serde_yaml::from_value(value).map(Election::On).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// The namespace sdgate runs in: `POD_NAMESPACE` (the downward API), else
+/// the service account's namespace file (in a pod), else `default`.
+pub fn pod_namespace() -> String {
+    const FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+    namespace_from(std::env::var("POD_NAMESPACE").ok(), std::fs::read_to_string(FILE).ok())
+}
+
+fn namespace_from(env: Option<String>, file: Option<String>) -> String {
+    [env, file]
+        .into_iter()
+        .flatten()
+        .map(|n| n.trim().to_string())
+        .find(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".to_string())
 }
 
 /// Service keys that do nothing with a `fixed` backend.
@@ -693,7 +748,10 @@ fn default_tick() -> Duration {
     Duration::from_secs(2)
 }
 fn default_namespace() -> String {
-    "default".to_string()
+    pod_namespace()
+}
+fn default_shutdown_delay() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_lease_name() -> String {
     "sdgate".to_string()
@@ -728,8 +786,11 @@ fn default_failure_threshold() -> u32 {
 impl Config {
     /// Parses and validates YAML text.
     pub fn from_yaml(text: &str) -> Result<Self> {
-        let config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
+        let mut config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
             .map_err(|e| anyhow::anyhow!("{}", key_error(&e)))?;
+        if config.leader_election.is_none() {
+            config.leader_election = config.default_election().map(Election::On);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -802,6 +863,31 @@ impl Config {
         warnings
     }
 
+    /// The Lease that elects the active replica, if any.
+    pub fn election(&self) -> Option<&LeaderElection> {
+        match &self.leader_election {
+            Some(Election::On(settings)) => Some(settings),
+            _ => None,
+        }
+    }
+
+    /// With `leader_election` not written: a Lease for the first service
+    /// with a `kubernetes` backend, named after its Deployment, in its
+    /// namespace; none without such a service.
+    fn default_election(&self) -> Option<LeaderElection> {
+        self.services.iter().find_map(|service| match &service.backend {
+            Backend::Kubernetes(k8s) => Some(LeaderElection {
+                lease: format!("sdgate-{}", k8s.deployment),
+                namespace: k8s.namespace.clone(),
+                identity: None,
+                lease_duration: default_lease_duration(),
+                renew_period: default_renew_period(),
+                kubeconfig: k8s.kubeconfig.clone(),
+            }),
+            _ => None,
+        })
+    }
+
     /// The one-line verdict of `sdgate check`.
     pub fn verdict(&self) -> String {
         let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
@@ -827,7 +913,7 @@ impl Config {
         if self.limits.send_timeout.is_zero() {
             bail!("limits.send_timeout: must be more than 0s");
         }
-        if let Some(election) = &self.leader_election {
+        if let Some(election) = self.election() {
             election.validate()?;
         }
         let mut names = HashSet::new();
@@ -1257,6 +1343,40 @@ mod duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_namespace_comes_from_the_pod_unless_the_config_names_one() {
+        assert_eq!(namespace_from(Some("sd-prod".into()), Some("other\n".into())), "sd-prod");
+        assert_eq!(namespace_from(None, Some("sd-prod\n".into())), "sd-prod");
+        assert_eq!(namespace_from(Some(" ".into()), None), "default");
+        assert_eq!(namespace_from(None, None), "default");
+    }
+
+    #[test]
+    fn leader_election_is_on_with_a_kubernetes_backend_unless_it_says_off() {
+        let k8s = "services:\n  - name: sd\n    hosts: [sd.test]\n    backend: { kubernetes: { namespace: sd-prod, deployment: stable-diffusion, port: 7860 } }\n";
+        let config = Config::from_yaml(k8s).unwrap();
+        let election = config.election().expect("on by default");
+        assert_eq!((election.lease.as_str(), election.namespace.as_str()), ("sdgate-stable-diffusion", "sd-prod"));
+        // The effective config says so, and reads back the same.
+        let again = Config::from_yaml(&config.to_yaml().unwrap()).unwrap();
+        assert_eq!(again.election().map(|e| e.lease.clone()), Some("sdgate-stable-diffusion".into()));
+        for off in ["off", "false"] {
+            let config = Config::from_yaml(&format!("leader_election: {off}\n{k8s}")).unwrap();
+            assert!(config.election().is_none(), "{off}");
+            assert!(config.to_yaml().unwrap().contains("leader_election: off"));
+            assert!(Config::from_yaml(&config.to_yaml().unwrap()).unwrap().election().is_none());
+        }
+        let error = Config::from_yaml(&format!("leader_election: no\n{k8s}")).unwrap_err();
+        assert!(format!("{error:#}").contains("leader_election"), "{error:#}");
+        let error = Config::from_yaml(&format!("leader_election: {{ leese: x }}\n{k8s}")).unwrap_err();
+        assert!(format!("{error:#}").contains("leese"), "{error:#}");
+        let explicit = Config::from_yaml(&format!("leader_election: {{ lease: mine }}\n{k8s}")).unwrap();
+        assert_eq!(explicit.election().map(|e| e.lease.as_str()), Some("mine"));
+        // No kubernetes backend: one replica, nothing to elect.
+        let fixed = "services:\n  - name: sd\n    hosts: [sd.test]\n    backend: { fixed: [\"127.0.0.1:7860\"] }\n";
+        assert!(Config::from_yaml(fixed).unwrap().election().is_none());
+    }
 
     #[test]
     fn ip_blocks_hold_what_they_should() {

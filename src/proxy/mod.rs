@@ -291,7 +291,7 @@ impl Proxy {
     pub fn new(config: &Config, metrics: Metrics) -> anyhow::Result<Self> {
         let (table, _) = Table::build(config, &metrics, None)?;
         let forwarder = Forwarder::default();
-        let active = std::sync::atomic::AtomicBool::new(config.leader_election.is_none());
+        let active = std::sync::atomic::AtomicBool::new(config.election().is_none());
         let table = std::sync::RwLock::new(Arc::new(table));
         let last_reload = std::sync::Mutex::new(None);
         Ok(Self { table, forwarder, limits: config.limits.clone(), metrics, active, last_reload })

@@ -154,7 +154,7 @@ impl Gateway {
             Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("admin: cannot bind {addr}"))?),
             None => None,
         };
-        let control = match config.leader_election {
+        let control = match config.election() {
             None => Some(Control::start(&proxy)?),
             Some(_) => None,
         };
@@ -187,6 +187,18 @@ impl Gateway {
     /// Serves until `shutdown` completes, then stops accepting and lets queued
     /// and in-flight requests finish, at most `drain_timeout`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        self.run_until(async {
+            shutdown.await;
+            Stop::Now
+        })
+        .await
+    }
+
+    /// [`Gateway::run`] until `stop` says how to stop: at once, or (SIGTERM)
+    /// after `shutdown_delay` of serving as before while `/readyz` answers
+    /// 503, so that load balancers stop sending first.
+    pub async fn run_until(self, stop: impl Future<Output = Stop>) -> Result<()> {
+        let shutdown = stop;
         let Gateway { mut config, proxy, listener, admin, mut control, reloads: (reload_tx, mut reload_rx) } = self;
         drop(reload_tx);
         tracing::info!(
@@ -212,11 +224,13 @@ impl Gateway {
         let (drain, drain_rx) = watch::channel(false);
         tokio::pin!(shutdown);
         let (active_tx, mut active) = watch::channel(control.is_some());
-        let mut election =
-            config.leader_election.clone().map(|election| tokio::spawn(leader::run(election, active_tx)));
+        let mut election = config.election().cloned().map(|election| tokio::spawn(leader::run(election, active_tx)));
         let mut lost: Option<anyhow::Error> = None;
+        // Set by a delayed stop: when to stop accepting.
+        let mut stop_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
+                _ = async { match stop_at { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => break,
                 changed = active.changed(), if control.is_none() => {
                     if changed.is_ok() && *active.borrow_and_update() {
                         control = Some(Control::start(&proxy)?);
@@ -272,7 +286,16 @@ impl Gateway {
                     }
                     let _ = request.done.send(result);
                 }
-                _ = &mut shutdown => break,
+                stop = &mut shutdown, if stop_at.is_none() => {
+                    if stop == Stop::Now || config.shutdown_delay.is_zero() {
+                        break;
+                    }
+                    // Not ready any more, still serving: clients that follow
+                    // readiness move away before the listener closes.
+                    draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(delay = ?config.shutdown_delay, "shutting down: /readyz says 503, serving on for shutdown_delay");
+                    stop_at = Some(tokio::time::Instant::now() + config.shutdown_delay);
+                }
             }
         }
         drop(listener);
@@ -298,7 +321,7 @@ impl Gateway {
         if let Some(control) = control {
             control.stop().await;
         }
-        if let (Some(election), true) = (&config.leader_election, was_active) {
+        if let (Some(election), true) = (config.election(), was_active) {
             leader::release(election).await;
         }
         Ok(())
@@ -919,14 +942,26 @@ pub(crate) fn out_of_descriptors(error: &std::io::Error) -> bool {
 /// the process with requests in flight) and completes when one comes. Call
 /// it before anything starts: a signal that arrives before the handlers are
 /// installed kills the process.
-pub fn shutdown_signal() -> Result<impl Future<Output = ()>> {
+/// How the gateway is told to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Drain now (SIGINT: someone at a terminal).
+    Now,
+    /// Serve on for `shutdown_delay` with `/readyz` 503, then drain
+    /// (SIGTERM: an orchestrator, whose load balancers still send for a
+    /// moment).
+    AfterDelay,
+}
+
+/// SIGTERM ([`Stop::AfterDelay`]) or SIGINT ([`Stop::Now`]).
+pub fn shutdown_signal() -> Result<impl Future<Output = Stop>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     Ok(async move {
         tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
+            _ = terminate.recv() => Stop::AfterDelay,
+            _ = interrupt.recv() => Stop::Now,
         }
     })
 }

@@ -565,7 +565,7 @@ mod tests {
         let config = &imported.config;
         assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.admin.map(|a| a.to_string()).as_deref(), Some("0.0.0.0:9090"));
-        let election = config.leader_election.as_ref().unwrap();
+        let election = config.election().unwrap();
         assert_eq!((election.lease.as_str(), election.namespace.as_str()), ("sdgate", "gpu"));
         let service = &config.services[0];
         assert_eq!(service.name, "sd");
