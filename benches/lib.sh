@@ -22,7 +22,7 @@ bench_cleanup() {
     trap - EXIT INT TERM
     local pid
     for pid in "${!PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
+        kill -INT "$pid" 2>/dev/null || true
     done
     for pid in "${!PIDS[@]}"; do
         local i
@@ -61,10 +61,12 @@ start() {
     PIDS[$LAST_PID]=$label
 }
 
-# stop PID: TERM, wait up to 5 s, then KILL.
+# stop PID: INT, wait up to 5 s, then KILL.
+# SIGINT: sdgate drains at once (SIGTERM would first serve on for
+# shutdown_delay); sims and HAProxy stop on it as on SIGTERM.
 stop() {
     local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || true
+    kill -INT "$pid" 2>/dev/null || true
     for i in $(seq 1 50); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1

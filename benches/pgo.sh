@@ -83,7 +83,7 @@ timeout --kill-after=5 120 hey -n 144 -c 12 -t 60 -m POST -T application/json -d
     die "hey failed: $(tail -n 5 "$TMP/hey.txt")"
 grep -q '\[200\].*144 responses' "$TMP/hey.txt" || die "not 144 x 200 in training: $(cat "$TMP/hey.txt")"
 log "trained: $(awk '/requests in/ { print $1 }' "$TMP/wrk.txt") tiny requests, 144 queued generations"
-# SIGTERM: sdgate drains and exits, and the profile is written at exit.
+# SIGINT (stop): sdgate drains and exits, and the profile is written at exit.
 stop "$GATE_PID"
 compgen -G "$TMP/profiles/sdgate-*.profraw" >/dev/null || die "sdgate wrote no profile"
 "$PROFDATA" merge -o "$TMP/sdgate.profdata" "$TMP"/profiles/sdgate-*.profraw || die "llvm-profdata merge failed"
