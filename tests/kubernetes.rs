@@ -168,9 +168,34 @@ async fn a_watch_expired_with_410_relists_without_duplicate_or_lost_endpoints() 
     assert_eq!(send(&client(), txt2img(gateway.addr, "after 410", 1)).await.status.as_u16(), 200);
 }
 
-/// Whether a gateway's `/readyz` answers 200 (the lease holder).
+/// Whether a gateway's `/readyz` answers 200 (the lease holder, or a
+/// standby that knows where to hand requests).
 async fn is_ready(admin: std::net::SocketAddr) -> bool {
     send(&client(), get(admin, "/readyz")).await.status.as_u16() == 200
+}
+
+/// The status of an answer, 0 when there is none (refused, reset).
+async fn status_of(request: http::Request<http_body_util::Full<bytes::Bytes>>) -> u16 {
+    match tokio::time::timeout(Duration::from_secs(30), client().request(request)).await {
+        Ok(Ok(response)) => {
+            let status = response.status().as_u16();
+            match http_body_util::BodyExt::collect(response.into_body()).await {
+                Ok(_) => status,
+                Err(_) => 0,
+            }
+        }
+        _ => 0,
+    }
+}
+
+/// Whether a gateway holds the lease (`/status` `active`).
+async fn is_active(admin: std::net::SocketAddr) -> bool {
+    status(admin).await["active"] == true
+}
+
+/// The requests a standby handed to the active replica.
+async fn handed_over(admin: std::net::SocketAddr) -> f64 {
+    metric(admin, "sdgate_handed_over_total{result=\"sent\"}").await.unwrap_or(0.0)
 }
 
 /// Two sdgate processes on one Lease; returns (holder, standby) once exactly
@@ -185,15 +210,13 @@ async fn two_replicas(cluster: &FakeCluster, scale: &str, lease: &str) -> (Gatew
     let a = GatewayProcess::start(&kube_yaml(cluster, scale, &election("a"))).await;
     let b = GatewayProcess::start(&kube_yaml(cluster, scale, &election("b"))).await;
     eventually("one replica active", || {
-        let (ra, rb) = (is_ready(a.admin), is_ready(b.admin));
+        let (ra, rb) = (is_active(a.admin), is_active(b.admin));
         async move { ra.await ^ rb.await }
     })
     .await;
-    if is_ready(a.admin).await {
-        (a, b)
-    } else {
-        (b, a)
-    }
+    let (holder, standby) = if is_active(a.admin).await { (a, b) } else { (b, a) };
+    eventually("the standby ready to hand requests over", || is_ready(standby.admin)).await;
+    (holder, standby)
 }
 
 /// Two replicas started from a config written for one (no
@@ -210,11 +233,12 @@ async fn two_replicas_of_a_config_without_leader_election_never_both_dispatch() 
     let a = GatewayProcess::start(&yaml).await;
     let b = GatewayProcess::start(&yaml).await;
     eventually("one replica active", || {
-        let (ra, rb) = (is_ready(a.admin), is_ready(b.admin));
+        let (ra, rb) = (is_active(a.admin), is_active(b.admin));
         async move { ra.await ^ rb.await }
     })
     .await;
-    let (active, standby) = if is_ready(a.admin).await { (&a, &b) } else { (&b, &a) };
+    let (active, standby) = if is_active(a.admin).await { (&a, &b) } else { (&b, &a) };
+    eventually("the standby ready to hand requests over", || is_ready(standby.admin)).await;
     let client = client();
     let mut sent = Vec::new();
     for i in 0..6 {
@@ -224,7 +248,9 @@ async fn two_replicas_of_a_config_without_leader_election_never_both_dispatch() 
     for task in sent {
         assert_eq!(task.await.unwrap(), 200);
     }
-    send(&client, txt2img(standby.addr, "to the standby", 1)).await.assert_json_error(503);
+    // The standby hands its requests to the active replica: one queue.
+    assert_eq!(send(&client, txt2img(standby.addr, "to the standby", 1)).await.status.as_u16(), 200);
+    assert_eq!(handed_over(standby.admin).await, 1.0);
     no_overlap_anywhere(&cluster);
 }
 
@@ -237,14 +263,14 @@ async fn two_replicas_one_lease_the_standby_takes_over_when_the_holder_is_killed
     let (mut leader, standby) = two_replicas(&cluster, scale, "lease_duration: 2s, renew_period: 500ms").await;
     let client = client();
     assert_eq!(send(&client, txt2img(leader.addr, "to the leader", 2)).await.status.as_u16(), 200);
-    send(&client, txt2img(standby.addr, "to the standby", 2)).await.assert_json_error(503);
+    assert_eq!(send(&client, txt2img(standby.addr, "via the standby", 2)).await.status.as_u16(), 200);
     let holder = cluster.lease("sdgate").and_then(|l| l.spec).and_then(|s| s.holder_identity);
     assert!(holder.is_some(), "the lease is held");
 
     leader.child.start_kill().unwrap();
     let killed = Instant::now();
     let _ = leader.child.wait().await;
-    eventually_within(Duration::from_secs(15), "the standby active", || is_ready(standby.admin)).await;
+    eventually_within(Duration::from_secs(15), "the standby active", || is_active(standby.admin)).await;
     let takeover = killed.elapsed();
     println!("takeover after SIGKILL: {takeover:?}");
     // lease_duration + 2 x renew_period, plus the probe of the pods.
@@ -268,11 +294,76 @@ async fn a_holder_stopped_gracefully_releases_the_lease_at_once() {
     let stopped = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(15), leader.child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "a graceful exit");
-    eventually_within(Duration::from_secs(15), "the standby active", || is_ready(standby.admin)).await;
+    eventually_within(Duration::from_secs(15), "the standby active", || is_active(standby.admin)).await;
     let takeover = stopped.elapsed();
     println!("takeover after SIGTERM: {takeover:?}");
     assert!(takeover < Duration::from_secs(5), "released, not expired: {takeover:?} (lease_duration 10 s)");
     assert_eq!(send(&client, txt2img(standby.addr, "after", 2)).await.status.as_u16(), 200);
+    no_overlap_anywhere(&cluster);
+}
+
+/// A rollout drops nothing: clients that follow readiness (as a Service
+/// does) keep sending across a SIGTERM of the active replica; the standby
+/// hands their requests over, then takes the Lease, and every answer is 200
+/// with no pod ever running two generations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_follow_readiness_see_no_failure_across_a_sigterm_of_the_active_replica() {
+    let cluster = FakeCluster::start(ClusterOptions::default()).await;
+    let scale = "min: 2, max: 2, stable_window: 60s, panic_window: 6s, tick: 200ms";
+    let (leader, standby) = two_replicas(&cluster, scale, "lease_duration: 10s, renew_period: 500ms").await;
+    let replicas = [(leader.addr, leader.admin), (standby.addr, standby.admin)];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Four clients, each sending to a replica that says it is ready, in turn.
+    let mut clients = Vec::new();
+    for c in 0..4usize {
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let mut codes = Vec::new();
+            let mut turn = c;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                turn += 1;
+                // The first replica, in turn, whose /readyz says 200 (one that
+                // is gone is not ready); none: a failure for this client.
+                let mut chosen = None;
+                for k in 0..2 {
+                    let (addr, admin) = replicas[(turn + k) % 2];
+                    if status_of(get(admin, "/readyz")).await == 200 {
+                        chosen = Some(addr);
+                        break;
+                    }
+                }
+                codes.push(match chosen {
+                    Some(addr) => status_of(txt2img(addr, &format!("{c}"), 2)).await,
+                    None => 0,
+                });
+            }
+            codes
+        }));
+    }
+    eventually("requests through both replicas", || {
+        let admin = standby.admin;
+        async move { handed_over(admin).await >= 4.0 }
+    })
+    .await;
+    leader.signal("TERM");
+    let mut leader = leader;
+    let status = tokio::time::timeout(Duration::from_secs(20), leader.child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "a graceful exit");
+    eventually_within(Duration::from_secs(15), "the standby active", || is_active(standby.admin)).await;
+    // A few more rounds on the new holder alone.
+    let now_active = standby.admin;
+    eventually("requests served by the new holder", || async move {
+        metric(now_active, "sdgate_requests_total{code=\"200\",service=\"sd\"}").await.unwrap_or(0.0) >= 4.0
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut codes = Vec::new();
+    for task in clients {
+        codes.extend(task.await.unwrap());
+    }
+    let failed: Vec<_> = codes.iter().filter(|c| **c != 200).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), codes.len());
+    assert!(codes.len() >= 12, "{} requests", codes.len());
     no_overlap_anywhere(&cluster);
 }
 

@@ -27,9 +27,37 @@ use tokio::time::Instant;
 
 use crate::config::LeaderElection;
 
+/// The Lease annotation where the holder says where it serves clients.
+pub const ADDRESS_ANNOTATION: &str = "sdgate.io/address";
+/// The Lease annotation with the holder's relay token: a standby sends it
+/// with each request it hands over, so the holder believes the client
+/// address the standby names (and nobody else can make it believe one).
+pub const TOKEN_ANNOTATION: &str = "sdgate.io/relay-token";
+
+/// Where the active replica takes requests a standby hands over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub addr: std::net::SocketAddr,
+    pub token: String,
+}
+
+/// This replica as it advertises itself when it holds the Lease.
+#[derive(Clone, Debug)]
+pub struct Advertised {
+    /// Where other replicas reach its listener (none: it cannot be relayed to).
+    pub addr: Option<std::net::SocketAddr>,
+    pub token: String,
+}
+
 /// Follows the lease until it is lost; `active` says whether this replica
-/// holds it.
-pub async fn run(config: LeaderElection, active: watch::Sender<bool>) -> Result<()> {
+/// holds it, `holder` where the replica that holds it takes requests (none
+/// while this one holds it, or while no holder says).
+pub async fn run(
+    config: LeaderElection,
+    active: watch::Sender<bool>,
+    me: Advertised,
+    holder: watch::Sender<Option<Holder>>,
+) -> Result<()> {
     let identity = config.identity();
     let api = loop {
         match crate::control::provider::kubernetes::client(config.kubeconfig.as_deref()).await {
@@ -41,7 +69,7 @@ pub async fn run(config: LeaderElection, active: watch::Sender<bool>) -> Result<
         }
     };
     tracing::info!(lease = %config.lease, %identity, "leader election: standing by");
-    let mut elector = Elector { api, config, identity, observed: None, renewed: None };
+    let mut elector = Elector { api, config, identity, observed: None, renewed: None, me, holder: None };
     let mut tick = tokio::time::interval(elector.config.renew_period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Each call to the API may take half a renew period; the holder gives up
@@ -58,6 +86,12 @@ pub async fn run(config: LeaderElection, active: watch::Sender<bool>) -> Result<
             Ok(held) => held,
             Err(_) => Err(anyhow::anyhow!("the API did not answer within {call_timeout:?}")),
         };
+        holder.send_if_modified(|known| {
+            let now_known = if matches!(held, Ok(true)) { None } else { elector.holder.clone() };
+            let changed = *known != now_known;
+            *known = now_known;
+            changed
+        });
         match held {
             Ok(true) => {
                 elector.renewed = Some(now);
@@ -93,6 +127,11 @@ pub async fn release(config: &LeaderElection) {
             return Ok(false);
         };
         spec.holder_identity = None;
+        // Standbys stop handing requests to this replica's address.
+        if let Some(annotations) = lease.metadata.annotations.as_mut() {
+            annotations.remove(ADDRESS_ANNOTATION);
+            annotations.remove(TOKEN_ANNOTATION);
+        }
         api.replace(&config.lease, &PostParams::default(), &lease).await?;
         anyhow::Ok(true)
     };
@@ -112,6 +151,10 @@ struct Elector {
     observed: Option<(String, Instant)>,
     /// When this replica last renewed.
     renewed: Option<Instant>,
+    /// What this replica writes into the Lease when it holds it.
+    me: Advertised,
+    /// What the other holder wrote there, as last read.
+    holder: Option<Holder>,
 }
 
 impl Elector {
@@ -123,6 +166,11 @@ impl Elector {
         };
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
+        let annotations = lease.metadata.annotations.clone().unwrap_or_default();
+        self.holder = match (holder, annotations.get(ADDRESS_ANNOTATION), annotations.get(TOKEN_ANNOTATION)) {
+            (Some(_), Some(addr), Some(token)) => addr.parse().ok().map(|addr| Holder { addr, token: token.clone() }),
+            _ => None,
+        };
         let transitions = spec.lease_transitions.unwrap_or(0);
         if holder == Some(self.identity.as_str()) {
             // Ours: a conflict here is another writer touching the object
@@ -160,14 +208,26 @@ impl Elector {
             Some(lease) if renewing => lease.spec.as_ref().and_then(|s| s.acquire_time.clone()),
             _ => None,
         };
+        // Other writers' labels and annotations stay; the version read
+        // makes the write conditional.
+        let mut metadata = current.as_ref().map(|l| l.metadata.clone()).unwrap_or_else(|| ObjectMeta {
+            name: Some(self.config.lease.clone()),
+            namespace: Some(self.config.namespace.clone()),
+            ..ObjectMeta::default()
+        });
+        let annotations = metadata.annotations.get_or_insert_with(Default::default);
+        match self.me.addr {
+            Some(addr) => {
+                annotations.insert(ADDRESS_ANNOTATION.into(), addr.to_string());
+                annotations.insert(TOKEN_ANNOTATION.into(), self.me.token.clone());
+            }
+            None => {
+                annotations.remove(ADDRESS_ANNOTATION);
+                annotations.remove(TOKEN_ANNOTATION);
+            }
+        }
         let lease = Lease {
-            // Other writers' labels and annotations stay; the version read
-            // makes the write conditional.
-            metadata: current.as_ref().map(|l| l.metadata.clone()).unwrap_or_else(|| ObjectMeta {
-                name: Some(self.config.lease.clone()),
-                namespace: Some(self.config.namespace.clone()),
-                ..ObjectMeta::default()
-            }),
+            metadata,
             spec: Some(LeaseSpec {
                 holder_identity: Some(self.identity.clone()),
                 lease_duration_seconds: Some(self.config.lease_duration.as_secs().max(1) as i32),

@@ -37,6 +37,7 @@ pub struct Metrics {
     affinity: IntCounterVec,
     route_requests: IntCounterVec,
     reloads: IntCounterVec,
+    handed_over: IntCounterVec,
 }
 
 /// The metrics of one service, and what its status page shows of its
@@ -144,10 +145,21 @@ impl Metrics {
                 &["result"],
             )
             .expect("static metric definition"),
+            handed_over: IntCounterVec::new(
+                Opts::new(
+                    "sdgate_handed_over_total",
+                    "Requests this replica, a standby, handed to the active replica, by result (sent, failed)",
+                ),
+                &["result"],
+            )
+            .expect("static metric definition"),
             registry,
         };
         for result in ["ok", "error"] {
             metrics.reloads.with_label_values(&[result]);
+        }
+        for result in ["sent", "failed"] {
+            metrics.handed_over.with_label_values(&[result]);
         }
         for collector in metrics.collectors() {
             // Names are distinct constants; registering them cannot clash.
@@ -175,6 +187,7 @@ impl Metrics {
             Box::new(self.affinity.clone()),
             Box::new(self.route_requests.clone()),
             Box::new(self.reloads.clone()),
+            Box::new(self.handed_over.clone()),
         ]
     }
 
@@ -214,6 +227,11 @@ impl Metrics {
             recent: Arc::default(),
             last_scale: Arc::default(),
         }
+    }
+
+    /// Counts a request a standby handed to the active replica.
+    pub fn handed_over(&self, result: &str) {
+        self.handed_over.with_label_values(&[result]).inc();
     }
 
     /// Counts a request answered before any service was chosen (404, 400).

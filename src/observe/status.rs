@@ -25,6 +25,9 @@ pub trait Observed: Send + Sync {
     fn routes(&self) -> Vec<RouteStatus>;
     /// The latest config reload, if any.
     fn last_reload(&self) -> Option<Reloaded>;
+    /// Whether this replica dispatches to pods (holds the Lease, or runs
+    /// alone); a standby hands its requests to the one that does.
+    fn active(&self) -> bool;
 }
 
 /// One service as the status page reads it.
@@ -51,6 +54,8 @@ pub struct Reloaded {
 #[derive(Serialize)]
 pub struct Status {
     pub uptime_seconds: f64,
+    /// This replica dispatches to pods (false: a standby).
+    pub active: bool,
     pub services: Vec<ServiceStatus>,
     /// The config's `routes` (a service's own hosts are not listed here).
     pub routes: Vec<RouteStatus>,
@@ -133,6 +138,7 @@ impl Status {
     pub fn of(observed: &dyn Observed, started: Instant) -> Self {
         Self {
             uptime_seconds: started.elapsed().as_secs_f64(),
+            active: observed.active(),
             services: observed.services().iter().map(ServiceStatus::of).collect(),
             routes: observed.routes(),
             last_reload: observed.last_reload(),

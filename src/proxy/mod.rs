@@ -3,6 +3,7 @@
 pub mod affinity;
 pub(crate) mod fairness;
 pub(crate) mod owners;
+pub mod relay;
 pub mod router;
 pub(crate) mod routes;
 
@@ -97,6 +98,8 @@ pub struct Proxy {
     active: std::sync::atomic::AtomicBool,
     /// The latest reload: when, and its error if it was refused.
     last_reload: std::sync::Mutex<Option<Reloaded>>,
+    /// Hand-overs between replicas (a standby's target; this one's token).
+    relay: relay::Relay,
 }
 
 /// What requests are routed by: the routes (a config's `routes`, then each
@@ -294,7 +297,8 @@ impl Proxy {
         let active = std::sync::atomic::AtomicBool::new(config.election().is_none());
         let table = std::sync::RwLock::new(Arc::new(table));
         let last_reload = std::sync::Mutex::new(None);
-        Ok(Self { table, forwarder, limits: config.limits.clone(), metrics, active, last_reload })
+        let relay = relay::Relay::default();
+        Ok(Self { table, forwarder, limits: config.limits.clone(), metrics, active, last_reload, relay })
     }
 
     /// Counts a reload (`sdgate_config_reloads_total`) and keeps it for /status.
@@ -340,6 +344,92 @@ impl Proxy {
         self.active.store(active, std::sync::atomic::Ordering::Release);
     }
 
+    /// Hand-overs: this replica's token, and a standby's target.
+    pub fn relay(&self) -> &relay::Relay {
+        &self.relay
+    }
+
+    /// Whether this replica takes requests: it is active, or a standby that
+    /// knows the active replica to hand them to.
+    pub fn is_ready(&self) -> bool {
+        self.is_active() || self.relay.target().is_some()
+    }
+
+    /// A standby's part of a request: hands it to the active replica and
+    /// answers what that one answered. Waits (at most `handover_wait`) while
+    /// no active replica can be reached, as during a hand-over of the Lease;
+    /// gives the request back if this replica becomes active meanwhile.
+    async fn hand_over(
+        &self,
+        request: Request<Incoming>,
+        peer: &Peer,
+    ) -> Result<Response<ResponseBody>, Request<Incoming>> {
+        // Handed over once already (two standbys), or an upgrade (not relayed).
+        if request.headers().contains_key(&relay::RELAY_TOKEN) || forward::upgrade_protocol(request.headers()).is_some()
+        {
+            return Ok(ProxyError::Standby.into_response(None));
+        }
+        let deadline = Instant::now() + HANDOVER_WAIT;
+        let (target, stream) = loop {
+            if self.is_active() {
+                return Err(request);
+            }
+            if let Some(target) = self.relay.target() {
+                match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(target.addr)).await {
+                    Ok(Ok(stream)) => break (target, stream),
+                    Ok(Err(_)) | Err(_) => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                self.metrics.handed_over("failed");
+                return Ok(ProxyError::Standby.into_response(None));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let _ = stream.set_nodelay(true);
+        let client = {
+            let table = self.table();
+            let split = table.pick(&request).ok();
+            split.and_then(|split| {
+                fairness::client_address(&split.service.fairness, request.headers(), Some(peer.addr.ip()))
+            })
+        };
+        let (mut parts, body) = request.into_parts();
+        parts.headers.insert(relay::RELAY_TOKEN, target.token.clone());
+        let client = client.unwrap_or(peer.addr.ip()).to_string();
+        if let Ok(client) = http::HeaderValue::from_str(&client) {
+            parts.headers.insert(relay::RELAY_CLIENT, client);
+        }
+        parts.uri =
+            parts.uri.path_and_query().map_or_else(|| http::Uri::from_static("/"), |p| http::Uri::from(p.clone()));
+        parts.version = http::Version::HTTP_11;
+        let request = Request::from_parts(parts, body);
+        let sent = async {
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            sender.send_request(request).await
+        };
+        match sent.await {
+            Ok(response) => {
+                self.metrics.handed_over("sent");
+                Ok(response.map(|body| body.map_err(Into::into).boxed_unsync()))
+            }
+            Err(error) => {
+                self.metrics.handed_over("failed");
+                let reason = crate::error::chain(&error);
+                tracing::warn!(active = %target.addr, %reason, "handing a request to the active replica failed");
+                Ok(ProxyError::Upstream { addr: target.addr.to_string(), reason, kind: None }.into_response(None))
+            }
+        }
+    }
+
+    /// The client's address: the peer's, or the one a standby of ours named
+    /// on a request it handed over.
+    fn client_ip(&self, headers: &http::HeaderMap, peer: Option<std::net::IpAddr>) -> Option<std::net::IpAddr> {
+        self.relay.relayed_client(headers).or(peer)
+    }
+
     /// Answers one client request; never fails (errors become JSON responses).
     /// `early` is what the lobby already did for it: routed it, queued it and
     /// waited for its slot (see [`crate::serve::lobby`]).
@@ -349,19 +439,39 @@ impl Proxy {
         peer: Arc<Peer>,
         early: Option<Early>,
     ) -> Response<ResponseBody> {
+        if !self.is_active() {
+            match self.hand_over(request, &peer).await {
+                Ok(response) => return response,
+                Err(back) => request = back,
+            }
+        }
+        // A standby's hand-over headers are for this replica, not the pod.
+        let peer_ip = match request.headers_mut().remove(&relay::RELAY_TOKEN) {
+            None => Some(peer.addr.ip()),
+            Some(token) => {
+                let client = request.headers_mut().remove(&relay::RELAY_CLIENT);
+                let mut named = http::HeaderMap::new();
+                named.insert(relay::RELAY_TOKEN, token);
+                if let Some(client) = client {
+                    named.insert(relay::RELAY_CLIENT, client);
+                }
+                self.client_ip(&named, Some(peer.addr.ip()))
+            }
+        };
         let (mut record, admitted) = match early {
             Some(Early { record, admitted }) => {
                 request.headers_mut().insert(X_REQUEST_ID, record.request_id.clone());
                 (record, Some(admitted))
             }
-            None => match self.record(&mut request, Some(peer.addr.ip())) {
+            None => match self.record(&mut request, peer_ip) {
                 Ok(record) => (record, None),
                 Err(response) => return *response,
             },
         };
         let service = record.service.clone();
         let priority = record.priority;
-        let response = match self.serve(&service, request, &peer, &mut record.trace, admitted, priority).await {
+        let response = match self.serve(&service, request, &peer, peer_ip, &mut record.trace, admitted, priority).await
+        {
             Ok(response) => response,
             Err(error) => {
                 if let Some(failure) = error.upstream_failure() {
@@ -446,6 +556,7 @@ impl Proxy {
     /// path instead: it is not routed, is refused before the queue, or does
     /// not queue (`bypass`); that path then gives the same answer.
     pub fn admit_early(&self, request: &mut Request<()>, peer: Option<std::net::IpAddr>) -> Option<EarlyWait> {
+        let peer = self.client_ip(request.headers(), peer);
         let table = self.table();
         let split = table.pick(request).ok()?;
         let admitted = self.admit(&split.service, request, peer, split.priority).ok()?;
@@ -494,13 +605,14 @@ impl Proxy {
         service: &Service,
         mut request: Request<Incoming>,
         peer: &Peer,
+        peer_ip: Option<std::net::IpAddr>,
         trace: &mut Trace,
         admitted: Option<Admitted>,
         priority: crate::gate::Priority,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let Admitted { bypass, owner_only, mut session, pin, origin, queued } = match admitted {
             Some(admitted) => admitted,
-            None => self.admit(service, &request, Some(peer.addr.ip()), priority)?,
+            None => self.admit(service, &request, peer_ip, priority)?,
         };
         // The pod this session's job runs on, for a path only its owner may reach.
         let owner = match owner_only {
@@ -806,6 +918,11 @@ pub struct Early {
     admitted: Admitted,
 }
 
+/// How long a standby holds a request while no active replica can be
+/// reached (a hand-over of the Lease: the old holder draining, the new one
+/// not yet elected), before it answers 503.
+const HANDOVER_WAIT: Duration = Duration::from_secs(30);
+
 /// Status recorded for a request whose client left before its answer
 /// (nginx's "client closed request").
 const CLIENT_LEFT: u16 = 499;
@@ -907,6 +1024,10 @@ fn millis(duration: Option<Duration>) -> f64 {
 
 /// What the status page reads of the proxy.
 impl Observed for Proxy {
+    fn active(&self) -> bool {
+        self.is_active()
+    }
+
     fn services(&self) -> Vec<ServiceView> {
         self.table()
             .services

@@ -137,7 +137,10 @@ fn answer(
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if draining.load(Ordering::Relaxed) => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        "/readyz" if !proxy.is_active() => text(StatusCode::SERVICE_UNAVAILABLE, "standby\n"),
+        "/readyz" if !proxy.is_ready() => text(StatusCode::SERVICE_UNAVAILABLE, "standby\n"),
+        "/readyz" if !proxy.is_active() => {
+            text(StatusCode::OK, "ready (standby: hands requests to the active replica)\n")
+        }
         "/readyz" => text(StatusCode::OK, "ready\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }

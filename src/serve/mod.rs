@@ -224,13 +224,28 @@ impl Gateway {
         let (drain, drain_rx) = watch::channel(false);
         tokio::pin!(shutdown);
         let (active_tx, mut active) = watch::channel(control.is_some());
-        let mut election = config.election().cloned().map(|election| tokio::spawn(leader::run(election, active_tx)));
+        // Where this replica serves, for standbys to hand requests to: the
+        // pod's IP (POD_IP) and the listen port, else the listen address.
+        let me =
+            leader::Advertised { addr: advertised(listener.local_addr()?), token: proxy.relay().token().to_string() };
+        let (holder_tx, mut holder) = watch::channel(None);
+        let mut election =
+            config.election().cloned().map(|election| tokio::spawn(leader::run(election, active_tx, me, holder_tx)));
         let mut lost: Option<anyhow::Error> = None;
         // Set by a delayed stop: when to stop accepting.
         let mut stop_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = async { match stop_at { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => break,
+                changed = holder.changed(), if election.is_some() => {
+                    if changed.is_ok() {
+                        let target = holder.borrow_and_update().clone().map(|h| (h.addr, h.token));
+                        if let Some((addr, _)) = &target {
+                            tracing::info!(active = %addr, "standby: handing requests to the active replica");
+                        }
+                        proxy.relay().set_target(target);
+                    }
+                }
                 changed = active.changed(), if control.is_none() => {
                     if changed.is_ok() && *active.borrow_and_update() {
                         control = Some(Control::start(&proxy)?);
@@ -942,6 +957,16 @@ pub(crate) fn out_of_descriptors(error: &std::io::Error) -> bool {
 /// the process with requests in flight) and completes when one comes. Call
 /// it before anything starts: a signal that arrives before the handlers are
 /// installed kills the process.
+/// The address other replicas reach this one's listener at: `POD_IP` with
+/// the listen port, else the listen address unless it is unspecified.
+fn advertised(listen: SocketAddr) -> Option<SocketAddr> {
+    let pod_ip = std::env::var("POD_IP").ok().and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok());
+    match pod_ip {
+        Some(ip) => Some(SocketAddr::new(ip, listen.port())),
+        None => (!listen.ip().is_unspecified()).then_some(listen),
+    }
+}
+
 /// How the gateway is told to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
