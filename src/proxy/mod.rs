@@ -375,9 +375,9 @@ impl Proxy {
                 return Err(request);
             }
             if let Some(target) = self.relay.target() {
-                match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(target.addr)).await {
-                    Ok(Ok(stream)) => break (target, stream),
-                    Ok(Err(_)) | Err(_) => {}
+                let connect = tokio::net::TcpStream::connect(target.addr);
+                if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(1), connect).await {
+                    break (target, stream);
                 }
             }
             if Instant::now() >= deadline {
@@ -469,9 +469,15 @@ impl Proxy {
             },
         };
         let service = record.service.clone();
-        let priority = record.priority;
-        let response = match self.serve(&service, request, &peer, peer_ip, &mut record.trace, admitted, priority).await
-        {
+        let admitted = match admitted {
+            Some(admitted) => Ok(admitted),
+            None => self.admit(&service, &request, peer_ip, record.priority),
+        };
+        let served = match admitted {
+            Ok(admitted) => self.serve(&service, request, &peer, &mut record.trace, admitted).await,
+            Err(error) => Err(error),
+        };
+        let response = match served {
             Ok(response) => response,
             Err(error) => {
                 if let Some(failure) = error.upstream_failure() {
@@ -605,15 +611,10 @@ impl Proxy {
         service: &Service,
         mut request: Request<Incoming>,
         peer: &Peer,
-        peer_ip: Option<std::net::IpAddr>,
         trace: &mut Trace,
-        admitted: Option<Admitted>,
-        priority: crate::gate::Priority,
+        admitted: Admitted,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let Admitted { bypass, owner_only, mut session, pin, origin, queued } = match admitted {
-            Some(admitted) => admitted,
-            None => self.admit(service, &request, peer_ip, priority)?,
-        };
+        let Admitted { bypass, owner_only, mut session, pin, origin, queued } = admitted;
         // The pod this session's job runs on, for a path only its owner may reach.
         let owner = match owner_only {
             false => None,
