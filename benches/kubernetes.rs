@@ -48,7 +48,7 @@ fn report(name: &str, mut samples: Vec<Duration>) {
 async fn once() -> (Duration, Duration) {
     let cluster = FakeCluster::start(ClusterOptions::default()).await;
     let yaml = format!(
-        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: sd\n    hosts: [\"{HOST}\"]\n    readiness: {{ tcp: true }}\n    scale: {{ max: 1 }}\n    backend: {{ kubernetes: {{ deployment: {}, port: http, kubeconfig: \"{}\" }} }}\n",
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nleader_election: off\nservices:\n  - name: sd\n    hosts: [\"{HOST}\"]\n    readiness: {{ tcp: true }}\n    scale: {{ max: 1 }}\n    backend: {{ kubernetes: {{ deployment: {}, port: http, kubeconfig: \"{}\" }} }}\n",
         cluster.deployment_name(),
         cluster.kubeconfig_path().display()
     );

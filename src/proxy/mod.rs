@@ -100,6 +100,9 @@ pub struct Proxy {
     last_reload: std::sync::Mutex<Option<Reloaded>>,
     /// Hand-overs between replicas (a standby's target; this one's token).
     relay: relay::Relay,
+    /// Whether requests may come handed over by a standby (leader election
+    /// is on): only then are they looked at for it.
+    relays: bool,
 }
 
 /// What requests are routed by: the routes (a config's `routes`, then each
@@ -298,7 +301,8 @@ impl Proxy {
         let table = std::sync::RwLock::new(Arc::new(table));
         let last_reload = std::sync::Mutex::new(None);
         let relay = relay::Relay::default();
-        Ok(Self { table, forwarder, limits: config.limits.clone(), metrics, active, last_reload, relay })
+        let relays = config.election().is_some();
+        Ok(Self { table, forwarder, limits: config.limits.clone(), metrics, active, last_reload, relay, relays })
     }
 
     /// Counts a reload (`sdgate_config_reloads_total`) and keeps it for /status.
@@ -424,9 +428,26 @@ impl Proxy {
         }
     }
 
+    /// A standby's request: handed over, or served here if this replica
+    /// became active meanwhile.
+    async fn standby(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: Arc<Peer>,
+        early: Option<Early>,
+    ) -> Response<ResponseBody> {
+        match self.hand_over(request, &peer).await {
+            Ok(response) => response,
+            Err(back) => Box::pin(self.handle(back, peer, early)).await,
+        }
+    }
+
     /// The client's address: the peer's, or the one a standby of ours named
     /// on a request it handed over.
     fn client_ip(&self, headers: &http::HeaderMap, peer: Option<std::net::IpAddr>) -> Option<std::net::IpAddr> {
+        if !self.relays {
+            return peer;
+        }
         self.relay.relayed_client(headers).or(peer)
     }
 
@@ -440,13 +461,12 @@ impl Proxy {
         early: Option<Early>,
     ) -> Response<ResponseBody> {
         if !self.is_active() {
-            match self.hand_over(request, &peer).await {
-                Ok(response) => return response,
-                Err(back) => request = back,
-            }
+            // Boxed: a standby's path, kept out of every request's future.
+            return Box::pin(self.standby(request, peer, early)).await;
         }
         // A standby's hand-over headers are for this replica, not the pod.
-        let peer_ip = match request.headers_mut().remove(&relay::RELAY_TOKEN) {
+        let handed_over = if self.relays { request.headers_mut().remove(&relay::RELAY_TOKEN) } else { None };
+        let peer_ip = match handed_over {
             None => Some(peer.addr.ip()),
             Some(token) => {
                 let client = request.headers_mut().remove(&relay::RELAY_CLIENT);
@@ -469,15 +489,8 @@ impl Proxy {
             },
         };
         let service = record.service.clone();
-        let admitted = match admitted {
-            Some(admitted) => Ok(admitted),
-            None => self.admit(&service, &request, peer_ip, record.priority),
-        };
-        let served = match admitted {
-            Ok(admitted) => self.serve(&service, request, &peer, &mut record.trace, admitted).await,
-            Err(error) => Err(error),
-        };
-        let response = match served {
+        let from = From { client: peer_ip, priority: record.priority };
+        let response = match self.serve(&service, request, &peer, from, &mut record.trace, admitted).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(failure) = error.upstream_failure() {
@@ -611,10 +624,14 @@ impl Proxy {
         service: &Service,
         mut request: Request<Incoming>,
         peer: &Peer,
+        from: From,
         trace: &mut Trace,
-        admitted: Admitted,
+        admitted: Option<Admitted>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let Admitted { bypass, owner_only, mut session, pin, origin, queued } = admitted;
+        let Admitted { bypass, owner_only, mut session, pin, origin, queued } = match admitted {
+            Some(admitted) => admitted,
+            None => self.admit(service, &request, from.client, from.priority)?,
+        };
         // The pod this session's job runs on, for a path only its owner may reach.
         let owner = match owner_only {
             false => None,
@@ -790,6 +807,14 @@ impl Proxy {
         }
         Ok(())
     }
+}
+
+/// Who sent a request (the client's address) and its class, for
+/// [`Proxy::admit`].
+#[derive(Clone, Copy)]
+struct From {
+    client: Option<std::net::IpAddr>,
+    priority: crate::gate::Priority,
 }
 
 /// What [`Proxy::admit`] decided of a request; for one the lobby queued,
