@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 // (apiGroup, resource, verbs): what the kubernetes backend and the leader election call.
@@ -99,6 +100,7 @@ struct Objects {
     role_bindings: Vec<RoleBinding>,
     config_maps: Vec<ConfigMap>,
     secrets: Vec<Secret>,
+    disruption_budgets: Vec<PodDisruptionBudget>,
     /// (kind, namespace, name) of each.
     ids: BTreeSet<(String, String, String)>,
 }
@@ -118,6 +120,7 @@ fn load(documents: &[Value]) -> Objects {
             "RoleBinding" => objects.role_bindings.push(typed(document, &what)),
             "ConfigMap" => objects.config_maps.push(typed(document, &what)),
             "Secret" => objects.secrets.push(typed(document, &what)),
+            "PodDisruptionBudget" => objects.disruption_budgets.push(typed(document, &what)),
             other => panic!("{what}: no k8s-openapi type is checked for kind {other}"),
         }
         let id = (kind.to_string(), namespace, name.to_string());
@@ -245,6 +248,37 @@ fn the_sd_deployment_mirrors_the_knative_guides() {
     assert_eq!(container_port(c, &probe.port), 7860);
     let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref()).expect("limits");
     assert_eq!(limits.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("1"));
+}
+
+/// A rollout never leaves no replica serving: every replica is Ready (a
+/// standby hands requests over), so new ones come up before old ones go
+/// (maxSurge 1, maxUnavailable 0), a PodDisruptionBudget keeps one through
+/// node drains, each replica advertises its pod IP for hand-overs, and the
+/// grace period covers shutdown_delay + drain_timeout.
+#[test]
+fn a_rollout_of_sdgate_keeps_a_replica_serving() {
+    let objects = load(&listed_resources());
+    let deployment = objects.deployment("sdgate");
+    let spec = deployment.spec.as_ref().unwrap();
+    let rolling = spec.strategy.as_ref().and_then(|s| s.rolling_update.as_ref()).expect("a rolling update");
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(objects.disruption_budgets.len(), 1);
+    let budget = objects.disruption_budgets[0].spec.as_ref().unwrap();
+    assert_eq!(budget.min_available, Some(IntOrString::Int(1)));
+    let labels = budget.selector.as_ref().and_then(|s| s.match_labels.clone()).unwrap_or_default();
+    assert_eq!(labels, pod_labels(deployment));
+    let c = container(deployment, "sdgate");
+    let env = c.env.as_ref().expect("env");
+    let pod_ip =
+        env.iter().find(|e| e.name == "POD_IP").and_then(|e| e.value_from.as_ref()).and_then(|v| v.field_ref.as_ref());
+    assert_eq!(pod_ip.map(|f| f.field_path.as_str()), Some("status.podIP"));
+    let config = sdgate_config(&objects);
+    let grace = spec.template.spec.as_ref().and_then(|p| p.termination_grace_period_seconds).unwrap_or(30);
+    assert!(
+        grace as u64 > (config.shutdown_delay + config.drain_timeout).as_secs(),
+        "terminationGracePeriodSeconds {grace} must exceed shutdown_delay + drain_timeout"
+    );
 }
 
 #[test]
@@ -456,4 +490,24 @@ fn kubectl_kustomize_an_overlay_with_a_namespace_leaves_nothing_in_default() {
     assert_eq!(binding["subjects"][0]["namespace"], "sd-prod", "{binding}");
     assert!(!text.contains("namespace: default"), "{text}");
     assert!(!config_text(&objects).contains("namespace:"));
+}
+
+/// The image carries the profile-guided binary (the CPU figure the README
+/// leads with), built by the same script the benchmarks use, and runs it as
+/// the uid the Deployment expects. (Building the image itself needs a
+/// container runtime and base images: not run here.)
+#[test]
+fn the_dockerfile_builds_the_profile_guided_binary() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("ARG PGO=1"), "profile-guided by default");
+    assert!(dockerfile.contains("bash benches/pgo.sh && cp target/pgo/release/sdgate /usr/local/bin/sdgate"));
+    let pgo = std::fs::read_to_string(root.join("benches/pgo.sh")).unwrap();
+    assert!(pgo.contains("--target-dir target/pgo)"), "pgo.sh writes target/pgo/release/sdgate");
+    assert_eq!(pgo.matches("--locked").count(), 2, "both builds from Cargo.lock");
+    let user = dockerfile.lines().find(|l| l.starts_with("USER ")).expect("USER");
+    let objects = load(&listed_resources());
+    let pod = objects.deployment("sdgate").spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let uid = pod.security_context.as_ref().and_then(|s| s.run_as_user).expect("runAsUser");
+    assert_eq!(user, format!("USER {uid}:{uid}"));
 }
