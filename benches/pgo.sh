@@ -40,7 +40,7 @@ require_free $(seq "$SIM_BASE_PORT" $((SIM_BASE_PORT + 3))) "$GATE_PORT" "$ADMIN
 
 log "1/3 instrumented build (target/pgo-gen)"
 (cd "$ROOT" && RUSTFLAGS="-Cprofile-generate=$TMP/profiles" \
-    cargo build --release --quiet --bin sdgate --target-dir target/pgo-gen) || die "instrumented build failed"
+    cargo build --release --locked --quiet --bin sdgate --target-dir target/pgo-gen) || die "instrumented build failed"
 SDGATE="$ROOT/target/pgo-gen/release/sdgate"
 
 log "2/3 training"
@@ -90,5 +90,5 @@ compgen -G "$TMP/profiles/sdgate-*.profraw" >/dev/null || die "sdgate wrote no p
 
 log "3/3 build with the profile (target/pgo)"
 (cd "$ROOT" && RUSTFLAGS="-Cprofile-use=$TMP/sdgate.profdata" \
-    cargo build --release --quiet --bin sdgate --target-dir target/pgo) || die "profile-guided build failed"
+    cargo build --release --locked --quiet --bin sdgate --target-dir target/pgo) || die "profile-guided build failed"
 log "done: $ROOT/target/pgo/release/sdgate"
