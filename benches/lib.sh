@@ -22,7 +22,7 @@ bench_cleanup() {
     trap - EXIT INT TERM
     local pid
     for pid in "${!PIDS[@]}"; do
-        kill -INT "$pid" 2>/dev/null || true
+        kill -INT "$pid" 2>/dev/null || true; kill -TERM "$pid" 2>/dev/null || true
     done
     for pid in "${!PIDS[@]}"; do
         local i
@@ -61,12 +61,13 @@ start() {
     PIDS[$LAST_PID]=$label
 }
 
-# stop PID: INT, wait up to 5 s, then KILL.
-# SIGINT: sdgate drains at once (SIGTERM would first serve on for
-# shutdown_delay); sims and HAProxy stop on it as on SIGTERM.
+# stop PID: INT and TERM, wait up to 5 s, then KILL.
+# SIGINT then SIGTERM: sdgate drains at once on SIGINT (SIGTERM alone would
+# first serve on for shutdown_delay); sims started in the background ignore
+# SIGINT (bash does that to background jobs) and stop on SIGTERM.
 stop() {
     local pid=$1 i
-    kill -INT "$pid" 2>/dev/null || true
+    kill -INT "$pid" 2>/dev/null || true; kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 50); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1

@@ -985,8 +985,10 @@ pub fn shutdown_signal() -> Result<impl Future<Output = Stop>> {
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     Ok(async move {
         tokio::select! {
-            _ = terminate.recv() => Stop::AfterDelay,
+            // Both at once (a script stopping everything it started): at once.
+            biased;
             _ = interrupt.recv() => Stop::Now,
+            _ = terminate.recv() => Stop::AfterDelay,
         }
     })
 }

@@ -16,8 +16,9 @@ die() {
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
-  # SIGINT: sdgate drains at once (SIGTERM would serve on for shutdown_delay).
-  for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
+  # SIGINT: sdgate drains at once (SIGTERM alone would serve on for
+  # shutdown_delay); SIGTERM for the sims, which as background jobs ignore SIGINT.
+  for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
