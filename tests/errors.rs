@@ -64,15 +64,19 @@ async fn with_no_pod_at_all_requests_time_out_with_504_not_a_hang() {
     answer.assert_json_error(504);
 }
 
+/// A GET for a host no service has.
+fn to_elsewhere(addr: std::net::SocketAddr) -> Request<Full<Bytes>> {
+    Request::get(format!("http://{addr}/"))
+        .header("host", "elsewhere.example.com")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_host_is_404_and_a_missing_host_400() {
     let workers = sims(1, fast_sim(1)).await;
     let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, "").await;
-    let request = Request::get(format!("http://{}/", gateway.addr))
-        .header("host", "elsewhere.example.com")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let answer = send(&client(), request).await;
+    let answer = send(&client(), to_elsewhere(gateway.addr)).await;
     answer.assert_json_error(404);
     assert!(answer.json()["service"].is_null());
     // On a loopback listener it says how to name a host, and lists them.
@@ -97,11 +101,7 @@ async fn an_unknown_host_is_404_and_a_missing_host_400() {
 async fn an_unknown_hosts_404_lists_no_hosts_where_the_config_says_not_to() {
     let workers = sims(1, fast_sim(1)).await;
     let gateway = TestGateway::start(&format!("list_hosts: never\n{}", config_yaml(&[workers[0].addr], 1, ""))).await;
-    let request = Request::get(format!("http://{}/", gateway.addr))
-        .header("host", "elsewhere.example.com")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let answer = send(&client(), request).await;
+    let answer = send(&client(), to_elsewhere(gateway.addr)).await;
     answer.assert_json_error(404);
     assert!(answer.json().get("hosts").is_none(), "{:?}", answer.json());
     let hint = answer.json()["hint"].as_str().unwrap().to_string();
