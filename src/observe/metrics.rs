@@ -418,11 +418,15 @@ struct Answers {
     /// Answers counted by the second they came in (seconds since
     /// `started`), a ring over the last minute.
     seconds: [Second; RECENT_SECONDS],
+    /// The second answers now go to, and when the next one begins (one
+    /// clock subtraction a second, not one per answer).
+    current: u64,
+    next_at: Option<Instant>,
 }
 
 impl Default for Answers {
     fn default() -> Self {
-        Self { samples: Default::default(), seconds: [Second::default(); RECENT_SECONDS] }
+        Self { samples: Default::default(), seconds: [Second::default(); RECENT_SECONDS], current: 0, next_at: None }
     }
 }
 
@@ -465,12 +469,16 @@ impl Default for Recent {
 impl Recent {
     /// One answer with `code`, given at `now` after `took`.
     pub fn record(&self, now: Instant, code: u16, took: Duration) {
-        let second = now.saturating_duration_since(self.started).as_secs();
         let mut answers = lock(&self.answers);
         if answers.samples.len() == RECENT_MAX {
             answers.samples.pop_front();
         }
         answers.samples.push_back((now, code, took.as_secs_f32()));
+        if answers.next_at.is_none_or(|next| now >= next) {
+            answers.current = now.saturating_duration_since(self.started).as_secs();
+            answers.next_at = Some(self.started + Duration::from_secs(answers.current + 1));
+        }
+        let second = answers.current;
         let slot = &mut answers.seconds[(second % RECENT_SECONDS as u64) as usize];
         if slot.at != second || slot.answers == 0 {
             *slot = Second { at: second, answers: 0, failed: 0 };
