@@ -209,6 +209,12 @@ async fn two_replicas(cluster: &FakeCluster, scale: &str, lease: &str) -> (Gatew
     };
     let a = GatewayProcess::start(&kube_yaml(cluster, scale, &election("a"))).await;
     let b = GatewayProcess::start(&kube_yaml(cluster, scale, &election("b"))).await;
+    holder_and_standby(a, b).await
+}
+
+/// (holder, standby) of two replicas, once exactly one is active and the
+/// other is ready to hand requests over.
+async fn holder_and_standby(a: GatewayProcess, b: GatewayProcess) -> (GatewayProcess, GatewayProcess) {
     eventually("one replica active", || {
         let (ra, rb) = (is_active(a.admin), is_active(b.admin));
         async move { ra.await ^ rb.await }
@@ -232,13 +238,7 @@ async fn two_replicas_of_a_config_without_leader_election_never_both_dispatch() 
     assert_eq!(lease.lease, format!("sdgate-{}", cluster.deployment_name()));
     let a = GatewayProcess::start(&yaml).await;
     let b = GatewayProcess::start(&yaml).await;
-    eventually("one replica active", || {
-        let (ra, rb) = (is_active(a.admin), is_active(b.admin));
-        async move { ra.await ^ rb.await }
-    })
-    .await;
-    let (active, standby) = if is_active(a.admin).await { (&a, &b) } else { (&b, &a) };
-    eventually("the standby ready to hand requests over", || is_ready(standby.admin)).await;
+    let (active, standby) = holder_and_standby(a, b).await;
     let client = client();
     let mut sent = Vec::new();
     for i in 0..6 {

@@ -470,12 +470,7 @@ impl Proxy {
             None => Some(peer.addr.ip()),
             Some(token) => {
                 let client = request.headers_mut().remove(&relay::RELAY_CLIENT);
-                let mut named = http::HeaderMap::new();
-                named.insert(relay::RELAY_TOKEN, token);
-                if let Some(client) = client {
-                    named.insert(relay::RELAY_CLIENT, client);
-                }
-                self.client_ip(&named, Some(peer.addr.ip()))
+                self.relay.client_named(&token, client.as_ref()).or(Some(peer.addr.ip()))
             }
         };
         let (mut record, admitted) = match early {

@@ -60,11 +60,15 @@ impl Relay {
     /// The client a standby of ours named on a request it handed over; none
     /// for any other request (a token that is not ours is ignored).
     pub fn relayed_client(&self, headers: &http::HeaderMap) -> Option<IpAddr> {
-        let token = headers.get(&RELAY_TOKEN)?;
+        self.client_named(headers.get(&RELAY_TOKEN)?, headers.get(&RELAY_CLIENT))
+    }
+
+    /// The client named with `token`, if the token is ours.
+    pub fn client_named(&self, token: &HeaderValue, client: Option<&HeaderValue>) -> Option<IpAddr> {
         if token.as_bytes() != self.token.as_bytes() {
             return None;
         }
-        headers.get(&RELAY_CLIENT)?.to_str().ok()?.parse().ok()
+        client?.to_str().ok()?.parse().ok()
     }
 }
 
