@@ -61,6 +61,13 @@ enum Command {
         /// finishes it, and so does the sim by default).
         #[arg(long)]
         cancel_on_disconnect: bool,
+        /// The checkpoint it holds at start (requests may name another in
+        /// `override_settings.sd_model_checkpoint`).
+        #[arg(long, default_value = "sim")]
+        checkpoint: String,
+        /// Time a checkpoint load takes ("1500ms").
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        load_time: Duration,
     },
 }
 
@@ -98,8 +105,18 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     match cli.command {
-        Some(Command::Sim { port, host, step_time, image_bytes, startup_delay, name, cancel_on_disconnect }) => {
-            let options = SimOptions { step_time, image_bytes, name, cancel_on_disconnect };
+        Some(Command::Sim {
+            port,
+            host,
+            step_time,
+            image_bytes,
+            startup_delay,
+            name,
+            cancel_on_disconnect,
+            checkpoint,
+            load_time,
+        }) => {
+            let options = SimOptions { step_time, image_bytes, name, cancel_on_disconnect, checkpoint, load_time };
             sdgate::tools::sim::run(SocketAddr::new(host, port), startup_delay, options).await
         }
         Some(Command::ImportKnative { file }) => {

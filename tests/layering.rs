@@ -27,7 +27,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("proxy", &["gate", "forward", "pod", "observe", "config", "error", "body"]),
     // The control plane never reaches into the request path.
     ("control", &["gate", "pod", "observe", "config", "error", "body"]),
-    ("tools", &["config", "error", "body"]),
+    // The sim names checkpoints as the gate does.
+    ("tools", &["gate", "config", "error", "body"]),
     ("serve", &["*"]),
 ];
 

@@ -357,9 +357,86 @@ pub struct ServiceConfig {
     /// quarantined and takes no request. `null` turns it off.
     #[serde(default = "default_idle_check")]
     pub idle_check: Option<IdleCheck>,
+    /// Checkpoint-aware dispatch: send a request to a pod that already holds
+    /// the checkpoint it names.
+    #[serde(default)]
+    pub checkpoints: CheckpointConfig,
     /// Written as a map of one key (`{ fixed: [...] }`), not a YAML tag.
     #[serde(with = "serde_yaml::with::singleton_map")]
     pub backend: Backend,
+}
+
+/// How a service learns which checkpoint each request wants and each pod
+/// holds, and how it weighs waiting for a pod that holds it against a load.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Dispatch by checkpoint (false: checkpoint-blind; what requests want
+    /// and pods hold is still tracked and counted).
+    pub route: bool,
+    /// A header naming the checkpoint (looked at before the body).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// JSON pointers into a buffered request body naming the checkpoint;
+    /// the first that is a string wins.
+    pub pointers: Vec<String>,
+    /// A JSON pointer to a boolean: `false` there means the checkpoint stays
+    /// the pod's setting after the request (the WebUI's
+    /// `override_settings_restore_afterwards`, default true).
+    pub restore_pointer: String,
+    /// What a checkpoint load costs on a pod that has not shown one yet;
+    /// each pod then learns its own from its answers.
+    #[serde(with = "duration")]
+    pub switch_cost: Duration,
+    /// The longest a request waits for a pod that holds its checkpoint while
+    /// another could load it; after that it takes any pod.
+    #[serde(with = "duration")]
+    pub max_wait_for_match: Duration,
+    /// GET this when a pod becomes ready and read its `sd_model_checkpoint`
+    /// (the WebUI's options); `null`: not asked.
+    pub options_path: Option<String>,
+    /// Checkpoints with a metric label of their own (the first seen); the
+    /// rest are counted as `other`.
+    pub metric_labels: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            route: true,
+            header: None,
+            pointers: vec!["/override_settings/sd_model_checkpoint".into()],
+            restore_pointer: "/override_settings_restore_afterwards".into(),
+            switch_cost: Duration::from_secs(2),
+            max_wait_for_match: Duration::from_secs(10),
+            options_path: Some("/sdapi/v1/options".into()),
+            metric_labels: 10,
+        }
+    }
+}
+
+impl CheckpointConfig {
+    fn validate(&self, key: &str) -> Result<()> {
+        for pointer in self.pointers.iter().chain(std::iter::once(&self.restore_pointer)) {
+            if !pointer.is_empty() && !pointer.starts_with('/') {
+                bail!("{key}: JSON pointer {pointer:?} must be empty or start with /");
+            }
+        }
+        if let Some(header) = &self.header {
+            http::HeaderName::try_from(header.as_str()).map_err(|_| anyhow::anyhow!("{key}.header: {header:?} is not a header name"))?;
+        }
+        if let Some(path) = &self.options_path {
+            if !path.starts_with('/') {
+                bail!("{key}.options_path: {path:?} must start with /");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether requests are looked at for a checkpoint at all.
+    pub fn reads_requests(&self) -> bool {
+        self.header.is_some() || !self.pointers.is_empty()
+    }
 }
 
 /// The idle check of a quarantined pod (see `quarantine`).
@@ -1080,6 +1157,7 @@ impl ServiceConfig {
             _ => {}
         }
         self.scale.validate(&format!("{key}.scale"))?;
+        self.checkpoints.validate(&format!("{key}.checkpoints"))?;
         if let Some(affinity) = &self.affinity {
             if affinity.cookie.is_empty()
                 || !affinity.cookie.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')

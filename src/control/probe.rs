@@ -105,7 +105,11 @@ impl Prober {
             let ok = probed.is_ok();
             if ok {
                 failures = 0;
-                if !ready && self.idle_before_first_use(&gate, endpoint, addr).await && gate.set_ready(endpoint, true) {
+                if !ready
+                    && self.idle_before_first_use(&gate, endpoint, addr).await
+                    && self.learn_checkpoint(&gate, endpoint, addr).await
+                    && gate.set_ready(endpoint, true)
+                {
                     tracing::info!(%addr, "endpoint ready");
                 }
             } else {
@@ -154,6 +158,28 @@ impl Prober {
             tracing::info!(%addr, "endpoint answers but is busy with a job sdgate did not send: waiting until it is idle");
         }
         idle
+    }
+
+    /// Before a pod's first request, what checkpoint it holds: its options'
+    /// `sd_model_checkpoint` (what the WebUI loads at start). A pod that
+    /// does not answer it (not the WebUI, an older API) is taken as it is.
+    /// Always true: it only learns.
+    async fn learn_checkpoint(&self, gate: &Endpoints, endpoint: EndpointId, addr: SocketAddr) -> bool {
+        let Some(path) = gate.checkpoint_options_path() else { return true };
+        if gate.ever_served(endpoint) {
+            return true;
+        }
+        let reply = Pool::shared()
+            .call(addr, http::Method::GET, &path, None, None, OPTIONS_ANSWER_LIMIT, self.readiness.timeout)
+            .await;
+        if let Reply::Answer(status, body) = reply {
+            let setting = serde_json::from_slice::<serde_json::Value>(&body).ok().filter(|_| status.is_success());
+            if let Some(name) = setting.as_ref().and_then(|o| o.get("sd_model_checkpoint")).and_then(|v| v.as_str()) {
+                tracing::info!(%addr, checkpoint = name, "endpoint holds its checkpoint setting");
+                gate.set_checkpoint(endpoint, name);
+            }
+        }
+        true
     }
 
     /// One probe: TCP connect, or HTTP GET expecting 2xx, within the timeout.
@@ -218,6 +244,8 @@ struct ProbeKey {
 /// The most of a probe's answer that is read (a readiness page is small; a
 /// larger one is read no further and fails the probe).
 const PROBE_ANSWER_LIMIT: usize = 256 * 1024;
+/// The most of a pod's options sdgate reads (the WebUI's are tens of KiB).
+const OPTIONS_ANSWER_LIMIT: usize = 1024 * 1024;
 
 /// The probes of one [`ProbeKey`], shared by every endpoint it describes.
 struct SharedProbe {

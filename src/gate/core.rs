@@ -41,6 +41,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::models::{Holding, ModelId, ModelPolicy, Models, Want};
+
 /// Removed endpoints remembered for the status page.
 const MAX_RETIRED: usize = 16;
 
@@ -84,6 +86,18 @@ pub type ClientKey = u64;
 pub struct Grant {
     pub endpoint: EndpointId,
     pub addr: SocketAddr,
+    /// The checkpoint the request makes the pod load, if any.
+    pub load: Option<ModelId>,
+    /// Time the exchange, to learn the pod's generation and load times
+    /// (the service has seen checkpoints).
+    pub timed: bool,
+}
+
+impl Grant {
+    /// A grant that loads nothing and is not timed (requests that skip the gate).
+    pub fn plain(endpoint: EndpointId, addr: SocketAddr) -> Self {
+        Self { endpoint, addr, load: None, timed: false }
+    }
 }
 
 /// How a free endpoint is chosen, following Knative's activator (docs/behaviour.md).
@@ -129,6 +143,8 @@ pub struct Endpoint {
     pub served: u64,
     /// Exchanges that ended abnormally over its life.
     pub failed: u64,
+    /// The checkpoint it holds, and its learned timings.
+    pub model: Holding,
 }
 
 impl Endpoint {
@@ -158,6 +174,21 @@ struct Waiting<W> {
     pin: Option<Pin>,
     client: Option<ClientKey>,
     priority: Priority,
+    /// The checkpoint it wants.
+    want: Option<Want>,
+    /// Waits for a pod that holds its checkpoint when that is cheaper than
+    /// a load (until `max_wait_for_match`, after which it takes any pod).
+    patient: bool,
+}
+
+/// Where a request may go now.
+enum Choice {
+    /// This endpoint.
+    At(usize),
+    /// Wherever the policy picks among those with room.
+    Policy,
+    /// Nowhere yet: it waits.
+    Wait,
 }
 
 /// Maps keyed by clients: their keys are hashes under a random seed already,
@@ -254,6 +285,12 @@ pub struct Gate<W> {
     next_endpoint: u64,
     rng: fastrand::Rng,
     fairness: Fairness,
+    /// Checkpoint names, and requests waiting per checkpoint.
+    models: Models,
+    model_policy: ModelPolicy,
+    /// Waiters per checkpoint met so far in a pass over the queue (kept to
+    /// reuse its memory).
+    ahead: Vec<usize>,
 }
 
 impl<W> Gate<W> {
@@ -271,7 +308,69 @@ impl<W> Gate<W> {
             next_endpoint: 0,
             rng: fastrand::Rng::with_seed(0x5d_6a7e),
             fairness: Fairness { prune_at: 1024, batch_delay: DEFAULT_BATCH_DELAY, ..Fairness::default() },
+            models: Models::default(),
+            model_policy: ModelPolicy::default(),
+            ahead: Vec::new(),
         }
+    }
+
+    /// Whether and how dispatch weighs checkpoints.
+    pub fn set_model_policy(&mut self, policy: ModelPolicy) {
+        self.model_policy = policy;
+    }
+
+    pub fn model_policy(&self) -> ModelPolicy {
+        self.model_policy
+    }
+
+    /// The id of a checkpoint name (normalised by the caller); None once
+    /// the service's table of names is full and the name is new.
+    pub fn checkpoint(&mut self, name: &str) -> Option<ModelId> {
+        self.models.intern(name)
+    }
+
+    /// The id of a checkpoint name already known.
+    pub fn known_checkpoint(&self, name: &str) -> Option<ModelId> {
+        self.models.lookup(name)
+    }
+
+    pub fn checkpoint_name(&self, id: ModelId) -> &str {
+        self.models.name(id)
+    }
+
+    /// Each checkpoint with requests waiting for it.
+    pub fn checkpoint_demand(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.models.demand()
+    }
+
+    /// Whether any request or pod has named a checkpoint.
+    pub fn knows_checkpoints(&self) -> bool {
+        !self.models.is_empty()
+    }
+
+    /// What a pod says it is set to (`sd_model_checkpoint`, asked when it
+    /// became ready): its setting, and what it holds unless sdgate has
+    /// already sent it another.
+    pub fn set_checkpoint(&mut self, id: EndpointId, name: &str) {
+        let Some(model) = self.models.intern(name) else { return };
+        if let Some(endpoint) = self.endpoint_mut(id) {
+            endpoint.model.setting = Some(model);
+            endpoint.model.holds = endpoint.model.holds.or(Some(model));
+        }
+    }
+
+    /// An answer in full from `id`, `took` from grant to end, that loaded a
+    /// checkpoint or not: the pod's generation and load times learn from it.
+    pub fn learn(&mut self, id: EndpointId, took: Duration, loaded: bool) {
+        if let Some(endpoint) = self.endpoint_mut(id) {
+            endpoint.model.learn(took, loaded);
+        }
+    }
+
+    /// A waiter has waited `max_wait_for_match`: from now on it takes any
+    /// pod with room. False if it is no longer waiting.
+    pub fn lose_patience(&mut self, ticket: Ticket) -> bool {
+        self.queue.get_mut(&ticket).map(|w| w.patient = false).is_some()
     }
 
     /// How many units of interactive work a batch request yields to.
@@ -321,13 +420,32 @@ impl<W> Gate<W> {
     /// is granted a pod that has room and that no earlier waiter could take
     /// (waiters strictly pinned elsewhere do not hold it back).
     pub fn try_dispatch_pinned(&mut self, ticket: Ticket, pin: Option<Pin>) -> Option<Grant> {
-        let index = self.pick_for(pin)?;
+        self.try_dispatch_for(ticket, pin, None, true)
+    }
+
+    /// [`Gate::try_dispatch_pinned`] for a request that wants a checkpoint:
+    /// a pod that holds it, else (unless it is `patient` and waiting for one
+    /// that holds it is cheaper than a load) the pod whose checkpoint the
+    /// queue wants least.
+    pub fn try_dispatch_for(
+        &mut self,
+        ticket: Ticket,
+        pin: Option<Pin>,
+        want: Option<Want>,
+        patient: bool,
+    ) -> Option<Grant> {
+        let ahead = self.models.waiting_for(want.map(|w| w.model));
+        let index = match self.choose(pin, want, patient, ahead) {
+            Choice::At(index) => index,
+            Choice::Policy => self.pick()?,
+            Choice::Wait => return None,
+        };
         let endpoint = self.endpoints[index].id;
-        if self.queue.range(..ticket).any(|(_, w)| self.could_take(w.pin, endpoint)) {
+        if self.queue.range(..ticket).any(|(_, w)| self.could_take(w, endpoint)) {
             return None;
         }
         self.fairness.served(ticket);
-        Some(self.grant(index))
+        Some(self.grant(index, want))
     }
 
     /// Puts a waiter in line at its ticket's place. Refused when the queue
@@ -359,13 +477,23 @@ impl<W> Gate<W> {
         waiter: W,
         now: Instant,
     ) -> Result<(), QueueFull<W>> {
+        let request = Queued { pin, client, priority, want: None, patient: true };
+        self.enqueue_request(ticket, request, waiter, now)
+    }
+
+    /// Puts a request in line at its ticket's place (see [`Queued`]).
+    pub fn enqueue_request(&mut self, ticket: Ticket, request: Queued, waiter: W, now: Instant) -> Result<(), QueueFull<W>> {
         if self.queue.len() >= self.max_depth {
             return Err(QueueFull(waiter));
         }
-        if let Some(old) = self.queue.insert(ticket, Waiting { waiter, since: now, pin, client, priority }) {
+        let Queued { pin, client, priority, want, patient } = request;
+        let waiting = Waiting { waiter, since: now, pin, client, priority, want, patient };
+        if let Some(old) = self.queue.insert(ticket, waiting) {
             self.fairness.left(old.client, old.priority);
+            self.models.left(old.want);
         }
         self.fairness.joined(client, priority);
+        self.models.joined(want);
         if let Some(client) = client {
             self.fairness.started(client, priority, ticket.start);
         }
@@ -398,6 +526,7 @@ impl<W> Gate<W> {
     pub fn cancel(&mut self, ticket: Ticket) -> Option<W> {
         let waiting = self.queue.remove(&ticket)?;
         self.fairness.left(waiting.client, waiting.priority);
+        self.models.left(waiting.want);
         Some(waiting.waiter)
     }
 
@@ -409,16 +538,39 @@ impl<W> Gate<W> {
         }
         // The first waiter that some pod with room can take: usually the
         // head of the line; behind strictly pinned waiters whose pods are
-        // busy, someone else.
-        let (&ticket, waiting) = self.queue.iter().find(|(_, w)| match self.pin_holds(w.pin) {
-            Some(pin) if pin.strict => self.endpoint(pin.endpoint).is_some_and(|e| self.has_room(e)),
-            _ => true,
-        })?;
-        let index = self.pick_for(waiting.pin)?;
+        // busy, or waiters for a busy pod that holds their checkpoint,
+        // someone else.
+        let mut ahead = std::mem::take(&mut self.ahead);
+        ahead.clear();
+        ahead.resize(self.models.waiting.len(), 0);
+        let mut found = None;
+        for (&ticket, waiting) in &self.queue {
+            let slot = waiting.want.map(|w| w.model.index());
+            let before = slot.map_or(0, |i| ahead[i]);
+            match self.choose(waiting.pin, waiting.want, waiting.patient, before) {
+                Choice::Wait => {
+                    if let Some(i) = slot {
+                        ahead[i] += 1;
+                    }
+                }
+                choice => {
+                    found = Some((ticket, choice));
+                    break;
+                }
+            }
+        }
+        self.ahead = ahead;
+        let (ticket, choice) = found?;
+        let index = match choice {
+            Choice::At(index) => index,
+            Choice::Policy => self.pick()?,
+            Choice::Wait => return None,
+        };
         let waiting = self.queue.remove(&ticket)?;
         self.fairness.left(waiting.client, waiting.priority);
+        self.models.left(waiting.want);
         self.fairness.served(ticket);
-        Some((waiting.waiter, self.grant(index)))
+        Some((waiting.waiter, self.grant(index, waiting.want)))
     }
 
     /// The pod has finished one request. Releasing on an endpoint that was
@@ -444,6 +596,7 @@ impl<W> Gate<W> {
             inflight: 0,
             served: 0,
             failed: 0,
+            model: Holding::default(),
         });
         id
     }
@@ -524,7 +677,7 @@ impl<W> Gate<W> {
             .iter()
             .filter(|e| e.is_serving())
             .min_by_key(|e| e.inflight)
-            .map(|e| Grant { endpoint: e.id, addr: e.addr })
+            .map(|e| Grant::plain(e.id, e.addr))
     }
 
     pub fn endpoints(&self) -> &[Endpoint] {
@@ -569,11 +722,13 @@ impl<W> Gate<W> {
         endpoint.is_serving() && (self.capacity == 0 || endpoint.inflight < self.capacity)
     }
 
-    fn grant(&mut self, index: usize) -> Grant {
+    fn grant(&mut self, index: usize, want: Option<Want>) -> Grant {
+        let timed = !self.models.is_empty();
         let endpoint = &mut self.endpoints[index];
         endpoint.inflight += 1;
         endpoint.served += 1;
-        Grant { endpoint: endpoint.id, addr: endpoint.addr }
+        let load = if timed { endpoint.model.take(want) } else { None };
+        Grant { endpoint: endpoint.id, addr: endpoint.addr, load, timed }
     }
 
     /// Whether the pin names a pod that may take requests (else it is moot).
@@ -581,26 +736,102 @@ impl<W> Gate<W> {
         pin.filter(|p| self.endpoint(p.endpoint).is_some_and(Endpoint::is_serving))
     }
 
-    /// Whether a waiter with this pin could be given `endpoint`.
-    fn could_take(&self, pin: Option<Pin>, endpoint: EndpointId) -> bool {
-        match self.pin_holds(pin) {
-            Some(pin) if pin.strict => pin.endpoint == endpoint,
+    /// Whether a waiter could be given `endpoint` (it is not held back by
+    /// a strict pin elsewhere, or by waiting for a pod holding its checkpoint).
+    fn could_take(&self, waiting: &Waiting<W>, endpoint: EndpointId) -> bool {
+        match self.pin_holds(waiting.pin) {
+            Some(pin) if pin.strict => return pin.endpoint == endpoint,
+            Some(pin) if pin.endpoint == endpoint => return true,
+            _ => {}
+        }
+        match waiting.want {
+            Some(want) if waiting.patient && self.model_policy.aware => {
+                let holds = |e: &Endpoint| e.model.holds == Some(want.model);
+                self.endpoint(endpoint).is_some_and(holds)
+                    || !self.endpoints.iter().any(|e| e.is_serving() && holds(e))
+            }
             _ => true,
         }
     }
 
-    /// Index of the endpoint a request with this pin gets now, if any.
-    fn pick_for(&mut self, pin: Option<Pin>) -> Option<usize> {
+    /// Where a request with this pin, wanting this checkpoint, goes now;
+    /// `ahead` waiters for the same checkpoint are before it in line.
+    ///
+    /// Pins win. A request that names no checkpoint (or a blind gate) takes
+    /// what the policy picks. One that names one takes a pod with room that
+    /// holds it; else, when a busy pod holds it and the expected wait for
+    /// that pod is shorter than a load (and it is `patient`), it waits;
+    /// else it takes the pod with room whose checkpoint the queue wants
+    /// least (ties: the policy's order).
+    fn choose(&self, pin: Option<Pin>, want: Option<Want>, patient: bool, ahead: usize) -> Choice {
         if let Some(pin) = self.pin_holds(pin) {
-            let index = self.endpoints.iter().position(|e| e.id == pin.endpoint)?;
-            if self.has_room(&self.endpoints[index]) {
-                return Some(index);
+            if let Some(index) = self.endpoints.iter().position(|e| e.id == pin.endpoint && self.has_room(e)) {
+                return Choice::At(index);
             }
             if pin.strict {
-                return None;
+                return Choice::Wait;
             }
         }
-        self.pick()
+        let Some(want) = want.filter(|_| self.model_policy.aware) else {
+            return if self.endpoints.iter().any(|e| self.has_room(e)) { Choice::Policy } else { Choice::Wait };
+        };
+        let by_load = self.policy != Policy::FirstAvailable;
+        let mut matching = 0;
+        let mut matched: Option<(u32, usize)> = None;
+        let mut switch: Option<((usize, u32), usize)> = None;
+        for (index, endpoint) in self.endpoints.iter().enumerate() {
+            if !endpoint.is_serving() {
+                continue;
+            }
+            let holds = endpoint.model.holds == Some(want.model);
+            matching += usize::from(holds);
+            if !self.has_room(endpoint) {
+                continue;
+            }
+            let load = if by_load { endpoint.inflight } else { 0 };
+            if holds {
+                if matched.is_none_or(|(best, _)| load < best) {
+                    matched = Some((load, index));
+                }
+            } else {
+                let key = (self.models.waiting_for(endpoint.model.holds), load);
+                if switch.is_none_or(|(best, _)| key < best) {
+                    switch = Some((key, index));
+                }
+            }
+        }
+        if let Some((_, index)) = matched {
+            return Choice::At(index);
+        }
+        let Some((_, index)) = switch else { return Choice::Wait };
+        if patient && matching > 0 && self.worth_waiting(want.model, ahead, matching, index) {
+            return Choice::Wait;
+        }
+        Choice::At(index)
+    }
+
+    /// Whether a request for `model`, with `ahead` others for it before it,
+    /// should wait for one of the `matching` pods that hold it rather than
+    /// make the pod at `switch` load it: its expected wait (its turn among
+    /// their slots, at their mean generation time) is shorter than that
+    /// pod's load time. Before a generation time is known: when it would be
+    /// next on one of them.
+    fn worth_waiting(&self, model: ModelId, ahead: usize, matching: usize, switch: usize) -> bool {
+        let slots = matching * self.capacity.max(1) as usize;
+        let (mut sum, mut known) = (Duration::ZERO, 0u32);
+        for endpoint in &self.endpoints {
+            if let (true, Some(generation)) =
+                (endpoint.is_serving() && endpoint.model.holds == Some(model), endpoint.model.generation)
+            {
+                sum += generation;
+                known += 1;
+            }
+        }
+        if known == 0 {
+            return ahead < slots;
+        }
+        let expected = (sum / known).mul_f64((ahead + 1) as f64 / slots as f64);
+        expected < self.endpoints[switch].model.switch_cost(&self.model_policy)
     }
 
     /// Index of the endpoint the policy chooses, among those with room.
@@ -642,6 +873,17 @@ impl<W> Gate<W> {
             }
         }
     }
+}
+
+/// What a request brings to the queue besides its waiter.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Queued {
+    pub pin: Option<Pin>,
+    pub client: Option<ClientKey>,
+    pub priority: Priority,
+    pub want: Option<Want>,
+    /// See [`Gate::lose_patience`].
+    pub patient: bool,
 }
 
 #[cfg(test)]

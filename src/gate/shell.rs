@@ -17,7 +17,8 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use super::core::{ClientKey, EndpointId, Gate, Grant, Pin, Priority, Ticket};
+use super::core::{ClientKey, EndpointId, Gate, Grant, Pin, Priority, Queued, Ticket};
+use super::models::{ModelPolicy, Want};
 use super::slot::Slot;
 use crate::error::{lock, ProxyError, UpstreamFailure};
 
@@ -37,6 +38,11 @@ pub trait Observer: Send + Sync {
     fn upstream_failed(&self, failure: UpstreamFailure);
     /// A pod went into quarantine.
     fn quarantined(&self);
+    /// A request was sent to a pod that must load `checkpoint` first.
+    fn checkpoint_loaded(&self, _checkpoint: &str) {}
+    /// Requests waiting per checkpoint (those with none waiting left out),
+    /// told whenever the queue changes while a checkpoint is known.
+    fn checkpoint_waiting(&self, _waiting: &mut dyn Iterator<Item = (&str, usize)>) {}
 }
 
 /// Endpoints by state: ready (taking requests), not ready (starting or
@@ -65,7 +71,8 @@ impl Observer for Unobserved {
 pub type Waiter = oneshot::Sender<Slot>;
 
 /// Who a request comes from, for fair share: its client, its class, and how
-/// many requests the client may have waiting (0: no bound).
+/// many requests the client may have waiting (0: no bound); and the
+/// checkpoint it wants.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Origin {
     /// Its client's key (a hash never 0, so the field is 8 bytes: an origin
@@ -73,6 +80,9 @@ pub struct Origin {
     pub client: Option<std::num::NonZeroU64>,
     pub priority: Priority,
     pub max_queued: u32,
+    pub want: Option<Want>,
+    /// Has waited `max_wait_for_match`: takes any pod (see [`Gate::lose_patience`]).
+    pub impatient: bool,
 }
 
 impl Origin {
@@ -137,6 +147,25 @@ impl SharedGate {
         self.lock().set_batch_delay(units);
     }
 
+    /// See [`Gate::set_model_policy`].
+    pub fn set_model_policy(&self, policy: ModelPolicy) {
+        self.lock().set_model_policy(policy);
+    }
+
+    /// What a request wants, by checkpoint name (already normalised); None
+    /// when the service's table of names is full.
+    pub fn want(&self, name: &str, keep: bool) -> Option<Want> {
+        self.lock().checkpoint(name).map(|model| Want { model, keep })
+    }
+
+    /// What a pod says it is set to (see [`Gate::set_checkpoint`]).
+    pub fn set_checkpoint(&self, id: EndpointId, name: &str) {
+        let name = super::models::normalize_checkpoint(name);
+        if !name.is_empty() {
+            self.lock().set_checkpoint(id, name);
+        }
+    }
+
     /// A place in line for a new request from `origin` (see [`Gate::arrive_from`]).
     pub fn arrive_from(&self, origin: Origin) -> Ticket {
         self.lock().arrive_from(origin.client_key(), origin.priority)
@@ -148,7 +177,7 @@ impl SharedGate {
     pub fn arrive_and_try(self: &Arc<Self>, origin: Origin, pin: Option<Pin>) -> (Ticket, Option<Slot>) {
         let mut gate = self.lock();
         let ticket = gate.arrive_from(origin.client_key(), origin.priority);
-        let slot = self.dispatch(&mut gate, ticket, pin);
+        let slot = self.dispatch(&mut gate, ticket, pin, origin);
         (ticket, slot)
     }
 
@@ -160,15 +189,29 @@ impl SharedGate {
 
     /// A slot for `ticket` now, if a pod has room and nobody is ahead of
     /// it; else the ticket keeps its place for [`SharedGate::acquire_pinned`].
-    pub fn try_acquire(self: &Arc<Self>, ticket: Ticket, pin: Option<Pin>) -> Option<Slot> {
-        self.dispatch(&mut self.lock(), ticket, pin)
+    pub fn try_acquire(self: &Arc<Self>, ticket: Ticket, pin: Option<Pin>, origin: Origin) -> Option<Slot> {
+        self.dispatch(&mut self.lock(), ticket, pin, origin)
     }
 
     /// A slot for `ticket` from the locked gate, if it can have one now.
-    fn dispatch(self: &Arc<Self>, gate: &mut Gate<Waiter>, ticket: Ticket, pin: Option<Pin>) -> Option<Slot> {
-        let grant = gate.try_dispatch_pinned(ticket, pin)?;
+    fn dispatch(
+        self: &Arc<Self>,
+        gate: &mut Gate<Waiter>,
+        ticket: Ticket,
+        pin: Option<Pin>,
+        origin: Origin,
+    ) -> Option<Slot> {
+        let grant = gate.try_dispatch_for(ticket, pin, origin.want, !origin.impatient)?;
         self.publish(gate);
-        Some(Slot::new(self.clone(), grant))
+        Some(self.slot(gate, grant))
+    }
+
+    /// The slot of a grant (told to the observer if it loads a checkpoint).
+    fn slot(self: &Arc<Self>, gate: &Gate<Waiter>, grant: Grant) -> Slot {
+        if let Some(model) = grant.load {
+            self.observer.checkpoint_loaded(gate.checkpoint_name(model));
+        }
+        Slot::new(self.clone(), grant)
     }
 
     /// [`SharedGate::acquire`] for a request that may be pinned to a pod.
@@ -192,7 +235,7 @@ impl SharedGate {
     ) -> Result<Slot, ProxyError> {
         let mut rx = {
             let mut gate = self.lock();
-            if let Some(slot) = self.dispatch(&mut gate, ticket, pin) {
+            if let Some(slot) = self.dispatch(&mut gate, ticket, pin, origin) {
                 return Ok(slot);
             }
             if let (Some(client), max) = (origin.client_key(), origin.max_queued as usize) {
@@ -202,7 +245,14 @@ impl SharedGate {
             }
             let (tx, rx) = oneshot::channel();
             let now = Instant::now();
-            if gate.enqueue_from(ticket, pin, origin.client_key(), origin.priority, tx, now).is_err() {
+            let queued = Queued {
+                pin,
+                client: origin.client_key(),
+                priority: origin.priority,
+                want: origin.want,
+                patient: !origin.impatient,
+            };
+            if gate.enqueue_request(ticket, queued, tx, now).is_err() {
                 return Err(ProxyError::QueueFull(gate.queue_depth()));
             }
             if gate.ready_count() == 0 {
@@ -283,7 +333,7 @@ impl SharedGate {
     /// A grant (without a slot) on exactly `id`, whatever its state, while
     /// the gate knows it: for requests that must reach the pod a job runs on.
     pub fn grant_of(&self, id: EndpointId) -> Option<Grant> {
-        self.lock().endpoint(id).map(|e| Grant { endpoint: e.id, addr: e.addr })
+        self.lock().endpoint(id).map(|e| Grant::plain(e.id, e.addr))
     }
 
     /// How many waiters are ahead of `ticket`; None when it is not waiting.
@@ -294,7 +344,7 @@ impl SharedGate {
     pub fn any_ready(&self, pin: Option<EndpointId>) -> Option<Grant> {
         let gate = self.lock();
         let pinned = pin.and_then(|id| gate.endpoint(id)).filter(|e| e.is_serving());
-        pinned.map(|e| Grant { endpoint: e.id, addr: e.addr }).or_else(|| gate.any_ready())
+        pinned.map(|e| Grant::plain(e.id, e.addr)).or_else(|| gate.any_ready())
     }
 
     pub fn add_endpoint(&self, addr: SocketAddr) -> EndpointId {
@@ -335,8 +385,11 @@ impl SharedGate {
         self.lock().record_failure(id)
     }
 
-    pub(super) fn release(self: &Arc<Self>, endpoint: EndpointId, answered: bool) {
+    pub(super) fn release(self: &Arc<Self>, endpoint: EndpointId, answered: bool, timed: Option<(Duration, bool)>) {
         let mut gate = self.lock();
+        if let (true, Some((took, loaded))) = (answered, timed) {
+            gate.learn(endpoint, took, loaded);
+        }
         if answered {
             gate.release_answered(endpoint);
         } else {
@@ -349,7 +402,7 @@ impl SharedGate {
     /// Gives free room to waiters, in order, until one or the other runs out.
     fn hand_out(self: &Arc<Self>, gate: &mut Gate<Waiter>) {
         while let Some((waiter, grant)) = gate.next_grant() {
-            if let Err(mut slot) = waiter.send(Slot::new(self.clone(), grant)) {
+            if let Err(mut slot) = waiter.send(self.slot(gate, grant)) {
                 // The waiter left: the room goes to the next one. The slot must
                 // not release itself (we hold the lock); release it here.
                 slot.armed = false;
@@ -367,6 +420,9 @@ impl SharedGate {
             self.waiting_told.store(waiting, std::sync::atomic::Ordering::Relaxed);
             let by_class = [gate.depth_of(Priority::Interactive), gate.depth_of(Priority::Batch)];
             self.observer.waiting(gate.waiting_clients(), by_class);
+            if gate.knows_checkpoints() {
+                self.observer.checkpoint_waiting(&mut gate.checkpoint_demand());
+            }
         }
     }
 

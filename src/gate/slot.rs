@@ -22,16 +22,19 @@ pub struct Slot {
     /// Whose job this is, known for as long as the pod holds it (boxed: a
     /// slot is moved along the whole exchange, and most have no session).
     job: Option<Box<Running>>,
+    /// When it was granted, for a timed grant (see [`Grant::timed`]).
+    since: Option<tokio::time::Instant>,
 }
 
 impl Slot {
     pub(super) fn new(gate: Arc<SharedGate>, grant: Grant) -> Self {
-        Self { gate, grant, armed: true, answered: false, job: None }
+        let since = grant.timed.then(tokio::time::Instant::now);
+        Self { gate, grant, armed: true, answered: false, job: None, since }
     }
 
     /// A slot-less stand-in for requests that skip the gate.
     pub fn bypass(gate: Arc<SharedGate>, grant: Grant) -> Self {
-        Self { gate, grant, armed: false, answered: false, job: None }
+        Self { gate, grant, armed: false, answered: false, job: None, since: None }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -65,7 +68,8 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.armed {
-            self.gate.release(self.grant.endpoint, self.answered);
+            let timed = self.since.map(|since| (since.elapsed(), self.grant.load.is_some()));
+            self.gate.release(self.grant.endpoint, self.answered, timed);
         }
     }
 }

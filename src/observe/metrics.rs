@@ -38,6 +38,9 @@ pub struct Metrics {
     route_requests: IntCounterVec,
     reloads: IntCounterVec,
     handed_over: IntCounterVec,
+    checkpoint_requests: IntCounterVec,
+    checkpoint_loads: IntCounterVec,
+    checkpoint_queue_depth: IntGaugeVec,
 }
 
 /// The metrics of one service, and what its status page shows of its
@@ -65,6 +68,76 @@ pub struct ServiceMetrics {
     pub recent: Arc<Recent>,
     /// The autoscaler's latest change, for the status page.
     last_scale: Arc<Mutex<Option<ScaleEvent>>>,
+    /// The per-checkpoint series.
+    checkpoints: Arc<Checkpoints>,
+}
+
+/// The checkpoint series of one service: a label of its own for each of the
+/// first `limit` checkpoints seen, `other` for the rest (bounded cardinality
+/// whatever clients name).
+struct Checkpoints {
+    service: String,
+    limit: std::sync::atomic::AtomicUsize,
+    requests: IntCounterVec,
+    loads: IntCounterVec,
+    queue_depth: IntGaugeVec,
+    /// Labels given so far, with their series; `other` is not among them.
+    labelled: Mutex<Vec<CheckpointSeries>>,
+}
+
+struct CheckpointSeries {
+    name: String,
+    requests: prometheus::IntCounter,
+    loads: prometheus::IntCounter,
+    queue_depth: IntGauge,
+}
+
+impl Checkpoints {
+    /// The series of `name`'s label (given it now if there is room), or of
+    /// `other`, for `use`.
+    fn with<T>(&self, name: &str, use_: impl FnOnce(&CheckpointSeries) -> T) -> T {
+        let mut labelled = lock(&self.labelled);
+        let limit = self.limit.load(std::sync::atomic::Ordering::Relaxed);
+        let label = match labelled.iter().position(|s| s.name == name) {
+            Some(index) => index,
+            None if labelled.len() < limit => {
+                labelled.push(self.series(name));
+                labelled.len() - 1
+            }
+            None => return use_(&self.series("other")),
+        };
+        use_(&labelled[label])
+    }
+
+    fn series(&self, name: &str) -> CheckpointSeries {
+        let labels = [self.service.as_str(), name];
+        CheckpointSeries {
+            name: name.to_string(),
+            requests: self.requests.with_label_values(&labels),
+            loads: self.loads.with_label_values(&labels),
+            queue_depth: self.queue_depth.with_label_values(&labels),
+        }
+    }
+
+    /// Sets every checkpoint's queue depth (those not named: 0).
+    fn waiting(&self, waiting: &mut dyn Iterator<Item = (&str, usize)>) {
+        let mut other = 0;
+        let mut depths: Vec<(String, usize)> = Vec::new();
+        let labelled = lock(&self.labelled);
+        for (name, count) in waiting {
+            match labelled.iter().any(|s| s.name == name) {
+                true => depths.push((name.to_string(), count)),
+                false => other += count,
+            }
+        }
+        for series in labelled.iter() {
+            let depth = depths.iter().find(|(name, _)| *name == series.name).map_or(0, |(_, n)| *n);
+            series.queue_depth.set(depth as i64);
+        }
+        if other > 0 || labelled.len() >= self.limit.load(std::sync::atomic::Ordering::Relaxed) {
+            self.queue_depth.with_label_values(&[self.service.as_str(), "other"]).set(other as i64);
+        }
+    }
 }
 
 /// A change of the desired replica count and why.
@@ -145,6 +218,24 @@ impl Metrics {
                 &["result"],
             )
             .expect("static metric definition"),
+            checkpoint_requests: IntCounterVec::new(
+                Opts::new("sdgate_checkpoint_requests_total", "Requests that named a checkpoint, by checkpoint"),
+                &["service", "checkpoint"],
+            )
+            .expect("static metric definition"),
+            checkpoint_loads: IntCounterVec::new(
+                Opts::new(
+                    "sdgate_checkpoint_loads_total",
+                    "Requests sent to a pod that had to load their checkpoint first, by checkpoint",
+                ),
+                &["service", "checkpoint"],
+            )
+            .expect("static metric definition"),
+            checkpoint_queue_depth: IntGaugeVec::new(
+                Opts::new("sdgate_checkpoint_queue_depth", "Requests waiting for a pod, by the checkpoint they named"),
+                &["service", "checkpoint"],
+            )
+            .expect("static metric definition"),
             handed_over: IntCounterVec::new(
                 Opts::new(
                     "sdgate_handed_over_total",
@@ -188,6 +279,9 @@ impl Metrics {
             Box::new(self.route_requests.clone()),
             Box::new(self.reloads.clone()),
             Box::new(self.handed_over.clone()),
+            Box::new(self.checkpoint_requests.clone()),
+            Box::new(self.checkpoint_loads.clone()),
+            Box::new(self.checkpoint_queue_depth.clone()),
         ]
     }
 
@@ -226,6 +320,14 @@ impl Metrics {
             affinity: self.affinity.clone(),
             recent: Arc::default(),
             last_scale: Arc::default(),
+            checkpoints: Arc::new(Checkpoints {
+                service: service.to_string(),
+                limit: std::sync::atomic::AtomicUsize::new(10),
+                requests: self.checkpoint_requests.clone(),
+                loads: self.checkpoint_loads.clone(),
+                queue_depth: self.checkpoint_queue_depth.clone(),
+                labelled: Mutex::default(),
+            }),
         }
     }
 
@@ -275,6 +377,16 @@ impl ServiceMetrics {
     pub fn last_scale(&self) -> Option<ScaleEvent> {
         lock(&self.last_scale).clone()
     }
+
+    /// How many checkpoints get a label of their own (`checkpoints.metric_labels`).
+    pub fn set_checkpoint_labels(&self, limit: usize) {
+        self.checkpoints.limit.store(limit, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `sdgate_checkpoint_requests_total`: a request named `checkpoint`.
+    pub fn checkpoint_requested(&self, checkpoint: &str) {
+        self.checkpoints.with(checkpoint, |series| series.requests.inc());
+    }
 }
 
 /// The gate's numbers become the service's gauges.
@@ -313,6 +425,16 @@ impl Observer for ServiceMetrics {
     /// `sdgate_quarantined_total`.
     fn quarantined(&self) {
         self.quarantined.with_label_values(&[&self.service]).inc();
+    }
+
+    /// `sdgate_checkpoint_loads_total`.
+    fn checkpoint_loaded(&self, checkpoint: &str) {
+        self.checkpoints.with(checkpoint, |series| series.loads.inc());
+    }
+
+    /// `sdgate_checkpoint_queue_depth`.
+    fn checkpoint_waiting(&self, waiting: &mut dyn Iterator<Item = (&str, usize)>) {
+        self.checkpoints.waiting(waiting);
     }
 }
 

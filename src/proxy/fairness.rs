@@ -60,7 +60,7 @@ pub fn origin(
     }
     .or_else(|| client_address(fairness, headers, peer).map(|ip| hash(&ip)));
     let client = client.map(|key| std::num::NonZeroU64::new(key).unwrap_or(std::num::NonZeroU64::MIN));
-    Origin { client, priority, max_queued: u32::try_from(fairness.max_queued).unwrap_or(u32::MAX) }
+    Origin { client, priority, max_queued: u32::try_from(fairness.max_queued).unwrap_or(u32::MAX), ..Origin::default() }
 }
 
 /// The client's address (for fair share and the log): the peer's, or the

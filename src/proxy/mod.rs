@@ -1,6 +1,7 @@
 //! The request path: router -> gate -> forward, and one log line per request.
 
 pub mod affinity;
+pub mod checkpoint;
 pub(crate) mod fairness;
 pub(crate) mod owners;
 pub mod relay;
@@ -139,6 +140,8 @@ impl Table {
                 Some(old) => {
                     old.gate.set_limits(service.container_concurrency, service.queue.max_depth);
                     old.gate.set_batch_delay(service.fairness.batch_delay);
+                    old.gate.set_model_policy(model_policy(service));
+                    old.metrics.set_checkpoint_labels(service.checkpoints.metric_labels);
                     let affinity = match (&old.affinity, &service.affinity) {
                         (Some(old), Some(new)) => Some(Arc::new(old.reconfigured(new.clone()))),
                         _ => None,
@@ -246,9 +249,11 @@ impl Service {
             None => None,
         };
         let metrics = metrics.service(&service.name);
+        metrics.set_checkpoint_labels(service.checkpoints.metric_labels);
         let observer: Arc<dyn crate::gate::Observer> = Arc::new(metrics.clone());
         let gate = SharedGate::new(service.container_concurrency, service.queue.max_depth, observer);
         gate.set_batch_delay(service.fairness.batch_delay);
+        gate.set_model_policy(model_policy(service));
         Ok(Self {
             config: service.clone(),
             gate,
@@ -258,6 +263,26 @@ impl Service {
             jobs: Jobs::new(),
             fairness: fairness::Fairness::of(&service.fairness),
         })
+    }
+}
+
+/// How a service's gate weighs checkpoints.
+fn model_policy(service: &ServiceConfig) -> crate::gate::ModelPolicy {
+    crate::gate::ModelPolicy { aware: service.checkpoints.route, switch_cost: service.checkpoints.switch_cost }
+}
+
+impl Service {
+    /// The checkpoint a request wants, if it names one (counted per
+    /// checkpoint); None also once the service's table of names is full.
+    fn want(&self, headers: &http::HeaderMap, body: Option<&[u8]>) -> Option<crate::gate::Want> {
+        let checkpoints = &self.config.checkpoints;
+        if !checkpoints.reads_requests() {
+            return None;
+        }
+        let (name, keep) = checkpoint::wanted(checkpoints, headers, body)?;
+        let want = self.gate.want(&name, keep);
+        self.metrics.checkpoint_requested(&name);
+        want
     }
 }
 
@@ -569,14 +594,20 @@ impl Proxy {
     /// with nothing counted or logged, when the request takes the ordinary
     /// path instead: it is not routed, is refused before the queue, or does
     /// not queue (`bypass`); that path then gives the same answer.
-    pub fn admit_early(&self, request: &mut Request<()>, peer: Option<std::net::IpAddr>) -> Option<EarlyWait> {
+    pub fn admit_early(
+        &self,
+        request: &mut Request<()>,
+        body: &[u8],
+        peer: Option<std::net::IpAddr>,
+    ) -> Option<EarlyWait> {
         let peer = self.client_ip(request.headers(), peer);
         let table = self.table();
         let split = table.pick(request).ok()?;
-        let admitted = self.admit(&split.service, request, peer, split.priority).ok()?;
+        let mut admitted = self.admit(&split.service, request, peer, split.priority).ok()?;
         if admitted.bypass {
             return None;
         }
+        admitted.origin.want = split.service.want(request.headers(), Some(body));
         Some(EarlyWait { record: self.start_record(split, request, peer), admitted })
     }
 
@@ -623,7 +654,7 @@ impl Proxy {
         trace: &mut Trace,
         admitted: Option<Admitted>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let Admitted { bypass, owner_only, mut session, pin, origin, queued } = match admitted {
+        let Admitted { bypass, owner_only, mut session, pin, mut origin, queued } = match admitted {
             Some(admitted) => admitted,
             None => self.admit(service, &request, from.client, from.priority)?,
         };
@@ -642,7 +673,10 @@ impl Proxy {
         if let Some(affinity) = &service.affinity {
             affinity.strip_cookie(&mut parts.headers);
         }
-        let body = self.read_body(body).await?;
+        let (body, whole) = self.read_body(body).await?;
+        if queued.is_none() && !bypass {
+            origin.want = service.want(&parts.headers, whole.as_deref());
+        }
         let secure = parts.headers.get("x-forwarded-proto").is_some_and(|v| v == "https");
         // Made once: a request whose connection failed before sending comes
         // back with its error and goes to the next pod as it is.
@@ -744,9 +778,10 @@ impl Proxy {
     /// is small enough (`limits.buffer_body_bytes`), within
     /// `limits.body_read_timeout`; a larger one streams the rest. A broken
     /// body is the client's fault (400), never the pod's.
-    async fn read_body(&self, body: Incoming) -> Result<ReplayableBody, ProxyError> {
+    /// With the body, its bytes when it was read in full.
+    async fn read_body(&self, body: Incoming) -> Result<(ReplayableBody, Option<bytes::Bytes>), ProxyError> {
         if http_body::Body::is_end_stream(&body) {
-            return Ok(ReplayableBody::empty());
+            return Ok((ReplayableBody::empty(), None));
         }
         let limited: RequestBody = match self.limits.max_body_bytes {
             Some(max) => Limited::new(body, max as usize).boxed_unsync(),
@@ -758,10 +793,10 @@ impl Proxy {
             Err(_) => Err(ProxyError::BodyTimeout(timeout)),
             Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyOverLimit),
             Ok(Err(error)) => Err(ProxyError::BadBody(error.to_string())),
-            Ok(Ok(Buffered::Complete(bytes))) => Ok(ReplayableBody::new(crate::body::full(bytes))),
+            Ok(Ok(Buffered::Complete(bytes))) => Ok((ReplayableBody::new(crate::body::full(bytes.clone())), Some(bytes))),
             Ok(Ok(Buffered::Partial(head, rest))) => {
                 let rest = crate::body::PauseLimit::new(rest, timeout);
-                Ok(ReplayableBody::new(crate::body::chain(head, rest)))
+                Ok((ReplayableBody::new(crate::body::chain(head, rest)), None))
             }
         }
     }
@@ -869,7 +904,7 @@ impl Place {
         origin: crate::gate::Origin,
         trace: &mut Trace,
     ) -> Result<Slot, ProxyError> {
-        if let Some(slot) = service.gate.try_acquire(self.ticket, pin) {
+        if let Some(slot) = service.gate.try_acquire(self.ticket, pin, origin) {
             trace.queue_wait = Some(Duration::ZERO);
             return Ok(slot);
         }
@@ -879,23 +914,37 @@ impl Place {
         });
         trace.arrived = Some(arrived);
         self.waiting = session.map(|session| Box::new(service.jobs.wait(session, self.ticket)));
-        let strict_for = match (pin, &service.affinity) {
-            (Some(pin), Some(affinity)) if pin.strict => Some(affinity.config.max_wait),
+        // What may change while it waits: a strict pin loosens after
+        // `affinity.max_wait`; a wait for a pod that holds its checkpoint
+        // ends after `checkpoints.max_wait_for_match`.
+        let mut strict_until = match (pin, &service.affinity) {
+            (Some(pin), Some(affinity)) if pin.strict => Some(arrived + affinity.config.max_wait),
             _ => None,
         };
-        let left = deadline.saturating_duration_since(Instant::now());
-        let acquired = match strict_for {
-            Some(max_wait) if max_wait < left => {
-                match service.gate.acquire_from(self.ticket, pin, origin, max_wait).await {
-                    Err(ProxyError::QueueTimeout { .. }) => {
-                        let loose = pin.map(|pin| Pin { strict: false, ..pin });
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        service.gate.acquire_from(self.ticket, loose, origin, left).await
-                    }
-                    other => other,
-                }
+        let mut patient_until = match origin.want {
+            Some(_) if service.config.checkpoints.route && !origin.impatient => {
+                Some(arrived + service.config.checkpoints.max_wait_for_match)
             }
-            _ => service.gate.acquire_from(self.ticket, pin, origin, left).await,
+            _ => None,
+        };
+        let (mut pin, mut origin) = (pin, origin);
+        let acquired = loop {
+            let until = [strict_until, patient_until].into_iter().flatten().min().filter(|at| *at < deadline);
+            let left = until.unwrap_or(deadline).saturating_duration_since(Instant::now());
+            match service.gate.acquire_from(self.ticket, pin, origin, left).await {
+                Err(ProxyError::QueueTimeout { .. }) if until.is_some() => {
+                    let now = Instant::now();
+                    if strict_until.is_some_and(|at| at <= now) {
+                        strict_until = None;
+                        pin = pin.map(|pin| Pin { strict: false, ..pin });
+                    }
+                    if patient_until.is_some_and(|at| at <= now) {
+                        patient_until = None;
+                        origin.impatient = true;
+                    }
+                }
+                other => break other,
+            }
         };
         trace.queue_wait = Some(arrived.elapsed());
         match acquired {

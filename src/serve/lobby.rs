@@ -69,11 +69,11 @@ pub async fn first_request(
     draining: &mut watch::Receiver<bool>,
 ) -> Outcome {
     let mut read = Vec::new();
-    let (mut request, whole) = loop {
+    let (mut request, head, whole) = loop {
         match parse(&read, limits.max_header_bytes) {
             Parsed::Partial => {}
             Parsed::Pass { http1 } => return Outcome::Serve { read: Bytes::from(read), early: None, http1 },
-            Parsed::Complete { request, head, body } => break (request, head + body),
+            Parsed::Complete { request, head, body } => break (request, head, head + body),
         }
         let more = tokio::select! {
             more = tokio::time::timeout_at(limits.head_deadline, read_more(stream, &mut read)) => more,
@@ -104,7 +104,7 @@ pub async fn first_request(
         }
     }
     let waiting = match router::normalize_host(&mut request) {
-        Ok(()) => proxy.admit_early(&mut request, stream.peer_addr().ok().map(|a| a.ip())),
+        Ok(()) => proxy.admit_early(&mut request, &read[head..whole], stream.peer_addr().ok().map(|a| a.ip())),
         Err(_) => None,
     };
     drop(request);

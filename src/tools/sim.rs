@@ -9,6 +9,15 @@
 //! a decodable PNG (base64). Cheap calls (progress, interrupt, ping) answer
 //! during a generation.
 //!
+//! Like the real one (1.6 and later) it holds one checkpoint
+//! (`--checkpoint`) and loads another when a request names it in
+//! `override_settings.sd_model_checkpoint`, taking `--load-time` inside the
+//! generation lock; `override_settings_restore_afterwards` (default true)
+//! keeps its setting, so a later request that names none loads the setting
+//! back. Answers' `info` has `sd_model_name` and `sd_model_hash`; `GET
+//! /sdapi/v1/options` has `sd_model_checkpoint` (the setting's title) and
+//! `POST /sdapi/v1/options` changes it (and loads it).
+//!
 //! Routes: POST `/sdapi/v1/txt2img` and `/sdapi/v1/img2img`; GET
 //! `/sdapi/v1/progress`; POST `/sdapi/v1/interrupt` and `/sdapi/v1/skip`; GET
 //! `/sdapi/v1/options`; GET `/internal/ping`; a websocket echo at
@@ -41,10 +50,15 @@ use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Rol
 use tokio_tungstenite::WebSocketStream;
 
 use crate::body::{self, ResponseBody};
+use crate::gate::normalize_checkpoint;
 
 /// How a fake worker behaves.
 #[derive(Clone, Debug)]
 pub struct SimOptions {
+    /// The checkpoint it holds (and is set to) at start.
+    pub checkpoint: String,
+    /// Time a checkpoint load takes.
+    pub load_time: Duration,
     /// Time one sampling step takes.
     pub step_time: Duration,
     /// Size of the base64 image in each generation's response.
@@ -59,7 +73,14 @@ pub struct SimOptions {
 
 impl Default for SimOptions {
     fn default() -> Self {
-        Self { step_time: Duration::from_millis(50), image_bytes: 64 * 1024, name: None, cancel_on_disconnect: false }
+        Self {
+            checkpoint: "sim".into(),
+            load_time: Duration::ZERO,
+            step_time: Duration::from_millis(50),
+            image_bytes: 64 * 1024,
+            name: None,
+            cancel_on_disconnect: false,
+        }
     }
 }
 
@@ -78,6 +99,12 @@ pub struct SimStats {
     pub overlaps: u64,
     /// Interrupt calls received.
     pub interrupts: u64,
+    /// Checkpoint loads (after the one at start).
+    #[serde(default)]
+    pub loads: u64,
+    /// The checkpoint it holds now.
+    #[serde(default)]
+    pub checkpoint: String,
     /// The latest generations (at most 1000), oldest first.
     pub jobs: Vec<JobRecord>,
 }
@@ -91,6 +118,11 @@ pub struct JobRecord {
     pub arrived_us: u64,
     pub ended_us: u64,
     pub interrupted: bool,
+    /// The checkpoint it ran on, and whether it was loaded for it.
+    #[serde(default)]
+    pub checkpoint: String,
+    #[serde(default)]
+    pub loaded: bool,
 }
 
 const JOB_HISTORY: usize = 1000;
@@ -105,9 +137,18 @@ struct State {
     overlaps: AtomicU64,
     served: AtomicU64,
     interrupts: AtomicU64,
+    loads: AtomicU64,
+    /// What it holds and is set to (changed under the generation lock).
+    model: Mutex<Model>,
     generation: tokio::sync::Mutex<()>,
     progress: Mutex<Progress>,
     jobs: Mutex<VecDeque<JobRecord>>,
+}
+
+/// The checkpoint in memory, and the setting (`sd_model_checkpoint`).
+struct Model {
+    loaded: String,
+    setting: String,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -217,6 +258,7 @@ impl State {
         let name_text = options.name.clone().unwrap_or_else(|| format!("sim-{port}"));
         let name = HeaderValue::from_str(&name_text).unwrap_or_else(|_| HeaderValue::from_static("sim"));
         let image = png_base64(options.image_bytes);
+        let checkpoint = normalize_checkpoint(&options.checkpoint).to_string();
         Self {
             options,
             name,
@@ -227,6 +269,8 @@ impl State {
             overlaps: AtomicU64::new(0),
             served: AtomicU64::new(0),
             interrupts: AtomicU64::new(0),
+            loads: AtomicU64::new(0),
+            model: Mutex::new(Model { loaded: checkpoint.clone(), setting: checkpoint }),
             generation: tokio::sync::Mutex::new(()),
             progress: Mutex::new(Progress::default()),
             jobs: Mutex::new(VecDeque::new()),
@@ -241,6 +285,8 @@ impl State {
             max_inflight: self.max_inflight.load(Ordering::SeqCst),
             overlaps: self.overlaps.load(Ordering::SeqCst),
             interrupts: self.interrupts.load(Ordering::SeqCst),
+            loads: self.loads.load(Ordering::SeqCst),
+            checkpoint: lock(&self.model).loaded.clone(),
             jobs: lock(&self.jobs).iter().cloned().collect(),
         }
     }
@@ -254,7 +300,10 @@ impl State {
                 lock(&self.progress).interrupted = true;
                 json_response(json!({}))
             }
-            (&Method::GET, "/sdapi/v1/options") => json_response(json!({"sd_model_checkpoint": "sim.safetensors"})),
+            (&Method::GET, "/sdapi/v1/options") => {
+                json_response(json!({"sd_model_checkpoint": title(&lock(&self.model).setting)}))
+            }
+            (&Method::POST, "/sdapi/v1/options") => self.set_options(request).await,
             (&Method::GET, "/internal/ping") => json_response(json!({})),
             (&Method::GET, "/sim/stats") => json_response(json!(self.stats())),
             (&Method::GET, "/sim/headers") => json_response(headers_json(&request)),
@@ -293,7 +342,16 @@ impl State {
         let _inside = Inside::enter(self);
         let steps = payload.get("steps").and_then(Value::as_u64).unwrap_or(20).clamp(1, 10_000) as u32;
         let prompt = payload.get("prompt").and_then(Value::as_str).unwrap_or("").to_string();
+        let named = payload.pointer("/override_settings/sd_model_checkpoint").and_then(Value::as_str);
+        let restore = payload.get("override_settings_restore_afterwards").and_then(Value::as_bool).unwrap_or(true);
         let _generation = self.generation.lock().await;
+        // As the WebUI: the named checkpoint, else the setting, loaded first.
+        let wanted = named.map(normalize_checkpoint).filter(|name| !name.is_empty());
+        let target = wanted.map_or_else(|| lock(&self.model).setting.clone(), str::to_string);
+        let loaded = self.load(&target).await;
+        if let (Some(wanted), false) = (wanted, restore) {
+            lock(&self.model).setting = wanted.to_string();
+        }
         *lock(&self.progress) = Progress { step: 0, steps, running: true, interrupted: false };
         let mut interrupted = false;
         for step in 1..=steps {
@@ -306,7 +364,14 @@ impl State {
             }
         }
         lock(&self.progress).running = false;
-        let info = json!({"worker": self.name_text, "steps": steps, "interrupted": interrupted}).to_string();
+        let info = json!({
+            "worker": self.name_text,
+            "steps": steps,
+            "interrupted": interrupted,
+            "sd_model_name": target,
+            "sd_model_hash": hash_of(&target),
+        })
+        .to_string();
         let body =
             format!("{{\"images\":[\"{}\"],\"parameters\":{},\"info\":{}}}", self.image, payload, Value::String(info));
         self.served.fetch_add(1, Ordering::SeqCst);
@@ -314,9 +379,40 @@ impl State {
         if jobs.len() == JOB_HISTORY {
             jobs.pop_front();
         }
-        jobs.push_back(JobRecord { prompt, arrived_us, ended_us: micros_since_origin(), interrupted });
+        let ended_us = micros_since_origin();
+        jobs.push_back(JobRecord { prompt, arrived_us, ended_us, interrupted, checkpoint: target, loaded });
         drop(jobs);
         with_json_type(Response::new(body::full(body)))
+    }
+
+    /// Loads `checkpoint` unless it is in memory (the caller holds the
+    /// generation lock); returns whether it loaded.
+    async fn load(&self, checkpoint: &str) -> bool {
+        if lock(&self.model).loaded == checkpoint {
+            return false;
+        }
+        tokio::time::sleep(self.options.load_time).await;
+        lock(&self.model).loaded = checkpoint.to_string();
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    /// `POST /sdapi/v1/options`: a new `sd_model_checkpoint` setting is
+    /// loaded at once, as the WebUI does.
+    async fn set_options(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let Ok(body) = request.into_body().collect().await.map(|b| b.to_bytes()) else {
+            return status_response(StatusCode::BAD_REQUEST, "body read failed");
+        };
+        let Ok(options) = serde_json::from_slice::<Value>(&body) else {
+            return status_response(StatusCode::UNPROCESSABLE_ENTITY, "request body is not JSON");
+        };
+        if let Some(name) = options.get("sd_model_checkpoint").and_then(Value::as_str) {
+            let name = normalize_checkpoint(name).to_string();
+            let _generation = self.generation.lock().await;
+            lock(&self.model).setting = name.clone();
+            self.load(&name).await;
+        }
+        json_response(json!(null))
     }
 
     fn progress(&self) -> Value {
@@ -335,6 +431,17 @@ impl State {
             "current_image": null,
         })
     }
+}
+
+/// A checkpoint's title as the WebUI writes it: file name and short hash.
+fn title(name: &str) -> String {
+    format!("{name}.safetensors [{}]", hash_of(name))
+}
+
+/// A stand-in for a checkpoint's short hash (10 hex digits, FNV-1a).
+fn hash_of(name: &str) -> String {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("{:010x}", hash & 0xff_ffff_ffff)
 }
 
 /// A 1x1 grey PNG (signature, IHDR, IDAT), then IEND.

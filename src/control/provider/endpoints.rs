@@ -17,11 +17,13 @@ pub struct Endpoints {
     /// The service's idle-check path: a pod sdgate has never used must pass
     /// it before its first request.
     idle_check: Option<Arc<str>>,
+    /// Where a pod says what checkpoint it is set to (asked before its first request).
+    checkpoint_options: Option<Arc<str>>,
 }
 
 impl Endpoints {
     pub fn new(gate: Arc<SharedGate>) -> Self {
-        Self { gate, sessions: None, idle_check: None }
+        Self { gate, sessions: None, idle_check: None, checkpoint_options: None }
     }
 
     /// Counts `sessions` when choosing what to drain.
@@ -74,6 +76,22 @@ impl Endpoints {
     /// Has been ready or served (so a death is not a failure to start).
     pub fn ever_served(&self, id: EndpointId) -> bool {
         self.gate.inspect(|g| g.endpoint(id).is_some_and(|e| e.ready || e.served > 0))
+    }
+
+    /// Asks a pod that becomes ready at `path` what checkpoint it is set to.
+    pub fn with_checkpoint_options(mut self, path: Option<&str>) -> Self {
+        self.checkpoint_options = path.map(Arc::from);
+        self
+    }
+
+    /// Where a pod says what checkpoint it is set to, if the service asks.
+    pub fn checkpoint_options_path(&self) -> Option<Arc<str>> {
+        self.checkpoint_options.clone()
+    }
+
+    /// What a pod says it is set to.
+    pub fn set_checkpoint(&self, id: EndpointId, name: &str) {
+        self.gate.set_checkpoint(id, name);
     }
 
     /// The service's idle-check path, if it has one.

@@ -55,7 +55,9 @@ pub struct Running {
 /// endpoints handle.
 pub fn start(config: &ServiceConfig, endpoints: Endpoints, desired: watch::Receiver<u32>) -> Result<Running> {
     let (stop_tx, stop) = oneshot::channel();
-    let endpoints = endpoints.with_idle_check(config.idle_check.as_ref().map(|check| check.path.as_str()));
+    let endpoints = endpoints
+        .with_idle_check(config.idle_check.as_ref().map(|check| check.path.as_str()))
+        .with_checkpoint_options(config.checkpoints.options_path.as_deref());
     let cx = Context { service: config.clone(), endpoints, desired, stop };
     let task = match &config.backend {
         Backend::Fixed(addrs) => tokio::spawn(fixed::Fixed::new(addrs)?.run(cx)),
