@@ -423,7 +423,8 @@ impl CheckpointConfig {
             }
         }
         if let Some(header) = &self.header {
-            http::HeaderName::try_from(header.as_str()).map_err(|_| anyhow::anyhow!("{key}.header: {header:?} is not a header name"))?;
+            http::HeaderName::try_from(header.as_str())
+                .map_err(|_| anyhow::anyhow!("{key}.header: {header:?} is not a header name"))?;
         }
         if let Some(path) = &self.options_path {
             if !path.starts_with('/') {

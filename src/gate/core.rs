@@ -482,7 +482,13 @@ impl<W> Gate<W> {
     }
 
     /// Puts a request in line at its ticket's place (see [`Queued`]).
-    pub fn enqueue_request(&mut self, ticket: Ticket, request: Queued, waiter: W, now: Instant) -> Result<(), QueueFull<W>> {
+    pub fn enqueue_request(
+        &mut self,
+        ticket: Ticket,
+        request: Queued,
+        waiter: W,
+        now: Instant,
+    ) -> Result<(), QueueFull<W>> {
         if self.queue.len() >= self.max_depth {
             return Err(QueueFull(waiter));
         }
@@ -673,11 +679,7 @@ impl<W> Gate<W> {
     /// Any ready endpoint, for requests that skip the gate (`bypass`); the
     /// least loaded one, so cheap calls avoid busy pods when they can.
     pub fn any_ready(&self) -> Option<Grant> {
-        self.endpoints
-            .iter()
-            .filter(|e| e.is_serving())
-            .min_by_key(|e| e.inflight)
-            .map(|e| Grant::plain(e.id, e.addr))
+        self.endpoints.iter().filter(|e| e.is_serving()).min_by_key(|e| e.inflight).map(|e| Grant::plain(e.id, e.addr))
     }
 
     pub fn endpoints(&self) -> &[Endpoint] {
@@ -747,8 +749,7 @@ impl<W> Gate<W> {
         match waiting.want {
             Some(want) if waiting.patient && self.model_policy.aware => {
                 let holds = |e: &Endpoint| e.model.holds == Some(want.model);
-                self.endpoint(endpoint).is_some_and(holds)
-                    || !self.endpoints.iter().any(|e| e.is_serving() && holds(e))
+                self.endpoint(endpoint).is_some_and(holds) || !self.endpoints.iter().any(|e| e.is_serving() && holds(e))
             }
             _ => true,
         }

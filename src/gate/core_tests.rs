@@ -1,4 +1,5 @@
 use super::*;
+use crate::gate::models::{ModelPolicy, Want};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -96,7 +97,7 @@ fn every_arrival_gets_a_later_ticket_than_the_one_before() {
 fn a_cc1_pod_holds_one_request_at_a_time() {
     let (mut gate, pods) = gate_with(1, 10, 1);
     let grant = admit(&mut gate);
-    assert_eq!(grant, Grant { endpoint: pods[0], addr: addr(0) });
+    assert_eq!(grant, Grant::plain(pods[0], addr(0)));
     for _ in 0..5 {
         let ticket = gate.arrive();
         assert!(gate.try_dispatch(ticket).is_none());
@@ -688,7 +689,7 @@ fn waiters_are_not_granted_a_removed_pod() {
     assert!(gate.set_ready(replacement, true));
     let granted = drain(&mut gate);
     assert_eq!(tickets(&granted), [waiter]);
-    assert_eq!(granted[0].1, Grant { endpoint: replacement, addr: addr(1) });
+    assert_eq!(granted[0].1, Grant::plain(replacement, addr(1)));
 }
 
 #[test]
@@ -764,7 +765,7 @@ fn any_ready_picks_the_least_loaded_ready_pod() {
     }
     gate.release(pods[2]);
     assert_eq!(loads(&gate), [2, 2, 1]);
-    assert_eq!(gate.any_ready(), Some(Grant { endpoint: pods[2], addr: addr(2) }));
+    assert_eq!(gate.any_ready(), Some(Grant::plain(pods[2], addr(2))));
 
     // An idle pod that is not ready is not a candidate.
     gate.release(pods[0]);
@@ -1517,4 +1518,209 @@ fn removed_endpoints_are_remembered_with_their_counts_one_per_address() {
     assert_eq!(retired.len(), 16);
     assert_eq!(retired[0], addr(24));
     assert_eq!(retired[15], addr(39));
+}
+
+// ---------------------------------------------------------------------------
+// Checkpoints: a pod that holds the wanted one first; wait for one when that
+// is cheaper than a load; else load on the pod the queue wants least.
+// ---------------------------------------------------------------------------
+
+/// Pods holding these checkpoints, all ready.
+fn gate_holding(capacity: u32, held: &[&str]) -> (Gate<Ticket>, Vec<EndpointId>) {
+    let (mut gate, pods) = gate_with(capacity, 100, held.len() as u16);
+    for (pod, name) in pods.iter().zip(held) {
+        gate.set_checkpoint(*pod, name);
+    }
+    (gate, pods)
+}
+
+fn want(gate: &mut Gate<Ticket>, name: &str) -> Option<Want> {
+    gate.checkpoint(name).map(|model| Want { model, keep: false })
+}
+
+/// A new request for `name`: granted at once, or queued.
+fn request_for(gate: &mut Gate<Ticket>, name: &str, now: Instant) -> Result<Grant, Ticket> {
+    let wanted = want(gate, name);
+    let ticket = gate.arrive();
+    match gate.try_dispatch_for(ticket, None, wanted, true) {
+        Some(grant) => Ok(grant),
+        None => {
+            let queued = Queued { want: wanted, patient: true, ..Queued::default() };
+            gate.enqueue_request(ticket, queued, ticket, now).expect("room in the queue");
+            Err(ticket)
+        }
+    }
+}
+
+fn held_by(gate: &Gate<Ticket>, pod: EndpointId) -> String {
+    let model = gate.endpoint(pod).and_then(|e| e.model.holds).expect("a known checkpoint");
+    gate.checkpoint_name(model).to_string()
+}
+
+#[test]
+fn a_request_takes_the_free_pod_that_holds_its_checkpoint_not_the_first_free_one() {
+    let (mut gate, pods) = gate_holding(1, &["a", "b", "c"]);
+    let now = Instant::now();
+    let grant = request_for(&mut gate, "c", now).expect("a free pod");
+    assert_eq!((grant.endpoint, grant.load), (pods[2], None));
+    let grant = request_for(&mut gate, "b", now).expect("a free pod");
+    assert_eq!((grant.endpoint, grant.load), (pods[1], None));
+    let plain = admit(&mut gate);
+    assert_eq!(plain.endpoint, pods[0], "a request naming none takes the policy's pick");
+    assert!(gate.endpoints().iter().all(|e| e.model.loads == 0));
+}
+
+#[test]
+fn a_request_waits_for_a_busy_pod_holding_its_checkpoint_while_another_takes_the_free_pod() {
+    let (mut gate, pods) = gate_holding(1, &["a", "b"]);
+    let now = Instant::now();
+    let running = request_for(&mut gate, "b", now).expect("b's pod is free");
+    let waiting = request_for(&mut gate, "b", now).expect_err("next on b's pod, cheaper than a load");
+    assert_eq!(inflight_of(&gate, pods[0]), 0, "a's pod stays free");
+    let other = request_for(&mut gate, "a", now).expect("a later request for a takes a's pod");
+    assert_eq!(other.endpoint, pods[0]);
+    gate.release(other.endpoint);
+    assert!(drain(&mut gate).is_empty(), "the waiter for b does not take a's pod");
+    gate.release(running.endpoint);
+    let granted = drain(&mut gate);
+    assert_eq!(granted.len(), 1);
+    assert_eq!((granted[0].0, granted[0].1.endpoint, granted[0].1.load), (waiting, pods[1], None));
+}
+
+#[test]
+fn a_request_loads_its_checkpoint_on_a_free_pod_when_waiting_would_cost_more() {
+    let (mut gate, pods) = gate_holding(1, &["a", "b"]);
+    // b's pod takes 1 s a generation, a load costs 2 s (the default):
+    // second in line for b (2 x 1 s) is no cheaper than a load.
+    gate.learn(pods[1], Duration::from_secs(1), false);
+    let now = Instant::now();
+    let _running = request_for(&mut gate, "b", now).expect("b's pod is free");
+    let first = request_for(&mut gate, "b", now).expect_err("1 s for b's pod, cheaper than a 2 s load");
+    let second = request_for(&mut gate, "b", now).expect("2 s for b's pod: load b on a's pod instead");
+    assert_eq!((second.endpoint, second.load), (pods[0], want(&mut gate, "b").map(|w| w.model)));
+    assert_eq!(held_by(&gate, pods[0]), "b");
+    assert_eq!(gate.endpoint(pods[0]).map(|e| e.model.loads), Some(1));
+    assert_eq!(gate.position(first), Some(0));
+}
+
+#[test]
+fn a_switch_takes_the_free_pod_whose_checkpoint_the_queue_wants_least() {
+    let (mut gate, pods) = gate_holding(1, &["a", "b", "c"]);
+    let now = Instant::now();
+    // c's pod is busy with a queue for c; a and b's pods are free; one waits for a.
+    let _c = request_for(&mut gate, "c", now).expect("free");
+    let _a = request_for(&mut gate, "a", now).expect("free");
+    let waiting_a = request_for(&mut gate, "a", now).expect_err("next on a's pod");
+    let _ = waiting_a;
+    // d is held nowhere: it loads on b's pod (nobody waits for b), not a's.
+    let d = request_for(&mut gate, "d", now).expect("a free pod");
+    assert_eq!(d.endpoint, pods[1]);
+    assert_eq!(held_by(&gate, pods[1]), "d");
+}
+
+#[test]
+fn a_waiter_that_lost_patience_takes_any_pod() {
+    let (mut gate, pods) = gate_holding(1, &["a", "b"]);
+    let now = Instant::now();
+    let _running = request_for(&mut gate, "b", now).expect("free");
+    let waiting = request_for(&mut gate, "b", now).expect_err("waits for b's pod");
+    assert!(drain(&mut gate).is_empty());
+    assert!(gate.lose_patience(waiting));
+    let granted = drain(&mut gate);
+    assert_eq!(tickets(&granted), vec![waiting]);
+    assert_eq!(granted[0].1.endpoint, pods[0], "loads b on a's pod");
+    assert!(!gate.lose_patience(waiting), "no longer waiting");
+}
+
+#[test]
+fn pins_win_over_checkpoints() {
+    let (mut gate, pods) = gate_holding(1, &["a", "b"]);
+    let wanted = want(&mut gate, "b");
+    let ticket = gate.arrive();
+    let pin = Some(Pin { endpoint: pods[0], strict: false });
+    let grant = gate.try_dispatch_for(ticket, pin, wanted, true).expect("its pod is free");
+    assert_eq!(grant.endpoint, pods[0], "the session stays on its pod and loads b there");
+    assert_eq!(held_by(&gate, pods[0]), "b");
+}
+
+#[test]
+fn a_blind_gate_takes_the_first_free_pod_whatever_it_holds() {
+    let (mut gate, pods) = gate_holding(1, &["a", "b"]);
+    gate.set_model_policy(ModelPolicy { aware: false, ..ModelPolicy::default() });
+    let grant = request_for(&mut gate, "b", Instant::now()).expect("free");
+    assert_eq!(grant.endpoint, pods[0]);
+    assert_eq!(held_by(&gate, pods[0]), "b", "what pods hold is still tracked");
+    assert_eq!(gate.endpoint(pods[0]).map(|e| e.model.loads), Some(1));
+}
+
+#[test]
+fn fair_order_decides_which_waiter_goes_next_among_those_a_pod_suits() {
+    let (mut gate, pods) = gate_holding(1, &["a", "b"]);
+    let now = Instant::now();
+    let on_a = request_for(&mut gate, "a", now).expect("free");
+    let on_b = request_for(&mut gate, "b", now).expect("free");
+    let first_b = request_for(&mut gate, "b", now).expect_err("busy");
+    let first_a = request_for(&mut gate, "a", now).expect_err("busy");
+    let second_a = request_for(&mut gate, "a", now).expect_err("busy");
+    gate.release(on_a.endpoint);
+    // First in line is a b request: it waits for b's pod (next there), so
+    // a's pod goes to the first a request, not to the b request.
+    assert_eq!(tickets(&drain(&mut gate)), vec![first_a]);
+    gate.release(on_b.endpoint);
+    assert_eq!(tickets(&drain(&mut gate)), vec![first_b]);
+    gate.release(pods[0]);
+    assert_eq!(tickets(&drain(&mut gate)), vec![second_a]);
+}
+
+#[test]
+fn with_several_slots_a_pod_holding_the_checkpoint_is_preferred_least_loaded_first() {
+    let (mut gate, pods) = gate_holding(4, &["a", "b", "b"]);
+    let now = Instant::now();
+    let first = request_for(&mut gate, "b", now).expect("free");
+    let second = request_for(&mut gate, "b", now).expect("free");
+    assert_eq!((first.endpoint, second.endpoint), (pods[1], pods[2]), "least loaded among b's pods");
+    for _ in 0..6 {
+        assert_ne!(request_for(&mut gate, "b", now).expect("room").endpoint, pods[0]);
+    }
+    assert_eq!(loads(&gate), vec![0, 4, 4]);
+    let ninth = request_for(&mut gate, "b", now);
+    assert!(ninth.is_err(), "next on a b pod: cheaper than a load (no time learned yet)");
+}
+
+#[test]
+fn a_request_naming_none_loads_the_setting_back_on_a_pod_that_switched() {
+    let (mut gate, pods) = gate_holding(1, &["a"]);
+    let b = request_for(&mut gate, "b", Instant::now()).expect("free");
+    gate.release(b.endpoint);
+    let plain = admit(&mut gate);
+    assert_eq!(plain.endpoint, pods[0]);
+    assert_eq!(plain.load.map(|m| gate.checkpoint_name(m).to_string()), Some("a".into()));
+    assert_eq!(gate.endpoint(pods[0]).map(|e| e.model.loads), Some(2));
+}
+
+#[test]
+fn with_one_checkpoint_every_dispatch_is_the_blind_one() {
+    for capacity in [1, 2, 4] {
+        let (mut aware, pods) = gate_holding(capacity, &["a", "a", "a"]);
+        let (mut blind, _) = gate_holding(capacity, &["a", "a", "a"]);
+        blind.set_model_policy(ModelPolicy { aware: false, ..ModelPolicy::default() });
+        let mut rng = fastrand::Rng::with_seed(22);
+        let now = Instant::now();
+        for step in 0..2000 {
+            if rng.bool() || aware.queue_depth() >= 50 {
+                let pod = pods[rng.usize(..pods.len())];
+                if inflight_of(&aware, pod) > 0 {
+                    aware.learn(pod, Duration::from_millis(rng.u64(100..300)), false);
+                    aware.release(pod);
+                    blind.release(pod);
+                    assert_eq!(drain(&mut aware), drain(&mut blind), "step {step}");
+                }
+            } else {
+                let got = request_for(&mut aware, "a", now);
+                assert_eq!(got, request_for(&mut blind, "a", now), "step {step}");
+            }
+            assert_eq!(loads(&aware), loads(&blind));
+        }
+        assert!(aware.endpoints().iter().all(|e| e.model.loads == 0));
+    }
 }

@@ -129,10 +129,7 @@ pub fn normalize_checkpoint(name: &str) -> &str {
     name = name.rsplit(['/', '\\']).next().unwrap_or(name);
     for extension in EXTENSIONS {
         let cut = name.len().saturating_sub(extension.len());
-        if name.len() > extension.len()
-            && name.is_char_boundary(cut)
-            && name[cut..].eq_ignore_ascii_case(extension)
-        {
+        if name.len() > extension.len() && name.is_char_boundary(cut) && name[cut..].eq_ignore_ascii_case(extension) {
             return &name[..cut];
         }
     }

@@ -96,6 +96,8 @@ pub struct ServiceStatus {
     pub ready_replicas: usize,
     pub last_scale: Option<LastScale>,
     pub endpoints: Vec<EndpointStatus>,
+    /// Requests waiting per checkpoint (those that named one).
+    pub checkpoint_queue: std::collections::BTreeMap<String, usize>,
     /// Endpoints removed lately (scaled away), as they were when removed;
     /// one per address not in `endpoints` (at most 16).
     pub gone_endpoints: Vec<GoneEndpoint>,
@@ -132,6 +134,13 @@ pub struct EndpointStatus {
     pub served: u64,
     /// Exchanges that ended abnormally (timeout, reset, failed) over its life.
     pub failed: u64,
+    /// The checkpoint it holds (its model name), if known.
+    pub checkpoint: Option<String>,
+    /// Checkpoint loads sdgate's requests caused on it.
+    pub checkpoint_loads: u64,
+    /// What it has shown of its timings: a generation, and a load on top.
+    pub generation_seconds: Option<f64>,
+    pub load_seconds: Option<f64>,
 }
 
 impl Status {
@@ -174,10 +183,15 @@ impl ServiceStatus {
                     sessions: service.sessions.as_ref().map_or(0, |s| s.count_for(e.id, now)),
                     served: e.served,
                     failed: e.failed,
+                    checkpoint: e.model.holds.map(|m| g.checkpoint_name(m).to_string()),
+                    checkpoint_loads: e.model.loads,
+                    generation_seconds: e.model.generation.map(|d| d.as_secs_f64()),
+                    load_seconds: e.model.load.map(|d| d.as_secs_f64()),
                 })
                 .collect();
             (g.queue_depth(), g.oldest_wait(now).map(|d| d.as_secs_f64()), g.inflight(), g.ready_count(), endpoints)
         });
+        let checkpoint_queue = gate.inspect(|g| g.checkpoint_demand().map(|(name, n)| (name.to_string(), n)).collect());
         let gone_endpoints = gate.inspect(|g| {
             g.retired()
                 .filter(|gone| !g.endpoints().iter().any(|e| e.addr == gone.addr))
@@ -189,6 +203,7 @@ impl ServiceStatus {
             hosts: service.hosts.clone(),
             container_concurrency: service.container_concurrency,
             queue_depth,
+            checkpoint_queue,
             queue_depth_by_priority: by_priority,
             waiting_clients,
             oldest_wait_seconds,

@@ -793,7 +793,9 @@ impl Proxy {
             Err(_) => Err(ProxyError::BodyTimeout(timeout)),
             Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyOverLimit),
             Ok(Err(error)) => Err(ProxyError::BadBody(error.to_string())),
-            Ok(Ok(Buffered::Complete(bytes))) => Ok((ReplayableBody::new(crate::body::full(bytes.clone())), Some(bytes))),
+            Ok(Ok(Buffered::Complete(bytes))) => {
+                Ok((ReplayableBody::new(crate::body::full(bytes.clone())), Some(bytes)))
+            }
             Ok(Ok(Buffered::Partial(head, rest))) => {
                 let rest = crate::body::PauseLimit::new(rest, timeout);
                 Ok((ReplayableBody::new(crate::body::chain(head, rest)), None))
