@@ -433,11 +433,6 @@ impl CheckpointConfig {
         }
         Ok(())
     }
-
-    /// Whether requests are looked at for a checkpoint at all.
-    pub fn reads_requests(&self) -> bool {
-        self.header.is_some() || !self.pointers.is_empty()
-    }
 }
 
 /// The idle check of a quarantined pod (see `quarantine`).

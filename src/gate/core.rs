@@ -89,7 +89,7 @@ pub struct Grant {
     /// The checkpoint the request makes the pod load, if any.
     pub load: Option<ModelId>,
     /// Time the exchange, to learn the pod's generation and load times
-    /// (the service has seen checkpoints).
+    /// (the request named a checkpoint).
     pub timed: bool,
 }
 
@@ -725,11 +725,13 @@ impl<W> Gate<W> {
     }
 
     fn grant(&mut self, index: usize, want: Option<Want>) -> Grant {
-        let timed = !self.models.is_empty();
+        // Only requests that name a checkpoint are timed: their answers
+        // (generations, not streams or tunnels) teach the pod's times.
+        let timed = want.is_some();
         let endpoint = &mut self.endpoints[index];
         endpoint.inflight += 1;
         endpoint.served += 1;
-        let load = if timed { endpoint.model.take(want) } else { None };
+        let load = if !self.models.is_empty() { endpoint.model.take(want) } else { None };
         Grant { endpoint: endpoint.id, addr: endpoint.addr, load, timed }
     }
 

@@ -9,32 +9,60 @@ use serde_json::Value;
 use crate::config::CheckpointConfig;
 use crate::gate::normalize_checkpoint as normalize;
 
-/// The checkpoint a request names (normalised), and whether it stays the
-/// pod's setting afterwards; None when it names none.
-pub fn wanted(config: &CheckpointConfig, headers: &HeaderMap, body: Option<&[u8]>) -> Option<(String, bool)> {
-    if let Some(value) = config.header.as_deref().and_then(|name| headers.get(name)) {
-        let name = normalize(value.to_str().ok()?);
-        return (!name.is_empty()).then(|| (name.to_string(), false));
+/// How a service reads requests for a checkpoint: its config, and a
+/// searcher for each pointer's last key (built once).
+pub struct Reader {
+    config: CheckpointConfig,
+    keys: Vec<memchr::memmem::Finder<'static>>,
+}
+
+impl Reader {
+    pub fn new(config: &CheckpointConfig) -> Self {
+        let keys = config
+            .pointers
+            .iter()
+            .filter_map(|pointer| pointer.rsplit('/').next().filter(|key| !key.is_empty()))
+            .map(|key| memchr::memmem::Finder::new(key.as_bytes()).into_owned())
+            .collect();
+        Self { config: config.clone(), keys }
     }
-    let body = body?;
-    // Parse only a body that may name one: most do not.
-    let keys = config.pointers.iter().filter_map(|pointer| pointer.rsplit('/').next());
-    if !keys.into_iter().any(|key| !key.is_empty() && memchr::memmem::find(body, key.as_bytes()).is_some()) {
-        return None;
+
+    /// Whether requests are read at all.
+    pub fn reads(&self) -> bool {
+        self.config.header.is_some() || !self.keys.is_empty()
     }
-    let json: Value = serde_json::from_slice(body).ok()?;
-    let name = config.pointers.iter().find_map(|pointer| json.pointer(pointer).and_then(Value::as_str))?;
-    let name = normalize(name);
-    if name.is_empty() {
-        return None;
+
+    /// The checkpoint a request names (normalised), and whether it stays
+    /// the pod's setting afterwards; None when it names none.
+    pub fn wanted(&self, headers: &HeaderMap, body: Option<&[u8]>) -> Option<(String, bool)> {
+        let config = &self.config;
+        if let Some(value) = config.header.as_deref().and_then(|name| headers.get(name)) {
+            let name = normalize(value.to_str().ok()?);
+            return (!name.is_empty()).then(|| (name.to_string(), false));
+        }
+        let body = body?;
+        // Parse only a body that may name one: most do not.
+        if !self.keys.iter().any(|key| key.find(body).is_some()) {
+            return None;
+        }
+        let json: Value = serde_json::from_slice(body).ok()?;
+        let name = config.pointers.iter().find_map(|pointer| json.pointer(pointer).and_then(Value::as_str))?;
+        let name = normalize(name);
+        if name.is_empty() {
+            return None;
+        }
+        let keep = json.pointer(&config.restore_pointer).and_then(Value::as_bool) == Some(false);
+        Some((name.to_string(), keep))
     }
-    let keep = json.pointer(&config.restore_pointer).and_then(Value::as_bool) == Some(false);
-    Some((name.to_string(), keep))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn wanted(config: &CheckpointConfig, headers: &HeaderMap, body: Option<&[u8]>) -> Option<(String, bool)> {
+        Reader::new(config).wanted(headers, body)
+    }
 
     #[test]
     fn a_title_a_file_name_and_a_model_name_are_one_checkpoint() {

@@ -45,6 +45,8 @@ pub struct Service {
     pub jobs: Arc<Jobs>,
     /// How its clients are told apart for fair share.
     pub fairness: fairness::Fairness,
+    /// How its requests are read for the checkpoint they want.
+    checkpoints: checkpoint::Reader,
 }
 
 /// The session a request belongs to, for a service with affinity.
@@ -154,6 +156,7 @@ impl Table {
                         quarantine: Policy::of(service),
                         jobs: old.jobs.clone(),
                         fairness: fairness::Fairness::of(&service.fairness),
+                        checkpoints: checkpoint::Reader::new(&service.checkpoints),
                     });
                     changes.changed.push(built.clone());
                     built
@@ -262,6 +265,7 @@ impl Service {
             quarantine: Policy::of(service),
             jobs: Jobs::new(),
             fairness: fairness::Fairness::of(&service.fairness),
+            checkpoints: checkpoint::Reader::new(&service.checkpoints),
         })
     }
 }
@@ -275,11 +279,10 @@ impl Service {
     /// The checkpoint a request wants, if it names one (counted per
     /// checkpoint); None also once the service's table of names is full.
     fn want(&self, headers: &http::HeaderMap, body: Option<&[u8]>) -> Option<crate::gate::Want> {
-        let checkpoints = &self.config.checkpoints;
-        if !checkpoints.reads_requests() {
+        if !self.checkpoints.reads() {
             return None;
         }
-        let (name, keep) = checkpoint::wanted(checkpoints, headers, body)?;
+        let (name, keep) = self.checkpoints.wanted(headers, body)?;
         let want = self.gate.want(&name, keep);
         self.metrics.checkpoint_requested(&name);
         want
