@@ -10,7 +10,7 @@
 //! (s = 1: ck1 is asked for most), sent by `CLIENTS` (default 8) clients
 //! that each send their next request when the last is answered.
 //!
-//! Reports, for each: checkpoint loads (counted by the pods), p50 and p95 of
+//! Reports, for each: checkpoint loads (counted by the pods; then of ck1..ck5), p50 and p95 of
 //! the request latency, and the makespan (first request to last answer);
 //! then the same for a trace that names one checkpoint only, where both
 //! must do the same.
@@ -51,7 +51,7 @@ fn main() {
         load.as_millis(),
         step.as_millis()
     );
-    println!("| trace | routing | loads | p50 | p95 | makespan |");
+    println!("| trace | routing | loads (ck1..ck5) | p50 | p95 | makespan |");
     println!("| --- | --- | ---: | ---: | ---: | ---: |");
     for (name, trace) in [("Zipf over 5 checkpoints", &mixed), ("one checkpoint", &single)] {
         let counts: Vec<usize> = (1..=CHECKPOINTS).map(|k| trace.iter().filter(|c| **c == k).count()).collect();
@@ -60,8 +60,9 @@ fn main() {
         });
         for (routing, result) in [("checkpoint-aware", aware), ("checkpoint-blind", blind)] {
             println!(
-                "| {name} {counts:?} | {routing} | {} | {} | {} | {} |",
+                "| {name} {counts:?} | {routing} | {} {:?} | {} | {} | {} |",
                 result.loads,
+                result.by_checkpoint,
                 secs(result.at(0.5)),
                 secs(result.at(0.95)),
                 secs(result.makespan)
@@ -95,6 +96,8 @@ fn zipf_trace(n: usize, seed: u64) -> Vec<usize> {
 
 struct Result {
     loads: u64,
+    /// Loads of ck1..ck5.
+    by_checkpoint: [usize; CHECKPOINTS],
     latencies: Vec<Duration>,
     makespan: Duration,
 }
@@ -114,7 +117,7 @@ async fn run(trace: &[usize], clients: usize, load: Duration, step: Duration, aw
     let extra = format!("    queue: {{ timeout: 600s }}\n    checkpoints: {{ route: {aware} }}\n");
     let gateway = TestGateway::in_front_of(&backends, 1, &extra).await;
     let addr = gateway.addr;
-    let next = Arc::new(Mutex::new(trace.to_vec().into_iter()));
+    let next = Arc::new(Mutex::new(trace.iter().copied().collect::<std::collections::VecDeque<_>>()));
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
@@ -123,7 +126,7 @@ async fn run(trace: &[usize], clients: usize, load: Duration, step: Duration, aw
                 let client = client();
                 let mut latencies = Vec::new();
                 loop {
-                    let Some(checkpoint) = next.lock().expect("trace").next() else { break };
+                    let Some(checkpoint) = next.lock().expect("trace").pop_front() else { break };
                     let sent = Instant::now();
                     let answer = send(&client, request(addr, checkpoint)).await;
                     assert_eq!(answer.status, 200, "{:?}", answer.body);
@@ -141,7 +144,13 @@ async fn run(trace: &[usize], clients: usize, load: Duration, step: Duration, aw
     let stats: Vec<_> = pods.iter().map(|p| p.stats()).collect();
     assert_no_overlap(&stats);
     gateway.shutdown().await;
-    Result { loads: stats.iter().map(|s| s.loads).sum(), latencies, makespan }
+    let mut by_checkpoint = [0; CHECKPOINTS];
+    for job in stats.iter().flat_map(|s| &s.jobs).filter(|j| j.loaded) {
+        if let Some(k) = job.checkpoint.strip_prefix("ck").and_then(|k| k.parse::<usize>().ok()) {
+            by_checkpoint[k.clamp(1, CHECKPOINTS) - 1] += 1;
+        }
+    }
+    Result { loads: stats.iter().map(|s| s.loads).sum(), by_checkpoint, latencies, makespan }
 }
 
 fn request(addr: SocketAddr, checkpoint: usize) -> Request<Full<Bytes>> {

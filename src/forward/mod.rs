@@ -10,6 +10,7 @@
 //! Bodies stream both ways; hop-by-hop headers are removed; `X-Forwarded-*` are
 //! added; HTTP/1.1 upgrades (websockets) are tunnelled holding their slot.
 
+pub mod answer;
 pub mod quarantine;
 
 use std::future::Future;
@@ -253,6 +254,11 @@ async fn run_exchange(
     let read = within(deadline, std::pin::pin!(crate::body::buffer(body, limits.buffer_response_bytes))).await;
     let body = match read {
         Some(Ok(Buffered::Complete(bytes))) => {
+            // What it ran on, from the answer of a request that named a checkpoint.
+            let mut slot = slot;
+            if let Some(name) = slot.is_timed().then(|| answer::held_in(&bytes)).flatten() {
+                slot.ran_on(name);
+            }
             // The pod has answered in full: its slot is free before the
             // client has read a byte, and its connection takes the next.
             slot.answered();

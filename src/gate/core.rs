@@ -359,6 +359,16 @@ impl<W> Gate<W> {
         }
     }
 
+    /// What a pod's answer says it holds now (the WebUI's
+    /// `info.sd_model_name`): corrects what sdgate assumed it loaded.
+    pub fn set_held(&mut self, id: EndpointId, name: &str) -> Option<ModelId> {
+        let model = self.models.intern(name)?;
+        if let Some(endpoint) = self.endpoint_mut(id) {
+            endpoint.model.holds = Some(model);
+        }
+        Some(model)
+    }
+
     /// An answer in full from `id`, `took` from grant to end, that loaded a
     /// checkpoint or not: the pod's generation and load times learn from it.
     pub fn learn(&mut self, id: EndpointId, took: Duration, loaded: bool) {
@@ -434,6 +444,9 @@ impl<W> Gate<W> {
         want: Option<Want>,
         patient: bool,
     ) -> Option<Grant> {
+        if let Some(want) = want {
+            self.models.asked(want.model, ticket.seq);
+        }
         let ahead = self.models.waiting_for(want.map(|w| w.model));
         let index = match self.choose(pin, want, patient, ahead) {
             Choice::At(index) => index,
@@ -765,7 +778,8 @@ impl<W> Gate<W> {
     /// holds it; else, when a busy pod holds it and the expected wait for
     /// that pod is shorter than a load (and it is `patient`), it waits;
     /// else it takes the pod with room whose checkpoint the queue wants
-    /// least (ties: the policy's order).
+    /// least (ties: one whose checkpoint another pod also holds, then the
+    /// least recently asked for, then the policy's order).
     fn choose(&self, pin: Option<Pin>, want: Option<Want>, patient: bool, ahead: usize) -> Choice {
         if let Some(pin) = self.pin_holds(pin) {
             if let Some(index) = self.endpoints.iter().position(|e| e.id == pin.endpoint && self.has_room(e)) {
@@ -781,7 +795,7 @@ impl<W> Gate<W> {
         let by_load = self.policy != Policy::FirstAvailable;
         let mut matching = 0;
         let mut matched: Option<(u32, usize)> = None;
-        let mut switch: Option<((usize, u32), usize)> = None;
+        let mut switch: Option<((usize, usize, u64, u32), usize)> = None;
         for (index, endpoint) in self.endpoints.iter().enumerate() {
             if !endpoint.is_serving() {
                 continue;
@@ -797,7 +811,13 @@ impl<W> Gate<W> {
                     matched = Some((load, index));
                 }
             } else {
-                let key = (self.models.waiting_for(endpoint.model.holds), load);
+                // Least wanted by the queue; then a checkpoint another pod
+                // also holds before the only copy; then the least recently
+                // asked for; then the policy's order.
+                let held = endpoint.model.holds;
+                let sole = held.is_some()
+                    && !self.endpoints.iter().any(|e| e.id != endpoint.id && e.is_serving() && e.model.holds == held);
+                let key = (self.models.waiting_for(held), usize::from(sole), self.models.last_asked(held), load);
                 if switch.is_none_or(|(best, _)| key < best) {
                     switch = Some((key, index));
                 }

@@ -58,6 +58,8 @@ pub(super) struct Models {
     ids: HashMap<String, ModelId>,
     /// Waiting requests per checkpoint (index = id - 1).
     pub(super) waiting: Vec<usize>,
+    /// When each checkpoint was last asked for (an arrival number).
+    asked: Vec<u64>,
 }
 
 impl Models {
@@ -74,6 +76,7 @@ impl Models {
         self.names.push(name.to_string());
         self.ids.insert(name.to_string(), id);
         self.waiting.push(0);
+        self.asked.push(0);
         Some(id)
     }
 
@@ -106,6 +109,18 @@ impl Models {
         }
     }
 
+    /// A request for `id` arrived (the `seq`-th).
+    pub(super) fn asked(&mut self, id: ModelId, seq: u64) {
+        if let Some(at) = self.asked.get_mut(id.index()) {
+            *at = seq;
+        }
+    }
+
+    /// When `id` was last asked for (0: never, or not known).
+    pub(super) fn last_asked(&self, id: Option<ModelId>) -> u64 {
+        id.and_then(|id| self.asked.get(id.index())).copied().unwrap_or(0)
+    }
+
     /// Each checkpoint with requests waiting for it, by name.
     pub(super) fn demand(&self) -> impl Iterator<Item = (&str, usize)> {
         self.names.iter().zip(&self.waiting).filter(|(_, n)| **n > 0).map(|(name, n)| (name.as_str(), *n))
@@ -115,25 +130,29 @@ impl Models {
 /// The extensions checkpoint files have.
 const EXTENSIONS: [&str; 6] = [".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf"];
 
-/// A checkpoint's model name, however it was named. The WebUI resolves a
-/// checkpoint by its title (`dir/v1-5.safetensors [6ce0161689]`), its file
-/// name (`v1-5.safetensors`) or its model name (`v1-5`, what
-/// `info.sd_model_name` says): all three normalise to the model name (the
-/// `[hash]` suffix, the directories and the extension dropped). A bare hash
-/// stays a name of its own.
-pub fn normalize_checkpoint(name: &str) -> &str {
+/// A checkpoint's model name, however it was named: what the WebUI calls
+/// its `model_name` and reports in `info.sd_model_name`. The WebUI resolves
+/// a checkpoint by its title (`sd/v1-5.safetensors [6ce0161689]`), its file
+/// name (`sd/v1-5.safetensors`) or its model name (`sd_v1-5`): all three
+/// normalise to the model name (the `[hash]` suffix and the extension
+/// dropped, a directory's separators written `_`, as the WebUI does). A bare
+/// hash stays a name of its own.
+pub fn normalize_checkpoint(name: &str) -> std::borrow::Cow<'_, str> {
     let mut name = name.trim();
     if let (true, Some(open)) = (name.ends_with(']'), name.rfind(" [")) {
         name = name[..open].trim_end();
     }
-    name = name.rsplit(['/', '\\']).next().unwrap_or(name);
     for extension in EXTENSIONS {
         let cut = name.len().saturating_sub(extension.len());
         if name.len() > extension.len() && name.is_char_boundary(cut) && name[cut..].eq_ignore_ascii_case(extension) {
-            return &name[..cut];
+            name = &name[..cut];
+            break;
         }
     }
-    name
+    match name.contains(['/', '\\']) {
+        true => std::borrow::Cow::Owned(name.replace(['/', '\\'], "_")),
+        false => std::borrow::Cow::Borrowed(name),
+    }
 }
 
 /// What one pod has loaded, and what it has taught about its timings.

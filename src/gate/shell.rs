@@ -162,8 +162,17 @@ impl SharedGate {
     pub fn set_checkpoint(&self, id: EndpointId, name: &str) {
         let name = super::models::normalize_checkpoint(name);
         if !name.is_empty() {
-            self.lock().set_checkpoint(id, name);
+            self.lock().set_checkpoint(id, &name);
         }
+    }
+
+    /// What a pod's answer says it holds (see [`Gate::set_held`]).
+    pub fn set_held(&self, id: EndpointId, name: &str) -> Option<super::models::ModelId> {
+        let name = super::models::normalize_checkpoint(name);
+        if name.is_empty() {
+            return None;
+        }
+        self.lock().set_held(id, &name)
     }
 
     /// A place in line for a new request from `origin` (see [`Gate::arrive_from`]).

@@ -56,6 +56,21 @@ impl Slot {
         self.job = Some(Box::new(job));
     }
 
+    /// What the pod's answer says it ran on: the gate takes it as what the
+    /// pod holds; a load that did not happen (the pod kept its own) is not
+    /// learned as one.
+    pub fn ran_on(&mut self, checkpoint: &str) {
+        let held = self.gate.set_held(self.grant.endpoint, checkpoint);
+        if self.grant.load.is_some() && held != self.grant.load {
+            self.grant.load = None;
+        }
+    }
+
+    /// Its request named a checkpoint (see [`Grant::timed`]).
+    pub fn is_timed(&self) -> bool {
+        self.grant.timed
+    }
+
     pub fn endpoint(&self) -> EndpointId {
         self.grant.endpoint
     }

@@ -70,11 +70,14 @@ mod tests {
             "v1-5-pruned-emaonly.safetensors [6ce0161689]",
             "v1-5-pruned-emaonly.safetensors",
             "v1-5-pruned-emaonly",
-            "sd/v1-5-pruned-emaonly.safetensors",
-            "sd\\v1-5-pruned-emaonly.SAFETENSORS [6ce0161689]",
             "  v1-5-pruned-emaonly.ckpt ",
+            "v1-5-pruned-emaonly.SAFETENSORS [6ce0161689]",
         ] {
             assert_eq!(normalize(name), "v1-5-pruned-emaonly", "{name}");
+        }
+        // In a subdirectory, the WebUI's model name keeps the directory.
+        for name in ["sd/v1-5.safetensors [6ce0161689]", "sd\\v1-5.safetensors", "sd_v1-5"] {
+            assert_eq!(normalize(name), "sd_v1-5", "{name}");
         }
         assert_eq!(normalize("6ce0161689"), "6ce0161689", "a bare hash stays a name of its own");
         assert_eq!(normalize(".safetensors"), ".safetensors");

@@ -346,11 +346,11 @@ impl State {
         let restore = payload.get("override_settings_restore_afterwards").and_then(Value::as_bool).unwrap_or(true);
         let _generation = self.generation.lock().await;
         // As the WebUI: the named checkpoint, else the setting, loaded first.
-        let wanted = named.map(normalize_checkpoint).filter(|name| !name.is_empty());
-        let target = wanted.map_or_else(|| lock(&self.model).setting.clone(), str::to_string);
+        let wanted = named.map(|name| normalize_checkpoint(name).into_owned()).filter(|name| !name.is_empty());
+        let target = wanted.clone().unwrap_or_else(|| lock(&self.model).setting.clone());
         let loaded = self.load(&target).await;
         if let (Some(wanted), false) = (wanted, restore) {
-            lock(&self.model).setting = wanted.to_string();
+            lock(&self.model).setting = wanted;
         }
         *lock(&self.progress) = Progress { step: 0, steps, running: true, interrupted: false };
         let mut interrupted = false;
