@@ -116,7 +116,15 @@ async fn run(cli: Cli) -> Result<()> {
             checkpoint,
             load_time,
         }) => {
-            let options = SimOptions { step_time, image_bytes, name, cancel_on_disconnect, checkpoint, load_time };
+            let options = SimOptions {
+                step_time,
+                image_bytes,
+                name,
+                cancel_on_disconnect,
+                checkpoint,
+                load_time,
+                available: Vec::new(),
+            };
             sdgate::tools::sim::run(SocketAddr::new(host, port), startup_delay, options).await
         }
         Some(Command::ImportKnative { file }) => {

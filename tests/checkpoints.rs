@@ -201,3 +201,18 @@ async fn a_pod_is_asked_what_it_holds_before_its_first_request() {
     assert_eq!(plain.status, 200);
     assert_eq!(workers[0].stats().loads, 0);
 }
+
+/// A pod that does not have the checkpoint a request names runs it on its
+/// own (as the WebUI does); its answer says so, and sdgate believes it
+/// rather than what it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_corrects_what_a_pod_is_taken_to_hold() {
+    let options = SimOptions { checkpoint: "a".into(), available: vec!["a".into()], ..fast_sim(1) };
+    let workers = sims(1, options).await;
+    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, "").await;
+    let answer = send(&client(), for_checkpoint(gateway.addr, "not-on-this-pod", 2)).await;
+    assert_eq!(answer.status, 200);
+    let status = status(gateway.admin).await;
+    assert_eq!(status["services"][0]["endpoints"][0]["checkpoint"], "a", "{status}");
+    assert_eq!(workers[0].stats().loads, 0);
+}

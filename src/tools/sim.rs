@@ -59,6 +59,9 @@ pub struct SimOptions {
     pub checkpoint: String,
     /// Time a checkpoint load takes.
     pub load_time: Duration,
+    /// The checkpoints it has (empty: any name is one it has). A request
+    /// naming another runs on the setting, as the WebUI does.
+    pub available: Vec<String>,
     /// Time one sampling step takes.
     pub step_time: Duration,
     /// Size of the base64 image in each generation's response.
@@ -76,6 +79,7 @@ impl Default for SimOptions {
         Self {
             checkpoint: "sim".into(),
             load_time: Duration::ZERO,
+            available: Vec::new(),
             step_time: Duration::from_millis(50),
             image_bytes: 64 * 1024,
             name: None,
@@ -346,7 +350,10 @@ impl State {
         let restore = payload.get("override_settings_restore_afterwards").and_then(Value::as_bool).unwrap_or(true);
         let _generation = self.generation.lock().await;
         // As the WebUI: the named checkpoint, else the setting, loaded first.
-        let wanted = named.map(|name| normalize_checkpoint(name).into_owned()).filter(|name| !name.is_empty());
+        let wanted = named
+            .map(|name| normalize_checkpoint(name).into_owned())
+            .filter(|name| !name.is_empty())
+            .filter(|name| self.options.available.is_empty() || self.options.available.contains(name));
         let target = wanted.clone().unwrap_or_else(|| lock(&self.model).setting.clone());
         let loaded = self.load(&target).await;
         if let (Some(wanted), false) = (wanted, restore) {

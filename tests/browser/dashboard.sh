@@ -144,7 +144,7 @@ for code in $(jq -r "$svc.recent.codes | keys[]" "$J"); do
 done
 total=0
 for address in $(jq -r "$svc.endpoints[].address" "$J"); do
-  for field in state inflight sessions served; do
+  for field in state inflight sessions served checkpoint checkpoint_loads; do
     compare "endpoint $address $field" "$(jq -r "$svc.endpoints[] | select(.address == \"$address\") | .$field" "$J")" \
       "$(dom "$S data-metric=\"$field\" data-endpoint=\"$address\"")"
   done
