@@ -97,6 +97,10 @@ async fn three_checkpoints_on_three_pods_load_each_about_once() {
         .collect();
     held.sort();
     assert_eq!(held, vec!["a", "b", "c"]);
+    // Each pod learned its generation time from the answers.
+    for endpoint in status["services"][0]["endpoints"].as_array().expect("endpoints") {
+        assert!(endpoint["generation_seconds"].as_f64().is_some_and(|s| s > 0.0), "{endpoint}");
+    }
 }
 
 /// Checkpoint-blind routing (`checkpoints.route: false`) on the same

@@ -195,6 +195,8 @@ async fn run_exchange(
     let request_timeout = limits.request_timeout;
     let policy = limits.quarantine;
     let addr = slot.addr();
+    // A request that named a checkpoint teaches the pod's times.
+    let timed_since = slot.is_timed().then(tokio::time::Instant::now);
     let body = request.body().clone();
     // One timer for the exchange: until the answer starts, then reset to
     // read a buffered answer.
@@ -255,9 +257,8 @@ async fn run_exchange(
     let body = match read {
         Some(Ok(Buffered::Complete(bytes))) => {
             // What it ran on, from the answer of a request that named a checkpoint.
-            let mut slot = slot;
-            if let Some(name) = slot.is_timed().then(|| answer::held_in(&bytes)).flatten() {
-                slot.ran_on(name);
+            if let Some(since) = timed_since {
+                slot.learn(answer::held_in(&bytes), since.elapsed());
             }
             // The pod has answered in full: its slot is free before the
             // client has read a byte, and its connection takes the next.

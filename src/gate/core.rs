@@ -789,9 +789,8 @@ impl<W> Gate<W> {
                 return Choice::Wait;
             }
         }
-        let Some(want) = want.filter(|_| self.model_policy.aware) else {
-            return if self.endpoints.iter().any(|e| self.has_room(e)) { Choice::Policy } else { Choice::Wait };
-        };
+        // The policy's pick (none when no pod has room: the caller waits).
+        let Some(want) = want.filter(|_| self.model_policy.aware) else { return Choice::Policy };
         let by_load = self.policy != Policy::FirstAvailable;
         let mut matching = 0;
         let mut matched: Option<(u32, usize)> = None;

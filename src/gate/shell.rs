@@ -394,11 +394,13 @@ impl SharedGate {
         self.lock().record_failure(id)
     }
 
-    pub(super) fn release(self: &Arc<Self>, endpoint: EndpointId, answered: bool, timed: Option<(Duration, bool)>) {
+    /// See [`Gate::learn`].
+    pub(super) fn learn(&self, endpoint: EndpointId, took: Duration, loaded: bool) {
+        self.lock().learn(endpoint, took, loaded);
+    }
+
+    pub(super) fn release(self: &Arc<Self>, endpoint: EndpointId, answered: bool) {
         let mut gate = self.lock();
-        if let (true, Some((took, loaded))) = (answered, timed) {
-            gate.learn(endpoint, took, loaded);
-        }
         if answered {
             gate.release_answered(endpoint);
         } else {
@@ -420,6 +422,7 @@ impl SharedGate {
         }
     }
 
+    #[inline]
     fn publish(&self, gate: &Gate<Waiter>) {
         self.observer.queue(gate.queue_depth(), gate.inflight());
         // The per-client and per-class figures change only with the queue:
@@ -430,9 +433,14 @@ impl SharedGate {
             let by_class = [gate.depth_of(Priority::Interactive), gate.depth_of(Priority::Batch)];
             self.observer.waiting(gate.waiting_clients(), by_class);
             if gate.knows_checkpoints() {
-                self.observer.checkpoint_waiting(&mut gate.checkpoint_demand());
+                self.publish_checkpoints(gate);
             }
         }
+    }
+
+    #[cold]
+    fn publish_checkpoints(&self, gate: &Gate<Waiter>) {
+        self.observer.checkpoint_waiting(&mut gate.checkpoint_demand());
     }
 
     fn publish_endpoints(&self, gate: &Gate<Waiter>) {

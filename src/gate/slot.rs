@@ -22,19 +22,16 @@ pub struct Slot {
     /// Whose job this is, known for as long as the pod holds it (boxed: a
     /// slot is moved along the whole exchange, and most have no session).
     job: Option<Box<Running>>,
-    /// When it was granted, for a timed grant (see [`Grant::timed`]).
-    since: Option<tokio::time::Instant>,
 }
 
 impl Slot {
     pub(super) fn new(gate: Arc<SharedGate>, grant: Grant) -> Self {
-        let since = grant.timed.then(tokio::time::Instant::now);
-        Self { gate, grant, armed: true, answered: false, job: None, since }
+        Self { gate, grant, armed: true, answered: false, job: None }
     }
 
     /// A slot-less stand-in for requests that skip the gate.
     pub fn bypass(gate: Arc<SharedGate>, grant: Grant) -> Self {
-        Self { gate, grant, armed: false, answered: false, job: None, since: None }
+        Self { gate, grant, armed: false, answered: false, job: None }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -56,14 +53,16 @@ impl Slot {
         self.job = Some(Box::new(job));
     }
 
-    /// What the pod's answer says it ran on: the gate takes it as what the
-    /// pod holds; a load that did not happen (the pod kept its own) is not
-    /// learned as one.
-    pub fn ran_on(&mut self, checkpoint: &str) {
-        let held = self.gate.set_held(self.grant.endpoint, checkpoint);
-        if self.grant.load.is_some() && held != self.grant.load {
-            self.grant.load = None;
-        }
+    /// A timed request's answer in full (see [`Grant::timed`]), `took`
+    /// after it was sent, and the checkpoint it says it ran on: the gate
+    /// takes that as what the pod holds, and learns the pod's generation or
+    /// load time (a load that did not happen, the pod keeping its own, is
+    /// not learned as one).
+    pub fn learn(&self, ran_on: Option<&str>, took: std::time::Duration) {
+        let endpoint = self.grant.endpoint;
+        let held = ran_on.and_then(|name| self.gate.set_held(endpoint, name));
+        let loaded = self.grant.load.is_some() && (held.is_none() || held == self.grant.load);
+        self.gate.learn(endpoint, took, loaded);
     }
 
     /// Its request named a checkpoint (see [`Grant::timed`]).
@@ -83,8 +82,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.armed {
-            let timed = self.since.map(|since| (since.elapsed(), self.grant.load.is_some()));
-            self.gate.release(self.grant.endpoint, self.answered, timed);
+            self.gate.release(self.grant.endpoint, self.answered);
         }
     }
 }

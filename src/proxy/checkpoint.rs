@@ -27,9 +27,10 @@ impl Reader {
         Self { config: config.clone(), keys }
     }
 
-    /// Whether requests are read at all.
-    pub fn reads(&self) -> bool {
-        self.config.header.is_some() || !self.keys.is_empty()
+    /// Whether a request, with a body or not, may name a checkpoint.
+    #[inline]
+    pub fn may_name(&self, has_body: bool) -> bool {
+        self.config.header.is_some() || (has_body && !self.keys.is_empty())
     }
 
     /// The checkpoint a request names (normalised), and whether it stays

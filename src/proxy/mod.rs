@@ -278,10 +278,16 @@ fn model_policy(service: &ServiceConfig) -> crate::gate::ModelPolicy {
 impl Service {
     /// The checkpoint a request wants, if it names one (counted per
     /// checkpoint); None also once the service's table of names is full.
+    #[inline]
     fn want(&self, headers: &http::HeaderMap, body: Option<&[u8]>) -> Option<crate::gate::Want> {
-        if !self.checkpoints.reads() {
+        // Most requests name none: no body (a GET), and no header to look at.
+        if !self.checkpoints.may_name(body.is_some()) {
             return None;
         }
+        self.named(headers, body)
+    }
+
+    fn named(&self, headers: &http::HeaderMap, body: Option<&[u8]>) -> Option<crate::gate::Want> {
         let (name, keep) = self.checkpoints.wanted(headers, body)?;
         let want = self.gate.want(&name, keep);
         self.metrics.checkpoint_requested(&name);
