@@ -444,11 +444,16 @@ impl<W> Gate<W> {
         want: Option<Want>,
         patient: bool,
     ) -> Option<Grant> {
-        if let Some(want) = want {
-            self.models.asked(want.model, ticket.seq);
-        }
-        let ahead = self.models.waiting_for(want.map(|w| w.model));
-        let index = match self.choose(pin, want, patient, ahead) {
+        let choice = match (pin, want) {
+            // The common case: no pin, no checkpoint.
+            (None, None) => Choice::Policy,
+            (_, None) => self.choose(pin, None, patient, 0),
+            (_, Some(want)) => {
+                self.models.asked(want.model, ticket.seq);
+                self.choose(pin, Some(want), patient, self.models.waiting_for(Some(want.model)))
+            }
+        };
+        let index = match choice {
             Choice::At(index) => index,
             Choice::Policy => self.pick()?,
             Choice::Wait => return None,
