@@ -45,6 +45,12 @@ done
 wait "${clients[@]}"
 codes=$(for i in 1 2 3 4; do printf "%s " "$(cat "$WORK/code$i")"; done)
 for code in $codes; do [ "$code" = 200 ] || [ "$code" = 504 ] || die "a generation answered $code"; done
+# One generation naming another checkpoint than the pod's: it loads it.
+code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 60 -X POST -H "Host: $HOST_HEADER" \
+  -H 'Content-Type: application/json' \
+  -d '{"prompt": "pretty dog", "steps": 2, "override_settings": {"sd_model_checkpoint": "sdxl.safetensors"}}' \
+  "http://$GATEWAY/sdapi/v1/txt2img")
+[ "$code" = 200 ] || die "the generation naming a checkpoint answered $code"
 [ "$(txt2img unknown.example.com 1)" = 404 ] || die "the unknown host did not answer 404"
 [ "$(txt2img slow.example.com 20)" = 504 ] || die "the slow pod did not answer 504 (request_timeout)"
 echo "answers: $codes+ 404 + 504 (slow pod)"
@@ -54,9 +60,12 @@ curl -fsS --max-time 5 "http://$ADMIN/metrics" >"$WORK/metrics.txt"
 echo "scrape: $(grep -c '^# TYPE' "$WORK/metrics.txt") metric families, $(grep -vc '^#' "$WORK/metrics.txt") samples"
 for name in sdgate_requests_total sdgate_request_duration_seconds sdgate_queue_depth sdgate_queue_wait_seconds \
   sdgate_inflight_requests sdgate_endpoints sdgate_desired_replicas sdgate_cold_start_seconds \
-  sdgate_upstream_errors_total process_resident_memory_bytes; do
+  sdgate_upstream_errors_total sdgate_checkpoint_requests_total sdgate_checkpoint_loads_total \
+  process_resident_memory_bytes; do
   grep -q "^# TYPE $name " "$WORK/metrics.txt" || die "the scrape has no $name"
 done
+grep -q '^sdgate_checkpoint_loads_total{checkpoint="sdxl",service=' "$WORK/metrics.txt" ||
+  die "no checkpoint load counted: $(grep checkpoint "$WORK/metrics.txt")"
 grep -q '^sdgate_upstream_errors_total{kind="timeout",service="slow"} 1$' "$WORK/metrics.txt" ||
   die "no upstream timeout counted: $(grep upstream_errors "$WORK/metrics.txt")"
 
