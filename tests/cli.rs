@@ -93,7 +93,7 @@ fn sim_help_lists_only_the_flags_a_sim_worker_reads() {
     assert!(help.status.success());
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(!help.contains("--config"), "a sim reads no config file, yet its help offers --config:\n{help}");
-    for flag in ["--port", "--host", "--step-time", "--startup-delay", "--log-format"] {
+    for flag in ["--port", "--host", "--step-time", "--startup-delay", "--checkpoint", "--load-time", "--log-format"] {
         assert!(help.contains(flag), "sim --help lacks {flag}:\n{help}");
     }
     // Written after `sim` it is unknown; written before, it is refused rather than ignored.
