@@ -40,16 +40,17 @@ fn check_says_ok_and_warns_about_keys_that_do_nothing() {
     assert_eq!(String::from_utf8_lossy(&output.stderr), "ok: 1 service, 0 routes\n");
     let config = TempFile::new(
         "yaml",
-        "services:\n  - name: sd\n    hosts: [sd.test]\n    scale: { max: 3 }\n    affinity: { mode: prefer, max_wait: 5s }\n    backend: { fixed: [\"127.0.0.1:7860\"] }\n",
+        "services:\n  - name: sd\n    hosts: [sd.test]\n    scale: { max: 3 }\n    affinity: { mode: prefer, max_wait: 5s }\n    checkpoints: { route: false, max_wait_for_match: 3s }\n    backend: { fixed: [\"127.0.0.1:7860\"] }\n",
     );
     let output = Command::new(sdgate_bin()).arg("check").arg("--config").arg(&config.path).output().unwrap();
     assert!(output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 3, "{stderr}");
+    assert_eq!(lines.len(), 4, "{stderr}");
     assert!(lines[0].starts_with("warning: services[0].scale: does nothing with a fixed backend"), "{stderr}");
     assert!(lines[1].starts_with("warning: services[0].affinity.max_wait: does nothing"), "{stderr}");
-    assert_eq!(lines[2], "ok: 1 service, 0 routes");
+    assert!(lines[2].starts_with("warning: services[0].checkpoints.max_wait_for_match: does nothing"), "{stderr}");
+    assert_eq!(lines[3], "ok: 1 service, 0 routes");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(!stdout.contains("scale:") && !stdout.contains("wake:"), "{stdout}");
     assert!(sdgate::Config::from_yaml(&stdout).is_ok(), "the effective config loads: {stdout}");

@@ -923,6 +923,13 @@ impl Config {
             if has(&["fairness", "header"]) && service.fairness.key != FairnessKey::Header {
                 warnings.push(format!("services[{i}].fairness.header: does nothing unless fairness.key is header"));
             }
+            if !service.checkpoints.route {
+                for key in ["switch_cost", "max_wait_for_match"].into_iter().filter(|k| has(&["checkpoints", k])) {
+                    warnings.push(format!(
+                        "services[{i}].checkpoints.{key}: does nothing with checkpoints.route false (checkpoint-blind dispatch)"
+                    ));
+                }
+            }
             if has(&["scale"]) && service.scale.mode == ScaleMode::External {
                 for key in
                     ["stable_window", "panic_window", "scale_to_zero_grace"].into_iter().filter(|k| has(&["scale", k]))
@@ -1512,6 +1519,23 @@ mod tests {
         let yaml = "services:\n  - name: a\n    hosts: [x]\n    backend: { fixed: [\"127.0.0.1:1\"] }\n  - name: b\n    hosts: [X]\n    backend: { fixed: [\"127.0.0.1:2\"] }\n";
         let text = format!("{:#}", Config::from_yaml(yaml).unwrap_err());
         assert!(text.contains("services[1].hosts[0]"), "{text}");
+    }
+
+    #[test]
+    fn checkpoints_are_on_by_default_and_a_bad_setting_is_named() {
+        let config = Config::from_yaml(&minimal("")).unwrap();
+        let checkpoints = &config.services[0].checkpoints;
+        assert!(checkpoints.route);
+        assert_eq!(checkpoints.pointers, ["/override_settings/sd_model_checkpoint"]);
+        assert_eq!(checkpoints.max_wait_for_match, Duration::from_secs(10));
+        for (bad, named) in [
+            ("    checkpoints: { pointers: [override_settings] }\n", "must be empty or start with /"),
+            ("    checkpoints: { header: \"bad header\" }\n", "is not a header name"),
+            ("    checkpoints: { options_path: options }\n", "options_path"),
+        ] {
+            let text = format!("{:#}", Config::from_yaml(&minimal(bad)).unwrap_err());
+            assert!(text.contains("services[0].checkpoints") && text.contains(named), "{text}");
+        }
     }
 
     #[test]
