@@ -81,8 +81,6 @@ pub struct Origin {
     pub priority: Priority,
     pub max_queued: u32,
     pub want: Option<Want>,
-    /// Has waited `max_wait_for_match`: takes any pod (see [`Gate::lose_patience`]).
-    pub impatient: bool,
 }
 
 impl Origin {
@@ -210,7 +208,7 @@ impl SharedGate {
         pin: Option<Pin>,
         origin: Origin,
     ) -> Option<Slot> {
-        let grant = gate.try_dispatch_for(ticket, pin, origin.want, !origin.impatient)?;
+        let grant = gate.try_dispatch_for(ticket, pin, origin.want, true)?;
         self.publish(gate);
         Some(self.slot(gate, grant))
     }
@@ -242,6 +240,20 @@ impl SharedGate {
         origin: Origin,
         timeout: Duration,
     ) -> Result<Slot, ProxyError> {
+        self.acquire_patient(ticket, pin, origin, timeout, None).await
+    }
+
+    /// [`SharedGate::acquire_from`] for a request that, after `patience`,
+    /// stops waiting for a pod that holds its checkpoint and takes any pod
+    /// (in place: it keeps its place in line and its wait goes on).
+    pub async fn acquire_patient(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        pin: Option<Pin>,
+        origin: Origin,
+        timeout: Duration,
+        patience: Option<Duration>,
+    ) -> Result<Slot, ProxyError> {
         let mut rx = {
             let mut gate = self.lock();
             if let Some(slot) = self.dispatch(&mut gate, ticket, pin, origin) {
@@ -259,7 +271,7 @@ impl SharedGate {
                 client: origin.client_key(),
                 priority: origin.priority,
                 want: origin.want,
-                patient: !origin.impatient,
+                patient: true,
             };
             if gate.enqueue_request(ticket, queued, tx, now).is_err() {
                 return Err(ProxyError::QueueFull(gate.queue_depth()));
@@ -272,7 +284,17 @@ impl SharedGate {
         };
         self.demand.notify_one();
         let mut leave = LeaveQueueOnDrop { gate: self, ticket: Some(ticket) };
-        match tokio::time::timeout(timeout, &mut rx).await {
+        let patience = patience.filter(|patience| *patience < timeout);
+        let waited = async {
+            if let Some(patience) = patience {
+                tokio::select! {
+                    got = &mut rx => return got,
+                    () = tokio::time::sleep(patience) => self.lose_patience(ticket),
+                }
+            }
+            (&mut rx).await
+        };
+        match tokio::time::timeout(timeout, waited).await {
             Ok(Ok(slot)) => {
                 leave.ticket = None;
                 Ok(slot)
@@ -291,6 +313,16 @@ impl SharedGate {
 
     fn timed_out(&self, timeout: Duration) -> ProxyError {
         ProxyError::QueueTimeout { timeout, cause: lock(&self.backend_error).clone() }
+    }
+
+    /// A waiter stops waiting for a pod that holds its checkpoint: it takes
+    /// any pod with room from now on, this one at once if there is one.
+    fn lose_patience(self: &Arc<Self>, ticket: Ticket) {
+        let mut gate = self.lock();
+        if gate.lose_patience(ticket) {
+            self.hand_out(&mut gate);
+            self.publish(&gate);
+        }
     }
 
     /// Records why pods fail to come up (None once one is ready).
@@ -502,6 +534,34 @@ mod tests {
         assert_eq!(gate.inspect(|g| g.queue_depth()), 0);
         drop(held);
         assert_eq!(gate.inspect(|g| g.inflight()), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_for_a_busy_pod_holding_its_checkpoint_takes_a_free_pod_after_its_patience() {
+        let gate = SharedGate::new(1, 10, Arc::new(Unobserved));
+        let [on_a, on_c] = [7860, 7861].map(|port| gate.add_endpoint(SocketAddr::from(([127, 0, 0, 1], port))));
+        gate.set_checkpoint(on_a, "a");
+        gate.set_checkpoint(on_c, "c");
+        for pod in [on_a, on_c] {
+            gate.set_ready(pod, true);
+        }
+        let for_c = Origin { want: gate.want("c", false), ..Origin::default() };
+        let (ticket, busy) = gate.arrive_and_try(for_c, None);
+        let busy = busy.expect("c's pod is free");
+        assert_eq!(busy.endpoint(), on_c);
+        let started = Instant::now();
+        let (ticket_2, none) = gate.arrive_and_try(for_c, None);
+        assert!(none.is_none(), "it waits for c's pod, cheaper than a load");
+        let _ = ticket;
+        let patience = Duration::from_secs(10);
+        let slot = gate.acquire_patient(ticket_2, None, for_c, Duration::from_secs(300), Some(patience)).await;
+        let slot = slot.expect("a pod after its patience");
+        assert_eq!((slot.endpoint(), started.elapsed()), (on_a, patience), "a's pod, at once when patience ran out");
+        assert_eq!(
+            gate.inspect(|g| g.endpoint(on_a).and_then(|e| e.model.holds).map(|m| g.checkpoint_name(m).to_string())),
+            Some("c".to_string())
+        );
+        drop(busy);
     }
 
     #[tokio::test(start_paused = true)]

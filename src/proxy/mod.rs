@@ -925,37 +925,34 @@ impl Place {
         });
         trace.arrived = Some(arrived);
         self.waiting = session.map(|session| Box::new(service.jobs.wait(session, self.ticket)));
-        // What may change while it waits: a strict pin loosens after
-        // `affinity.max_wait`; a wait for a pod that holds its checkpoint
-        // ends after `checkpoints.max_wait_for_match`.
-        let mut strict_until = match (pin, &service.affinity) {
-            (Some(pin), Some(affinity)) if pin.strict => Some(arrived + affinity.config.max_wait),
-            _ => None,
-        };
-        let mut patient_until = match origin.want {
-            Some(_) if service.config.checkpoints.route && !origin.impatient => {
+        // A wait for a pod that holds its checkpoint ends after
+        // `checkpoints.max_wait_for_match` (in place); a strict pin loosens
+        // after `affinity.max_wait` (it waits again at its place in line).
+        let patient_until = match origin.want {
+            Some(_) if service.config.checkpoints.route => {
                 Some(arrived + service.config.checkpoints.max_wait_for_match)
             }
             _ => None,
         };
-        let (mut pin, mut origin) = (pin, origin);
-        let acquired = loop {
-            let until = [strict_until, patient_until].into_iter().flatten().min().filter(|at| *at < deadline);
-            let left = until.unwrap_or(deadline).saturating_duration_since(Instant::now());
-            match service.gate.acquire_from(self.ticket, pin, origin, left).await {
-                Err(ProxyError::QueueTimeout { .. }) if until.is_some() => {
-                    let now = Instant::now();
-                    if strict_until.is_some_and(|at| at <= now) {
-                        strict_until = None;
-                        pin = pin.map(|pin| Pin { strict: false, ..pin });
+        let patience = || patient_until.map(|at| at.saturating_duration_since(Instant::now()));
+        let gate = &service.gate;
+        let strict_for = match (pin, &service.affinity) {
+            (Some(pin), Some(affinity)) if pin.strict => Some(affinity.config.max_wait),
+            _ => None,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let acquired = match strict_for {
+            Some(max_wait) if max_wait < left => {
+                match gate.acquire_patient(self.ticket, pin, origin, max_wait, patience()).await {
+                    Err(ProxyError::QueueTimeout { .. }) => {
+                        let loose = pin.map(|pin| Pin { strict: false, ..pin });
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        gate.acquire_patient(self.ticket, loose, origin, left, patience()).await
                     }
-                    if patient_until.is_some_and(|at| at <= now) {
-                        patient_until = None;
-                        origin.impatient = true;
-                    }
+                    other => other,
                 }
-                other => break other,
             }
+            _ => gate.acquire_patient(self.ticket, pin, origin, left, patience()).await,
         };
         trace.queue_wait = Some(arrived.elapsed());
         match acquired {
