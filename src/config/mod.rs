@@ -395,8 +395,8 @@ pub struct CheckpointConfig {
     /// GET this when a pod becomes ready and read its `sd_model_checkpoint`
     /// (the WebUI's options); `null`: not asked.
     pub options_path: Option<String>,
-    /// Checkpoints with a metric label of their own (the first seen); the
-    /// rest are counted as `other`.
+    /// Checkpoints with a metric label of their own (the first seen, at
+    /// most 64); the rest are counted as `other`.
     pub metric_labels: usize,
 }
 
@@ -430,6 +430,9 @@ impl CheckpointConfig {
             if !path.starts_with('/') {
                 bail!("{key}.options_path: {path:?} must start with /");
             }
+        }
+        if self.metric_labels > 64 {
+            bail!("{key}.metric_labels: {} is more than 64", self.metric_labels);
         }
         Ok(())
     }

@@ -160,15 +160,13 @@ impl Prober {
         idle
     }
 
-    /// Before a pod's first request, what checkpoint it holds: its options'
+    /// Each time a pod becomes ready (a first time, or again: it may have
+    /// restarted), what checkpoint it holds: its options'
     /// `sd_model_checkpoint` (what the WebUI loads at start). A pod that
     /// does not answer it (not the WebUI, an older API) is taken as it is.
     /// Always true: it only learns.
     async fn learn_checkpoint(&self, gate: &Endpoints, endpoint: EndpointId, addr: SocketAddr) -> bool {
         let Some(path) = gate.checkpoint_options_path() else { return true };
-        if gate.ever_served(endpoint) {
-            return true;
-        }
         let reply = Pool::shared()
             .call(addr, http::Method::GET, &path, None, None, OPTIONS_ANSWER_LIMIT, self.readiness.timeout)
             .await;

@@ -195,8 +195,10 @@ async fn run_exchange(
     let request_timeout = limits.request_timeout;
     let policy = limits.quarantine;
     let addr = slot.addr();
-    // A request that named a checkpoint teaches the pod's times.
+    // A request that named a checkpoint teaches the pod's times; a
+    // generation's answer says what the pod ran on.
     let timed_since = slot.is_timed().then(tokio::time::Instant::now);
+    let generation = slot.is_tracked() && request.method() == http::Method::POST;
     let body = request.body().clone();
     // One timer for the exchange: until the answer starts, then reset to
     // read a buffered answer.
@@ -257,8 +259,8 @@ async fn run_exchange(
     let body = match read {
         Some(Ok(Buffered::Complete(bytes))) => {
             // What it ran on, from the answer of a request that named a checkpoint.
-            if let Some(since) = timed_since {
-                slot.learn(answer::held_in(&bytes), since.elapsed());
+            if generation {
+                learn_from(&slot, &parts, &bytes, timed_since);
             }
             // The pod has answered in full: its slot is free before the
             // client has read a byte, and its connection takes the next.
@@ -286,6 +288,24 @@ async fn run_exchange(
         }
     };
     Ok(Response::from_parts(parts, body))
+}
+
+/// What a generation's answer in full teaches (see [`answer`]): only a
+/// plain success is read (an error loaded nothing for sure; a compressed
+/// answer cannot be read), and only a request that named a checkpoint is
+/// timed.
+fn learn_from(slot: &Slot, parts: &http::response::Parts, bytes: &[u8], since: Option<tokio::time::Instant>) {
+    let plain = parts.status.is_success() && !parts.headers.contains_key(header::CONTENT_ENCODING);
+    match (plain, since) {
+        (true, Some(since)) => slot.learn(answer::held_in(bytes), since.elapsed()),
+        (true, None) => {
+            if let Some(name) = answer::held_in(bytes) {
+                slot.ran_on(name);
+            }
+        }
+        (false, Some(_)) => slot.failed(),
+        (false, None) => {}
+    }
 }
 
 /// Runs `future` until `deadline`; None if the deadline came first. The

@@ -91,12 +91,15 @@ pub struct Grant {
     /// Time the exchange, to learn the pod's generation and load times
     /// (the request named a checkpoint).
     pub timed: bool,
+    /// The service knows checkpoints: a generation's answer may say what
+    /// the pod ran on.
+    pub tracked: bool,
 }
 
 impl Grant {
     /// A grant that loads nothing and is not timed (requests that skip the gate).
     pub fn plain(endpoint: EndpointId, addr: SocketAddr) -> Self {
-        Self { endpoint, addr, load: None, timed: false }
+        Self { endpoint, addr, load: None, timed: false, tracked: false }
     }
 }
 
@@ -353,6 +356,11 @@ impl<W> Gate<W> {
     /// already sent it another.
     pub fn set_checkpoint(&mut self, id: EndpointId, name: &str) {
         let Some(model) = self.models.intern(name) else { return };
+        // A new pod's checkpoint counts as in use for a while: its clients
+        // may not have come yet.
+        if self.models.last_asked(Some(model)) < self.next_ticket.max(1) {
+            self.models.asked(model, self.next_ticket.max(1));
+        }
         if let Some(endpoint) = self.endpoint_mut(id) {
             endpoint.model.setting = Some(model);
             endpoint.model.holds = endpoint.model.holds.or(Some(model));
@@ -625,14 +633,27 @@ impl<W> Gate<W> {
         id
     }
 
-    /// Returns whether the state changed.
+    /// Returns whether the state changed. A pod that stops being ready may
+    /// come back restarted: what it held is forgotten (it is asked again).
     pub fn set_ready(&mut self, id: EndpointId, ready: bool) -> bool {
         match self.endpoint_mut(id) {
             Some(endpoint) if endpoint.ready != ready => {
                 endpoint.ready = ready;
+                if !ready {
+                    endpoint.model.holds = None;
+                    endpoint.model.setting = None;
+                }
                 true
             }
             _ => false,
+        }
+    }
+
+    /// What a pod holds is no longer known (an answer that failed after a
+    /// load was assumed).
+    pub fn forget_held(&mut self, id: EndpointId) {
+        if let Some(endpoint) = self.endpoint_mut(id) {
+            endpoint.model.holds = None;
         }
     }
 
@@ -749,8 +770,9 @@ impl<W> Gate<W> {
         let endpoint = &mut self.endpoints[index];
         endpoint.inflight += 1;
         endpoint.served += 1;
-        let load = if !self.models.is_empty() { endpoint.model.take(want) } else { None };
-        Grant { endpoint: endpoint.id, addr: endpoint.addr, load, timed }
+        let tracked = !self.models.is_empty();
+        let load = endpoint.model.take(want);
+        Grant { endpoint: endpoint.id, addr: endpoint.addr, load, timed, tracked }
     }
 
     /// Whether the pin names a pod that may take requests (else it is moot).
@@ -831,10 +853,24 @@ impl<W> Gate<W> {
             return Choice::At(index);
         }
         let Some((_, index)) = switch else { return Choice::Wait };
-        if patient && matching > 0 && self.worth_waiting(want.model, ahead, matching, index) {
+        if patient && matching > 0 && self.in_use(index) && self.worth_waiting(want.model, ahead, matching, index) {
             return Choice::Wait;
         }
         Choice::At(index)
+    }
+
+    /// Whether the checkpoint the endpoint at `index` holds is in use: known,
+    /// and asked for among the latest arrivals (four per slot of the pods
+    /// serving, at least 8; a pod's checkpoint counts as asked for when the
+    /// pod said it holds it). A pod holding one nobody asks for any more
+    /// (or one not known) is not worth keeping idle: a request loads there
+    /// rather than wait, and the next ones find it loaded.
+    fn in_use(&self, index: usize) -> bool {
+        let held = self.endpoints[index].model.holds;
+        let slots = self.endpoints.iter().filter(|e| e.is_serving()).count() * self.capacity.max(1) as usize;
+        let window = (4 * slots).max(8) as u64;
+        let asked = self.models.last_asked(held);
+        held.is_some() && asked > 0 && self.next_ticket.saturating_sub(asked) <= window
     }
 
     /// Whether a request for `model`, with `ahead` others for it before it,

@@ -1525,11 +1525,15 @@ fn removed_endpoints_are_remembered_with_their_counts_one_per_address() {
 // is cheaper than a load; else load on the pod the queue wants least.
 // ---------------------------------------------------------------------------
 
-/// Pods holding these checkpoints, all ready.
+/// Pods holding these checkpoints, all ready, each checkpoint asked for
+/// lately (in use).
 fn gate_holding(capacity: u32, held: &[&str]) -> (Gate<Ticket>, Vec<EndpointId>) {
     let (mut gate, pods) = gate_with(capacity, 100, held.len() as u16);
     for (pod, name) in pods.iter().zip(held) {
         gate.set_checkpoint(*pod, name);
+        let model = gate.checkpoint(name).expect("room");
+        let asked = gate.arrive();
+        gate.models.asked(model, asked.seq);
     }
     (gate, pods)
 }
@@ -1688,14 +1692,64 @@ fn with_several_slots_a_pod_holding_the_checkpoint_is_preferred_least_loaded_fir
 }
 
 #[test]
-fn a_request_naming_none_loads_the_setting_back_on_a_pod_that_switched() {
+fn a_request_naming_none_changes_nothing_a_pod_is_taken_to_hold() {
     let (mut gate, pods) = gate_holding(1, &["a"]);
     let b = request_for(&mut gate, "b", Instant::now()).expect("free");
     gate.release(b.endpoint);
     let plain = admit(&mut gate);
-    assert_eq!(plain.endpoint, pods[0]);
-    assert_eq!(plain.load.map(|m| gate.checkpoint_name(m).to_string()), Some("a".into()));
-    assert_eq!(gate.endpoint(pods[0]).map(|e| e.model.loads), Some(2));
+    assert_eq!((plain.endpoint, plain.load), (pods[0], None));
+    assert_eq!(held_by(&gate, pods[0]), "b", "an options GET or a page loads nothing; a generation's answer tells");
+    assert_eq!(gate.endpoint(pods[0]).map(|e| e.model.loads), Some(1));
+}
+
+#[test]
+fn a_pod_holding_a_checkpoint_nobody_asks_for_is_used_rather_than_kept_idle() {
+    // Two clients loop on a; b's pod was never asked for: the second a
+    // request loads a there rather than wait for a's pod, every time.
+    let (mut gate, pods) = gate_holding(1, &["a", "b"]);
+    gate.learn(pods[0], Duration::from_millis(500), false);
+    let now = Instant::now();
+    // While b is recent (as when its pod came up), a's requests wait for a's pod.
+    let first = request_for(&mut gate, "a", now).expect("free");
+    let mut waiting = Vec::new();
+    loop {
+        match request_for(&mut gate, "a", now) {
+            Err(ticket) => {
+                waiting.push(ticket);
+                gate.release(first.endpoint);
+                let granted = drain(&mut gate);
+                assert_eq!(granted.len(), 1);
+                assert_eq!(granted[0].1.endpoint, pods[0]);
+            }
+            Ok(second) => {
+                assert_eq!(second.endpoint, pods[1], "b's pod, once b is out of use");
+                break;
+            }
+        }
+        assert!(waiting.len() < 20, "b's pod was never used");
+    }
+    assert!(waiting.len() >= 4, "b stayed in use a while: {}", waiting.len());
+    assert_eq!(held_by(&gate, pods[1]), "a");
+    // A pod whose checkpoint is not known is used at once too.
+    let (mut gate, pods) = gate_holding(1, &["a"]);
+    let unknown = gate.add_endpoint(addr(9));
+    gate.set_ready(unknown, true);
+    let _busy = request_for(&mut gate, "a", now).expect("free");
+    let next = request_for(&mut gate, "a", now).expect("the unknown pod");
+    assert_eq!((next.endpoint, next.load), (unknown, None));
+    assert_eq!(pods.len(), 1);
+}
+
+#[test]
+fn a_pod_holding_a_checkpoint_in_use_is_kept_for_it() {
+    let (mut gate, pods) = gate_holding(1, &["a", "b"]);
+    let now = Instant::now();
+    // b was asked for lately (and answered): its pod is kept for it.
+    let b = request_for(&mut gate, "b", now).expect("free");
+    gate.release(b.endpoint);
+    let _a = request_for(&mut gate, "a", now).expect("free");
+    assert!(request_for(&mut gate, "a", now).is_err(), "next on a's pod, cheaper than a load; b is in use");
+    assert_eq!(held_by(&gate, pods[1]), "b");
 }
 
 #[test]

@@ -172,28 +172,20 @@ pub struct Holding {
 }
 
 impl Holding {
-    /// The request will run here: returns the checkpoint it makes the pod
-    /// load, if any, and records what the pod then holds.
+    /// A request that names a checkpoint will run here: returns the
+    /// checkpoint it makes the pod load, if any, and records what the pod
+    /// then holds. A request that names none changes nothing: it may be no
+    /// generation at all (a page, the options), and a generation that loads
+    /// the setting back says so in its answer.
     pub(super) fn take(&mut self, want: Option<Want>) -> Option<ModelId> {
-        let runs_on = match want {
-            Some(want) => {
-                if want.keep {
-                    self.setting = Some(want.model);
-                }
-                Some(want.model)
-            }
-            // Nothing named: the WebUI loads its setting back, if it knows one.
-            None => self.setting.or(self.holds),
-        };
+        let want = want?;
+        if want.keep {
+            self.setting = Some(want.model);
+        }
         // A pod whose checkpoint is not known is not counted as loading: it
         // may have held the named one all along.
-        let load = match (runs_on, self.holds) {
-            (Some(model), Some(held)) if model != held => Some(model),
-            _ => None,
-        };
-        if runs_on.is_some() {
-            self.holds = runs_on;
-        }
+        let load = self.holds.filter(|held| *held != want.model).map(|_| want.model);
+        self.holds = Some(want.model);
         if load.is_some() {
             self.loads += 1;
         }
@@ -250,10 +242,11 @@ mod tests {
         assert_eq!(pod.take(Some(Want { model: a, keep: false })), None, "already loaded");
         assert_eq!(pod.take(Some(Want { model: b, keep: false })), Some(b));
         assert_eq!((pod.holds, pod.setting), (Some(b), Some(a)), "restored afterwards: the setting stays");
-        assert_eq!(pod.take(None), Some(a), "a request naming none loads the setting back (WebUI 1.6+)");
-        assert_eq!(pod.take(Some(Want { model: b, keep: true })), Some(b));
-        assert_eq!(pod.take(None), None, "kept: b is now its setting");
-        assert_eq!(pod.loads, 3);
+        assert_eq!(pod.take(None), None, "a request naming none changes nothing (its answer tells)");
+        assert_eq!(pod.holds, Some(b));
+        assert_eq!(pod.take(Some(Want { model: a, keep: true })), Some(a));
+        assert_eq!((pod.holds, pod.setting), (Some(a), Some(a)), "kept: a is now its setting");
+        assert_eq!(pod.loads, 2);
     }
 
     #[test]
@@ -262,7 +255,7 @@ mod tests {
         let mut pod = Holding::default();
         assert_eq!(pod.take(Some(Want { model: a, keep: false })), None);
         assert_eq!((pod.holds, pod.loads), (Some(a), 0));
-        assert_eq!(pod.take(None), None, "nothing named, no setting known: it runs on what it holds");
+        assert_eq!(pod.take(None), None);
     }
 
     #[test]

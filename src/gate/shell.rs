@@ -173,6 +173,11 @@ impl SharedGate {
         self.lock().set_held(id, &name)
     }
 
+    /// See [`Gate::forget_held`].
+    pub fn forget_held(&self, id: EndpointId) {
+        self.lock().forget_held(id);
+    }
+
     /// A place in line for a new request from `origin` (see [`Gate::arrive_from`]).
     pub fn arrive_from(&self, origin: Origin) -> Ticket {
         self.lock().arrive_from(origin.client_key(), origin.priority)
@@ -209,8 +214,14 @@ impl SharedGate {
         origin: Origin,
     ) -> Option<Slot> {
         let grant = gate.try_dispatch_for(ticket, pin, origin.want, true)?;
+        let slot = self.slot(gate, grant);
+        if grant.load.is_some() {
+            // The pod now holds another checkpoint: waiters for it may take
+            // its other slots (cc > 1).
+            self.hand_out(gate);
+        }
         self.publish(gate);
-        Some(self.slot(gate, grant))
+        Some(slot)
     }
 
     /// The slot of a grant (told to the observer if it loads a checkpoint).
@@ -545,6 +556,9 @@ mod tests {
         for pod in [on_a, on_c] {
             gate.set_ready(pod, true);
         }
+        // a is in use (asked for lately), so a's pod is kept for it while it can.
+        let for_a = Origin { want: gate.want("a", false), ..Origin::default() };
+        drop(gate.arrive_and_try(for_a, None).1.expect("a's pod is free"));
         let for_c = Origin { want: gate.want("c", false), ..Origin::default() };
         let (ticket, busy) = gate.arrive_and_try(for_c, None);
         let busy = busy.expect("c's pod is free");

@@ -65,6 +65,26 @@ impl Slot {
         self.gate.learn(endpoint, took, loaded);
     }
 
+    /// A request that named no checkpoint was answered: if it was a
+    /// generation, its answer says what the pod ran on (the WebUI may have
+    /// loaded its setting back).
+    pub fn ran_on(&self, checkpoint: &str) {
+        self.gate.set_held(self.grant.endpoint, checkpoint);
+    }
+
+    /// A timed request failed (an error answer): whether the pod loaded
+    /// what it was sent is not known any more.
+    pub fn failed(&self) {
+        if self.grant.load.is_some() {
+            self.gate.forget_held(self.grant.endpoint);
+        }
+    }
+
+    /// The service knows checkpoints (see [`Grant::tracked`]).
+    pub fn is_tracked(&self) -> bool {
+        self.grant.tracked
+    }
+
     /// Its request named a checkpoint (see [`Grant::timed`]).
     pub fn is_timed(&self) -> bool {
         self.grant.timed

@@ -122,17 +122,16 @@ impl Checkpoints {
     /// Sets every checkpoint's queue depth (those not named: 0).
     fn waiting(&self, waiting: &mut dyn Iterator<Item = (&str, usize)>) {
         let mut other = 0;
-        let mut depths: Vec<(String, usize)> = Vec::new();
         let labelled = lock(&self.labelled);
+        let mut depths = [0usize; 64];
         for (name, count) in waiting {
-            match labelled.iter().any(|s| s.name == name) {
-                true => depths.push((name.to_string(), count)),
-                false => other += count,
+            match labelled.iter().position(|s| s.name == name).filter(|i| *i < depths.len()) {
+                Some(index) => depths[index] += count,
+                None => other += count,
             }
         }
-        for series in labelled.iter() {
-            let depth = depths.iter().find(|(name, _)| *name == series.name).map_or(0, |(_, n)| *n);
-            series.queue_depth.set(depth as i64);
+        for (series, depth) in labelled.iter().zip(depths.iter().chain(std::iter::repeat(&0))) {
+            series.queue_depth.set(*depth as i64);
         }
         if other > 0 || labelled.len() >= self.limit.load(std::sync::atomic::Ordering::Relaxed) {
             self.queue_depth.with_label_values(&[self.service.as_str(), "other"]).set(other as i64);

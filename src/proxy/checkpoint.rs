@@ -9,6 +9,10 @@ use serde_json::Value;
 use crate::config::CheckpointConfig;
 use crate::gate::normalize_checkpoint as normalize;
 
+/// The longest checkpoint name taken (a longer one is routed as if none
+/// were named): names come from clients.
+const MAX_NAME: usize = 256;
+
 /// How a service reads requests for a checkpoint: its config, and a
 /// searcher for each pointer's last key (built once).
 pub struct Reader {
@@ -22,6 +26,8 @@ impl Reader {
             .pointers
             .iter()
             .filter_map(|pointer| pointer.rsplit('/').next().filter(|key| !key.is_empty()))
+            // A pointer escapes `/` and `~` in a key (RFC 6901).
+            .map(|key| key.replace("~1", "/").replace("~0", "~"))
             .map(|key| memchr::memmem::Finder::new(key.as_bytes()).into_owned())
             .collect();
         Self { config: config.clone(), keys }
@@ -39,7 +45,7 @@ impl Reader {
         let config = &self.config;
         if let Some(value) = config.header.as_deref().and_then(|name| headers.get(name)) {
             let name = normalize(value.to_str().ok()?);
-            return (!name.is_empty()).then(|| (name.to_string(), false));
+            return (!name.is_empty() && name.len() <= MAX_NAME).then(|| (name.to_string(), false));
         }
         let body = body?;
         // Parse only a body that may name one: most do not.
@@ -49,7 +55,7 @@ impl Reader {
         let json: Value = serde_json::from_slice(body).ok()?;
         let name = config.pointers.iter().find_map(|pointer| json.pointer(pointer).and_then(Value::as_str))?;
         let name = normalize(name);
-        if name.is_empty() {
+        if name.is_empty() || name.len() > MAX_NAME {
             return None;
         }
         let keep = json.pointer(&config.restore_pointer).and_then(Value::as_bool) == Some(false);
@@ -98,6 +104,8 @@ mod tests {
         assert_eq!(body(r#"{"prompt":"dog"}"#), None);
         assert_eq!(body("not json sd_model_checkpoint"), None);
         assert_eq!(body(r#"{"override_settings":{"sd_model_checkpoint":""}}"#), None);
+        let long = format!(r#"{{"override_settings":{{"sd_model_checkpoint":"{}"}}}}"#, "x".repeat(300));
+        assert_eq!(body(&long), None, "a name longer than 256 bytes is not taken");
     }
 
     #[test]
@@ -110,5 +118,8 @@ mod tests {
         assert_eq!(wanted(&config, &HeaderMap::new(), Some(json)), Some(("b".into(), false)));
         let other = CheckpointConfig { pointers: vec!["/model".into()], ..CheckpointConfig::default() };
         assert_eq!(wanted(&other, &HeaderMap::new(), Some(br#"{"model":"c"}"#)), Some(("c".into(), false)));
+        let escaped = CheckpointConfig { pointers: vec!["/opts/model~1name".into()], ..CheckpointConfig::default() };
+        let json = br#"{"opts":{"model/name":"d"}}"#;
+        assert_eq!(wanted(&escaped, &HeaderMap::new(), Some(json)), Some(("d".into(), false)));
     }
 }
