@@ -860,15 +860,15 @@ impl<W> Gate<W> {
     }
 
     /// Whether the checkpoint the endpoint at `index` holds is in use: known,
-    /// and asked for among the latest arrivals (four per slot of the pods
-    /// serving, at least 8; a pod's checkpoint counts as asked for when the
+    /// and asked for among the latest arrivals (eight per slot of the pods
+    /// serving, at least 16; a pod's checkpoint counts as asked for when the
     /// pod said it holds it). A pod holding one nobody asks for any more
     /// (or one not known) is not worth keeping idle: a request loads there
     /// rather than wait, and the next ones find it loaded.
     fn in_use(&self, index: usize) -> bool {
         let held = self.endpoints[index].model.holds;
         let slots = self.endpoints.iter().filter(|e| e.is_serving()).count() * self.capacity.max(1) as usize;
-        let window = (4 * slots).max(8) as u64;
+        let window = (8 * slots).max(16) as u64;
         let asked = self.models.last_asked(held);
         held.is_some() && asked > 0 && self.next_ticket.saturating_sub(asked) <= window
     }
