@@ -154,15 +154,12 @@ async fn run(trace: &[usize], clients: usize, load: Duration, step: Duration, aw
 }
 
 fn request(addr: SocketAddr, checkpoint: usize) -> Request<Full<Bytes>> {
-    let body = serde_json::json!({
-        "prompt": "pretty dog",
-        "steps": 4,
-        "override_settings": { "sd_model_checkpoint": format!("ck{checkpoint}.safetensors") },
-    })
-    .to_string();
-    Request::post(format!("http://{addr}/sdapi/v1/txt2img"))
-        .header("host", HOST)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .expect("request")
+    txt2img_json(
+        addr,
+        serde_json::json!({
+            "prompt": "pretty dog",
+            "steps": 4,
+            "override_settings": { "sd_model_checkpoint": format!("ck{checkpoint}.safetensors") },
+        }),
+    )
 }

@@ -17,18 +17,15 @@ use sdgate::tools::sim::SimOptions;
 /// A txt2img request naming `checkpoint` (as a title, the way WebUI clients
 /// often send it, or as a bare name).
 fn for_checkpoint(addr: SocketAddr, checkpoint: &str, steps: u32) -> Request<Full<Bytes>> {
-    let body = serde_json::json!({
-        "prompt": format!("on {checkpoint}"),
-        "steps": steps,
-        "override_settings": { "sd_model_checkpoint": checkpoint },
-        "override_settings_restore_afterwards": false,
-    })
-    .to_string();
-    Request::post(format!("http://{addr}/sdapi/v1/txt2img"))
-        .header("host", HOST)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .expect("request")
+    txt2img_json(
+        addr,
+        serde_json::json!({
+            "prompt": format!("on {checkpoint}"),
+            "steps": steps,
+            "override_settings": { "sd_model_checkpoint": checkpoint },
+            "override_settings_restore_afterwards": false,
+        }),
+    )
 }
 
 /// Sims that all start on checkpoint `a` and take `load` to load another.

@@ -205,11 +205,15 @@ pub async fn send(client: &TestClient, request: Request<Full<Bytes>>) -> Answer 
 }
 
 pub fn txt2img(addr: SocketAddr, prompt: &str, steps: u32) -> Request<Full<Bytes>> {
-    let body = serde_json::json!({ "prompt": prompt, "steps": steps }).to_string();
+    txt2img_json(addr, serde_json::json!({ "prompt": prompt, "steps": steps }))
+}
+
+/// A txt2img request with this JSON body.
+pub fn txt2img_json(addr: SocketAddr, body: serde_json::Value) -> Request<Full<Bytes>> {
     Request::post(format!("http://{addr}/sdapi/v1/txt2img"))
         .header("host", HOST)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(Bytes::from(body.to_string())))
         .expect("request")
 }
 
