@@ -932,6 +932,11 @@ impl Config {
                         "services[{i}].checkpoints.{key}: does nothing with checkpoints.route false (checkpoint-blind dispatch)"
                     ));
                 }
+            } else if service.checkpoints.max_wait_for_match >= service.queue.timeout {
+                warnings.push(format!(
+                    "services[{i}].checkpoints.max_wait_for_match: does nothing unless shorter than queue.timeout \
+                     (a request waiting for a pod that holds its checkpoint would time out first)"
+                ));
             }
             if has(&["scale"]) && service.scale.mode == ScaleMode::External {
                 for key in
@@ -1539,6 +1544,17 @@ mod tests {
             let text = format!("{:#}", Config::from_yaml(&minimal(bad)).unwrap_err());
             assert!(text.contains("services[0].checkpoints") && text.contains(named), "{text}");
         }
+    }
+
+    #[test]
+    fn check_warns_when_the_wait_for_a_match_outlasts_the_queue_timeout() {
+        let text = minimal("    queue: { timeout: 5s }\n");
+        let config = Config::from_yaml(&text).unwrap();
+        let warnings = config.inert_keys(&text);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].starts_with("services[0].checkpoints.max_wait_for_match: does nothing unless shorter"));
+        let text = minimal("    queue: { timeout: 5s }\n    checkpoints: { max_wait_for_match: 2s }\n");
+        assert!(Config::from_yaml(&text).unwrap().inert_keys(&text).is_empty());
     }
 
     #[test]
