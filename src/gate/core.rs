@@ -322,19 +322,10 @@ impl<W> Gate<W> {
         self.model_policy = policy;
     }
 
-    pub fn model_policy(&self) -> ModelPolicy {
-        self.model_policy
-    }
-
     /// The id of a checkpoint name (normalised by the caller); None once
     /// the service's table of names is full and the name is new.
     pub fn checkpoint(&mut self, name: &str) -> Option<ModelId> {
         self.models.intern(name)
-    }
-
-    /// The id of a checkpoint name already known.
-    pub fn known_checkpoint(&self, name: &str) -> Option<ModelId> {
-        self.models.lookup(name)
     }
 
     pub fn checkpoint_name(&self, id: ModelId) -> &str {

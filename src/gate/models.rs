@@ -80,10 +80,6 @@ impl Models {
         Some(id)
     }
 
-    pub(super) fn lookup(&self, name: &str) -> Option<ModelId> {
-        self.ids.get(name).copied()
-    }
-
     pub(super) fn name(&self, id: ModelId) -> &str {
         self.names.get(id.index()).map_or("", String::as_str)
     }
