@@ -40,6 +40,8 @@ pub enum ProxyError {
     QueueTimeout { timeout: Duration, cause: Option<String> },
     #[error("no ready pod for this request")]
     NoReadyEndpoint,
+    #[error("no pod can start: {cause}")]
+    BackendDown { cause: String, retry_after: u32 },
     #[error("pod {addr} did not start its response within {timeout:?}")]
     UpstreamTimeout { addr: String, timeout: Duration },
     /// `kind`: how `sdgate_upstream_errors_total` counts it when the
@@ -70,6 +72,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge(_) | ProxyError::BodyOverLimit => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::QueueFull(_)
             | ProxyError::NoReadyEndpoint
+            | ProxyError::BackendDown { .. }
             | ProxyError::ShuttingDown
             | ProxyError::Standby
             | ProxyError::Asleep
@@ -87,6 +90,7 @@ impl ProxyError {
             | ProxyError::NoReadyEndpoint
             | ProxyError::Asleep => Some(5),
             ProxyError::ShuttingDown | ProxyError::Standby => Some(1),
+            ProxyError::BackendDown { retry_after, .. } => Some((*retry_after).max(1)),
             _ => None,
         }
     }

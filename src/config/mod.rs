@@ -297,6 +297,12 @@ pub struct Limits {
     /// is freed when it is done.
     #[serde(default = "default_send_timeout", with = "duration")]
     pub send_timeout: Duration,
+    /// A kept-alive connection to a pod idle this long is closed rather than
+    /// reused: keep it below the pod server's keep-alive (uvicorn, which
+    /// serves the WebUI: 5 s by default; aiohttp: 75 s), or a request may be
+    /// sent just as the pod closes the connection.
+    #[serde(default = "default_pod_idle_timeout", with = "duration")]
+    pub pod_idle_timeout: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -585,7 +591,8 @@ pub struct ProcessBackend {
     pub command: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// Worker i listens on port_base + i.
+    /// Worker i listens on port_base + i; a port another process already
+    /// listens on is skipped for a free one the system picks (logged).
     pub port_base: u16,
     /// Address the workers listen on.
     #[serde(default = "default_worker_host")]
@@ -628,6 +635,32 @@ pub struct Readiness {
     /// Consecutive failures that take a ready pod out of rotation.
     #[serde(default = "default_failure_threshold")]
     pub failure_threshold: u32,
+    /// The Host header of an HTTP probe, as Kubernetes' `httpGet.host`;
+    /// omitted: the pod's `ip:port`, as the kubelet sends (HTTP/1.1 requires
+    /// a Host, and the WebUI's server answers 400 without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// More headers for an HTTP probe, as Kubernetes' `httpGet.httpHeaders`
+    /// (name: value).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Readiness {
+    /// The headers an HTTP probe sends (`host` and `headers`); validated
+    /// with the config, so nothing is dropped here in practice.
+    pub fn header_map(&self) -> http::HeaderMap {
+        let mut map = http::HeaderMap::new();
+        let host = self.host.iter().map(|host| ("host", host.as_str()));
+        for (name, value) in host.chain(self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()))) {
+            if let (Ok(name), Ok(value)) =
+                (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_str(value))
+            {
+                map.append(name, value);
+            }
+        }
+        map
+    }
 }
 
 /// Where the pods are: exactly one kind, written as a map of one key
@@ -722,6 +755,7 @@ impl Default for Limits {
             buffer_response_bytes: default_buffer_response_bytes(),
             tunnel_idle_timeout: default_tunnel_idle_timeout(),
             send_timeout: default_send_timeout(),
+            pod_idle_timeout: default_pod_idle_timeout(),
         }
     }
 }
@@ -741,6 +775,8 @@ impl Default for Readiness {
             ready_period: default_ready_period(),
             timeout: default_probe_timeout(),
             failure_threshold: default_failure_threshold(),
+            host: None,
+            headers: BTreeMap::new(),
         }
     }
 }
@@ -843,6 +879,13 @@ fn default_worker_host() -> IpAddr {
 }
 fn default_stop_grace() -> Duration {
     Duration::from_secs(10)
+}
+/// Below the keep-alive of uvicorn (5 s by default), which serves the SD
+/// WebUI, so a pooled connection is not reused just as the pod closes it.
+pub const DEFAULT_POD_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+fn default_pod_idle_timeout() -> Duration {
+    DEFAULT_POD_IDLE_TIMEOUT
 }
 fn default_probe_period() -> Duration {
     // Knative's queue-proxy probes every 50 ms; half that keeps the time from
@@ -997,6 +1040,9 @@ impl Config {
         }
         if self.limits.tunnel_idle_timeout.is_zero() {
             bail!("limits.tunnel_idle_timeout: must be more than 0s");
+        }
+        if self.limits.pod_idle_timeout.is_zero() {
+            bail!("limits.pod_idle_timeout: must be more than 0s");
         }
         if self.limits.send_timeout.is_zero() {
             bail!("limits.send_timeout: must be more than 0s");
@@ -1166,6 +1212,22 @@ impl ServiceConfig {
                 bail!("{key}.readiness.http: {path:?} must start with '/'")
             }
             _ => {}
+        }
+        if readiness.http.is_none() && (readiness.host.is_some() || !readiness.headers.is_empty()) {
+            bail!("{key}.readiness: host and headers are for an http probe");
+        }
+        if let Some(host) = &readiness.host {
+            if host.is_empty() || http::uri::Authority::try_from(host.as_str()).is_err() || host.contains('@') {
+                bail!("{key}.readiness.host: {host:?} is not a host[:port]");
+            }
+        }
+        for (name, value) in &readiness.headers {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() || http::HeaderValue::from_str(value).is_err() {
+                bail!("{key}.readiness.headers.{name}: not a valid header name and value");
+            }
+            if name.eq_ignore_ascii_case("host") {
+                bail!("{key}.readiness.headers.{name}: set the probe's Host with readiness.host");
+            }
         }
         self.scale.validate(&format!("{key}.scale"))?;
         self.checkpoints.validate(&format!("{key}.checkpoints"))?;
@@ -1339,20 +1401,22 @@ impl ProcessBackend {
     }
 
     /// The command of worker `index`, placeholders filled in.
-    pub fn command_for(&self, index: u32) -> Vec<String> {
-        self.command.iter().map(|arg| self.fill(arg, index)).collect()
+    /// The command of worker `index` listening on `port`.
+    pub fn command_for(&self, index: u32, port: u16) -> Vec<String> {
+        self.command.iter().map(|arg| self.fill(arg, index, port)).collect()
     }
 
-    pub fn env_for(&self, index: u32) -> Vec<(String, String)> {
-        self.env.iter().map(|(k, v)| (k.clone(), self.fill(v, index))).collect()
+    pub fn env_for(&self, index: u32, port: u16) -> Vec<(String, String)> {
+        self.env.iter().map(|(k, v)| (k.clone(), self.fill(v, index, port))).collect()
     }
 
+    /// The port worker `index` listens on unless another process holds it.
     pub fn port_for(&self, index: u32) -> u16 {
         self.port_base.saturating_add(index as u16)
     }
 
-    fn fill(&self, text: &str, index: u32) -> String {
-        let mut out = text.replace("{port}", &self.port_for(index).to_string()).replace("{index}", &index.to_string());
+    fn fill(&self, text: &str, index: u32, port: u16) -> String {
+        let mut out = text.replace("{port}", &port.to_string()).replace("{index}", &index.to_string());
         if out.contains(SELF_PLACEHOLDER) {
             let me = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "sdgate".into());
             out = out.replace(SELF_PLACEHOLDER, &me);

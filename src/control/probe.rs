@@ -40,6 +40,9 @@ use crate::pod::{connect_error, Pool, Reply};
 #[derive(Clone)]
 pub struct Prober {
     readiness: Readiness,
+    /// The headers of an HTTP probe (`readiness.host`, `readiness.headers`);
+    /// a Host not given here is the pod's `ip:port` (see `Pool::send`).
+    headers: Arc<http::HeaderMap>,
     /// Set by [`Prober::report_refusals`]; shared by the probes of one provider.
     refusals: Option<Arc<Mutex<Refusals>>>,
 }
@@ -71,13 +74,30 @@ impl Refusals {
 enum Failure {
     /// The connection itself failed ("refused", "connect timed out", ...).
     Connect(String),
-    /// It connected but the answer was wrong or late.
-    Other,
+    /// It connected but the answer was wrong or late: what it was
+    /// ("GET /internal/ping -> 400 Invalid HTTP request received.").
+    Other(String),
 }
+
+impl Failure {
+    fn describe(&self) -> &str {
+        match self {
+            Failure::Connect(why) | Failure::Other(why) => why,
+        }
+    }
+}
+
+/// A summary line of a failing probe is written at most once per period.
+const LOG_PERIOD: Duration = Duration::from_secs(5);
+/// Requests waiting this long with no pod ready make the summary a warning.
+const WAIT_WARNING: Duration = Duration::from_secs(10);
+/// The most of a refusing answer's body quoted in its reason.
+const REASON_BODY_CHARS: usize = 80;
 
 impl Prober {
     pub fn new(readiness: Readiness) -> Self {
-        Self { readiness, refusals: None }
+        let headers = Arc::new(readiness.header_map());
+        Self { readiness, headers, refusals: None }
     }
 
     /// Reports, when no endpoint is ready and all refuse connections, which
@@ -97,11 +117,14 @@ impl Prober {
         let _forget = self.refusals.clone().map(|refusals| Forget { refusals, addr, gate: gate.clone() });
         let shared = SharedProbe::of(self.key(addr));
         let mut failures = 0u32;
+        let mut logged: Option<Instant> = None;
         loop {
             let Some(ready) = gate.is_ready(endpoint) else { return };
             let fresh_for = if ready { self.readiness.ready_period } else { self.readiness.period } / 2;
             let (taken, probed) = self.probe_shared(&shared, addr, fresh_for).await;
             self.record(&gate, addr, &probed);
+            let note = gate.note_probe(endpoint, probed.as_ref().err().map(Failure::describe));
+            tell_failing(&gate, addr, &note, &mut logged);
             let ok = probed.is_ok();
             if ok {
                 failures = 0;
@@ -153,7 +176,7 @@ impl Prober {
             return true;
         }
         let Some(path) = gate.idle_check_path() else { return true };
-        let idle = Pool::shared().is_idle(addr, &path).await;
+        let idle = Pool::shared().is_idle(addr, &path, Some(&self.headers)).await;
         if !idle {
             tracing::info!(%addr, "endpoint answers but is busy with a job sdgate did not send: waiting until it is idle");
         }
@@ -168,7 +191,15 @@ impl Prober {
     async fn learn_checkpoint(&self, gate: &Endpoints, endpoint: EndpointId, addr: SocketAddr) -> bool {
         let Some(path) = gate.checkpoint_options_path() else { return true };
         let reply = Pool::shared()
-            .call(addr, http::Method::GET, &path, None, None, OPTIONS_ANSWER_LIMIT, self.readiness.timeout)
+            .call(
+                addr,
+                http::Method::GET,
+                &path,
+                Some(&self.headers),
+                None,
+                OPTIONS_ANSWER_LIMIT,
+                self.readiness.timeout,
+            )
             .await;
         if let Reply::Answer(status, body) = reply {
             let setting = serde_json::from_slice::<serde_json::Value>(&body).ok().filter(|_| status.is_success());
@@ -186,7 +217,9 @@ impl Prober {
     }
 
     fn key(&self, addr: SocketAddr) -> ProbeKey {
-        ProbeKey { addr, http: self.readiness.http.clone(), timeout: self.readiness.timeout }
+        let host = self.readiness.host.iter().map(|host| ("host".to_string(), host.clone()));
+        let headers = host.chain(self.readiness.headers.clone()).collect();
+        ProbeKey { addr, http: self.readiness.http.clone(), headers, timeout: self.readiness.timeout }
     }
 
     /// One probe on the pod client's shared connections (an HTTP probe) or
@@ -199,13 +232,18 @@ impl Prober {
                     TcpStream::connect(addr).await.map(drop).map_err(|error| Failure::Connect(connect_error(&error)))
                 }
                 Some(path) => {
+                    let headers = Some(&*self.headers);
                     match Pool::shared()
-                        .call(addr, http::Method::GET, path, None, None, PROBE_ANSWER_LIMIT, timeout)
+                        .call(addr, http::Method::GET, path, headers, None, PROBE_ANSWER_LIMIT, timeout)
                         .await
                     {
                         Reply::Answer(status, _) | Reply::Oversized(status) if status.is_success() => Ok(()),
                         Reply::Refused(why) => Err(Failure::Connect(why)),
-                        Reply::Answer(..) | Reply::Oversized(_) | Reply::Nothing => Err(Failure::Other),
+                        Reply::Answer(status, body) => {
+                            Err(Failure::Other(format!("GET {path} -> {}", answer_text(status, &body))))
+                        }
+                        Reply::Oversized(status) => Err(Failure::Other(format!("GET {path} -> {}", status.as_u16()))),
+                        Reply::Nothing => Err(Failure::Other(format!("GET {path} -> no answer within {timeout:?}"))),
                     }
                 }
             }
@@ -213,7 +251,7 @@ impl Prober {
         match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
             // No answer in time: the port may be open (a busy pod) or not.
-            Err(_) => Err(Failure::Other),
+            Err(_) => Err(Failure::Other(format!("no answer within {timeout:?}"))),
         }
     }
 
@@ -230,12 +268,66 @@ impl Prober {
     }
 }
 
+/// An answer as a reason: its status and the start of its body on one line
+/// ("400 Invalid HTTP request received.").
+fn answer_text(status: http::StatusCode, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(4 * REASON_BODY_CHARS)]);
+    let mut quoted: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(REASON_BODY_CHARS)
+        .collect::<String>()
+        .trim()
+        .to_string();
+    if text.chars().count() > REASON_BODY_CHARS {
+        quoted.push_str("...");
+    }
+    match quoted.is_empty() {
+        true => status.as_u16().to_string(),
+        false => format!("{} {quoted}", status.as_u16()),
+    }
+}
+
+/// Logs a failing probe: its first failure at once, then one summary per
+/// [`LOG_PERIOD`] while it goes on ("127.0.0.1:7860 not ready: GET
+/// /internal/ping -> 400 Invalid HTTP request received. (280 times in
+/// 7 s)"). An answer that is not 2xx (the server is up and says no) is a
+/// warning, and so is any failure while requests have waited
+/// [`WAIT_WARNING`] with no pod ready; a pod still refusing connections
+/// while it starts is information.
+fn tell_failing(gate: &Endpoints, addr: SocketAddr, note: &crate::gate::ProbeNote, logged: &mut Option<Instant>) {
+    let Some(failure) = &note.failure else {
+        *logged = None;
+        return;
+    };
+    let now = note.at;
+    let first = note.times == 1;
+    if !first && logged.is_some_and(|at| now.saturating_duration_since(at) < LOG_PERIOD) {
+        return;
+    }
+    *logged = Some(now);
+    let span = humantime::format_duration(Duration::from_secs(now.saturating_duration_since(note.since).as_secs()));
+    let times = note.times;
+    let waiting = gate.oldest_wait().filter(|wait| *wait >= WAIT_WARNING && !gate.any_ready());
+    let answered = failure.contains(" -> ") && !failure.contains(" -> no answer");
+    match waiting {
+        Some(wait) => {
+            let wait = humantime::format_duration(Duration::from_secs(wait.as_secs()));
+            tracing::warn!(%addr, times, "{addr} not ready: {failure} ({times} times in {span}); requests have waited {wait} with no pod ready")
+        }
+        None if answered => tracing::warn!(%addr, times, "{addr} not ready: {failure} ({times} times in {span})"),
+        None => tracing::info!(%addr, times, "{addr} not ready: {failure} ({times} times in {span})"),
+    }
+}
+
 /// What makes two endpoints' probes the same probe.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct ProbeKey {
     addr: SocketAddr,
     /// The HTTP path, or `None` for a TCP connect.
     http: Option<String>,
+    /// The HTTP probe's headers, as written in the config.
+    headers: Vec<(String, String)>,
     timeout: Duration,
 }
 

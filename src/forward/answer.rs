@@ -2,6 +2,12 @@
 //! the end of a generation's answer) names the checkpoint in memory as
 //! `sd_model_name`. It corrects what sdgate assumed, e.g. when a pod does
 //! not have the checkpoint a request named and kept its own.
+//!
+//! The WebUI gzips answers over 1000 bytes for clients that accept gzip
+//! (Python's `requests`, so `webuiapi`, asks by default): such an answer is
+//! inflated to read its tail, and passed on to the client as the pod sent
+//! it. Inflating costs far less than compressing again at sdgate would
+//! (benches/README.md), and only a generation's answer is read.
 
 /// How far from the end of an answer `info` is looked for.
 const TAIL: usize = 16 << 10;
@@ -23,9 +29,47 @@ pub fn held_in<'a>(answer: &'a [u8]) -> Option<&'a str> {
     (closed && !name.is_empty() && name.len() <= 256).then_some(name)
 }
 
+/// The most an inflated answer may grow to before sdgate stops reading it
+/// (a pod's answer is not a stranger's, but a bound costs nothing).
+const MAX_INFLATED: usize = 256 << 20;
+
+/// The last [`TAIL`] bytes of a gzipped answer, inflated in pieces: the
+/// memory it takes is bounded whatever the answer's size. None if it is
+/// not gzip, is broken, or inflates past [`MAX_INFLATED`].
+pub fn gunzip_tail(answer: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut inflater = flate2::read::GzDecoder::new(answer);
+    let mut piece = vec![0u8; 32 << 10];
+    let mut tail: Vec<u8> = Vec::with_capacity(2 * TAIL + piece.len());
+    let mut total = 0usize;
+    loop {
+        let n = inflater.read(&mut piece).ok()?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+        if total > MAX_INFLATED {
+            return None;
+        }
+        tail.extend_from_slice(&piece[..n]);
+        if tail.len() > 2 * TAIL {
+            tail.drain(..tail.len() - TAIL);
+        }
+    }
+    let keep = tail.len().saturating_sub(TAIL);
+    tail.drain(..keep);
+    Some(tail)
+}
+
+/// Whether a `Content-Encoding` value is gzip alone.
+pub fn is_gzip(encoding: &http::HeaderValue) -> bool {
+    let value = encoding.as_bytes();
+    value.eq_ignore_ascii_case(b"gzip") || value.eq_ignore_ascii_case(b"x-gzip")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::held_in;
+    use super::{gunzip_tail, held_in, TAIL};
 
     #[test]
     fn the_checkpoint_is_read_from_a_webui_answers_info_string() {
@@ -43,5 +87,20 @@ mod tests {
         assert_eq!(held_in(br#"{"info":"{\"sd_model_name\": \"\"}"}"#), None);
         assert_eq!(held_in(br#"{"images":[]}"#), None);
         assert_eq!(held_in(b"sd_model_name"), None);
+    }
+
+    #[test]
+    fn a_gzipped_answer_is_inflated_to_its_tail() {
+        use std::io::Write;
+        let image = "A".repeat(3 * TAIL);
+        let answer = format!(r#"{{"images":["{image}"],"info":"{{\"sd_model_name\": \"sd_xl_base\"}}"}}"#);
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gzip.write_all(answer.as_bytes()).unwrap();
+        let compressed = gzip.finish().unwrap();
+        let tail = gunzip_tail(&compressed).expect("inflates");
+        assert_eq!(tail.len(), TAIL);
+        assert_eq!(held_in(&tail), Some("sd_xl_base"));
+        assert_eq!(gunzip_tail(answer.as_bytes()), None, "not gzip");
+        assert_eq!(gunzip_tail(&compressed[..compressed.len() / 2]), None, "broken off");
     }
 }

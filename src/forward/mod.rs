@@ -90,13 +90,16 @@ impl Forwarder {
         let pool = self.pool.clone();
         let uri = format!("http://{pod}{path}");
         let path = path.to_string();
-        let host = host.cloned();
+        let mut headers = HeaderMap::new();
+        if let Some(host) = host {
+            headers.insert(header::HOST, host.clone());
+        }
         Box::new(move || {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
             runtime.spawn(async move {
                 let body = Some(Bytes::from_static(b"{}"));
                 let timeout = Duration::from_secs(10);
-                match pool.call(pod, http::Method::POST, &path, host.as_ref(), body, 64 * 1024, timeout).await {
+                match pool.call(pod, http::Method::POST, &path, Some(&headers), body, 64 * 1024, timeout).await {
                     Reply::Answer(status, _) => {
                         tracing::info!(%uri, status = status.as_u16(), "client left: interrupted its generation")
                     }
@@ -291,15 +294,24 @@ async fn run_exchange(
 }
 
 /// What a generation's answer in full teaches (see [`answer`]): only a
-/// plain success is read (an error loaded nothing for sure; a compressed
-/// answer cannot be read), and only a request that named a checkpoint is
-/// timed.
+/// success is read (an error loaded nothing for sure), plain or gzipped
+/// (the WebUI gzips for clients that accept it: inflated here, passed on
+/// as sent); only a request that named a checkpoint is timed.
 fn learn_from(slot: &Slot, parts: &http::response::Parts, bytes: &[u8], since: Option<tokio::time::Instant>) {
-    let plain = parts.status.is_success() && !parts.headers.contains_key(header::CONTENT_ENCODING);
+    let inflated;
+    let readable = match parts.headers.get(header::CONTENT_ENCODING) {
+        None => Some(bytes),
+        Some(encoding) if answer::is_gzip(encoding) && parts.status.is_success() => {
+            inflated = answer::gunzip_tail(bytes);
+            inflated.as_deref()
+        }
+        Some(_) => None,
+    };
+    let plain = parts.status.is_success() && readable.is_some();
     match (plain, since) {
-        (true, Some(since)) => slot.learn(answer::held_in(bytes), since.elapsed()),
+        (true, Some(since)) => slot.learn(readable.and_then(answer::held_in), since.elapsed()),
         (true, None) => {
-            if let Some(name) = answer::held_in(bytes) {
+            if let Some(name) = readable.and_then(answer::held_in) {
                 slot.ran_on(name);
             }
         }

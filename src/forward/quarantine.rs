@@ -67,7 +67,7 @@ pub fn hold(slot: Slot, why: &'static str, policy: Option<Arc<Policy>>) {
             if leaving && (failed || gate.inspect(|g| g.endpoint(endpoint).is_none())) {
                 break;
             }
-            if pool.is_idle(addr, &policy.check.path).await {
+            if pool.is_idle(addr, &policy.check.path, None).await {
                 tracing::info!(pod = %addr, after = ?started.elapsed(), "pod idle again: back in rotation");
                 break;
             }

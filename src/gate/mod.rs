@@ -22,5 +22,5 @@ pub use self::core::{ClientKey, Endpoint, EndpointId, Gate, Grant, Pin, Policy, 
 pub use self::jobs::{Jobs, Running, Waiting};
 pub use self::models::{normalize_checkpoint, Holding, ModelId, ModelPolicy, Want, MAX_CHECKPOINTS};
 pub use self::pins::{SessionId, Sessions};
-pub use self::shell::{EndpointCounts, Observer, Origin, SharedGate, Unobserved, Waiter};
+pub use self::shell::{Down, EndpointCounts, Observer, Origin, ProbeNote, SharedGate, Unobserved, Waiter};
 pub use self::slot::Slot;

@@ -104,6 +104,34 @@ pub struct SharedGate {
     /// The observer was told of waiting clients and classes, not yet of an
     /// empty queue (written under the gate's lock).
     waiting_told: std::sync::atomic::AtomicBool,
+    /// What each endpoint's last probe saw (for /status and the log).
+    probes: Mutex<std::collections::BTreeMap<EndpointId, ProbeNote>>,
+    /// Set while the backend cannot start any pod (every start failed and
+    /// none is ready or starting): waiting requests are answered 503 with
+    /// the cause at once, and so are new ones, instead of each waiting out
+    /// the queue timeout.
+    down: tokio::sync::watch::Sender<Option<Down>>,
+}
+
+/// Why the backend cannot start a pod, and when it tries again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Down {
+    pub cause: String,
+    /// Seconds until the next start (the `Retry-After` of the 503).
+    pub retry_after: u32,
+}
+
+/// What the last probe of an endpoint saw, and for how long.
+#[derive(Clone, Debug)]
+pub struct ProbeNote {
+    /// None: the probe passed; else what it got ("GET /internal/ping -> 400
+    /// Invalid HTTP request received.", "refused", ...).
+    pub failure: Option<String>,
+    /// Probes in a row with this outcome.
+    pub times: u64,
+    /// When the first of them was taken, and the last.
+    pub since: Instant,
+    pub at: Instant,
 }
 
 impl SharedGate {
@@ -117,6 +145,8 @@ impl SharedGate {
             demand: Notify::new(),
             cold_since: Mutex::new(None),
             waiting_told: std::sync::atomic::AtomicBool::new(false),
+            probes: Mutex::default(),
+            down: tokio::sync::watch::Sender::new(None),
         })
     }
 
@@ -265,10 +295,14 @@ impl SharedGate {
         timeout: Duration,
         patience: Option<Duration>,
     ) -> Result<Slot, ProxyError> {
+        let mut down = self.down.subscribe();
         let mut rx = {
             let mut gate = self.lock();
             if let Some(slot) = self.dispatch(&mut gate, ticket, pin, origin) {
                 return Ok(slot);
+            }
+            if let Some(down) = down.borrow_and_update().as_ref().filter(|_| gate.ready_count() == 0) {
+                return Err(ProxyError::BackendDown { cause: down.cause.clone(), retry_after: down.retry_after });
             }
             if let (Some(client), max) = (origin.client_key(), origin.max_queued as usize) {
                 if max > 0 && gate.waiting_of(client) >= max {
@@ -305,13 +339,31 @@ impl SharedGate {
             }
             (&mut rx).await
         };
+        let gave_up = async {
+            let Ok(down) = down.wait_for(Option::is_some).await else { return std::future::pending().await };
+            down.clone().unwrap_or_else(|| Down { cause: String::new(), retry_after: 1 })
+        };
+        let waited = async {
+            tokio::select! {
+                got = waited => Ok(got),
+                down = gave_up => Err(down),
+            }
+        };
         match tokio::time::timeout(timeout, waited).await {
-            Ok(Ok(slot)) => {
+            Ok(Err(down)) => match rx.try_recv() {
+                // Granted in the same instant: use the slot.
+                Ok(slot) => {
+                    leave.ticket = None;
+                    Ok(slot)
+                }
+                Err(_) => Err(ProxyError::BackendDown { cause: down.cause, retry_after: down.retry_after }),
+            },
+            Ok(Ok(Ok(slot))) => {
                 leave.ticket = None;
                 Ok(slot)
             }
             // The gate dropped the waiter without a slot: only when closing.
-            Ok(Err(_)) => Err(ProxyError::ShuttingDown),
+            Ok(Ok(Err(_))) => Err(ProxyError::ShuttingDown),
             Err(_) => {
                 if leave.leave() {
                     return Err(self.timed_out(timeout));
@@ -339,6 +391,39 @@ impl SharedGate {
     /// Records why pods fail to come up (None once one is ready).
     pub fn set_backend_error(&self, error: Option<String>) {
         *lock(&self.backend_error) = error;
+    }
+
+    /// The backend cannot start a pod (`Some`), or may again (`None`): see
+    /// [`SharedGate::down`]'s field doc. Waiting requests get the 503 at once.
+    pub fn set_down(&self, down: Option<Down>) {
+        self.down.send_if_modified(|now| {
+            let changed = *now != down;
+            *now = down;
+            changed
+        });
+    }
+
+    /// Whether the backend is down (see [`SharedGate::set_down`]).
+    pub fn is_down(&self) -> bool {
+        self.down.borrow().is_some()
+    }
+
+    /// Records what a probe of `id` saw (`None`: it passed); returns the
+    /// note as it stands after it.
+    pub fn note_probe(&self, id: EndpointId, failure: Option<&str>, now: Instant) -> ProbeNote {
+        let mut probes = lock(&self.probes);
+        let note = probes.entry(id).or_insert_with(|| ProbeNote { failure: None, times: 0, since: now, at: now });
+        if note.times == 0 || note.failure.as_deref() != failure {
+            *note = ProbeNote { failure: failure.map(str::to_string), times: 0, since: now, at: now };
+        }
+        note.times += 1;
+        note.at = now;
+        note.clone()
+    }
+
+    /// What the last probe of `id` saw, if it was probed.
+    pub fn probe_note(&self, id: EndpointId) -> Option<ProbeNote> {
+        lock(&self.probes).get(&id).cloned()
     }
 
     /// A first pod became ready: if requests were waiting for one, that was a
@@ -408,6 +493,7 @@ impl SharedGate {
 
     /// Forgets an endpoint; waiters pinned to it may now go elsewhere.
     pub fn remove_endpoint(self: &Arc<Self>, id: EndpointId) {
+        lock(&self.probes).remove(&id);
         self.change_endpoints(|gate| {
             gate.remove_endpoint(id);
         });
@@ -423,6 +509,7 @@ impl SharedGate {
                     self.cold_start_ended();
                 }
                 self.set_backend_error(None);
+                self.set_down(None);
             }
             // Ready: it takes waiters. Not ready: waiters pinned to it move.
             self.hand_out(&mut gate);

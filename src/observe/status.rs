@@ -141,6 +141,34 @@ pub struct EndpointStatus {
     /// What it has shown of its timings: a generation, and a load on top.
     pub generation_seconds: Option<f64>,
     pub load_seconds: Option<f64>,
+    /// What its last readiness probe saw (none before its first probe).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ProbeStatus>,
+}
+
+/// An endpoint's last probe: passed, or why not, and for how long.
+#[derive(Serialize, Clone, Debug)]
+pub struct ProbeStatus {
+    pub ok: bool,
+    /// "ok", or what the probe got ("GET /internal/ping -> 400 Invalid
+    /// HTTP request received.", "refused", "no answer within 300ms").
+    pub result: String,
+    /// Probes in a row with this result, over how many seconds.
+    pub times: u64,
+    pub for_seconds: f64,
+    pub seconds_ago: f64,
+}
+
+impl ProbeStatus {
+    fn of(note: crate::gate::ProbeNote, now: Instant) -> Self {
+        Self {
+            ok: note.failure.is_none(),
+            result: note.failure.unwrap_or_else(|| "ok".to_string()),
+            times: note.times,
+            for_seconds: note.at.saturating_duration_since(note.since).as_secs_f64(),
+            seconds_ago: now.saturating_duration_since(note.at).as_secs_f64(),
+        }
+    }
 }
 
 impl Status {
@@ -170,27 +198,39 @@ impl ServiceStatus {
             let endpoints = g
                 .endpoints()
                 .iter()
-                .map(|e| EndpointStatus {
-                    address: e.addr.to_string(),
-                    state: if e.draining {
-                        "draining"
-                    } else if e.ready {
-                        "ready"
-                    } else {
-                        "not_ready"
-                    },
-                    inflight: e.inflight,
-                    sessions: service.sessions.as_ref().map_or(0, |s| s.count_for(e.id, now)),
-                    served: e.served,
-                    failed: e.failed,
-                    checkpoint: e.model.holds.map(|m| g.checkpoint_name(m).to_string()),
-                    checkpoint_loads: e.model.loads,
-                    generation_seconds: e.model.generation.map(|d| d.as_secs_f64()),
-                    load_seconds: e.model.load.map(|d| d.as_secs_f64()),
+                .map(|e| {
+                    let status = EndpointStatus {
+                        address: e.addr.to_string(),
+                        state: if e.draining {
+                            "draining"
+                        } else if e.ready {
+                            "ready"
+                        } else {
+                            "not_ready"
+                        },
+                        inflight: e.inflight,
+                        sessions: service.sessions.as_ref().map_or(0, |s| s.count_for(e.id, now)),
+                        served: e.served,
+                        failed: e.failed,
+                        checkpoint: e.model.holds.map(|m| g.checkpoint_name(m).to_string()),
+                        checkpoint_loads: e.model.loads,
+                        generation_seconds: e.model.generation.map(|d| d.as_secs_f64()),
+                        load_seconds: e.model.load.map(|d| d.as_secs_f64()),
+                        probe: None,
+                    };
+                    (status, e.id)
                 })
-                .collect();
+                .collect::<Vec<_>>();
             (g.queue_depth(), g.oldest_wait(now).map(|d| d.as_secs_f64()), g.inflight(), g.ready_count(), endpoints)
         });
+        // Read after the gate's lock is let go (the notes have their own).
+        let endpoints: Vec<EndpointStatus> = endpoints
+            .into_iter()
+            .map(|(mut status, id)| {
+                status.probe = gate.probe_note(id).map(|note| ProbeStatus::of(note, now));
+                status
+            })
+            .collect();
         let checkpoint_queue = gate.inspect(|g| g.checkpoint_demand().map(|(name, n)| (name.to_string(), n)).collect());
         let gone_endpoints = gate.inspect(|g| {
             g.retired()

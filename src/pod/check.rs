@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, StatusCode};
+use http::{header, HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 use super::pool::{Pool, SendError};
@@ -26,7 +26,8 @@ pub enum Reply {
 }
 
 impl Pool {
-    /// `method path` to `pod` with `body` (none: empty), the answer read up
+    /// `method path` to `pod` with `headers` (a Host among them, else the
+    /// pod's `ip:port`) and a JSON `body` (none: empty), the answer read up
     /// to `limit` bytes, all within `timeout`.
     #[allow(clippy::too_many_arguments)]
     pub async fn call(
@@ -34,21 +35,27 @@ impl Pool {
         pod: SocketAddr,
         method: Method,
         path: &str,
-        host: Option<&HeaderValue>,
+        headers: Option<&HeaderMap>,
         body: Option<Bytes>,
         limit: usize,
         timeout: Duration,
     ) -> Reply {
         let mut request = Request::builder().method(method).uri(path);
-        if let Some(host) = host {
-            request = request.header(header::HOST, host);
+        if let (Some(headers), Some(map)) = (headers, request.headers_mut()) {
+            map.extend(headers.iter().map(|(name, value)| (name.clone(), value.clone())));
         }
         let body = match body {
             Some(bytes) => {
                 request = request.header(header::CONTENT_TYPE, "application/json");
                 ReplayableBody::new(crate::body::full(bytes))
             }
-            None => ReplayableBody::empty(),
+            None => {
+                // A POST says it has no body (hyper sends no length for an empty one).
+                if !matches!(request.method_ref(), Some(&Method::GET | &Method::HEAD)) {
+                    request = request.header(header::CONTENT_LENGTH, "0");
+                }
+                ReplayableBody::empty()
+            }
         };
         let Ok(request) = request.body(body) else { return Reply::Nothing };
         let attempt = async {
@@ -79,9 +86,9 @@ impl Pool {
     /// ours to read), an answer too large or not JSON (an app that serves
     /// its page for every path), or nothing listening (the job died with its
     /// process). A pod that does not speak the API is never shut out.
-    pub async fn is_idle(&self, pod: SocketAddr, path: &str) -> bool {
+    pub async fn is_idle(&self, pod: SocketAddr, path: &str, headers: Option<&HeaderMap>) -> bool {
         let path = with_skip_current_image(path);
-        match self.call(pod, Method::GET, &path, None, None, IDLE_ANSWER_LIMIT, IDLE_CHECK_TIMEOUT).await {
+        match self.call(pod, Method::GET, &path, headers, None, IDLE_ANSWER_LIMIT, IDLE_CHECK_TIMEOUT).await {
             Reply::Answer(status, _) | Reply::Oversized(status) if status.is_server_error() => false,
             Reply::Answer(status, body) if status.is_success() => idle_progress(&body),
             Reply::Answer(..) | Reply::Oversized(_) | Reply::Refused(_) => true,

@@ -1,11 +1,12 @@
 //! The pool of pod connections (see [`Pool`]).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::ThreadId;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -31,11 +32,19 @@ use crate::error::{chain, lock};
 /// takes another thread's. A pod at cc=1 (budget cc + 1) serving one request
 /// at a time thus sees at most two connections from sdgate however many
 /// serving threads there are; at cc=0 (no budget) each thread keeps its own.
-#[derive(Default)]
 pub struct Pool {
     /// Keyed with foldhash, not SipHash: it is looked up twice per request
     /// and its keys are the pods' addresses, not a client's input.
     idle: Mutex<foldhash::HashMap<SocketAddr, PodConnections>>,
+    /// An idle connection older than this is closed, not reused
+    /// (`limits.pod_idle_timeout`), in milliseconds.
+    idle_timeout_ms: AtomicU64,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self { idle: Mutex::default(), idle_timeout_ms: AtomicU64::new(DEFAULT_IDLE_TIMEOUT.as_millis() as u64) }
+    }
 }
 
 #[derive(Default)]
@@ -83,9 +92,8 @@ struct Idle {
     thread: ThreadId,
 }
 
-/// Below the keep-alive of uvicorn (5 s), which serves the SD WebUI, so a
-/// pooled connection is not reused just as the pod closes it.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Until the config says (`limits.pod_idle_timeout`).
+const DEFAULT_IDLE_TIMEOUT: Duration = crate::config::DEFAULT_POD_IDLE_TIMEOUT;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept per pod.
 const POOL_MAX_IDLE: usize = 64;
@@ -113,6 +121,16 @@ impl Pool {
         lock(&self.idle)
     }
 
+    /// Idle connections older than `timeout` are closed from now on (the
+    /// config's `limits.pod_idle_timeout`, applied at start and reload).
+    pub fn set_idle_timeout(&self, timeout: Duration) {
+        self.idle_timeout_ms.store(timeout.as_millis().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed))
+    }
+
     /// A fresh idle connection to `pod` (the most recently used one this
     /// thread drives, else, as `share` allows, another thread's), or the
     /// pod's open-connection count for the new one to take.
@@ -121,8 +139,9 @@ impl Pool {
         let conns = pods.entry(pod).or_default();
         let list = &mut conns.idle;
         let now = Instant::now();
+        let max_idle = self.idle_timeout();
         // Expired or closed ones go first (the oldest are a prefix).
-        let stale = list.partition_point(|entry| now.saturating_duration_since(entry.since) >= POOL_IDLE_TIMEOUT);
+        let stale = list.partition_point(|entry| now.saturating_duration_since(entry.since) >= max_idle);
         list.drain(..stale);
         list.retain(|entry| !entry.sender.is_closed());
         let here = std::thread::current().id();
@@ -144,11 +163,12 @@ impl Pool {
             return;
         }
         let now = Instant::now();
+        let max_idle = self.idle_timeout();
         let mut pods = self.lock();
         let list = &mut pods.entry(pod).or_default().idle;
         // Oldest first: the expired ones are a prefix (one clock read per
         // put, not one per idle connection).
-        let expired = list.partition_point(|entry| now.saturating_duration_since(entry.since) >= POOL_IDLE_TIMEOUT);
+        let expired = list.partition_point(|entry| now.saturating_duration_since(entry.since) >= max_idle);
         list.drain(..expired);
         if list.len() < POOL_MAX_IDLE {
             list.push(Idle { sender, since: now, thread });
@@ -177,7 +197,10 @@ impl Pool {
 
     /// Sends `request` (origin-form) to `pod` on an idle connection `share`
     /// allows, else a new one; a request an idle connection closed before
-    /// sending goes on a new one. Returns the answer head and its
+    /// sending goes on a new one. A request without a Host header gets the
+    /// pod's `ip:port`, as the kubelet's HTTP probe sends: HTTP/1.1 requires
+    /// one, and the WebUI's server (uvicorn on h11) and aiohttp answer 400
+    /// without it. Returns the answer head and its
     /// connection, which the caller [`Pool::put`]s back once it has read the
     /// answer in full (with the thread it was taken on: [`Sent::thread`]).
     pub async fn send(
@@ -186,6 +209,9 @@ impl Pool {
         mut request: Request<ReplayableBody>,
         share: Share,
     ) -> Result<(Response<Incoming>, Sent), SendError> {
+        if let header::Entry::Vacant(host) = request.headers_mut().entry(header::HOST) {
+            host.insert(authority_of(pod));
+        }
         loop {
             let (mut sender, fresh) = match self.take(pod, share) {
                 Ok(mut sender) => match sender.ready().await {
@@ -229,6 +255,11 @@ impl Sent {
     pub fn put_back(self, pool: &Pool, pod: SocketAddr) {
         pool.put(pod, self.sender, self.thread);
     }
+}
+
+/// A pod's address as a Host header: `ip:port`, `[v6]:port`.
+pub fn authority_of(pod: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&pod.to_string()).unwrap_or_else(|_| HeaderValue::from_static("localhost"))
 }
 
 /// A failed connect in a few words: "refused", "connect timed out",

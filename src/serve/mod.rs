@@ -147,6 +147,7 @@ impl Gateway {
     /// Binds the listeners and, unless leader election decides, starts the
     /// providers (endpoints and probes) and autoscalers.
     pub async fn bind(config: Config) -> Result<Self> {
+        crate::pod::Pool::shared().set_idle_timeout(config.limits.pod_idle_timeout);
         let proxy = Arc::new(Proxy::new(&config, Metrics::new())?);
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("listen: cannot bind {}", config.listen))?;

@@ -18,6 +18,10 @@
 //! /sdapi/v1/options` has `sd_model_checkpoint` (the setting's title) and
 //! `POST /sdapi/v1/options` changes it (and loads it).
 //!
+//! Like the real one's server (uvicorn on h11) it answers 400 to an
+//! HTTP/1.1 request without a Host header (or with two), or with a
+//! transfer coding other than chunked, before any route sees it.
+//!
 //! Routes: POST `/sdapi/v1/txt2img` and `/sdapi/v1/img2img`; GET
 //! `/sdapi/v1/progress`; POST `/sdapi/v1/interrupt` and `/sdapi/v1/skip`; GET
 //! `/sdapi/v1/options`; GET `/internal/ping`; a websocket echo at
@@ -296,6 +300,9 @@ impl State {
     }
 
     async fn answer(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
+        if let Some(refusal) = refusal(&request) {
+            return refusal;
+        }
         let mut response = match (request.method(), request.uri().path()) {
             (&Method::POST, "/sdapi/v1/txt2img" | "/sdapi/v1/img2img") => self.generate(request).await,
             (&Method::GET, "/sdapi/v1/progress") => json_response(self.progress()),
@@ -438,6 +445,36 @@ impl State {
             "current_image": null,
         })
     }
+}
+
+/// What the WebUI's server (uvicorn on h11) refuses before any route sees
+/// the request, answered as it does; hyper, under the sim, already refuses
+/// the rest of what h11 does (conflicting `Content-Length`, bad chunking,
+/// obsolete line folding) with 400. A gateway that sends what h11 refuses
+/// fails against the sim as it would against the WebUI.
+fn refusal<B>(request: &Request<B>) -> Option<Response<ResponseBody>> {
+    let headers = request.headers();
+    let hosts = headers.get_all(header::HOST).iter().count();
+    let http11_without_host = request.version() == http::Version::HTTP_11 && hosts == 0;
+    if http11_without_host || hosts > 1 {
+        // h11: "Missing mandatory Host: header" / "Found multiple Host: headers".
+        return Some(plain_response(StatusCode::BAD_REQUEST, "Invalid HTTP request received."));
+    }
+    let encodings = headers.get_all(header::TRANSFER_ENCODING).iter().collect::<Vec<_>>();
+    if !encodings.is_empty() && (encodings.len() > 1 || !encodings[0].as_bytes().eq_ignore_ascii_case(b"chunked")) {
+        // h11: "Only Transfer-Encoding: chunked is supported"; uvicorn
+        // answers every h11 error 400.
+        return Some(plain_response(StatusCode::BAD_REQUEST, "Invalid HTTP request received."));
+    }
+    None
+}
+
+fn plain_response(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut response = Response::new(body::full(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// A checkpoint's title as the WebUI writes it: file name and short hash.

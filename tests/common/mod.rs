@@ -264,6 +264,8 @@ pub struct GatewayProcess {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// Its log (stdout), line by line as written.
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
     _config: TempFile,
 }
 
@@ -293,9 +295,28 @@ impl GatewayProcess {
         })
         .await;
         assert!(found.is_ok(), "sdgate did not report its listen address");
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { child, addr: addr.expect("listen address"), admin: admin.expect("admin address"), _config: config }
+        // Keep reading stdout so the child never blocks on a full pipe.
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                kept.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        Self { child, addr: addr.expect("listen address"), admin: admin.expect("admin address"), log, _config: config }
+    }
+
+    /// The first log line containing every one of `parts`, once written (5 s at most).
+    pub async fn log_line(&self, parts: &[&str]) -> String {
+        let mut found = None;
+        eventually_within(Duration::from_secs(5), &format!("a log line with {parts:?}"), || {
+            let lines = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            found = lines.iter().find(|line| parts.iter().all(|part| line.contains(part))).cloned();
+            let ok = found.is_some();
+            async move { ok }
+        })
+        .await;
+        found.unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {

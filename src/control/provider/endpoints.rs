@@ -110,6 +110,22 @@ impl Endpoints {
         self.gate.set_backend_error(error);
     }
 
+    /// The backend cannot start a pod now (`Some`: waiting and new requests
+    /// get 503 with the cause), or may again (`None`).
+    pub fn set_down(&self, down: Option<crate::gate::Down>) {
+        self.gate.set_down(down);
+    }
+
+    /// Records what a probe of `id` saw (see [`SharedGate::note_probe`]).
+    pub fn note_probe(&self, id: EndpointId, failure: Option<&str>) -> crate::gate::ProbeNote {
+        self.gate.note_probe(id, failure, tokio::time::Instant::now())
+    }
+
+    /// How long the oldest waiting request has waited, if any waits.
+    pub fn oldest_wait(&self) -> Option<std::time::Duration> {
+        self.gate.inspect(|g| g.oldest_wait(tokio::time::Instant::now()))
+    }
+
     /// The shared drain policy over `(key, endpoint)` pairs: the keys ordered
     /// cheapest to lose first (idle, not ready, fewest sessions, highest key).
     pub fn drain_order<K: Ord + Clone>(&self, candidates: &[(K, EndpointId)]) -> Vec<K> {

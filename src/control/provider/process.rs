@@ -4,9 +4,16 @@
 //!   `port_base + i`; it is an endpoint from its start, ready once probed.
 //! - Scaling down drains: the worker takes no new requests, finishes those it
 //!   holds, then gets SIGTERM and, after `stop_grace`, SIGKILL.
-//! - A worker that dies while wanted is restarted with exponential backoff;
-//!   while workers die before ever becoming ready, waiting requests are told
-//!   the backend fails to start.
+//! - A worker that dies while wanted is restarted with exponential backoff,
+//!   its own: a worker that keeps failing to start is tried less and less
+//!   often whatever the others do (a real WebUI is a torch process: it is
+//!   not relaunched in a tight loop).
+//! - While workers die before ever becoming ready, waiting requests are told
+//!   the backend fails to start; once every wanted worker has failed and none
+//!   is ready or starting, they are answered 503 with the cause at once, and
+//!   so are new requests until a worker starts again (see `SharedGate::set_down`).
+//! - A worker's port (`port_base + i`) that another process already listens
+//!   on is replaced with a free one the system picks.
 //! - No worker outlives sdgate: each runs in its own process group (so its
 //!   children are stopped with it) and gets SIGKILL if sdgate dies, even by
 //!   SIGKILL (parent-death signal).
@@ -25,7 +32,7 @@ use tokio::time::Instant;
 use crate::config::ProcessBackend;
 use crate::control::probe::Prober;
 use crate::control::provider::{Context, Endpoints, Provider};
-use crate::gate::EndpointId;
+use crate::gate::{Down, EndpointId};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -58,6 +65,8 @@ struct Exit {
     index: u32,
     pid: u32,
     status: std::io::Result<ExitStatus>,
+    /// The last line it wrote on stderr (often why it could not start).
+    last_words: Option<String>,
 }
 
 /// The `process` backend.
@@ -138,6 +147,10 @@ impl ProcessPool {
             };
             self.start(index);
         }
+        if desired == 0 {
+            // Nothing wanted: nothing fails to start.
+            self.endpoints.set_down(None);
+        }
         while self.wanted() > desired {
             // First give up restarts, then drain the running worker that is
             // cheapest to lose: idle before busy, starting before ready,
@@ -167,19 +180,39 @@ impl ProcessPool {
     }
 
     fn start(&mut self, index: u32) {
-        let argv = self.backend.command_for(index);
-        let addr = SocketAddr::new(self.backend.host, self.backend.port_for(index));
-        match spawn_worker(&self.service, index, &argv, self.backend.env_for(index), self.exits_tx.clone()) {
+        let port = self.port(index);
+        let argv = self.backend.command_for(index, port);
+        let addr = SocketAddr::new(self.backend.host, port);
+        match spawn_worker(&self.service, index, &argv, self.backend.env_for(index, port), self.exits_tx.clone()) {
             Ok(pid) => {
                 let endpoint = self.endpoints.add(addr);
                 let probe = self.prober.spawn(self.endpoints.clone(), endpoint, addr);
                 tracing::info!(service = %self.service, worker = index, pid, %addr, "started worker");
                 let worker = Worker { pid, endpoint, probe, phase: Phase::Running, started: Instant::now() };
                 self.workers.insert(index, worker);
+                // A start is under way: requests wait for it again.
+                self.endpoints.set_down(None);
             }
             Err(error) => {
                 let message = format!("backend fails to start: cannot run {:?}: {error}", argv.first());
                 self.fail(index, message);
+            }
+        }
+    }
+
+    /// The port of worker `index`: `port_base + index`, unless another
+    /// process listens there (a WebUI started by hand on 7860, another
+    /// sdgate's demo), then one the system picks.
+    fn port(&self, index: u32) -> u16 {
+        let preferred = self.backend.port_for(index);
+        match std::net::TcpListener::bind((self.backend.host, preferred)) {
+            Ok(_) => preferred,
+            Err(error) => {
+                let free = std::net::TcpListener::bind((self.backend.host, 0))
+                    .and_then(|listener| listener.local_addr())
+                    .map_or(preferred, |addr| addr.port());
+                tracing::warn!(service = %self.service, worker = index, preferred, port = free, %error, "port {preferred} is taken by another process: worker {index} listens on {free}");
+                free
             }
         }
     }
@@ -203,11 +236,14 @@ impl ProcessPool {
                 if was_ready {
                     self.failures.remove(&exit.index);
                 }
-                let message = format!(
+                let mut message = format!(
                     "backend fails to start: worker {} exited ({status}) {} after starting",
                     exit.index,
                     humantime::format_duration(Duration::from_millis(worker.started.elapsed().as_millis() as u64))
                 );
+                if let Some(words) = &exit.last_words {
+                    message.push_str(&format!("; its last words: {words}"));
+                }
                 if was_ready {
                     self.schedule_restart(exit.index);
                 } else {
@@ -222,12 +258,20 @@ impl ProcessPool {
     }
 
     /// A worker could not start or died before becoming ready: tell waiting
-    /// requests why, and try again later.
+    /// requests why, and try again later. Once no wanted worker is ready or
+    /// starting, waiting requests are answered with the cause at once.
     fn fail(&mut self, index: u32, message: String) {
-        tracing::warn!(service = %self.service, worker = index, "{message}");
-        self.endpoints.report_error(Some(message));
+        tracing::error!(service = %self.service, worker = index, "{message}");
         *self.failures.entry(index).or_insert(0) += 1;
         self.schedule_restart(index);
+        let starting = self.workers.values().any(|w| matches!(w.phase, Phase::Running));
+        if !starting && !self.endpoints.any_ready() {
+            let now = Instant::now();
+            let next = self.restarts.values().map(|r| r.at.saturating_duration_since(now)).min().unwrap_or_default();
+            let retry_after = u32::try_from(next.as_secs_f64().ceil() as u64).unwrap_or(u32::MAX).max(1);
+            self.endpoints.set_down(Some(Down { cause: message.clone(), retry_after }));
+        }
+        self.endpoints.report_error(Some(message));
     }
 
     fn schedule_restart(&mut self, index: u32) {
@@ -255,9 +299,11 @@ impl ProcessPool {
                 self.start(index);
             }
         }
-        if self.endpoints.any_ready() {
-            self.failures.retain(|index, _| !self.workers.contains_key(index));
-        }
+        // A worker's failures are forgotten once it has been ready itself:
+        // another worker being ready says nothing of this one's start.
+        let endpoints = &self.endpoints;
+        let workers = &self.workers;
+        self.failures.retain(|index, _| !workers.get(index).is_some_and(|w| endpoints.ever_served(w.endpoint)));
         for (index, worker) in &mut self.workers {
             match worker.phase {
                 Phase::Draining => {
@@ -344,23 +390,36 @@ fn spawn_worker(
     if let Some(stdout) = child.stdout.take() {
         tokio::spawn(log_lines(service.to_string(), index, stdout));
     }
-    if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(log_lines(service.to_string(), index, stderr));
-    }
+    let stderr = child.stderr.take().map(|stderr| tokio::spawn(log_lines(service.to_string(), index, stderr)));
     tokio::spawn(async move {
         let status = child.wait().await;
-        let _ = exits.send(Exit { index, pid, status });
+        // Its stderr closes with it (unless a child of its own holds it).
+        let last_words = match stderr {
+            Some(lines) => tokio::time::timeout(LAST_WORDS_WAIT, lines).await.ok().and_then(Result::ok).flatten(),
+            None => None,
+        };
+        let _ = exits.send(Exit { index, pid, status, last_words });
     });
     Ok(pid)
 }
+
+/// How long a dead worker's stderr is read for its last line.
+const LAST_WORDS_WAIT: Duration = Duration::from_millis(500);
+/// The most of a worker's last line quoted in a start failure.
+const LAST_WORDS_CHARS: usize = 300;
 
 /// Passes a worker's output to sdgate's log, line by line, tagged with its
 /// index. sdgate's log line has its own timestamp, so a worker's leading one
 /// is dropped; a level right after it (or at the start) becomes the line's
 /// level: `2026-11-26T06:31:00.123Z  WARN x: y` is logged as a warning `x: y`.
-async fn log_lines(service: String, index: u32, stream: impl AsyncRead + Unpin) {
+/// Returns the last non-empty line, once the stream ends.
+async fn log_lines(service: String, index: u32, stream: impl AsyncRead + Unpin) -> Option<String> {
     let mut lines = BufReader::new(stream).lines();
+    let mut last = None;
     while let Ok(Some(line)) = lines.next_line().await {
+        if !line.trim().is_empty() {
+            last = Some(line.trim().chars().take(LAST_WORDS_CHARS).collect());
+        }
         let (level, text) = worker_line(&line);
         match level {
             Some(WorkerLevel::Error) => tracing::error!(target: "sdgate::worker", %service, worker = index, "{text}"),
@@ -372,6 +431,7 @@ async fn log_lines(service: String, index: u32, stream: impl AsyncRead + Unpin) 
             }
         }
     }
+    last
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
