@@ -67,13 +67,18 @@ fn the_a1111_example_starts_one_webui_per_gpu() {
     let config = sdgate::Config::load(&path).unwrap();
     let service = &config.services[0];
     assert_eq!(service.container_concurrency, 1);
-    assert!(!service.hosts.iter().any(|h| h == "*"), "routed by Host: {:?}", service.hosts);
+    // One machine: clients call it by any name (127.0.0.1, localhost, its host name).
+    assert_eq!(service.hosts, ["*"]);
     assert_eq!(service.readiness.http.as_deref(), Some("/sdapi/v1/sd-models"));
     let sdgate::config::Backend::Process(process) = &service.backend else { panic!("{:?}", service.backend) };
     let command = process.command.join(" ");
-    assert!(command.contains("launch.py --api --nowebui --port {port}"), "{command}");
+    assert!(command.contains("launch.py --api --nowebui --server-name 127.0.0.1 --port {port}"), "{command}");
+    // With --nowebui the WebUI binds every interface unless given a server
+    // name: its unauthenticated API would be reachable around sdgate.
+    assert!(!command.contains("--listen"), "{command}");
     assert_eq!(process.env["CUDA_VISIBLE_DEVICES"], "{index}");
     assert_eq!(process.host.to_string(), "127.0.0.1");
+    assert_eq!(config.listen.ip().to_string(), "127.0.0.1");
 }
 
 #[test]

@@ -52,6 +52,23 @@ fn guide_imports_and_checks(file: &str, name: &str) -> String {
     let check = sdgate(&["check".as_ref(), "--config".as_ref(), config_file.0.as_os_str()]);
     assert!(check.status.success(), "sdgate check: {}\n{stdout}", String::from_utf8_lossy(&check.stderr));
 
+    // The guides name no namespace: none is written, nor a Lease, so sdgate
+    // in a pod uses its own namespace for both (the Lease named after the
+    // Deployment, leader_election's default).
+    assert!(!stdout.contains("namespace:") && !stdout.contains("\nleader_election:"), "{stdout}");
+    let in_pod = Command::new(env!("CARGO_BIN_EXE_sdgate"))
+        .args(["check".as_ref(), "--config".as_ref(), config_file.0.as_os_str()])
+        .env("POD_NAMESPACE", "sd-prod")
+        .output()
+        .expect("sdgate runs");
+    let effective = String::from_utf8_lossy(&in_pod.stdout);
+    assert!(in_pod.status.success(), "{}", String::from_utf8_lossy(&in_pod.stderr));
+    let in_pod = Config::from_yaml(&effective).expect("check prints a config");
+    let Backend::Kubernetes(k8s) = &in_pod.services[0].backend else { panic!("{effective}") };
+    let election = in_pod.election().expect("leader election on");
+    assert_eq!(k8s.namespace, "sd-prod", "{effective}");
+    assert_eq!((election.lease.as_str(), election.namespace.as_str()), (format!("sdgate-{name}").as_str(), "sd-prod"));
+
     let config = Config::from_yaml(&stdout).expect("the printed config parses");
     assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
     assert_eq!(config.admin.map(|a| a.to_string()).as_deref(), Some("0.0.0.0:9090"));
@@ -69,7 +86,7 @@ fn guide_imports_and_checks(file: &str, name: &str) -> String {
     assert_eq!(service.readiness.ready_period, Duration::from_secs(1), "the guides' periodSeconds: 1");
     assert_eq!(service.readiness.failure_threshold, 3);
     let Backend::Kubernetes(k8s) = &service.backend else { panic!("a kubernetes backend: {:?}", service.backend) };
-    assert_eq!((k8s.namespace.as_str(), k8s.deployment.as_str()), ("default", name));
+    assert_eq!(k8s.deployment, name);
     assert_eq!(k8s.port, PortRef::Number(7860));
 
     // The Alibaba ECI annotation does not map: a warning names it.
@@ -158,6 +175,31 @@ fn probe_settings_that_do_not_map_are_each_named() {
     ] {
         assert!(stderr.lines().any(|l| l.starts_with("warning: ") && l.contains(named)), "{named}: {stderr}");
     }
+}
+
+/// An HTTP readiness probe with a Host and other headers: sdgate's probe
+/// sends them as the kubelet's would, and no warning says otherwise.
+#[test]
+fn probe_host_and_headers_are_imported() {
+    let guide = std::fs::read_to_string(fixture("stable-diffusion.yaml")).unwrap();
+    let tcp = "          tcpSocket:\n            port: 7860\n";
+    assert!(guide.contains(tcp), "{guide}");
+    let http = "          httpGet:\n            path: /sdapi/v1/sd-models\n            port: 7860\n\
+                \x20           httpHeaders:\n            - name: Host\n              value: sd.internal\n\
+                \x20           - name: X-Probe\n              value: kubelet\n";
+    let file = Temp::new("probe-headers.yaml", &guide.replace(tcp, http));
+    let output = import(&file.0);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("httpHeaders"), "{stderr}");
+    let config_file = Temp::new("probe-headers-config.yaml", &stdout);
+    let check = sdgate(&["check".as_ref(), "--config".as_ref(), config_file.0.as_os_str()]);
+    assert!(check.status.success(), "sdgate check: {}\n{stdout}", String::from_utf8_lossy(&check.stderr));
+    let readiness = &Config::from_yaml(&stdout).expect("the printed config parses").services[0].readiness;
+    assert_eq!(readiness.http.as_deref(), Some("/sdapi/v1/sd-models"));
+    assert_eq!(readiness.host.as_deref(), Some("sd.internal"));
+    assert_eq!(readiness.headers.iter().collect::<Vec<_>>(), [(&"X-Probe".to_string(), &"kubelet".to_string())]);
 }
 
 #[test]

@@ -6,11 +6,15 @@
 //!
 //! | Knative | sdgate |
 //! | --- | --- |
-//! | `metadata.name`, `metadata.namespace` (default `default`) | service name, host `NAME.NAMESPACE.example.com`, `backend.kubernetes` |
+//! | `metadata.name` | service name, `backend.kubernetes.deployment` |
+//! | `metadata.namespace` | `backend.kubernetes.namespace` (absent: none written, so sdgate uses its own pod's namespace) |
+//! | both | host `NAME.NAMESPACE.example.com` (`default` for an absent namespace, as Knative's domain) |
 //! | `containerConcurrency` (absent: Knative's 0, unlimited) | `container_concurrency` |
 //! | `responseStartTimeoutSeconds`, else `timeoutSeconds` (absent: Knative's 300) | `request_timeout` |
 //! | containers' `ports[0].containerPort` (absent: Knative's 8080) | `backend.kubernetes.port` |
 //! | `readinessProbe.tcpSocket` / `httpGet.path` | `readiness.tcp` / `readiness.http` |
+//! | `readinessProbe.httpGet.host` (as the Host header only: sdgate probes the pod, and warns), a `Host` in `httpGet.httpHeaders` (it wins, as with the kubelet) | `readiness.host` |
+//! | `readinessProbe.httpGet.httpHeaders` (other names) | `readiness.headers` |
 //! | `readinessProbe.periodSeconds`, `timeoutSeconds`, `failureThreshold` | `readiness.ready_period`, `timeout`, `failure_threshold` |
 //! | `autoscaling.knative.dev/minScale`, `maxScale` (or `min-scale`, `max-scale`) | `scale.min`, `scale.max` |
 //! | `.../targetUtilizationPercentage` (absent: Knative's 70) | `scale.target_utilization` (percent / 100) |
@@ -23,6 +27,12 @@
 //! starts, sdgate keeps probing every `readiness.period` (25 ms), as Knative's
 //! queue-proxy probes a starting pod aggressively, so cold starts end as soon
 //! as the port answers.
+//!
+//! No `leader_election` is written: its default (on with a `kubernetes`
+//! backend, Lease `sdgate-DEPLOYMENT` in the backend's namespace) is the one
+//! wanted, and configs imported from two Knative Services elect on two
+//! Leases, where one fixed name would make them share one and leave all but
+//! one config's replicas standing by.
 //!
 //! Anything that changes behaviour and does not map (an annotation not in the
 //! table, a non-KPA class, a traffic split, ...) becomes a warning that names
@@ -45,6 +55,11 @@ use crate::config::Config;
 pub struct Imported {
     pub config: Config,
     pub warnings: Vec<String>,
+    /// Per service, whether the Knative Service named its namespace. One it
+    /// did not name is left out of the printed config: parsing the config
+    /// filled in the namespace of the machine that imported it, and sdgate
+    /// must look for the pods in its own pod's namespace where it runs.
+    namespaced: Vec<bool>,
 }
 
 impl Imported {
@@ -53,14 +68,26 @@ impl Imported {
     pub fn to_yaml(&self, source: &str) -> Result<String> {
         let mut out =
             format!("# sdgate config imported by `sdgate import-knative` from the Knative Service in {source}.\n");
-        for service in &self.config.services {
+        for (service, named) in self.config.services.iter().zip(&self.namespaced) {
             if let crate::config::Backend::Kubernetes(k) = &service.backend {
+                let deployment = if *named {
+                    format!("{}/{}", k.namespace, k.deployment)
+                } else {
+                    format!("{} in sdgate's own namespace", k.deployment)
+                };
                 out.push_str(&format!(
-                    "# Service {:?}: its pods are the Deployment {}/{} (create it from the Knative Service's\n\
-                     # container, e.g. deploy/stable-diffusion.yaml); sdgate scales it and probes its pods.\n",
-                    service.name, k.namespace, k.deployment
+                    "# Service {:?}: its pods are the Deployment {deployment}\n\
+                     # (create it from the Knative Service's container, e.g. deploy/stable-diffusion.yaml);\n\
+                     # sdgate scales it and probes its pods.\n",
+                    service.name
                 ));
             }
+        }
+        if let Some(election) = self.config.election() {
+            out.push_str(&format!(
+                "# Several sdgate replicas: one active, elected by the Lease {} (leader_election's default).\n",
+                election.lease
+            ));
         }
         if self.warnings.is_empty() {
             out.push_str("# Everything in it mapped.\n");
@@ -71,8 +98,27 @@ impl Imported {
             }
         }
         out.push_str("# Check it with: sdgate check --config FILE\n");
-        out.push_str(&self.config.to_yaml()?);
+        out.push_str(&serde_yaml::to_string(&self.printed()?).context("cannot print the imported config")?);
         Ok(out)
+    }
+
+    /// The effective config without what depends on where it is read: the
+    /// namespaces the Knative Service did not name and `leader_election`
+    /// (its default follows the backend's namespace), so that sdgate fills
+    /// them in from its own pod.
+    fn printed(&self) -> Result<Value> {
+        let mut value = serde_yaml::to_value(&self.config).context("cannot print the imported config")?;
+        if let Some(map) = value.as_mapping_mut() {
+            map.remove("leader_election");
+        }
+        let services = value.get_mut("services").and_then(Value::as_sequence_mut).into_iter().flatten();
+        for (service, named) in services.zip(&self.namespaced) {
+            let backend = service.get_mut("backend").and_then(|b| b.get_mut("kubernetes"));
+            if let (false, Some(map)) = (*named, backend.and_then(Value::as_mapping_mut)) {
+                map.remove("namespace");
+            }
+        }
+        Ok(value)
     }
 }
 
@@ -129,24 +175,26 @@ pub fn import(yaml: &str) -> Result<Imported> {
         );
     }
 
-    let namespace = services[0]["backend"]["kubernetes"]["namespace"].clone();
+    let namespaced = services.iter().map(|s| s["backend"]["kubernetes"].get("namespace").is_some()).collect();
+    // No leader_election: see the module's doc.
     let config = json!({
         "listen": "0.0.0.0:8080",
         "admin": "0.0.0.0:9090",
-        // Several sdgate replicas in the cluster: one active at a time.
-        "leader_election": { "lease": "sdgate", "namespace": namespace },
         "services": services,
     });
     let text = serde_yaml::to_string(&config).context("cannot print the imported config")?;
     let config = Config::from_yaml(&text).context("the imported config is not valid")?;
-    Ok(Imported { config, warnings })
+    Ok(Imported { config, warnings, namespaced })
 }
 
 /// One Knative Service as an sdgate service (a JSON value for the config).
 fn service(ksvc: &Value, warnings: &mut Vec<String>) -> Result<serde_json::Value> {
     let name =
         str_at(ksvc, &["metadata", "name"]).ok_or_else(|| anyhow!("the Knative Service has no metadata.name"))?;
-    let namespace = str_at(ksvc, &["metadata", "namespace"]).unwrap_or("default");
+    let named_namespace = str_at(ksvc, &["metadata", "namespace"]).filter(|n| !n.is_empty());
+    // A Knative Service applied without a namespace lands in `default`, and
+    // its host says so.
+    let namespace = named_namespace.unwrap_or("default");
     let mut warn = |text: String| warnings.push(format!("{name}: {text}"));
     let spec = at(ksvc, &["spec", "template", "spec"]);
 
@@ -215,7 +263,10 @@ fn service(ksvc: &Value, warnings: &mut Vec<String>) -> Result<serde_json::Value
     for probe in ["livenessProbe", "startupProbe"].into_iter().filter(|p| container.get(*p).is_some()) {
         warn(format!("{probe} is not imported: sdgate uses the readinessProbe only (keep it in the Deployment)"));
     }
-    service["backend"] = json!({ "kubernetes": { "namespace": namespace, "deployment": name, "port": port } });
+    service["backend"] = json!({ "kubernetes": { "deployment": name, "port": port } });
+    if let Some(namespace) = named_namespace {
+        service["backend"]["kubernetes"]["namespace"] = json!(namespace);
+    }
 
     // Annotations: the Service's and its revision template's (the latter win).
     let mut annotations = BTreeMap::new();
@@ -442,8 +493,12 @@ fn readiness(probe: Option<&Value>, port: u16, warn: &mut impl FnMut(String)) ->
         let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
         readiness = json!({ "http": path });
         check_port("httpGet", warn);
-        if at(probe, &["httpGet", "httpHeaders"]).is_some() {
-            warn("readinessProbe.httpGet.httpHeaders are not imported: sdgate's probe sends none".into());
+        let (host, headers) = probe_headers(probe, warn)?;
+        if let Some(host) = host {
+            readiness["host"] = json!(host);
+        }
+        if !headers.is_empty() {
+            readiness["headers"] = json!(headers);
         }
         if str_at(probe, &["httpGet", "scheme"]).is_some_and(|s| s.eq_ignore_ascii_case("https")) {
             warn("readinessProbe.httpGet.scheme HTTPS is not imported: sdgate probes over plain HTTP".into());
@@ -480,6 +535,58 @@ fn readiness(probe: Option<&Value>, port: u16, warn: &mut impl FnMut(String)) ->
         readiness["failure_threshold"] = json!(threshold);
     }
     Ok(readiness)
+}
+
+/// The Host and other headers of an HTTP readiness probe, as the kubelet
+/// sends them: the first Host in `httpHeaders`, else `httpGet.host`; then
+/// every other header.
+fn probe_headers(probe: &Value, warn: &mut impl FnMut(String)) -> Result<(Option<String>, BTreeMap<String, String>)> {
+    let mut host_header = None;
+    let mut headers = BTreeMap::<String, String>::new();
+    let list = at(probe, &["httpGet", "httpHeaders"]).filter(|v| !v.is_null());
+    let list = match list.map(Value::as_sequence) {
+        None => &[][..],
+        Some(Some(list)) => &list[..],
+        Some(None) => bail!("readinessProbe.httpGet.httpHeaders: not a list of {{name, value}}"),
+    };
+    for (i, header) in list.iter().enumerate() {
+        let key = format!("readinessProbe.httpGet.httpHeaders[{i}]");
+        let name = str_at(header, &["name"]).filter(|n| !n.is_empty());
+        let (Some(name), Some(value)) = (name, header.get("value").and_then(scalar)) else {
+            bail!("{key}: a header needs a name and a value");
+        };
+        if name.eq_ignore_ascii_case("host") {
+            if host_header.is_some() {
+                warn(format!("{key}: a second Host header is not imported: the first one is sent"));
+            } else {
+                host_header = Some(value);
+            }
+        } else if let Some(first) = headers.keys().find(|n| n.eq_ignore_ascii_case(name)) {
+            warn(format!(
+                "{key}: {name} is not imported: {first} is given before it, and sdgate sends one value per header"
+            ));
+        } else {
+            headers.insert(name.to_string(), value);
+        }
+    }
+    let Some(host) = str_at(probe, &["httpGet", "host"]).filter(|h| !h.is_empty()) else {
+        return Ok((host_header, headers));
+    };
+    // The kubelet connects to httpGet.host; sdgate always probes the pod.
+    if host_header.is_some() {
+        warn(format!(
+            "readinessProbe.httpGet.host {host:?} is not imported: the Host header of httpHeaders is sent, \
+             to the pod's own address (the kubelet would connect to {host:?})"
+        ));
+        return Ok((host_header, headers));
+    }
+    warn(format!(
+        "readinessProbe.httpGet.host {host:?} is imported as the probe's Host header only: \
+         sdgate probes the pod's own address (the kubelet would connect to {host:?})"
+    ));
+    // A bare IPv6 address is written in brackets in a Host header.
+    let host = if host.parse::<std::net::Ipv6Addr>().is_ok() { format!("[{host}]") } else { host.to_string() };
+    Ok((Some(host), headers))
 }
 
 fn kind_of(value: &Value) -> (&str, &str) {
@@ -566,13 +673,59 @@ mod tests {
         assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.admin.map(|a| a.to_string()).as_deref(), Some("0.0.0.0:9090"));
         let election = config.election().unwrap();
-        assert_eq!((election.lease.as_str(), election.namespace.as_str()), ("sdgate", "gpu"));
+        assert_eq!((election.lease.as_str(), election.namespace.as_str()), ("sdgate-sd", "gpu"));
         let service = &config.services[0];
         assert_eq!(service.name, "sd");
         assert_eq!(service.hosts, ["sd.gpu.example.com"]);
         let Backend::Kubernetes(k) = &service.backend else { panic!("{:?}", service.backend) };
         assert_eq!((k.namespace.as_str(), k.deployment.as_str(), &k.port), ("gpu", "sd", &PortRef::Number(7860)));
         assert!(warned(&imported, "x/placeholder"), "{:?}", imported.warnings);
+    }
+
+    #[test]
+    fn a_named_namespace_is_kept_and_no_lease_is_written() {
+        let imported = import_ok(&ksvc("", "      containerConcurrency: 1\n"));
+        let text = imported.to_yaml("ksvc.yaml").unwrap();
+        assert!(text.contains("    kubernetes:\n      namespace: gpu\n"), "{text}");
+        assert!(text.contains("the Deployment gpu/sd\n"), "{text}");
+        assert!(!text.contains("\nleader_election:"), "its default, a Lease per Deployment: {text}");
+        assert!(text.contains("elected by the Lease sdgate-sd "), "{text}");
+    }
+
+    /// With no namespace named, none is written: sdgate looks for the pods
+    /// (and keeps its Lease) in its own pod's namespace where it runs, not
+    /// in the namespace of the machine that imported the Service.
+    #[test]
+    fn no_namespace_is_written_when_the_service_names_none() {
+        let yaml = ksvc("", "      containerConcurrency: 1\n").replace("  namespace: gpu\n", "");
+        let imported = import_ok(&yaml);
+        assert_eq!(imported.config.services[0].hosts, ["sd.default.example.com"], "Knative's host for no namespace");
+        let text = imported.to_yaml("ksvc.yaml").unwrap();
+        assert!(!text.contains("namespace:"), "{text}");
+        assert!(!text.contains("\nleader_election:"), "{text}");
+        assert!(text.contains("the Deployment sd in sdgate's own namespace"), "{text}");
+        let again = Config::from_yaml(&text).unwrap();
+        let Backend::Kubernetes(k) = &again.services[0].backend else { panic!("{:?}", again.services[0].backend) };
+        let election = again.election().unwrap();
+        assert_eq!(k.namespace, crate::config::pod_namespace());
+        assert_eq!((election.lease.as_str(), election.namespace.as_str()), ("sdgate-sd", k.namespace.as_str()));
+    }
+
+    /// Two Knative Services imported into two configs (two sdgate
+    /// Deployments) elect on two Leases: one shared name would leave one
+    /// config's replicas all standing by.
+    #[test]
+    fn two_imported_services_do_not_share_a_lease() {
+        let lease = |name: &str| {
+            let yaml = ksvc("", "").replace("  name: sd\n", &format!("  name: {name}\n"));
+            let text = import_ok(&yaml).to_yaml("ksvc.yaml").unwrap();
+            let config = Config::from_yaml(&text).unwrap();
+            let election = config.election().cloned().unwrap();
+            (election.lease, election.namespace)
+        };
+        let (a, b) = (lease("sd-anime"), lease("sd-photo"));
+        assert_eq!(a, ("sdgate-sd-anime".to_string(), "gpu".to_string()));
+        assert_eq!(b, ("sdgate-sd-photo".to_string(), "gpu".to_string()));
     }
 
     #[test]
@@ -692,6 +845,67 @@ mod tests {
         let imported = import_ok(&format!("{}{exec}", ksvc("", "")));
         assert!(imported.config.services[0].readiness.tcp);
         assert!(warned(&imported, "readinessProbe.exec"), "{:?}", imported.warnings);
+    }
+
+    /// `httpGet.host` and `httpHeaders` are what the kubelet's probe sends:
+    /// a Host among the headers wins over `host`.
+    #[test]
+    fn probe_host_and_headers_map() {
+        let probe = |http_get: &str| {
+            let yaml = format!("{}        readinessProbe:\n          httpGet: {http_get}\n", ksvc("", ""));
+            let imported = import_ok(&yaml);
+            (imported.config.services[0].readiness.clone(), imported.warnings)
+        };
+
+        let (readiness, warnings) = probe(
+            "{ path: /internal/ping, port: 7860, host: sd.internal, \
+             httpHeaders: [{ name: X-Probe, value: kubelet }, { name: Authorization, value: Bearer t0k }] }",
+        );
+        assert_eq!(readiness.http.as_deref(), Some("/internal/ping"));
+        assert_eq!(readiness.host.as_deref(), Some("sd.internal"));
+        let headers: Vec<_> = readiness.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        assert_eq!(headers, [("Authorization", "Bearer t0k"), ("X-Probe", "kubelet")]);
+        assert!(!warnings.iter().any(|w| w.contains("httpHeaders")), "{warnings:?}");
+        assert!(warnings.iter().any(|w| w.contains("httpGet.host \"sd.internal\" is imported as")), "{warnings:?}");
+
+        // A Host header overrides httpGet.host, as the kubelet's; the first of two wins.
+        let (readiness, warnings) = probe(
+            "{ path: /healthz, host: 10.0.0.9, httpHeaders: [{ name: host, value: sd.example.com }, \
+             { name: Host, value: other.example.com }, { name: X-A, value: 1 }, { name: x-a, value: 2 }] }",
+        );
+        assert_eq!(readiness.host.as_deref(), Some("sd.example.com"));
+        assert_eq!(readiness.headers.len(), 1);
+        assert_eq!(readiness.headers["X-A"], "1", "a number is read as its text; the first of two is sent");
+        for needle in
+            ["httpGet.host \"10.0.0.9\" is not imported", "httpHeaders[1]: a second Host", "httpHeaders[3]: x-a"]
+        {
+            assert!(warnings.iter().any(|w| w.contains(needle)), "{needle}: {warnings:?}");
+        }
+
+        // Host alone, from the headers; an IPv6 httpGet.host in brackets.
+        let (readiness, _) = probe("{ path: /, httpHeaders: [{ name: Host, value: sd.local }] }");
+        assert_eq!((readiness.host.as_deref(), readiness.headers.len()), (Some("sd.local"), 0));
+        let (readiness, _) = probe("{ path: /, host: \"fd00::1\" }");
+        assert_eq!(readiness.host.as_deref(), Some("[fd00::1]"));
+
+        // The printed config keeps them, and sdgate reads it back.
+        let yaml = format!(
+            "{}        readinessProbe:\n          httpGet: {{ path: /, httpHeaders: [{{ name: Host, value: sd.local }}, \
+             {{ name: X-Probe, value: \"1\" }}] }}\n",
+            ksvc("", "")
+        );
+        let again = Config::from_yaml(&import_ok(&yaml).to_yaml("ksvc.yaml").unwrap()).unwrap();
+        let readiness = &again.services[0].readiness;
+        assert_eq!((readiness.host.as_deref(), readiness.headers["X-Probe"].as_str()), (Some("sd.local"), "1"));
+
+        for (http_get, needle) in [
+            ("{ path: /, httpHeaders: [{ name: X-A }] }", "httpHeaders[0]: a header needs a name and a value"),
+            ("{ path: /, httpHeaders: { X-A: b } }", "httpHeaders: not a list"),
+        ] {
+            let yaml = format!("{}        readinessProbe:\n          httpGet: {http_get}\n", ksvc("", ""));
+            let text = format!("{:#}", import(&yaml).unwrap_err());
+            assert!(text.contains(needle), "{http_get}: {text}");
+        }
     }
 
     #[test]
