@@ -16,8 +16,12 @@
 # refused, with /status's error, and the route as it was.
 # Needs: chromium, jq, curl (tests/browser/deps.sh installs them).
 # The page as served is also opened from a file, where nothing can be fetched:
-# its first paint must show the same figures (sdgate inlines its state), and a
-# screenshot of it is taken (kept in $SHOT_DIR when that is set).
+# its first paint must show the same figures (sdgate inlines its state), no
+# tile's text may run past its tile at 1280 px, and a screenshot of it is
+# taken (kept in $SHOT_DIR when that is set). The same page with its inlined
+# state edited (no answers in a 42 s window, a failing probe whose result is
+# markup, an endpoint not yet probed) must show no success rate, one window
+# everywhere, and the probe's result as text.
 # Usage: bash tests/browser/dashboard.sh    (SDGATE=path to use a built binary)
 set -euo pipefail
 # shellcheck source=tests/browser/lib.sh
@@ -83,8 +87,10 @@ history_json >"$WORK/history-after.json"
 [ -s "$WORK/dom.html" ] || die "chromium dumped an empty DOM"
 
 # The figures compared must not have moved while the page loaded.
+# (An endpoint's probe counts and ages move with every probe: only what it saw is compared.)
 stable='[.services[] | {queue_depth, inflight, ready_replicas, desired_replicas, requests: .recent.requests,
-  codes: .recent.codes, success_rate: .recent.success_rate, endpoints, last_scale: (.last_scale.desired)}]'
+  codes: .recent.codes, success_rate: .recent.success_rate, last_scale: (.last_scale.desired),
+  endpoints: [.endpoints[] | del(.probe) + {probe: (.probe | if . then {ok, result} else null end)}]}]'
 [ "$(jq -c "$stable" "$WORK/before.json")" = "$(jq -c "$stable" "$WORK/after.json")" ] ||
   die "/status changed while the page loaded: $(jq -c "$stable" "$WORK/before.json") vs $(jq -c "$stable" "$WORK/after.json")"
 
@@ -148,6 +154,9 @@ for address in $(jq -r "$svc.endpoints[].address" "$J"); do
     compare "endpoint $address $field" "$(jq -r "$svc.endpoints[] | select(.address == \"$address\") | .$field" "$J")" \
       "$(dom "$S data-metric=\"$field\" data-endpoint=\"$address\"")"
   done
+  # Its last readiness probe: "ok" (these pods answer their probes).
+  compare "endpoint $address probe" "$(jq -r "$svc.endpoints[] | select(.address == \"$address\") | .probe.result // \"-\"" "$J")" \
+    "$(dom "$S data-metric=\"probe\" data-endpoint=\"$address\"")"
   total=$((total + $(jq -r "$svc.endpoints[] | select(.address == \"$address\") | .served" "$J")))
 done
 compare "served by all endpoints" "$total" "$(dom "$S data-metric=\"served_total\"")"
@@ -161,14 +170,24 @@ for p in p50 p90 p95 p99; do
   compare "latency $p" "$(jq -r "$svc.recent.latency_seconds.$p | $seconds" "$J")" "$(dom "$S data-metric=\"latency_$p\"")"
 done
 grep -q '<polyline' "$WORK/dom.html" || { echo "  WRONG no chart line drawn"; failures=$((failures + 1)); }
+# The tiles, the answers/s legend, the latency chart and the codes table name
+# one window: that of /status's recent summary.
+windows=$(grep -o 'data-window="[^"]*"' "$WORK/dom.html" | sort | uniq -c)
+check "one window named by 3 tiles, the legend and 2 titles: $(echo $windows)" \
+  grep -Eqx ' *6 data-window="last [0-9]+ s"' <<<"$windows"
 
 # The first paint has data: the page as served (sdgate inlines the state it
 # opens on), opened from a file, where no fetch of /status can succeed.
 echo "first paint, with nothing fetched (the page as served, opened from a file):"
 curl -sS --max-time 10 "http://$ADMIN/" >"$WORK/page.html" || die "cannot read the dashboard page"
 status_json >"$WORK/served.json"
-chromium_run --user-data-dir="$WORK/profile-file" --virtual-time-budget=500 --dump-dom "file://$WORK/page.html" \
-  >"$WORK/dom-file.html" || die "chromium failed on the saved page (see chromium.log)"
+# The page with a script after its own that lists, on <body>, the tile texts
+# wider than their box (none should be, at 1280 px).
+overflow='<script>document.body.setAttribute("data-overflow", [...document.querySelectorAll(".tile .label, .tile .value")]
+  .filter((e) => e.scrollWidth > e.clientWidth).map((e) => e.textContent).join(" | "));</script>'
+OVERFLOW=$overflow awk '/^<\/body>/ { print ENVIRON["OVERFLOW"] } { print }' "$WORK/page.html" >"$WORK/page-measured.html"
+chromium_run --user-data-dir="$WORK/profile-file" --virtual-time-budget=500 --window-size=1280,1400 --dump-dom \
+  "file://$WORK/page-measured.html" >"$WORK/dom-file.html" || die "chromium failed on the saved page (see chromium.log)"
 chromium_run --user-data-dir="$WORK/profile-shot" --window-size=1280,1400 --screenshot="$WORK/first-paint.png" \
   "file://$WORK/page.html" >/dev/null || die "chromium could not take the screenshot (see chromium.log)"
 DOMFILE="$WORK/dom-file.html"
@@ -176,8 +195,15 @@ compare "first paint: answers in window" "$(jq -r "$svc.recent.requests" "$WORK/
 compare "first paint: served by all endpoints" "$REQUESTS" "$(dom "$S data-metric=\"served_total\"")"
 compare "first paint: ready replicas" "$(jq -r "$svc.ready_replicas" "$WORK/served.json")" "$(dom "$S data-metric=\"ready_replicas\"")"
 check "first paint: the window is named (answers/s (last 60 s) or less)" \
-  grep -qE 'data-label="requests_per_second">answers/s \(last [0-9]+ s\)<' "$WORK/dom-file.html"
+  grep -qE 'data-label="requests_per_second">answers/s <span class="window" data-window="last [0-9]+ s">\(last [0-9]+ s\)<' \
+  "$WORK/dom-file.html"
 check "first paint: a chart line from the inlined history" grep -q '<polyline' "$WORK/dom-file.html"
+# Served/s has a line from the history: its legend says its value, not "-".
+served_legend=$(dom 'data-series="served"')
+check "first paint: served/s legend has a value (\"$served_legend\")" grep -Eqx 'served/s by pods: [0-9.]+' <<<"$served_legend"
+overflowing=$(grep -o '<body data-overflow="[^"]*"' "$WORK/dom-file.html" | sed 's/.*data-overflow="//; s/"$//')
+check "first paint: no tile text wider than its tile at 1280 px (${overflowing:-none})" \
+  grep -q '<body data-overflow="">' "$WORK/dom-file.html"
 check "first paint: a screenshot of it ($(stat -c %s "$WORK/first-paint.png" 2>/dev/null || echo 0) bytes)" \
   test "$(stat -c %s "$WORK/first-paint.png" 2>/dev/null || echo 0)" -gt 20000
 unset DOMFILE
@@ -206,6 +232,37 @@ else
   printf '  WRONG %-36s %s points, %s seeded\n' "answers/s line" "$points" "${seeded:-none}"
   failures=$((failures + 1))
 fi
+
+# The same page with its inlined state edited: no answers in a 42 s window;
+# the first endpoint's probe failing with a result that is markup (a pod's
+# answer is quoted in it), the second not yet probed.
+echo "edited state: no answers, a failing probe, an endpoint not yet probed:"
+initial=$(grep -m1 '^const INITIAL = ' "$WORK/page.html" | sed 's/^const INITIAL = //; s/;$//')
+[ -n "$initial" ] || die "the served page has no inlined state"
+edited=$(jq -c '.status.services[0] |= (
+    .recent = { window_seconds: 42.4, requests: 0, requests_per_second: 0, success_rate: 1, codes: {}, latency_seconds: {} }
+    | .endpoints[0].probe = { ok: false, result: "<b>GET /internal/ping -> 400</b> & co", times: 3, for_seconds: 2.46,
+        seconds_ago: 0.1 }
+    | del(.endpoints[1].probe))' <<<"$initial" | sed 's#</#<\\/#g') || die "cannot edit the inlined state"
+EDITED=$edited awk '/^const INITIAL = / { print "const INITIAL = " ENVIRON["EDITED"] ";"; next } { print }' "$WORK/page.html" \
+  >"$WORK/page-edited.html"
+chromium_run --user-data-dir="$WORK/profile-edited" --virtual-time-budget=500 --dump-dom "file://$WORK/page-edited.html" \
+  >"$WORK/dom-edited.html" || die "chromium failed on the edited page (see chromium.log)"
+DOMFILE="$WORK/dom-edited.html"
+first=$(jq -r ".status$svc.endpoints[0].address" <<<"$initial")
+second=$(jq -r ".status$svc.endpoints[1].address" <<<"$initial")
+compare "no answers: success rate" "-" "$(dom "$S data-metric=\"success_rate\"")"
+compare "no answers: status codes" "no answers in the last 42 s" "$(dom 'class="empty"')"
+windows=$(grep -o 'data-window="[^"]*"' "$WORK/dom-edited.html" | sort | uniq -c)
+check "one window, 42 s, named by 3 tiles, the legend and 2 titles: $(echo $windows)" \
+  grep -Eqx ' *6 data-window="last 42 s"' <<<"$windows"
+compare "answers/s legend" "answers/s (last 42 s): 0" "$(dom 'data-series="rps"')"
+compare "failing probe, as text" "&lt;b&gt;GET /internal/ping -&gt; 400&lt;/b&gt; &amp; co (3× in 2.5 s)" \
+  "$(dom "$S data-metric=\"probe\" data-endpoint=\"$first\"")"
+check "failing probe: its cell holds that text and no element" \
+  grep -q "$S data-metric=\"probe\" data-endpoint=\"$first\"[^>]*>[^<]*</td>" "$WORK/dom-edited.html"
+compare "endpoint not yet probed" "-" "$(dom "$S data-metric=\"probe\" data-endpoint=\"$second\"")"
+unset DOMFILE
 
 # No routes and no reload yet: the routes panel and the reload line are hidden
 # and empty.
