@@ -30,4 +30,7 @@ pub mod serve;
 pub mod tools;
 
 pub use config::Config;
+/// Reading a pod's answer (for `benches/answer.rs`).
+#[doc(hidden)]
+pub use forward::answer;
 pub use serve::Gateway;
