@@ -283,7 +283,7 @@ async fn interrupt_on_abandon(python: &str, stack: Stack) {
         let (client, addr) = (client.clone(), gateway.addr);
         async move { send(&client, txt2img(addr, "abandoned", 500)).await }
     });
-    gateway.wait_for(|g| g.inflight() == 1, "the generation running").await;
+    running_on(pod.addr).await;
     leaving.abort();
     eventually("the pod was interrupted and ended the job", || {
         let addr = pod.addr;
@@ -309,7 +309,7 @@ async fn owner_only_paths(python: &str, stack: Stack) {
         let (client, addr, owner) = (client.clone(), gateway.addr, owner.clone());
         async move { send(&client, owner.prepare(txt2img(addr, "long", 500))).await }
     });
-    gateway.wait_for(|g| g.inflight() == 1, "the owner's job running").await;
+    running_on(pod.addr).await;
     let stranger = send(&client, post(gateway.addr, "/sdapi/v1/interrupt")).await;
     stranger.assert_json_error(409);
     let progress = send(&client, owner.prepare(get(gateway.addr, "/sdapi/v1/progress?skip_current_image=true"))).await;
@@ -323,6 +323,18 @@ async fn owner_only_paths(python: &str, stack: Stack) {
     let stats = pod.stats().await;
     assert_eq!(stats.interrupts, 1, "{stack:?}");
     assert!(stats.jobs.last().is_some_and(|job| job.interrupted && job.prompt == "long"), "{stack:?}: {stats:?}");
+}
+
+/// Waits until the pod itself says a job runs (its progress), not only
+/// that sdgate dispatched one: an interrupt that reaches a job before it
+/// starts is lost, in the WebUI as in these pods (a job clears the flag as
+/// it begins).
+async fn running_on(pod: SocketAddr) {
+    eventually("the pod running the job", || async move {
+        let answer = send(&client(), get_with_host(pod, "/sdapi/v1/progress?skip_current_image=true", "pod")).await;
+        answer.json()["state"]["job_count"] == 1
+    })
+    .await;
 }
 
 fn post(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
@@ -412,11 +424,13 @@ fn sha256_hex(data: &[u8]) -> String {
     sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Answers larger than sdgate buffers stream through whole; smaller ones
-/// are buffered whole.
+/// Answers larger than sdgate buffers (here 4 MiB) stream through whole;
+/// smaller ones are buffered whole.
 async fn large_answers(python: &str, stack: Stack) {
     let pod = Pod::start(python, stack, &[]).await;
-    let gateway = gateway(&[&pod], 1, "").await;
+    let gateway =
+        TestGateway::start(&with_limits("buffer_response_bytes: 4194304", config_yaml(&[pod.addr], 1, ""))).await;
+    gateway.wait_for(|g| g.ready_count() == 1, "ready").await;
     let client = client();
     for bytes in [1_000_000usize, 24 << 20] {
         let answer = send(&client, get(gateway.addr, &format!("/sim/large?bytes={bytes}"))).await;

@@ -255,13 +255,14 @@ async fn a_worker_that_exits_at_once_is_retried_with_backoff_and_waiters_are_tol
     );
     let gateway = TestGateway::start(&yaml).await;
     let answer = send(&client(), txt2img(gateway.addr, "never", 1)).await;
-    answer.assert_json_error(504);
+    // Every start failed: told at once (503), not at the queue timeout (504).
+    answer.assert_json_error(503);
     let error = answer.json()["error"].as_str().unwrap().to_string();
-    assert!(error.contains("backend fails to start"), "{error}");
+    assert!(error.contains("no pod can start: worker 0 exited"), "{error}");
     assert!(error.contains("exit status: 3"), "{error}");
     let attempts = std::fs::read_to_string(&starts.path).unwrap().lines().count();
-    // Backoff 0.5 s, 1 s, 2 s...: a handful of attempts in 2.5 s, not a hot loop.
-    assert!((2..=6).contains(&attempts), "{attempts} start attempts in 2.5 s");
+    // Backoff 0.5 s, 1 s, 2 s...: a handful of attempts, not a hot loop.
+    assert!((1..=6).contains(&attempts), "{attempts} start attempts");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -299,7 +299,7 @@ pub struct Limits {
     pub send_timeout: Duration,
     /// A kept-alive connection to a pod idle this long is closed rather than
     /// reused: keep it below the pod server's keep-alive (uvicorn, which
-    /// serves the WebUI: 5 s by default; aiohttp: 75 s), or a request may be
+    /// serves the WebUI: 5 s by default, 30 s as the WebUI starts it; aiohttp: 3630 s), or a request may be
     /// sent just as the pod closes the connection.
     #[serde(default = "default_pod_idle_timeout", with = "duration")]
     pub pod_idle_timeout: Duration,

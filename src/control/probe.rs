@@ -332,7 +332,7 @@ struct ProbeKey {
 }
 
 /// The most of a probe's answer that is read (a readiness page is small; a
-/// larger one is read no further and fails the probe).
+/// larger one is read no further: its status alone decides).
 const PROBE_ANSWER_LIMIT: usize = 256 * 1024;
 /// The most of a pod's options sdgate reads (the WebUI's are tens of KiB).
 const OPTIONS_ANSWER_LIMIT: usize = 1024 * 1024;

@@ -28,6 +28,9 @@ pub struct Policy {
     pub check: IdleCheck,
     /// POSTed to the pod before polling (e.g. `/sdapi/v1/interrupt`).
     pub interrupt: Option<String>,
+    /// The headers of sdgate's own calls to the service's pods (its
+    /// readiness probe's Host and headers), as the probes send them.
+    pub headers: http::HeaderMap,
 }
 
 /// Abnormal exchanges in a row after which a pod, once idle, must pass its
@@ -57,7 +60,7 @@ pub fn hold(slot: Slot, why: &'static str, policy: Option<Arc<Policy>>) {
         let alone = gate.inspect(|g| g.endpoint(endpoint).is_some_and(|e| e.inflight == 1));
         if let (Some(path), true) = (&policy.interrupt, alone) {
             let timeout = std::time::Duration::from_secs(2);
-            pool.call(addr, http::Method::POST, path, None, None, 64 * 1024, timeout).await;
+            pool.call(addr, http::Method::POST, path, Some(&policy.headers), None, 64 * 1024, timeout).await;
         }
         let started = Instant::now();
         let mut failed = false;
@@ -67,7 +70,7 @@ pub fn hold(slot: Slot, why: &'static str, policy: Option<Arc<Policy>>) {
             if leaving && (failed || gate.inspect(|g| g.endpoint(endpoint).is_none())) {
                 break;
             }
-            if pool.is_idle(addr, &policy.check.path, None).await {
+            if pool.is_idle(addr, &policy.check.path, Some(&policy.headers)).await {
                 tracing::info!(pod = %addr, after = ?started.elapsed(), "pod idle again: back in rotation");
                 break;
             }
@@ -89,6 +92,10 @@ pub fn hold(slot: Slot, why: &'static str, policy: Option<Arc<Policy>>) {
 impl Policy {
     pub fn of(service: &crate::config::ServiceConfig) -> Option<Arc<Self>> {
         let check = service.idle_check.clone()?;
-        Some(Arc::new(Self { check, interrupt: service.interrupt_on_disconnect.clone() }))
+        Some(Arc::new(Self {
+            check,
+            interrupt: service.interrupt_on_disconnect.clone(),
+            headers: service.readiness.header_map(),
+        }))
     }
 }

@@ -117,8 +117,16 @@ pub struct SharedGate {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Down {
     pub cause: String,
-    /// Seconds until the next start (the `Retry-After` of the 503).
-    pub retry_after: u32,
+    /// When the next start is due (the 503's `Retry-After` counts down to it).
+    pub retry_at: Instant,
+}
+
+impl Down {
+    fn error(&self) -> ProxyError {
+        let left = self.retry_at.saturating_duration_since(Instant::now());
+        let retry_after = u32::try_from(left.as_secs_f64().ceil() as u64).unwrap_or(u32::MAX).max(1);
+        ProxyError::BackendDown { cause: self.cause.clone(), retry_after }
+    }
 }
 
 /// What the last probe of an endpoint saw, and for how long.
@@ -302,7 +310,7 @@ impl SharedGate {
                 return Ok(slot);
             }
             if let Some(down) = down.borrow_and_update().as_ref().filter(|_| gate.ready_count() == 0) {
-                return Err(ProxyError::BackendDown { cause: down.cause.clone(), retry_after: down.retry_after });
+                return Err(down.error());
             }
             if let (Some(client), max) = (origin.client_key(), origin.max_queued as usize) {
                 if max > 0 && gate.waiting_of(client) >= max {
@@ -341,7 +349,7 @@ impl SharedGate {
         };
         let gave_up = async {
             let Ok(down) = down.wait_for(Option::is_some).await else { return std::future::pending().await };
-            down.clone().unwrap_or_else(|| Down { cause: String::new(), retry_after: 1 })
+            down.clone().unwrap_or_else(|| Down { cause: String::new(), retry_at: Instant::now() })
         };
         let waited = async {
             tokio::select! {
@@ -356,7 +364,7 @@ impl SharedGate {
                     leave.ticket = None;
                     Ok(slot)
                 }
-                Err(_) => Err(ProxyError::BackendDown { cause: down.cause, retry_after: down.retry_after }),
+                Err(_) => Err(down.error()),
             },
             Ok(Ok(Ok(slot))) => {
                 leave.ticket = None;
@@ -406,6 +414,11 @@ impl SharedGate {
     /// Whether the backend is down (see [`SharedGate::set_down`]).
     pub fn is_down(&self) -> bool {
         self.down.borrow().is_some()
+    }
+
+    /// Why the backend cannot start a pod, while it cannot.
+    pub fn down_cause(&self) -> Option<String> {
+        self.down.borrow().as_ref().map(|down| down.cause.clone())
     }
 
     /// Records what a probe of `id` saw (`None`: it passed); returns the

@@ -102,6 +102,10 @@ pub struct ServiceStatus {
     /// one per address not in `endpoints` (at most 16).
     pub gone_endpoints: Vec<GoneEndpoint>,
     pub recent: RecentSummary,
+    /// Set while no pod can start (every start failed and none is ready or
+    /// starting): why. Requests are answered 503 with it meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_down: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -258,6 +262,7 @@ impl ServiceStatus {
             endpoints,
             gone_endpoints,
             recent: service.metrics.recent.summary(),
+            backend_down: gate.down_cause(),
         }
     }
 }

@@ -122,7 +122,7 @@ impl Pool {
     }
 
     /// Idle connections older than `timeout` are closed from now on (the
-    /// config's `limits.pod_idle_timeout`, applied at start and reload).
+    /// config's `limits.pod_idle_timeout`, applied at start: limits need a restart).
     pub fn set_idle_timeout(&self, timeout: Duration) {
         self.idle_timeout_ms.store(timeout.as_millis().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
     }

@@ -2,9 +2,17 @@
 //! JSON body (the WebUI's `override_settings.sd_model_checkpoint`).
 //!
 //! Names are compared as [`normalize`] makes them (see there).
+//!
+//! A body is read without building its tree: one pass over the JSON that
+//! keeps only the values at the configured pointers (a string up to a few
+//! hundred bytes, a bool) and skips everything else in place, so a 16 MiB
+//! body costs no memory beyond itself, whatever it holds (it took ~290 MB
+//! as a `serde_json::Value`).
+
+use std::fmt;
 
 use http::HeaderMap;
-use serde_json::Value;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::config::CheckpointConfig;
 use crate::gate::normalize_checkpoint as normalize;
@@ -13,11 +21,14 @@ use crate::gate::normalize_checkpoint as normalize;
 /// were named): names come from clients.
 const MAX_NAME: usize = 256;
 
-/// How a service reads requests for a checkpoint: its config, and a
-/// searcher for each pointer's last key (built once).
+/// How a service reads requests for a checkpoint: its config, a searcher
+/// for each pointer's last key, and the pointers as paths (built once).
 pub struct Reader {
     config: CheckpointConfig,
     keys: Vec<memchr::memmem::Finder<'static>>,
+    /// The checkpoint pointers, then the restore pointer, each as its
+    /// unescaped tokens.
+    paths: Vec<Vec<String>>,
 }
 
 impl Reader {
@@ -30,7 +41,8 @@ impl Reader {
             .map(|key| key.replace("~1", "/").replace("~0", "~"))
             .map(|key| memchr::memmem::Finder::new(key.as_bytes()).into_owned())
             .collect();
-        Self { config: config.clone(), keys }
+        let paths = config.pointers.iter().chain([&config.restore_pointer]).map(|p| tokens(p)).collect();
+        Self { config: config.clone(), keys, paths }
     }
 
     /// Whether a request, with a body or not, may name a checkpoint.
@@ -42,24 +54,220 @@ impl Reader {
     /// The checkpoint a request names (normalised), and whether it stays
     /// the pod's setting afterwards; None when it names none.
     pub fn wanted(&self, headers: &HeaderMap, body: Option<&[u8]>) -> Option<(String, bool)> {
-        let config = &self.config;
-        if let Some(value) = config.header.as_deref().and_then(|name| headers.get(name)) {
-            let name = normalize(value.to_str().ok()?);
-            return (!name.is_empty() && name.len() <= MAX_NAME).then(|| (name.to_string(), false));
+        match self.from_header(headers) {
+            Some(named) => named,
+            None => self.from_body(body?),
         }
-        let body = body?;
+    }
+
+    /// What the configured header names: None when the request has no such
+    /// header (the body may name one), Some(None) when it names none.
+    pub fn from_header(&self, headers: &HeaderMap) -> Option<Option<(String, bool)>> {
+        let value = self.config.header.as_deref().and_then(|name| headers.get(name))?;
+        let Ok(text) = value.to_str() else { return Some(None) };
+        let name = normalize(text);
+        Some((!name.is_empty() && name.len() <= MAX_NAME).then(|| (name.to_string(), false)))
+    }
+
+    /// What the body names (see [`Reader::wanted`]).
+    pub fn from_body(&self, body: &[u8]) -> Option<(String, bool)> {
         // Parse only a body that may name one: most do not.
         if !self.keys.iter().any(|key| key.find(body).is_some()) {
             return None;
         }
-        let json: Value = serde_json::from_slice(body).ok()?;
-        let name = config.pointers.iter().find_map(|pointer| json.pointer(pointer).and_then(Value::as_str))?;
+        let found = self.walk(body)?;
+        let (restore, names) = found.split_last()?;
+        let name = names.iter().find_map(|leaf| match leaf {
+            Some(Leaf::Text(text)) => Some(text.as_str()),
+            _ => None,
+        })?;
         let name = normalize(name);
         if name.is_empty() || name.len() > MAX_NAME {
             return None;
         }
-        let keep = json.pointer(&config.restore_pointer).and_then(Value::as_bool) == Some(false);
+        let keep = matches!(restore, Some(Leaf::Bool(false)));
         Some((name.to_string(), keep))
+    }
+
+    /// The values at [`Reader::paths`] in `body`, in one pass that skips
+    /// the rest; None if the body is not JSON.
+    fn walk(&self, body: &[u8]) -> Option<Vec<Option<Leaf>>> {
+        let mut found = vec![None; self.paths.len()];
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let all: Vec<usize> = (0..self.paths.len()).collect();
+        Node { paths: &self.paths, live: &all, depth: 0, found: &mut found }.deserialize(&mut deserializer).ok()?;
+        deserializer.end().ok()?;
+        Some(found)
+    }
+}
+
+/// A JSON pointer's tokens (RFC 6901: `~1` is `/`, `~0` is `~`); "" is the
+/// whole document.
+fn tokens(pointer: &str) -> Vec<String> {
+    pointer.split('/').skip(1).map(|token| token.replace("~1", "/").replace("~0", "~")).collect()
+}
+
+/// What sdgate keeps of a value at a pointer: short text or a bool.
+#[derive(Clone, Debug, PartialEq)]
+enum Leaf {
+    Text(String),
+    Bool(bool),
+    /// Anything else (a number, null, a container, text too long).
+    Other,
+}
+
+/// A value at `depth` on the way to the pointers in `live` (those whose
+/// first `depth` tokens led here).
+struct Node<'a> {
+    paths: &'a [Vec<String>],
+    live: &'a [usize],
+    depth: usize,
+    found: &'a mut [Option<Leaf>],
+}
+
+impl<'de> DeserializeSeed<'de> for Node<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        let ends_here: Vec<usize> = self.live.iter().copied().filter(|&i| self.paths[i].len() == self.depth).collect();
+        if ends_here.is_empty() {
+            return deserializer.deserialize_any(self);
+        }
+        // A pointer ends at this value: keep it (its children are not
+        // looked at by any pointer that ends here).
+        let leaf = deserializer.deserialize_any(LeafVisitor)?;
+        for i in ends_here {
+            self.found[i] = Some(leaf.clone());
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Visitor<'de> for Node<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Node { paths, live, depth, found } = self;
+        while let Some(next) = map.next_key_seed(Key { paths, live, depth })? {
+            if next.is_empty() {
+                map.next_value::<IgnoredAny>()?;
+            } else {
+                map.next_value_seed(Node { paths, live: &next, depth: depth + 1, found: &mut *found })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Node { paths, live, depth, found } = self;
+        let mut index = 0usize;
+        loop {
+            let next: Vec<usize> =
+                live.iter().copied().filter(|&i| paths[i][depth].parse::<usize>().ok() == Some(index)).collect();
+            let more = if next.is_empty() {
+                seq.next_element::<IgnoredAny>()?.is_some()
+            } else {
+                seq.next_element_seed(Node { paths, live: &next, depth: depth + 1, found: &mut *found })?.is_some()
+            };
+            if !more {
+                return Ok(());
+            }
+            index += 1;
+        }
+    }
+
+    // Scalars on the way to a pointer: the pointer leads nowhere.
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// An object's key, read as the pointers in `live` that go on through it
+/// (compared in place: no key is copied).
+struct Key<'a> {
+    paths: &'a [Vec<String>],
+    live: &'a [usize],
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Key<'_> {
+    type Value = Vec<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Vec<usize>, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key<'_> {
+    type Value = Vec<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<Vec<usize>, E> {
+        Ok(self.live.iter().copied().filter(|&i| self.paths[i][self.depth] == key).collect())
+    }
+}
+
+/// Reads a value at a pointer, keeping only what [`Leaf`] holds.
+struct LeafVisitor;
+
+/// The longest text kept at a pointer (a name longer than [`MAX_NAME`]
+/// after normalising is refused anyway).
+const MAX_TEXT: usize = 4 * MAX_NAME;
+
+impl<'de> Visitor<'de> for LeafVisitor {
+    type Value = Leaf;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<Leaf, E> {
+        Ok(if text.len() <= MAX_TEXT { Leaf::Text(text.to_string()) } else { Leaf::Other })
+    }
+    fn visit_bool<E>(self, value: bool) -> Result<Leaf, E> {
+        Ok(Leaf::Bool(value))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Leaf, E> {
+        Ok(Leaf::Other)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Leaf, E> {
+        Ok(Leaf::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Leaf, E> {
+        Ok(Leaf::Other)
+    }
+    fn visit_unit<E>(self) -> Result<Leaf, E> {
+        Ok(Leaf::Other)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Leaf, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Leaf::Other)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Leaf, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Leaf::Other)
     }
 }
 
@@ -121,5 +329,37 @@ mod tests {
         let escaped = CheckpointConfig { pointers: vec!["/opts/model~1name".into()], ..CheckpointConfig::default() };
         let json = br#"{"opts":{"model/name":"d"}}"#;
         assert_eq!(wanted(&escaped, &HeaderMap::new(), Some(json)), Some(("d".into(), false)));
+    }
+
+    #[test]
+    fn the_body_is_walked_to_the_pointers_only() {
+        let reader = Reader::new(&CheckpointConfig {
+            pointers: vec!["/a/0/m".into(), "/override_settings/sd_model_checkpoint".into()],
+            ..CheckpointConfig::default()
+        });
+        let walk = |json: &str| reader.wanted(&HeaderMap::new(), Some(json.as_bytes()));
+        assert_eq!(walk(r#"{"a":[{"m":"first"},{"m":"second"}]}"#), Some(("first".into(), false)), "an index");
+        assert_eq!(
+            walk(r#"{"a":[{"x":1},{"m":"second"}],"override_settings":{"sd_model_checkpoint":"b"}}"#),
+            Some(("b".into(), false))
+        );
+        let escaped = r#"{"override_settings":{"sd_model_checkpoint":"caf\u00e9 \"x\""}}"#;
+        assert_eq!(walk(escaped), Some(("café \"x\"".into(), false)), "escapes in the value");
+        let key = r#"{"override_\u0073ettings":{"sd_model_checkpoint":"k"}}"#;
+        assert_eq!(walk(key), Some(("k".into(), false)), "escapes in a key");
+        let duplicate = r#"{"override_settings":{"sd_model_checkpoint":"one","sd_model_checkpoint":"two"}}"#;
+        assert_eq!(walk(duplicate), Some(("two".into(), false)), "the last of a duplicate key, as serde_json's tree");
+        assert_eq!(walk(r#"{"override_settings":{"sd_model_checkpoint":{"deep":["x"]}}}"#), None, "not text");
+        assert_eq!(walk(r#"{"override_settings":{"sd_model_checkpoint":"b"}} trailing"#), None, "not JSON");
+        assert_eq!(walk(r#"{"override_settings":{"sd_model_checkpoint":"b"}"#), None, "cut short");
+        let nested = format!(
+            r#"{{"x":{}1{},"override_settings":{{"sd_model_checkpoint":"n"}}}}"#,
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        assert_eq!(walk(&nested), Some(("n".into(), false)), "deep values elsewhere are skipped");
+        let image = "A".repeat(1 << 20);
+        let big = format!(r#"{{"init_images":["{image}"],"override_settings":{{"sd_model_checkpoint":"big"}}}}"#);
+        assert_eq!(walk(&big), Some(("big".into(), false)));
     }
 }

@@ -46,7 +46,7 @@ pub struct Service {
     /// How its clients are told apart for fair share.
     pub fairness: fairness::Fairness,
     /// How its requests are read for the checkpoint they want.
-    checkpoints: checkpoint::Reader,
+    checkpoints: Arc<checkpoint::Reader>,
 }
 
 /// The session a request belongs to, for a service with affinity.
@@ -156,7 +156,7 @@ impl Table {
                         quarantine: Policy::of(service),
                         jobs: old.jobs.clone(),
                         fairness: fairness::Fairness::of(&service.fairness),
-                        checkpoints: checkpoint::Reader::new(&service.checkpoints),
+                        checkpoints: Arc::new(checkpoint::Reader::new(&service.checkpoints)),
                     });
                     changes.changed.push(built.clone());
                     built
@@ -265,10 +265,13 @@ impl Service {
             quarantine: Policy::of(service),
             jobs: Jobs::new(),
             fairness: fairness::Fairness::of(&service.fairness),
-            checkpoints: checkpoint::Reader::new(&service.checkpoints),
+            checkpoints: Arc::new(checkpoint::Reader::new(&service.checkpoints)),
         })
     }
 }
+
+/// Bodies at least this large are searched for a checkpoint off the serving thread.
+const OFF_THREAD_BODY: usize = 256 * 1024;
 
 /// How a service's gate weighs checkpoints.
 fn model_policy(service: &ServiceConfig) -> crate::gate::ModelPolicy {
@@ -289,9 +292,33 @@ impl Service {
 
     fn named(&self, headers: &http::HeaderMap, body: Option<&[u8]>) -> Option<crate::gate::Want> {
         let (name, keep) = self.checkpoints.wanted(headers, body)?;
-        let want = self.gate.want(&name, keep);
-        self.metrics.checkpoint_requested(&name);
+        self.want_named(&name, keep)
+    }
+
+    fn want_named(&self, name: &str, keep: bool) -> Option<crate::gate::Want> {
+        let want = self.gate.want(name, keep);
+        self.metrics.checkpoint_requested(name);
         want
+    }
+
+    /// [`Service::want`] for a request whose body is read; a large body is
+    /// searched on a blocking thread, so its serving thread keeps serving
+    /// (a 16 MiB body takes tens of milliseconds to walk).
+    async fn want_of_body(&self, headers: &http::HeaderMap, body: Option<&bytes::Bytes>) -> Option<crate::gate::Want> {
+        if !self.checkpoints.may_name(body.is_some()) {
+            return None;
+        }
+        if let Some(named) = self.checkpoints.from_header(headers) {
+            let (name, keep) = named?;
+            return self.want_named(&name, keep);
+        }
+        let body = body?;
+        if body.len() < OFF_THREAD_BODY {
+            return self.named(headers, Some(body));
+        }
+        let (reader, body) = (self.checkpoints.clone(), body.clone());
+        let (name, keep) = tokio::task::spawn_blocking(move || reader.from_body(&body)).await.ok()??;
+        self.want_named(&name, keep)
     }
 }
 
@@ -684,7 +711,7 @@ impl Proxy {
         }
         let (body, whole) = self.read_body(body).await?;
         if queued.is_none() && !bypass {
-            origin.want = service.want(&parts.headers, whole.as_deref());
+            origin.want = service.want_of_body(&parts.headers, whole.as_ref()).await;
         }
         let secure = parts.headers.get("x-forwarded-proto").is_some_and(|v| v == "https");
         // Made once: a request whose connection failed before sending comes

@@ -194,7 +194,8 @@ impl ProcessPool {
                 self.endpoints.set_down(None);
             }
             Err(error) => {
-                let message = format!("backend fails to start: cannot run {:?}: {error}", argv.first());
+                let program = argv.first().map_or("(no command)", String::as_str);
+                let message = format!("backend fails to start: cannot run {program}: {error}");
                 self.fail(index, message);
             }
         }
@@ -266,10 +267,9 @@ impl ProcessPool {
         self.schedule_restart(index);
         let starting = self.workers.values().any(|w| matches!(w.phase, Phase::Running));
         if !starting && !self.endpoints.any_ready() {
-            let now = Instant::now();
-            let next = self.restarts.values().map(|r| r.at.saturating_duration_since(now)).min().unwrap_or_default();
-            let retry_after = u32::try_from(next.as_secs_f64().ceil() as u64).unwrap_or(u32::MAX).max(1);
-            self.endpoints.set_down(Some(Down { cause: message.clone(), retry_after }));
+            let retry_at = self.restarts.values().map(|r| r.at).min().unwrap_or_else(Instant::now);
+            let cause = message.strip_prefix("backend fails to start: ").unwrap_or(&message).to_string();
+            self.endpoints.set_down(Some(Down { cause, retry_at }));
         }
         self.endpoints.report_error(Some(message));
     }
