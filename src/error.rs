@@ -22,6 +22,8 @@ pub enum ProxyError {
     MethodNotAllowed,
     #[error("{0}")]
     BadHost(&'static str),
+    #[error("bad path: {0}")]
+    BadPath(String),
     #[error("no service for host {0:?}")]
     UnknownHost(String),
     #[error("request headers larger than {0} bytes")]
@@ -30,6 +32,8 @@ pub enum ProxyError {
     BodyTooLarge(u64),
     #[error("request body larger than the configured limit")]
     BodyOverLimit,
+    #[error("only Transfer-Encoding: chunked is supported")]
+    TransferCoding,
     #[error("request body not received within {0:?}")]
     BodyTimeout(Duration),
     #[error("cannot read the request body: {0}")]
@@ -62,12 +66,15 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::MissingHost | ProxyError::BadHost(_) | ProxyError::BadBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MissingHost | ProxyError::BadHost(_) | ProxyError::BadPath(_) | ProxyError::BadBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
             ProxyError::NoJob => StatusCode::CONFLICT,
             ProxyError::ClientQueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::TransferCoding => StatusCode::NOT_IMPLEMENTED,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge(_) | ProxyError::BodyOverLimit => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::QueueFull(_)

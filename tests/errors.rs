@@ -346,6 +346,13 @@ async fn cutting_pod() -> std::net::SocketAddr {
                         let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789").await;
                         return;
                     }
+                    if head.starts_with("get /sdapi/v1/progress") {
+                        // Idle, as the WebUI says it (only that frees a held pod).
+                        let idle = br#"{"state":{"job_count":0}}"#;
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", idle.len());
+                        let _ = stream.write_all(&[head.as_bytes(), idle].concat()).await;
+                        continue;
+                    }
                     let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await;
                 }
             });

@@ -358,6 +358,13 @@ pub struct ServiceConfig {
     /// until the pod answers the original request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interrupt_on_disconnect: Option<String>,
+    /// The protocols a client may upgrade a request to (`Upgrade`), each
+    /// tunnelled to the pod holding a slot; any other upgrade is dropped
+    /// from the request, which goes on as a plain one. Only websocket by
+    /// default: `h2c` through to a pod that speaks it would be a connection
+    /// beside the gate (generations no slot counts).
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<String>,
     /// How sdgate learns that a pod it gave up on (timeout, reset, client
     /// gone mid-answer) has finished the job: until then the pod is
     /// quarantined and takes no request. `null` turns it off.
@@ -448,15 +455,17 @@ impl CheckpointConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdleCheck {
-    /// GET this path: busy when it answers the WebUI's progress JSON with
-    /// `state.job_count` other than 0, a 5xx, or nothing in time; idle on
-    /// any other answer (see `pod::Pool::is_idle`).
+    /// GET this path: idle when it answers the WebUI's progress JSON with
+    /// `state.job_count` 0 (or nothing listens); busy on another count or
+    /// no answer in time; any other answer cannot be read and is never
+    /// taken as idle (see `pod::Pool::idle_state`).
     pub path: String,
     /// Poll period.
     #[serde(with = "duration")]
     pub period: Duration,
     /// A pod still busy after this is logged as failed; it stays out of
-    /// rotation until it is idle.
+    /// rotation until it is idle. One whose check cannot be read is let go
+    /// then, through its readiness probe.
     #[serde(with = "duration")]
     pub timeout: Duration,
 }
@@ -831,6 +840,9 @@ fn default_wake() -> Vec<String> {
 }
 fn default_connect_retries() -> u32 {
     3
+}
+fn default_upgrades() -> Vec<String> {
+    vec!["websocket".to_string()]
 }
 fn default_owner_only() -> Vec<String> {
     ["/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/progress", "/internal/progress"].map(String::from).to_vec()
@@ -1283,10 +1295,19 @@ impl ServiceConfig {
         self.wake.iter().any(|prefix| if prefix == "/" { path == "/" } else { path.starts_with(prefix.as_str()) })
     }
 
-    /// Whether `path` reaches a pod only for the owner of its job.
+    /// Whether `path` reaches a pod only for the owner of its job (case
+    /// ignored: a pod that ignores it must not be reached in capitals).
     #[inline]
     pub fn is_owner_only(&self, path: &str) -> bool {
-        self.owner_only.iter().any(|owned| owned == path)
+        self.owner_only.iter().any(|owned| owned.eq_ignore_ascii_case(path))
+    }
+
+    /// Whether a request may upgrade to `protocol` (an `Upgrade` value:
+    /// its name, before any `/version`, in any case).
+    pub fn allows_upgrade(&self, protocol: &[u8]) -> bool {
+        let name = protocol.split(|&b| b == b'/').next().unwrap_or_default();
+        let name = name.trim_ascii();
+        self.upgrades.iter().any(|allowed| allowed.as_bytes().eq_ignore_ascii_case(name))
     }
 
     /// Whether `path` skips the gate.

@@ -34,7 +34,7 @@ use crate::config::Readiness;
 use crate::control::provider::Endpoints;
 use crate::error::lock;
 use crate::gate::EndpointId;
-use crate::pod::{connect_error, Pool, Reply};
+use crate::pod::{connect_error, Activity, Pool, Reply};
 
 /// How a probe checks a pod.
 #[derive(Clone)]
@@ -176,11 +176,19 @@ impl Prober {
             return true;
         }
         let Some(path) = gate.idle_check_path() else { return true };
-        let idle = Pool::shared().is_idle(addr, &path, Some(&self.headers)).await;
-        if !idle {
-            tracing::info!(%addr, "endpoint answers but is busy with a job sdgate did not send: waiting until it is idle");
+        match Pool::shared().idle_state(addr, &path, Some(&self.headers)).await {
+            Activity::Idle => true,
+            Activity::Busy => {
+                tracing::info!(%addr, "endpoint answers but is busy with a job sdgate did not send: waiting until it is idle");
+                false
+            }
+            Activity::Unreadable(what) => {
+                // Not shut out for good: a pod that does not speak the
+                // WebUI's progress API would never get ready.
+                tracing::warn!(%addr, "idle check cannot be read ({what}): taking the pod as idle; set idle_check.path (or idle_check: null) for this pod's server");
+                true
+            }
         }
-        idle
     }
 
     /// Each time a pod becomes ready (a first time, or again: it may have

@@ -10,7 +10,10 @@
 //! above 1) while an idle check is polled every `idle_check.period`:
 //! `interrupt_on_disconnect` is sent first where configured. Queued requests
 //! go to other pods meanwhile. A pod still busy after `idle_check.timeout` is
-//! logged as failed and stays out until it is idle (or is removed).
+//! logged as failed and stays out until it is idle (or is removed). Only a
+//! well-formed "idle" frees it: an answer the check cannot read (a 400, a
+//! page that is not the WebUI's progress) keeps it held, and at
+//! `idle_check.timeout` it is let go through its readiness probe.
 
 use std::sync::Arc;
 
@@ -18,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::config::IdleCheck;
 use crate::gate::Slot;
-use crate::pod::Pool;
+use crate::pod::{Activity, Pool};
 
 /// How one service checks that a pod is idle. It travels with each exchange
 /// (see `ExchangeLimits::quarantine`), so a reload that changes it applies to
@@ -64,24 +67,47 @@ pub fn hold(slot: Slot, why: &'static str, policy: Option<Arc<Policy>>) {
         }
         let started = Instant::now();
         let mut failed = false;
+        let mut unreadable: Option<String> = None;
+        let mut out_of_rotation = failures >= FAILURES_OUT_OF_ROTATION;
         loop {
             // Gone, or on its way out and past the timeout: nothing more to wait for.
             let leaving = gate.inspect(|g| g.endpoint(endpoint).is_none_or(|e| e.draining));
             if leaving && (failed || gate.inspect(|g| g.endpoint(endpoint).is_none())) {
                 break;
             }
-            if pool.is_idle(addr, &policy.check.path, Some(&policy.headers)).await {
-                tracing::info!(pod = %addr, after = ?started.elapsed(), "pod idle again: back in rotation");
-                break;
+            match pool.idle_state(addr, &policy.check.path, Some(&policy.headers)).await {
+                Activity::Idle => {
+                    tracing::info!(pod = %addr, after = ?started.elapsed(), "pod idle again: back in rotation");
+                    break;
+                }
+                Activity::Busy => unreadable = None,
+                Activity::Unreadable(what) => {
+                    // Never read as idle: held, and said once per new answer.
+                    if unreadable.as_deref() != Some(what.as_str()) {
+                        tracing::warn!(pod = %addr, "idle check cannot be read ({what}): the pod stays held");
+                        unreadable = Some(what);
+                    }
+                }
             }
-            if !failed && started.elapsed() >= policy.check.timeout {
-                failed = true;
-                tracing::error!(pod = %addr, timeout = ?policy.check.timeout, "pod still busy: failed, kept out of rotation until idle");
+            if started.elapsed() >= policy.check.timeout {
+                if let Some(what) = &unreadable {
+                    // Not known to be busy, but not known idle: let it go,
+                    // through its readiness probe again.
+                    tracing::error!(pod = %addr, timeout = ?policy.check.timeout, "idle check still cannot be read ({what}): released after idle_check.timeout, out of rotation until its probe passes");
+                    out_of_rotation = true;
+                    break;
+                }
+                if !failed {
+                    failed = true;
+                    tracing::error!(pod = %addr, timeout = ?policy.check.timeout, "pod still busy: failed, kept out of rotation until idle");
+                }
             }
             tokio::time::sleep(policy.check.period).await;
         }
-        if failures >= FAILURES_OUT_OF_ROTATION {
-            tracing::warn!(pod = %addr, failures, "failed too often in a row: out of rotation until its probe passes");
+        if out_of_rotation {
+            if failures >= FAILURES_OUT_OF_ROTATION {
+                tracing::warn!(pod = %addr, failures, "failed too often in a row: out of rotation until its probe passes");
+            }
             gate.set_ready(endpoint, false);
         }
         gate.quarantine(endpoint, false);

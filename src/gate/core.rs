@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::models::{Holding, ModelId, ModelPolicy, Models, Want};
+use super::models::{Holding, ModelId, ModelPolicy, Models, Source, Want};
 
 /// Removed endpoints remembered for the status page.
 const MAX_RETIRED: usize = 16;
@@ -322,10 +322,33 @@ impl<W> Gate<W> {
         self.model_policy = policy;
     }
 
-    /// The id of a checkpoint name (normalised by the caller); None once
-    /// the service's table of names is full and the name is new.
+    /// The id of a checkpoint name a request gives (normalised by the
+    /// caller); None when the service's table of names is full of names
+    /// in use (see `models`).
     pub fn checkpoint(&mut self, name: &str) -> Option<ModelId> {
-        self.models.intern(name)
+        self.intern(name, Source::Client)
+    }
+
+    /// What a load is expected to take: the longest a ready pod has shown
+    /// (the configured `switch_cost` for one that has shown none; with no
+    /// ready pod, that default). A request waiting for its checkpoint's pod
+    /// waits no longer than this while another pod could load it.
+    pub fn load_cost(&self) -> Duration {
+        let policy = &self.model_policy;
+        let ready = self.endpoints.iter().filter(|e| e.ready);
+        ready.map(|e| e.model.switch_cost(policy)).max().unwrap_or(policy.switch_cost)
+    }
+
+    /// Whether a pod has reported `id` as what it holds or is set to.
+    pub fn checkpoint_reported(&self, id: ModelId) -> bool {
+        self.models.is_reported(id)
+    }
+
+    fn intern(&mut self, name: &str, source: Source) -> Option<ModelId> {
+        let endpoints = &self.endpoints;
+        self.models.intern(name, source, |id| {
+            endpoints.iter().any(|e| e.model.holds == Some(id) || e.model.setting == Some(id))
+        })
     }
 
     pub fn checkpoint_name(&self, id: ModelId) -> &str {
@@ -346,7 +369,7 @@ impl<W> Gate<W> {
     /// became ready): its setting, and what it holds unless sdgate has
     /// already sent it another.
     pub fn set_checkpoint(&mut self, id: EndpointId, name: &str) {
-        let Some(model) = self.models.intern(name) else { return };
+        let Some(model) = self.intern(name, Source::Pod) else { return };
         // A new pod's checkpoint counts as in use for a while: its clients
         // may not have come yet.
         if self.models.last_asked(Some(model)) < self.next_ticket.max(1) {
@@ -361,7 +384,7 @@ impl<W> Gate<W> {
     /// What a pod's answer says it holds now (the WebUI's
     /// `info.sd_model_name`): corrects what sdgate assumed it loaded.
     pub fn set_held(&mut self, id: EndpointId, name: &str) -> Option<ModelId> {
-        let model = self.models.intern(name)?;
+        let model = self.intern(name, Source::Pod)?;
         if let Some(endpoint) = self.endpoint_mut(id) {
             endpoint.model.holds = Some(model);
         }

@@ -20,7 +20,7 @@ pub(crate) mod slot;
 
 pub use self::core::{ClientKey, Endpoint, EndpointId, Gate, Grant, Pin, Policy, Priority, QueueFull, Ticket};
 pub use self::jobs::{Jobs, Running, Waiting};
-pub use self::models::{normalize_checkpoint, Holding, ModelId, ModelPolicy, Want, MAX_CHECKPOINTS};
+pub use self::models::{normalize_checkpoint, Holding, ModelId, ModelPolicy, Want, MAX_CHECKPOINTS, MAX_CLIENT_NAMES};
 pub use self::pins::{SessionId, Sessions};
 pub use self::shell::{Down, EndpointCounts, Observer, Origin, ProbeNote, SharedGate, Unobserved, Waiter};
 pub use self::slot::Slot;

@@ -5,14 +5,23 @@
 //! (a bounded table: names come from clients), waiting requests are counted
 //! per checkpoint, and each pod's generation time and load time are learned
 //! from its answers (exponentially weighted means).
+//!
+//! The table forgets: a name nobody waits for and no pod holds is dropped,
+//! least recently asked for first, when a new name needs its place. Names a
+//! pod has reported (its options, an answer) are kept apart from names only
+//! clients sent: those take at most [`MAX_CLIENT_NAMES`] places, so a flood
+//! of invented names can neither push out what pods hold nor stop a pod's
+//! new checkpoint from being learned.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 /// The most checkpoint names a service keeps; a request naming another
-/// once the table is full is routed as if it named none.
+/// once the table is full of names in use is routed as if it named none.
 pub const MAX_CHECKPOINTS: usize = 256;
+/// The most places names that no pod has reported may take.
+pub const MAX_CLIENT_NAMES: usize = 192;
 
 /// Weight of a new answer in a learned mean.
 const LEARN_WEIGHT: f64 = 0.25;
@@ -54,30 +63,98 @@ impl Default for ModelPolicy {
 /// The interned names and the waiting requests per checkpoint.
 #[derive(Default)]
 pub(super) struct Models {
+    /// Index = id - 1; "" for a place freed by [`Models::intern`].
     names: Vec<String>,
     ids: HashMap<String, ModelId>,
     /// Waiting requests per checkpoint (index = id - 1).
     pub(super) waiting: Vec<usize>,
     /// When each checkpoint was last asked for (an arrival number).
     asked: Vec<u64>,
+    /// Whether a pod has reported each (its options or an answer).
+    reported: Vec<bool>,
+    /// Names in the table that no pod has reported.
+    client_names: usize,
+    /// Places freed, to reuse.
+    free: Vec<ModelId>,
+}
+
+/// Who names a checkpoint: a client's request, or a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Source {
+    Client,
+    Pod,
 }
 
 impl Models {
     /// The id of `name` (already normalised by the caller), interned on
-    /// first sight while the table has room.
-    pub(super) fn intern(&mut self, name: &str) -> Option<ModelId> {
-        if let Some(id) = self.ids.get(name) {
-            return Some(*id);
+    /// first sight. When there is no room (for a client's name: its share),
+    /// the least recently asked name that nobody waits for and `in_use`
+    /// (held by a pod) does not claim is forgotten for it; None when every
+    /// name is in use.
+    pub(super) fn intern(&mut self, name: &str, source: Source, in_use: impl Fn(ModelId) -> bool) -> Option<ModelId> {
+        if let Some(&id) = self.ids.get(name) {
+            if source == Source::Pod && !self.reported[id.index()] {
+                self.reported[id.index()] = true;
+                self.client_names -= 1;
+            }
+            return Some(id);
         }
-        if self.names.len() >= MAX_CHECKPOINTS {
-            return None;
+        let live = self.names.len() - self.free.len();
+        let full = match source {
+            Source::Client => self.client_names >= MAX_CLIENT_NAMES || live >= MAX_CHECKPOINTS,
+            Source::Pod => live >= MAX_CHECKPOINTS,
+        };
+        if full {
+            // A client's name makes room among clients' names only.
+            let only_clients = source == Source::Client && self.client_names >= MAX_CLIENT_NAMES;
+            self.forget_one(only_clients, &in_use)?;
         }
-        let id = ModelId(NonZeroU32::new(self.names.len() as u32 + 1)?);
-        self.names.push(name.to_string());
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                let id = ModelId(NonZeroU32::new(u32::try_from(self.names.len() + 1).ok()?)?);
+                self.names.push(String::new());
+                self.waiting.push(0);
+                self.asked.push(0);
+                self.reported.push(false);
+                id
+            }
+        };
+        let at = id.index();
+        self.names[at] = name.to_string();
         self.ids.insert(name.to_string(), id);
-        self.waiting.push(0);
-        self.asked.push(0);
+        self.reported[at] = source == Source::Pod;
+        if source == Source::Client {
+            self.client_names += 1;
+        }
         Some(id)
+    }
+
+    /// Forgets the least recently asked name that nobody waits for and no
+    /// pod holds (a client's name only, if `only_clients`); None if there
+    /// is none.
+    fn forget_one(&mut self, only_clients: bool, in_use: &impl Fn(ModelId) -> bool) -> Option<()> {
+        let victim = (0..self.names.len())
+            .filter(|&at| !self.names[at].is_empty() && self.waiting[at] == 0)
+            .filter(|&at| !(only_clients && self.reported[at]))
+            .filter_map(|at| NonZeroU32::new(u32::try_from(at + 1).ok()?).map(ModelId))
+            .filter(|id| !in_use(*id))
+            .min_by_key(|id| self.asked[id.index()])?;
+        let at = victim.index();
+        let name = std::mem::take(&mut self.names[at]);
+        self.ids.remove(&name);
+        self.asked[at] = 0;
+        if !self.reported[at] {
+            self.client_names -= 1;
+        }
+        self.reported[at] = false;
+        self.free.push(victim);
+        Some(())
+    }
+
+    /// Whether a pod has reported `id` (its options or an answer).
+    pub(super) fn is_reported(&self, id: ModelId) -> bool {
+        self.reported.get(id.index()).copied().unwrap_or(false)
     }
 
     pub(super) fn name(&self, id: ModelId) -> &str {
@@ -213,22 +290,62 @@ mod tests {
 
     fn ids() -> (Models, ModelId, ModelId) {
         let mut models = Models::default();
-        let a = models.intern("a").expect("room");
-        let b = models.intern("b").expect("room");
+        let a = models.intern("a", Source::Client, |_| false).expect("room");
+        let b = models.intern("b", Source::Client, |_| false).expect("room");
         (models, a, b)
     }
 
     #[test]
     fn names_are_interned_once_and_the_table_is_bounded() {
         let mut models = Models::default();
-        let first = models.intern("v1-5").expect("room");
-        assert_eq!(models.intern("v1-5"), Some(first));
+        let first = models.intern("v1-5", Source::Pod, |_| false).expect("room");
+        models.joined(Some(Want { model: first, keep: false }));
+        assert_eq!(models.intern("v1-5", Source::Client, |_| false), Some(first));
         assert_eq!(models.name(first), "v1-5");
         for n in 1..MAX_CHECKPOINTS {
-            assert!(models.intern(&format!("m{n}")).is_some());
+            let source = if n < MAX_CLIENT_NAMES { Source::Client } else { Source::Pod };
+            assert!(models.intern(&format!("m{n}"), source, |_| false).is_some());
+            models.asked(models.ids[&format!("m{n}")], n as u64);
+            models.joined(Some(Want { model: models.ids[&format!("m{n}")], keep: false }));
         }
-        assert_eq!(models.intern("one-too-many"), None, "a full table routes new names blind");
-        assert_eq!(models.intern("v1-5"), Some(first), "known names still resolve");
+        // Every name is waited for: none can go.
+        assert_eq!(models.intern("one-too-many", Source::Pod, |_| false), None, "a full table routes new names blind");
+        assert_eq!(models.intern("v1-5", Source::Client, |_| false), Some(first), "known names still resolve");
+    }
+
+    #[test]
+    fn a_flood_of_invented_names_forgets_its_own_and_keeps_what_pods_hold() {
+        let mut models = Models::default();
+        let held = models.intern("sd15", Source::Pod, |_| false).expect("room");
+        models.asked(held, 1);
+        for n in 0..10_000u64 {
+            let id = models.intern(&format!("junk-{n}"), Source::Client, |id| id == held).expect("room, by forgetting");
+            models.asked(id, n + 2);
+        }
+        assert_eq!(models.client_names, MAX_CLIENT_NAMES, "clients' names keep to their share");
+        assert_eq!(models.ids.get("sd15"), Some(&held), "what a pod reported stays");
+        assert!(
+            models.ids.contains_key("junk-9999") && !models.ids.contains_key("junk-0"),
+            "least recently asked go first"
+        );
+        // A pod's new checkpoint is still learned, and a real one asked by clients still routes.
+        let new = models.intern("sdxl", Source::Pod, |id| id == held).expect("room for what pods report");
+        assert!(models.is_reported(new));
+        assert!(models.intern("flux", Source::Client, |id| id == held || id == new).is_some());
+        assert_eq!(models.name(held), "sd15");
+    }
+
+    #[test]
+    fn a_name_waited_for_or_held_is_never_forgotten() {
+        let mut models = Models::default();
+        let waited = models.intern("waited", Source::Client, |_| false).expect("room");
+        models.joined(Some(Want { model: waited, keep: false }));
+        let held = models.intern("held", Source::Client, |_| false).expect("room");
+        for n in 0..1000 {
+            let id = models.intern(&format!("x{n}"), Source::Client, |id| id == held);
+            assert!(id.is_some_and(|id| id != waited && id != held), "{n}");
+        }
+        assert_eq!((models.name(waited), models.name(held)), ("waited", "held"));
     }
 
     #[test]

@@ -38,8 +38,10 @@ pub trait Observer: Send + Sync {
     fn upstream_failed(&self, failure: UpstreamFailure);
     /// A pod went into quarantine.
     fn quarantined(&self);
-    /// A request was sent to a pod that must load `checkpoint` first.
-    fn checkpoint_loaded(&self, _checkpoint: &str) {}
+    /// A request was sent to a pod that must load `checkpoint` first
+    /// (`reported`: a pod has reported that name, so it is no client's
+    /// invention and may be given a metric label of its own).
+    fn checkpoint_loaded(&self, _checkpoint: &str, _reported: bool) {}
     /// Requests waiting per checkpoint (those with none waiting left out),
     /// told whenever the queue changes while a checkpoint is known.
     fn checkpoint_waiting(&self, _waiting: &mut dyn Iterator<Item = (&str, usize)>) {}
@@ -191,7 +193,14 @@ impl SharedGate {
     /// What a request wants, by checkpoint name (already normalised); None
     /// when the service's table of names is full.
     pub fn want(&self, name: &str, keep: bool) -> Option<Want> {
-        self.lock().checkpoint(name).map(|model| Want { model, keep })
+        self.want_reported(name, keep).0
+    }
+
+    /// [`SharedGate::want`], and whether a pod has reported that name.
+    pub fn want_reported(&self, name: &str, keep: bool) -> (Option<Want>, bool) {
+        let mut gate = self.lock();
+        let model = gate.checkpoint(name);
+        (model.map(|model| Want { model, keep }), model.is_some_and(|model| gate.checkpoint_reported(model)))
     }
 
     /// What a pod says it is set to (see [`Gate::set_checkpoint`]).
@@ -265,7 +274,7 @@ impl SharedGate {
     /// The slot of a grant (told to the observer if it loads a checkpoint).
     fn slot(self: &Arc<Self>, gate: &Gate<Waiter>, grant: Grant) -> Slot {
         if let Some(model) = grant.load {
-            self.observer.checkpoint_loaded(gate.checkpoint_name(model));
+            self.observer.checkpoint_loaded(gate.checkpoint_name(model), gate.checkpoint_reported(model));
         }
         Slot::new(self.clone(), grant)
     }

@@ -74,7 +74,9 @@ pub struct ServiceMetrics {
 
 /// The checkpoint series of one service: a label of its own for each of the
 /// first `limit` checkpoints seen, `other` for the rest (bounded cardinality
-/// whatever clients name).
+/// whatever clients name). Names no pod has reported (yet) take at most
+/// half the labels, so names clients invent cannot take the labels of the
+/// checkpoints pods hold.
 struct Checkpoints {
     service: String,
     limit: std::sync::atomic::AtomicUsize,
@@ -87,32 +89,37 @@ struct Checkpoints {
 
 struct CheckpointSeries {
     name: String,
+    /// Given to a name no pod had reported.
+    unreported: bool,
     requests: prometheus::IntCounter,
     loads: prometheus::IntCounter,
     queue_depth: IntGauge,
 }
 
 impl Checkpoints {
-    /// The series of `name`'s label (given it now if there is room), or of
-    /// `other`, for `use`.
-    fn with<T>(&self, name: &str, use_: impl FnOnce(&CheckpointSeries) -> T) -> T {
+    /// The series of `name`'s label (given it now if there is room: for a
+    /// name no pod has `reported`, in its half), or of `other`, for `use`.
+    fn with<T>(&self, name: &str, reported: bool, use_: impl FnOnce(&CheckpointSeries) -> T) -> T {
         let mut labelled = lock(&self.labelled);
         let limit = self.limit.load(std::sync::atomic::Ordering::Relaxed);
+        let room = labelled.len() < limit
+            && (reported || labelled.iter().filter(|s| s.unreported).count() < limit.div_ceil(2));
         let label = match labelled.iter().position(|s| s.name == name) {
             Some(index) => index,
-            None if labelled.len() < limit => {
-                labelled.push(self.series(name));
+            None if room => {
+                labelled.push(self.series(name, !reported));
                 labelled.len() - 1
             }
-            None => return use_(&self.series("other")),
+            None => return use_(&self.series("other", false)),
         };
         use_(&labelled[label])
     }
 
-    fn series(&self, name: &str) -> CheckpointSeries {
+    fn series(&self, name: &str, unreported: bool) -> CheckpointSeries {
         let labels = [self.service.as_str(), name];
         CheckpointSeries {
             name: name.to_string(),
+            unreported,
             requests: self.requests.with_label_values(&labels),
             loads: self.loads.with_label_values(&labels),
             queue_depth: self.queue_depth.with_label_values(&labels),
@@ -382,9 +389,11 @@ impl ServiceMetrics {
         self.checkpoints.limit.store(limit, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// `sdgate_checkpoint_requests_total`: a request named `checkpoint`.
-    pub fn checkpoint_requested(&self, checkpoint: &str) {
-        self.checkpoints.with(checkpoint, |series| series.requests.inc());
+    /// `sdgate_checkpoint_requests_total`: a request named `checkpoint`
+    /// (`reported`: a pod has reported it; only such a name gets a label of
+    /// its own, so names clients invent cannot take every label).
+    pub fn checkpoint_requested(&self, checkpoint: &str, reported: bool) {
+        self.checkpoints.with(checkpoint, reported, |series| series.requests.inc());
     }
 }
 
@@ -427,8 +436,8 @@ impl Observer for ServiceMetrics {
     }
 
     /// `sdgate_checkpoint_loads_total`.
-    fn checkpoint_loaded(&self, checkpoint: &str) {
-        self.checkpoints.with(checkpoint, |series| series.loads.inc());
+    fn checkpoint_loaded(&self, checkpoint: &str, reported: bool) {
+        self.checkpoints.with(checkpoint, reported, |series| series.loads.inc());
     }
 
     /// `sdgate_checkpoint_queue_depth`.

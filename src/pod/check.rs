@@ -78,23 +78,41 @@ impl Pool {
         tokio::time::timeout(timeout, attempt).await.unwrap_or(Reply::Nothing)
     }
 
-    /// Whether `pod` runs no job, asked at `path` (the WebUI's progress API,
+    /// Whether `pod` runs a job, asked at `path` (the WebUI's progress API,
     /// asked without its live preview image: `skip_current_image=true`).
-    /// Busy only on what says so: the WebUI's progress JSON with
-    /// `state.job_count` other than 0, a 5xx, or no answer in time. Anything
-    /// else is idle: another 2xx, 3xx or 4xx (not the WebUI's API, or not
-    /// ours to read), an answer too large or not JSON (an app that serves
-    /// its page for every path), or nothing listening (the job died with its
-    /// process). A pod that does not speak the API is never shut out.
-    pub async fn is_idle(&self, pod: SocketAddr, path: &str, headers: Option<&HeaderMap>) -> bool {
+    /// Idle only on what says so: the WebUI's progress JSON with
+    /// `state.job_count` 0, or nothing listening (the job died with its
+    /// process). Busy on that JSON with another count, or no answer in time
+    /// (a busy pod may be slow to answer). Anything else cannot be read
+    /// (another status, a page that is not that JSON, an answer too large):
+    /// the caller decides (see [`Activity::Unreadable`]).
+    pub async fn idle_state(&self, pod: SocketAddr, path: &str, headers: Option<&HeaderMap>) -> Activity {
         let path = with_skip_current_image(path);
         match self.call(pod, Method::GET, &path, headers, None, IDLE_ANSWER_LIMIT, IDLE_CHECK_TIMEOUT).await {
-            Reply::Answer(status, _) | Reply::Oversized(status) if status.is_server_error() => false,
-            Reply::Answer(status, body) if status.is_success() => idle_progress(&body),
-            Reply::Answer(..) | Reply::Oversized(_) | Reply::Refused(_) => true,
-            Reply::Nothing => false,
+            Reply::Answer(status, body) if status.is_success() => match progress_jobs(&body) {
+                Some(0) => Activity::Idle,
+                Some(_) => Activity::Busy,
+                None => Activity::Unreadable(format!("GET {path} -> {} (not the WebUI's progress)", status.as_u16())),
+            },
+            Reply::Answer(status, _) | Reply::Oversized(status) => {
+                Activity::Unreadable(format!("GET {path} -> {}", status.as_u16()))
+            }
+            Reply::Refused(_) => Activity::Idle,
+            Reply::Nothing => Activity::Busy,
         }
     }
+}
+
+/// What an idle check says of a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Activity {
+    Idle,
+    Busy,
+    /// An answer that says neither (what it was): never read as idle. In
+    /// quarantine it keeps the pod out until `idle_check.timeout`; before a
+    /// pod's first request it lets it in (a pod that does not speak the
+    /// WebUI's API is not shut out for good), with a warning.
+    Unreadable(String),
 }
 
 /// `path` asking the WebUI's progress API to leave out the live preview
@@ -112,16 +130,19 @@ const IDLE_ANSWER_LIMIT: usize = 64 * 1024;
 /// Each idle-check request may take this long.
 const IDLE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Whether a progress answer says no job runs. The WebUI sets
-/// `state.job_count` to -1 while a job starts (before the model and scripts
-/// are ready) and to the batch count while it runs: only 0 is idle. An
-/// answer that is not the WebUI's JSON says nothing either way: idle.
-pub fn idle_progress(body: &[u8]) -> bool {
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else { return true };
-    match value.pointer("/state/job_count") {
-        None => true,
-        Some(count) => count.as_i64() == Some(0),
+/// The jobs a WebUI progress answer counts (`state.job_count`), if it is
+/// one. The WebUI sets it to -1 while a job starts (before the model and
+/// scripts are ready) and to the batch count while it runs: only 0 is idle.
+pub fn progress_jobs(body: &[u8]) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Progress {
+        state: State,
     }
+    #[derive(serde::Deserialize)]
+    struct State {
+        job_count: i64,
+    }
+    serde_json::from_slice::<Progress>(body).ok().map(|progress| progress.state.job_count)
 }
 
 #[cfg(test)]
@@ -130,11 +151,12 @@ mod tests {
 
     #[test]
     fn the_webui_progress_says_whether_a_job_runs() {
-        assert!(!idle_progress(br#"{"progress":0.5,"state":{"job_count":1}}"#));
-        assert!(!idle_progress(br#"{"progress":0,"state":{"job_count":-1}}"#), "a job starting");
-        assert!(idle_progress(br#"{"progress":0,"state":{"job_count":0}}"#));
-        assert!(idle_progress(b"ok"));
-        assert!(idle_progress(br#"{"status":"fine"}"#));
+        assert_eq!(progress_jobs(br#"{"progress":0.5,"state":{"job_count":1}}"#), Some(1));
+        assert_eq!(progress_jobs(br#"{"progress":0,"state":{"job_count":-1}}"#), Some(-1), "a job starting");
+        assert_eq!(progress_jobs(br#"{"progress":0,"state":{"job_count":0}}"#), Some(0));
+        assert_eq!(progress_jobs(b"ok"), None, "not JSON: cannot be read");
+        assert_eq!(progress_jobs(br#"{"status":"fine"}"#), None, "not the progress");
+        assert_eq!(progress_jobs(br#"{"state":{"job_count":"0"}}"#), None, "not a count");
     }
 
     #[test]

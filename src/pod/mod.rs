@@ -14,6 +14,6 @@ mod check;
 mod pool;
 mod replay;
 
-pub use check::Reply;
+pub use check::{Activity, Reply};
 pub use pool::{connect_error, Pool, SendError, Share};
 pub use replay::{ReplayableBody, RequestBody};

@@ -4,6 +4,7 @@ pub mod affinity;
 pub mod checkpoint;
 pub(crate) mod fairness;
 pub(crate) mod owners;
+pub mod path;
 pub mod relay;
 pub mod router;
 pub(crate) mod routes;
@@ -296,8 +297,8 @@ impl Service {
     }
 
     fn want_named(&self, name: &str, keep: bool) -> Option<crate::gate::Want> {
-        let want = self.gate.want(name, keep);
-        self.metrics.checkpoint_requested(name);
+        let (want, reported) = self.gate.want_reported(name, keep);
+        self.metrics.checkpoint_requested(name, reported);
         want
     }
 
@@ -525,14 +526,17 @@ impl Proxy {
             // Boxed: a standby's path, kept out of every request's future.
             return Box::pin(self.standby(request, peer, early)).await;
         }
-        // A standby's hand-over headers are for this replica, not the pod.
-        let handed_over = if self.relays { request.headers_mut().remove(&relay::RELAY_TOKEN) } else { None };
-        let peer_ip = match handed_over {
-            None => Some(peer.addr.ip()),
-            Some(token) => {
-                let client = request.headers_mut().remove(&relay::RELAY_CLIENT);
-                self.relay.client_named(&token, client.as_ref()).or(Some(peer.addr.ip()))
-            }
+        // A standby's hand-over headers are for this replica, never the
+        // pod, whether this replica takes hand-overs or not.
+        let token = request.headers_mut().remove(&relay::RELAY_TOKEN);
+        let named = request.headers_mut().remove(&relay::RELAY_CLIENT);
+        let relayed = token.filter(|_| self.relays).and_then(|token| self.relay.client_named(&token, named.as_ref()));
+        let peer_ip = Some(relayed.unwrap_or(peer.addr.ip()));
+        // The pod's X-Forwarded-For names the client a standby handed over,
+        // not the standby.
+        let peer = match relayed {
+            Some(client) => Arc::new(forward::Peer::new(std::net::SocketAddr::new(client, peer.addr.port()))),
+            None => peer,
         };
         let (mut record, admitted) = match early {
             Some(Early { record, admitted }) => {
@@ -606,7 +610,7 @@ impl Proxy {
                 if tracing::enabled!(tracing::Level::INFO) {
                     let line = LogLine::of(request, peer);
                     let client = line.client.map(|ip| ip.to_string()).unwrap_or_default();
-                    tracing::info!(method = %line.method, host = %line.host, path = line.uri.path(), status = response.status().as_u16(), %client, "unrouted");
+                    tracing::info!(method = %line.method, host = ?line.host, path = line.uri.path(), status = response.status().as_u16(), %client, "unrouted");
                 }
                 Err(Box::new(response))
             }
@@ -664,12 +668,22 @@ impl Proxy {
             return Err(ProxyError::Standby);
         }
         self.check_limits(request)?;
-        let owner_only = service.config.is_owner_only(request.uri().path());
-        let bypass = owner_only || service.config.is_bypass(request.uri().path());
-        if !bypass
-            && !service.config.may_wake(request.uri().path())
-            && service.gate.inspect(|g| g.endpoints().is_empty())
-        {
+        let raw = request.uri().path();
+        let routed = path::routed(raw).map_err(|why| ProxyError::BadPath(why.to_string()))?;
+        let owner_only = service.config.is_owner_only(&routed);
+        let bypass = owner_only || service.config.is_bypass(&routed);
+        if *routed != *raw {
+            // Matched on the path as the pod will read it: a protected path
+            // reached only in disguise, or a disguise that changes whether
+            // the request skips the gate, is not passed on.
+            if owner_only && !service.config.is_owner_only(raw) {
+                return Err(ProxyError::BadPath(format!("{raw} is {routed} in disguise: send it as {routed}")));
+            }
+            if bypass != service.config.is_bypass(raw) {
+                return Err(ProxyError::BadPath(format!("{raw} is read as {routed}: send it as {routed}")));
+            }
+        }
+        if !bypass && !service.config.may_wake(&routed) && service.gate.inspect(|g| g.endpoints().is_empty()) {
             return Err(ProxyError::Asleep);
         }
         let session = service.affinity.as_deref().and_then(|a| SessionRequest::of(a, request.headers(), bypass));
@@ -699,11 +713,19 @@ impl Proxy {
             false => None,
             true => match session.as_ref().and_then(|s| service.jobs.running_on(&s.id)) {
                 Some(endpoint) => Some(endpoint),
-                None => return Ok(owners::no_job(service, request.uri().path(), session.as_ref().map(|s| &s.id))),
+                None => {
+                    let routed = path::routed(request.uri().path()).unwrap_or_default();
+                    return Ok(owners::no_job(service, &routed, session.as_ref().map(|s| &s.id)));
+                }
             },
         };
-        let mut upgrade =
-            forward::upgrade_protocol(request.headers()).is_some().then(|| hyper::upgrade::on(&mut request));
+        let protocol =
+            forward::upgrade_protocol(request.headers()).map(|p| service.config.allows_upgrade(p.as_bytes()));
+        if protocol == Some(false) {
+            // Not an upgrade this service allows (h2c, ...): a plain request.
+            request.headers_mut().remove(http::header::UPGRADE);
+        }
+        let mut upgrade = (protocol == Some(true)).then(|| hyper::upgrade::on(&mut request));
         let host = router::request_host_value(&request);
         let (mut parts, body) = request.into_parts();
         if let Some(affinity) = &service.affinity {
@@ -873,6 +895,14 @@ impl Proxy {
                 return Err(ProxyError::BodyTooLarge(max));
             }
         }
+        // A transfer coding other than chunked alone (RFC 9112 6.1: 501);
+        // the pods' servers refuse it too, each in its own way.
+        let mut codings = request.headers().get_all(header::TRANSFER_ENCODING).iter();
+        if let Some(first) = codings.next() {
+            if codings.next().is_some() || !first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(ProxyError::TransferCoding);
+            }
+        }
         Ok(())
     }
 }
@@ -952,12 +982,15 @@ impl Place {
         });
         trace.arrived = Some(arrived);
         self.waiting = session.map(|session| Box::new(service.jobs.wait(session, self.ticket)));
-        // A wait for a pod that holds its checkpoint ends after
-        // `checkpoints.max_wait_for_match` (in place); a strict pin loosens
-        // after `affinity.max_wait` (it waits again at its place in line).
+        // A wait for a pod that holds its checkpoint ends (in place) after
+        // the cheaper of `checkpoints.max_wait_for_match` and a load: no pod
+        // that could load it idles longer than a load would take. A strict
+        // pin loosens after `affinity.max_wait` (it waits again at its place
+        // in line).
         let patient_until = match origin.want {
             Some(_) if service.config.checkpoints.route => {
-                Some(arrived + service.config.checkpoints.max_wait_for_match)
+                let load = service.gate.inspect(|g| g.load_cost());
+                Some(arrived + service.config.checkpoints.max_wait_for_match.min(load))
             }
             _ => None,
         };
@@ -1074,7 +1107,7 @@ impl Record {
         }
         tracing::info!(
             method = %line.method,
-            host = %line.host,
+            host = ?line.host,
             path = line.uri.path(),
             status,
             service = %self.service.config.name,

@@ -155,9 +155,28 @@ fn dashboard(proxy: &Proxy, history: &History, started: Instant) -> String {
         "history": history.report(Instant::now()),
         "served_at": served_at,
     });
-    // `</` would end the script element early.
-    let inlined = initial.to_string().replace("</", "<\\/");
-    DASHBOARD.replacen("/*INITIAL*/null", &inlined, 1)
+    DASHBOARD.replacen("/*INITIAL*/null", &script_json(&initial.to_string()), 1)
+}
+
+/// JSON text made safe inside a `<script>` element: `<`, `>` and `&` as
+/// `\u003c`, `\u003e`, `\u0026` (so no `</script>`, `<!--` or `<script`
+/// can end or change the element: a checkpoint name or a Host is a
+/// stranger's text), and U+2028/U+2029 escaped as older engines require.
+/// Inside JSON strings these escapes read back as the same characters; they
+/// never occur outside strings.
+fn script_json(json: &str) -> String {
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        match c {
+            '<' => out.push_str("\\u003c"),
+            '>' => out.push_str("\\u003e"),
+            '&' => out.push_str("\\u0026"),
+            '\u{2028}' => out.push_str("\\u2028"),
+            '\u{2029}' => out.push_str("\\u2029"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn text(status: StatusCode, message: &'static str) -> Response<ResponseBody> {
@@ -169,4 +188,20 @@ fn text(status: StatusCode, message: &'static str) -> Response<ResponseBody> {
 fn with_type(mut response: Response<ResponseBody>, content_type: &'static str) -> Response<ResponseBody> {
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::script_json;
+
+    #[test]
+    fn inlined_json_cannot_end_or_change_its_script_element() {
+        let hostile = serde_json::json!({ "checkpoint": "<!--<script></script>&\u{2028}\u{2029}>" }).to_string();
+        let inlined = script_json(&hostile);
+        for bad in ["<", ">", "&", "\u{2028}", "\u{2029}"] {
+            assert!(!inlined.contains(bad), "{bad:?} in {inlined}");
+        }
+        let read: serde_json::Value = serde_json::from_str(&inlined).expect("still JSON");
+        assert_eq!(read["checkpoint"], "<!--<script></script>&\u{2028}\u{2029}>", "the same text once read");
+    }
 }

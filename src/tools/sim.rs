@@ -303,7 +303,10 @@ impl State {
         if let Some(refusal) = refusal(&request) {
             return refusal;
         }
-        let mut response = match (request.method(), request.uri().path()) {
+        // Routed on the percent-decoded path, as uvicorn hands Starlette
+        // `scope["path"]`: `/sdapi/v1/%69nterrupt` is the interrupt.
+        let path = percent_decoded(request.uri().path());
+        let mut response = match (request.method(), path.as_ref()) {
             (&Method::POST, "/sdapi/v1/txt2img" | "/sdapi/v1/img2img") => self.generate(request).await,
             (&Method::GET, "/sdapi/v1/progress") => json_response(self.progress()),
             (&Method::POST, "/sdapi/v1/interrupt" | "/sdapi/v1/skip") => {
@@ -475,6 +478,31 @@ fn plain_response(status: StatusCode, text: &'static str) -> Response<ResponseBo
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
+}
+
+/// `path` with every `%XX` decoded (lossily, as text), as uvicorn does.
+fn percent_decoded(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains('%') {
+        return path.into();
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while let Some((&first, tail)) = rest.split_first() {
+        let digits = tail.get(..2).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+        let hex = digits.and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (first, hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                rest = &tail[2..];
+            }
+            _ => {
+                out.push(first);
+                rest = tail;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned().into()
 }
 
 /// A checkpoint's title as the WebUI writes it: file name and short hash.
