@@ -11,9 +11,11 @@
 //! that each send their next request when the last is answered.
 //!
 //! Reports, for each: checkpoint loads (counted by the pods; then of ck1..ck5), p50 and p95 of
-//! the request latency, and the makespan (first request to last answer);
-//! then the same for a trace that names one checkpoint only, where both
-//! must do the same.
+//! the request latency, the makespan (first request to last answer), and
+//! how long a ready pod sat idle while requests waited (the gate sampled
+//! every 10 ms: the share of samples, and the longest such spell); then the
+//! same for a trace that names one checkpoint only, where both must do the
+//! same.
 
 // Times real work (wall clock), not sdgate's runtime: the std clock is right here.
 #![allow(clippy::disallowed_types)]
@@ -51,8 +53,8 @@ fn main() {
         load.as_millis(),
         step.as_millis()
     );
-    println!("| trace | routing | loads (ck1..ck5) | p50 | p95 | makespan |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    println!("| trace | routing | loads (ck1..ck5) | p50 | p95 | makespan | idle pod while requests wait |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
     for (name, trace) in [("Zipf over 5 checkpoints", &mixed), ("one checkpoint", &single)] {
         let counts: Vec<usize> = (1..=CHECKPOINTS).map(|k| trace.iter().filter(|c| **c == k).count()).collect();
         let (aware, blind) = runtime.block_on(async {
@@ -60,12 +62,14 @@ fn main() {
         });
         for (routing, result) in [("checkpoint-aware", aware), ("checkpoint-blind", blind)] {
             println!(
-                "| {name} {counts:?} | {routing} | {} {:?} | {} | {} | {} |",
+                "| {name} {counts:?} | {routing} | {} {:?} | {} | {} | {} | {:.1} % of samples, longest {} |",
                 result.loads,
                 result.by_checkpoint,
                 secs(result.at(0.5)),
                 secs(result.at(0.95)),
-                secs(result.makespan)
+                secs(result.makespan),
+                result.idle.share() * 100.0,
+                secs(result.idle.longest)
             );
         }
     }
@@ -94,7 +98,49 @@ fn zipf_trace(n: usize, seed: u64) -> Vec<usize> {
         .collect()
 }
 
+/// Samples of the gate: how often, and how long at most, a ready pod with
+/// room sat idle while requests waited.
+#[derive(Default)]
+struct IdleWhileWaiting {
+    samples: u64,
+    idle: u64,
+    longest: Duration,
+}
+
+impl IdleWhileWaiting {
+    fn share(&self) -> f64 {
+        self.idle as f64 / self.samples.max(1) as f64
+    }
+}
+
+/// Samples `gate` every 10 ms until `done`.
+async fn sample_idle(
+    gate: Arc<sdgate::gate::SharedGate>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> IdleWhileWaiting {
+    let mut seen = IdleWhileWaiting::default();
+    let mut since: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        tick.tick().await;
+        let idle = gate.inspect(|g| {
+            g.queue_depth() > 0
+                && g.endpoints().iter().any(|e| e.ready && !e.draining && e.quarantined == 0 && e.inflight == 0)
+        });
+        seen.samples += 1;
+        if idle {
+            seen.idle += 1;
+            let start = *since.get_or_insert_with(Instant::now);
+            seen.longest = seen.longest.max(start.elapsed());
+        } else {
+            since = None;
+        }
+    }
+    seen
+}
+
 struct Result {
+    idle: IdleWhileWaiting,
     loads: u64,
     /// Loads of ck1..ck5.
     by_checkpoint: [usize; CHECKPOINTS],
@@ -117,6 +163,8 @@ async fn run(trace: &[usize], clients: usize, load: Duration, step: Duration, aw
     let extra = format!("    queue: {{ timeout: 600s }}\n    checkpoints: {{ route: {aware} }}\n");
     let gateway = TestGateway::in_front_of(&backends, 1, &extra).await;
     let addr = gateway.addr;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn(sample_idle(gateway.proxy.services()[0].gate.clone(), done.clone()));
     let next = Arc::new(Mutex::new(trace.iter().copied().collect::<std::collections::VecDeque<_>>()));
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
@@ -141,6 +189,8 @@ async fn run(trace: &[usize], clients: usize, load: Duration, step: Duration, aw
         latencies.extend(task.await.expect("client"));
     }
     let makespan = started.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let idle = sampler.await.expect("sampler");
     let stats: Vec<_> = pods.iter().map(|p| p.stats()).collect();
     assert_no_overlap(&stats);
     gateway.shutdown().await;
@@ -150,7 +200,7 @@ async fn run(trace: &[usize], clients: usize, load: Duration, step: Duration, aw
             by_checkpoint[k.clamp(1, CHECKPOINTS) - 1] += 1;
         }
     }
-    Result { loads: stats.iter().map(|s| s.loads).sum(), by_checkpoint, latencies, makespan }
+    Result { idle, loads: stats.iter().map(|s| s.loads).sum(), by_checkpoint, latencies, makespan }
 }
 
 fn request(addr: SocketAddr, checkpoint: usize) -> Request<Full<Bytes>> {

@@ -6,7 +6,11 @@
 //! - waiters are served in [`Ticket`] order, and a waiter is never left
 //!   waiting while an endpoint that could take it has room (work-conserving:
 //!   every event that frees room is followed by [`Gate::next_grant`] until it
-//!   returns `None`);
+//!   returns `None`), except a waiter for a checkpoint, which may choose to
+//!   wait for a busy endpoint holding it rather than load it on one with
+//!   room, while waiting is expected to cost less than a load and at most
+//!   until it loses patience (`checkpoints.max_wait_for_match`): meanwhile
+//!   an endpoint with room may idle;
 //! - tickets share the pods fairly between clients (start-time fair
 //!   queueing, one unit per request): a client's requests are served in
 //!   arrival order, and a newcomer waits behind at most about one request of
@@ -327,16 +331,6 @@ impl<W> Gate<W> {
     /// in use (see `models`).
     pub fn checkpoint(&mut self, name: &str) -> Option<ModelId> {
         self.intern(name, Source::Client)
-    }
-
-    /// What a load is expected to take: the longest a ready pod has shown
-    /// (the configured `switch_cost` for one that has shown none; with no
-    /// ready pod, that default). A request waiting for its checkpoint's pod
-    /// waits no longer than this while another pod could load it.
-    pub fn load_cost(&self) -> Duration {
-        let policy = &self.model_policy;
-        let ready = self.endpoints.iter().filter(|e| e.ready);
-        ready.map(|e| e.model.switch_cost(policy)).max().unwrap_or(policy.switch_cost)
     }
 
     /// Whether a pod has reported `id` as what it holds or is set to.
