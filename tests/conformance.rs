@@ -182,16 +182,6 @@ async fn the_server_refuses_a_request_without_host(python: &str, stack: Stack) {
     assert!(with.starts_with("HTTP/1.1 200"), "{stack:?} with Host: {with:?}");
 }
 
-/// Writes `request` on a new connection and reads until the server closes
-/// it or 2 s pass.
-async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(request).await.expect("write");
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await;
-    String::from_utf8_lossy(&answer).to_string()
-}
-
 /// 20 requests at zero pods, a process backend of the stack's app with an
 /// HTTP readiness probe (the guides' `/internal/ping`): 20 answers, and no
 /// pod ever runs two generations.
@@ -533,14 +523,7 @@ async fn gzip_answer_teaches_its_checkpoint(python: &str, stack: Stack) {
 async fn http2_client_authority_becomes_host(python: &str, stack: Stack) {
     let pod = Pod::start(python, stack, &[]).await;
     let gateway = gateway(&[&pod], 1, "").await;
-    let stream = TcpStream::connect(gateway.addr).await.expect("connect");
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_sender(gateway.addr).await;
     // No Host header: HTTP/2 names the host in `:authority` only.
     let request = Request::get(format!("http://{HOST}/sim/headers")).body(Full::new(Bytes::new())).expect("request");
     let response = sender.send_request(request).await.expect("h2 request");

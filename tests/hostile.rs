@@ -16,21 +16,10 @@ use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use sdgate::tools::sim::SimOptions;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 fn post(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
     Request::post(format!("http://{addr}{path}")).header("host", HOST).body(Full::new(Bytes::new())).expect("request")
-}
-
-/// Writes `request` on a new connection; reads until the server closes it
-/// or 2 s pass.
-async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(request).await.expect("write");
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await;
-    String::from_utf8_lossy(&answer).to_string()
 }
 
 /// A victim's long job on a pod with room for two (cc 2): no disguise of
@@ -73,14 +62,7 @@ async fn an_encoded_path_never_reaches_another_users_job() {
 }
 
 async fn h2_post(addr: SocketAddr, path: &str) -> StatusCode {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(connection);
+    let mut sender = h2_sender(addr).await;
     let request = Request::post(format!("http://{HOST}{path}")).body(Full::new(Bytes::new())).expect("request");
     sender.send_request(request).await.expect("h2 request").status()
 }
@@ -106,10 +88,11 @@ async fn an_h2c_upgrade_is_not_passed_to_the_pod() {
 }
 
 /// A pod whose idle check answers what sdgate cannot read (400, as h11 did
-/// to Host-less checks) stays held after a timeout: the next request waits
-/// instead of running beside the first.
+/// to Host-less checks) stays held after a timeout (until idle_check.timeout,
+/// then through its probe): the next request waits instead of running
+/// beside the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_check_that_cannot_be_read_never_frees_the_pod() {
+async fn an_idle_check_that_cannot_be_read_holds_the_pod_until_its_timeout() {
     let (pod, jobs) = progress_refusing_pod(Duration::from_millis(800)).await;
     let extra = "    request_timeout: 100ms\n    idle_check: { path: /sdapi/v1/progress, period: 50ms, timeout: 2s }\n";
     let gateway = TestGateway::in_front_of(&[pod], 1, extra).await;

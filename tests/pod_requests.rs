@@ -14,18 +14,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// Writes `request` on a new connection; reads until the server closes it
-/// or 2 s pass.
-async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(request).await.expect("write");
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await;
-    String::from_utf8_lossy(&answer).to_string()
-}
+use tokio::net::TcpListener;
 
 #[tokio::test]
 async fn the_sim_refuses_what_the_webuis_server_refuses() {

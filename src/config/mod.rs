@@ -430,9 +430,21 @@ impl Default for CheckpointConfig {
 
 impl CheckpointConfig {
     fn validate(&self, key: &str) -> Result<()> {
-        for pointer in self.pointers.iter().chain(std::iter::once(&self.restore_pointer)) {
+        let all: Vec<&String> = self.pointers.iter().chain(std::iter::once(&self.restore_pointer)).collect();
+        for pointer in &all {
             if !pointer.is_empty() && !pointer.starts_with('/') {
                 bail!("{key}: JSON pointer {pointer:?} must be empty or start with /");
+            }
+        }
+        // A body is read in one pass that keeps the value where a pointer
+        // ends: one pointer may not lie inside another's value.
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                let inside =
+                    |outer: &str, inner: &str| inner.strip_prefix(outer).is_some_and(|rest| rest.starts_with('/'));
+                if a != b && (inside(a, b) || inside(b, a)) {
+                    bail!("{key}: JSON pointers {a:?} and {b:?}: one lies inside the other");
+                }
             }
         }
         if let Some(header) = &self.header {

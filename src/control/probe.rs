@@ -309,8 +309,9 @@ fn tell_failing(gate: &Endpoints, addr: SocketAddr, note: &crate::gate::ProbeNot
         return;
     };
     let now = note.at;
-    let first = note.times == 1;
-    if !first && logged.is_some_and(|at| now.saturating_duration_since(at) < LOG_PERIOD) {
+    // At most one line per period, even when each answer differs (a body
+    // with a timestamp): the first failure after a pass is logged at once.
+    if logged.is_some_and(|at| now.saturating_duration_since(at) < LOG_PERIOD) {
         return;
     }
     *logged = Some(now);

@@ -263,7 +263,18 @@ async fn run_exchange(
         Some(Ok(Buffered::Complete(bytes))) => {
             // What it ran on, from the answer of a request that named a checkpoint.
             if generation {
-                learn_from(&slot, &parts, &bytes, timed_since);
+                // A gzipped answer is inflated on a blocking thread (some
+                // milliseconds for an SDXL answer): the serving thread serves on.
+                let gzipped = parts.status.is_success()
+                    && parts.headers.get(header::CONTENT_ENCODING).is_some_and(answer::is_gzip);
+                let inflated = match gzipped {
+                    true => {
+                        let bytes = bytes.clone();
+                        tokio::task::spawn_blocking(move || answer::gunzip_tail(&bytes)).await.ok().flatten()
+                    }
+                    false => None,
+                };
+                learn_from(&slot, &parts, &bytes, inflated.as_deref(), timed_since);
             }
             // The pod has answered in full: its slot is free before the
             // client has read a byte, and its connection takes the next.
@@ -295,16 +306,19 @@ async fn run_exchange(
 
 /// What a generation's answer in full teaches (see [`answer`]): only a
 /// success is read (an error loaded nothing for sure), plain or gzipped
-/// (the WebUI gzips for clients that accept it: inflated here, passed on
-/// as sent); only a request that named a checkpoint is timed.
-fn learn_from(slot: &Slot, parts: &http::response::Parts, bytes: &[u8], since: Option<tokio::time::Instant>) {
-    let inflated;
+/// (the WebUI gzips for clients that accept it: `inflated` is its tail,
+/// the answer is passed on as sent); only a request that named a
+/// checkpoint is timed.
+fn learn_from(
+    slot: &Slot,
+    parts: &http::response::Parts,
+    bytes: &[u8],
+    inflated: Option<&[u8]>,
+    since: Option<tokio::time::Instant>,
+) {
     let readable = match parts.headers.get(header::CONTENT_ENCODING) {
         None => Some(bytes),
-        Some(encoding) if answer::is_gzip(encoding) && parts.status.is_success() => {
-            inflated = answer::gunzip_tail(bytes);
-            inflated.as_deref()
-        }
+        Some(encoding) if answer::is_gzip(encoding) => inflated,
         Some(_) => None,
     };
     let plain = parts.status.is_success() && readable.is_some();

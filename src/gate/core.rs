@@ -340,9 +340,15 @@ impl<W> Gate<W> {
 
     fn intern(&mut self, name: &str, source: Source) -> Option<ModelId> {
         let endpoints = &self.endpoints;
-        self.models.intern(name, source, |id| {
+        let id = self.models.intern(name, source, |id| {
             endpoints.iter().any(|e| e.model.holds == Some(id) || e.model.setting == Some(id))
-        })
+        })?;
+        // Asked for now: the last to be forgotten while its request goes on
+        // to queue (it is counted as waiting under a later lock).
+        if self.models.last_asked(Some(id)) == 0 {
+            self.models.asked(id, self.next_ticket.max(1));
+        }
+        Some(id)
     }
 
     pub fn checkpoint_name(&self, id: ModelId) -> &str {

@@ -367,14 +367,13 @@ impl SharedGate {
             }
         };
         match tokio::time::timeout(timeout, waited).await {
-            Ok(Err(down)) => match rx.try_recv() {
-                // Granted in the same instant: use the slot.
-                Ok(slot) => {
-                    leave.ticket = None;
-                    Ok(slot)
+            Ok(Err(down)) => {
+                if leave.leave() {
+                    return Err(down.error());
                 }
-                Err(_) => Err(down.error()),
-            },
+                // Granted in the same instant: use the slot.
+                rx.try_recv().map_err(|_| down.error())
+            }
             Ok(Ok(Ok(slot))) => {
                 leave.ticket = None;
                 Ok(slot)

@@ -82,8 +82,8 @@ impl Pool {
     /// asked without its live preview image: `skip_current_image=true`).
     /// Idle only on what says so: the WebUI's progress JSON with
     /// `state.job_count` 0, or nothing listening (the job died with its
-    /// process). Busy on that JSON with another count, or no answer in time
-    /// (a busy pod may be slow to answer). Anything else cannot be read
+    /// process). Busy on that JSON with another count, a 5xx, or no answer
+    /// in time (a busy pod may be slow to answer). Anything else cannot be read
     /// (another status, a page that is not that JSON, an answer too large):
     /// the caller decides (see [`Activity::Unreadable`]).
     pub async fn idle_state(&self, pod: SocketAddr, path: &str, headers: Option<&HeaderMap>) -> Activity {
@@ -94,6 +94,8 @@ impl Pool {
                 Some(_) => Activity::Busy,
                 None => Activity::Unreadable(format!("GET {path} -> {} (not the WebUI's progress)", status.as_u16())),
             },
+            // A pod in trouble mid-job (a 5xx) is not taken as idle either.
+            Reply::Answer(status, _) | Reply::Oversized(status) if status.is_server_error() => Activity::Busy,
             Reply::Answer(status, _) | Reply::Oversized(status) => {
                 Activity::Unreadable(format!("GET {path} -> {}", status.as_u16()))
             }

@@ -107,6 +107,13 @@ fn tokens(pointer: &str) -> Vec<String> {
     pointer.split('/').skip(1).map(|token| token.replace("~1", "/").replace("~0", "~")).collect()
 }
 
+/// A pointer token as an array index, as RFC 6901 reads one: digits, no
+/// leading zero ("0" itself aside), no sign.
+fn array_index(token: &str) -> Option<usize> {
+    let digits = !token.is_empty() && token.bytes().all(|b| b.is_ascii_digit());
+    (digits && (token == "0" || !token.starts_with('0'))).then(|| token.parse().ok()).flatten()
+}
+
 /// What sdgate keeps of a value at a pointer: short text or a bool.
 #[derive(Clone, Debug, PartialEq)]
 enum Leaf {
@@ -153,6 +160,11 @@ impl<'de> Visitor<'de> for Node<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let Node { paths, live, depth, found } = self;
         while let Some(next) = map.next_key_seed(Key { paths, live, depth })? {
+            // A key seen again replaces what its first value held, as in
+            // serde_json's tree and Python's json (the last one wins).
+            for &i in &next {
+                found[i] = None;
+            }
             if next.is_empty() {
                 map.next_value::<IgnoredAny>()?;
             } else {
@@ -167,7 +179,7 @@ impl<'de> Visitor<'de> for Node<'_> {
         let mut index = 0usize;
         loop {
             let next: Vec<usize> =
-                live.iter().copied().filter(|&i| paths[i][depth].parse::<usize>().ok() == Some(index)).collect();
+                live.iter().copied().filter(|&i| array_index(&paths[i][depth]) == Some(index)).collect();
             let more = if next.is_empty() {
                 seq.next_element::<IgnoredAny>()?.is_some()
             } else {
@@ -349,6 +361,14 @@ mod tests {
         assert_eq!(walk(key), Some(("k".into(), false)), "escapes in a key");
         let duplicate = r#"{"override_settings":{"sd_model_checkpoint":"one","sd_model_checkpoint":"two"}}"#;
         assert_eq!(walk(duplicate), Some(("two".into(), false)), "the last of a duplicate key, as serde_json's tree");
+        let parent = r#"{"override_settings":{"sd_model_checkpoint":"A"},"override_settings":{}}"#;
+        assert_eq!(walk(parent), None, "a duplicate parent: the last object, which names none");
+        assert_eq!(walk(r#"{"a":[{"m":"x"},{"m":"y"}],"override_settings":1}"#), Some(("x".into(), false)));
+        let signed = Reader::new(&CheckpointConfig {
+            pointers: vec!["/a/+1".into(), "/a/01".into()],
+            ..CheckpointConfig::default()
+        });
+        assert_eq!(signed.wanted(&HeaderMap::new(), Some(br#"{"a":["x","y"]}"#)), None, "+1 and 01 are no indexes");
         assert_eq!(walk(r#"{"override_settings":{"sd_model_checkpoint":{"deep":["x"]}}}"#), None, "not text");
         assert_eq!(walk(r#"{"override_settings":{"sd_model_checkpoint":"b"}} trailing"#), None, "not JSON");
         assert_eq!(walk(r#"{"override_settings":{"sd_model_checkpoint":"b"}"#), None, "cut short");

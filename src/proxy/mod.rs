@@ -679,7 +679,7 @@ impl Proxy {
             if owner_only && !service.config.is_owner_only(raw) {
                 return Err(ProxyError::BadPath(format!("{raw} is {routed} in disguise: send it as {routed}")));
             }
-            if bypass != service.config.is_bypass(raw) {
+            if bypass != (service.config.is_owner_only(raw) || service.config.is_bypass(raw)) {
                 return Err(ProxyError::BadPath(format!("{raw} is read as {routed}: send it as {routed}")));
             }
         }

@@ -481,6 +481,8 @@ fn plain_response(status: StatusCode, text: &'static str) -> Response<ResponseBo
 }
 
 /// `path` with every `%XX` decoded (lossily, as text), as uvicorn does.
+/// (The proxy's rules match a fuller normalisation, `proxy::path`; tools
+/// may not depend on the proxy, and a pod decodes, nothing more.)
 fn percent_decoded(path: &str) -> std::borrow::Cow<'_, str> {
     if !path.contains('%') {
         return path.into();

@@ -254,6 +254,27 @@ pub async fn raw_request(addr: SocketAddr, prompt: &str, steps: u32) -> tokio::n
     stream
 }
 
+/// Writes `request` on a new connection; reads until the server closes it
+/// or 2 s pass.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).to_string()
+}
+
+/// An HTTP/2 connection (prior knowledge) to `addr`, driven in the background.
+pub async fn h2_sender(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
 /// The sdgate binary built for these tests.
 pub fn sdgate_bin() -> &'static str {
     env!("CARGO_BIN_EXE_sdgate")
