@@ -85,7 +85,8 @@ write_config() { # write_config FILE
     local file=$1 i j=0 name readiness
     if [[ $READINESS == http ]]; then readiness='{ http: /internal/ping }'; else readiness='{ tcp: true }'; fi
     {
-        printf 'listen: 127.0.0.1:%d\nadmin: 127.0.0.1:%d\ndrain_timeout: 5s\nservices:\n' "$GATE_PORT" "$ADMIN_PORT"
+        # Many services share each sim: allowed, each counting its slots apart.
+        printf 'listen: 127.0.0.1:%d\nadmin: 127.0.0.1:%d\ndrain_timeout: 5s\nallow_shared_pods: true\nservices:\n' "$GATE_PORT" "$ADMIN_PORT"
         for ((i = 0; i < SERVICES; i++)); do
             name=$(service_name "$i")
             printf '  - name: %s\n    hosts: ["%s.bench.local"]\n' "$name" "$name"

@@ -33,7 +33,11 @@ fn host(index: usize) -> String {
 /// 500 services; process services run `sdgate sim` tagged with `marker`
 /// (so a worker started by mistake can be found) on ports no one uses.
 fn many_yaml(sims: &[SocketAddr], marker: &str) -> String {
-    let mut yaml = String::from("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ndrain_timeout: 5s\nservices:\n");
+    // 100 services in front of each sim: each counts its slots apart (the
+    // test is about routing and start-up, not container_concurrency).
+    let mut yaml = String::from(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ndrain_timeout: 5s\nallow_shared_pods: true\nservices:\n",
+    );
     for index in 0..SERVICES {
         yaml += &format!("  - name: svc-{index:03}\n    hosts: [\"{}\"]\n", host(index));
         yaml += "    readiness: { http: /internal/ping, period: 20ms }\n";

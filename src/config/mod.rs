@@ -4,7 +4,7 @@
 //! Unknown keys are errors (a typo must not silently fall back to a default).
 //! Durations are written as "300s", "100ms", "5m".
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -51,6 +51,13 @@ pub struct Config {
     /// drains at once.
     #[serde(default = "default_shutdown_delay", with = "duration")]
     pub shutdown_delay: Duration,
+    /// Lets two services be in front of one pod (a fixed address, a
+    /// process port, a Deployment). Each service counts the pod's slots and
+    /// jobs on its own, so `container_concurrency` and job ownership then
+    /// hold per service only: refused unless this is true. One pod under
+    /// several host names is one service with several `hosts` (or routes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_shared_pods: bool,
     pub services: Vec<ServiceConfig>,
     /// Weighted splits of hosts across services (revisions of a model); a
     /// service's own `hosts` are a route to it alone.
@@ -84,6 +91,40 @@ impl<'de> Deserialize<'de> for Election {
                 Err(serde::de::Error::custom(format!("{word:?}: write `off`, or the Lease's settings")))
             }
             _ => serde_yaml::from_value(value).map(Election::On).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Config {
+    /// Refuses two services in front of one pod (see `allow_shared_pods`).
+    fn refuse_shared_pods(&self) -> Result<()> {
+        let mut owner: HashMap<String, usize> = HashMap::new();
+        for (i, service) in self.services.iter().enumerate() {
+            for pod in service.pods() {
+                if let Some(first) = owner.insert(pod.clone(), i).filter(|first| *first != i) {
+                    bail!(
+                        "services[{i}].backend: {pod} is also services[{first}]'s pod ({:?}): each service would count its slots and jobs apart, breaking container_concurrency; serve its hosts from one service (or set allow_shared_pods: true)",
+                        self.services[first].name
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ServiceConfig {
+    /// What names the pods of this service, to find two services in front
+    /// of one: fixed addresses, a process pool's ports, a Deployment.
+    fn pods(&self) -> Vec<String> {
+        match &self.backend {
+            Backend::Fixed(addrs) => addrs.iter().map(|a| a.trim().to_ascii_lowercase()).collect(),
+            Backend::Process(process) => (0..self.scale.max.min(u32::from(u16::MAX)))
+                .map(|i| SocketAddr::new(process.host, process.port_for(i)).to_string())
+                .collect(),
+            Backend::Kubernetes(k) => {
+                vec![format!("Deployment {}/{}", k.namespace, k.deployment)]
+            }
         }
     }
 }
@@ -1092,6 +1133,9 @@ impl Config {
             }
             service.validate(&key)?;
         }
+        if !self.allow_shared_pods {
+            self.refuse_shared_pods()?;
+        }
         for (i, route) in self.routes.iter().enumerate() {
             let key = format!("routes[{i}]");
             if route.hosts.is_empty() {
@@ -1659,5 +1703,25 @@ mod tests {
         let config = Config::default_config().unwrap();
         let again = Config::from_yaml(&config.to_yaml().unwrap()).unwrap();
         assert_eq!(again.to_yaml().unwrap(), config.to_yaml().unwrap());
+    }
+    #[test]
+    fn two_services_in_front_of_one_pod_are_refused_unless_allowed() {
+        let two = |a: &str, b: &str, allow: bool| {
+            format!(
+                "allow_shared_pods: {allow}\nservices:\n  - name: a\n    hosts: [a]\n    backend: {a}\n  - name: b\n    hosts: [b]\n    backend: {b}\n"
+            )
+        };
+        let fixed =
+            two("{ fixed: [\"127.0.0.1:7860\"] }", "{ fixed: [\"127.0.0.1:7861\", \"127.0.0.1:7860\"] }", false);
+        let error = format!("{:#}", Config::from_yaml(&fixed).err().expect("refused"));
+        assert!(error.contains("services[1].backend: 127.0.0.1:7860 is also services[0]'s pod"), "{error}");
+        let process = "{ process: { command: [\"{sdgate}\", sim, --port, \"{port}\"], port_base: 7859 } }";
+        let refusal = |yaml: String| Config::from_yaml(&yaml).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(refusal(two("{ fixed: [\"127.0.0.1:7860\"] }", process, false)).contains("127.0.0.1:7860 is also"));
+        let kube = "{ kubernetes: { namespace: gpu, deployment: sd, port: 7860 } }";
+        assert!(refusal(two(kube, kube, false)).contains("Deployment gpu/sd is also"), "one Deployment");
+        assert!(Config::from_yaml(&two("{ fixed: [\"127.0.0.1:7860\"] }", "{ fixed: [\"127.0.0.1:7861\"] }", false))
+            .is_ok());
+        assert!(Config::from_yaml(&fixed.replace("allow_shared_pods: false", "allow_shared_pods: true")).is_ok());
     }
 }
