@@ -1713,7 +1713,7 @@ mod tests {
         };
         let fixed =
             two("{ fixed: [\"127.0.0.1:7860\"] }", "{ fixed: [\"127.0.0.1:7861\", \"127.0.0.1:7860\"] }", false);
-        let error = format!("{:#}", Config::from_yaml(&fixed).err().expect("refused"));
+        let error = format!("{:#}", Config::from_yaml(&fixed).map(drop).expect_err("refused"));
         assert!(error.contains("services[1].backend: 127.0.0.1:7860 is also services[0]'s pod"), "{error}");
         let process = "{ process: { command: [\"{sdgate}\", sim, --port, \"{port}\"], port_base: 7859 } }";
         let refusal = |yaml: String| Config::from_yaml(&yaml).err().map(|e| format!("{e:#}")).unwrap_or_default();
