@@ -74,15 +74,17 @@ impl Refusals {
 enum Failure {
     /// The connection itself failed ("refused", "connect timed out", ...).
     Connect(String),
-    /// It connected but the answer was wrong or late: what it was
-    /// ("GET /internal/ping -> 400 Invalid HTTP request received.").
-    Other(String),
+    /// It answered, but not 2xx: what it said ("GET /internal/ping -> 400
+    /// Invalid HTTP request received.").
+    Answer(String),
+    /// It connected but gave no usable answer in time.
+    Silent(String),
 }
 
 impl Failure {
     fn describe(&self) -> &str {
         match self {
-            Failure::Connect(why) | Failure::Other(why) => why,
+            Failure::Connect(why) | Failure::Answer(why) | Failure::Silent(why) => why,
         }
     }
 }
@@ -124,7 +126,8 @@ impl Prober {
             let (taken, probed) = self.probe_shared(&shared, addr, fresh_for).await;
             self.record(&gate, addr, &probed);
             let note = gate.note_probe(endpoint, probed.as_ref().err().map(Failure::describe));
-            tell_failing(&gate, addr, &note, &mut logged);
+            let answered = matches!(probed, Err(Failure::Answer(_)));
+            tell_failing(&gate, addr, &note, answered, &mut logged);
             let ok = probed.is_ok();
             if ok {
                 failures = 0;
@@ -248,10 +251,10 @@ impl Prober {
                         Reply::Answer(status, _) | Reply::Oversized(status) if status.is_success() => Ok(()),
                         Reply::Refused(why) => Err(Failure::Connect(why)),
                         Reply::Answer(status, body) => {
-                            Err(Failure::Other(format!("GET {path} -> {}", answer_text(status, &body))))
+                            Err(Failure::Answer(format!("GET {path} -> {}", answer_text(status, &body))))
                         }
-                        Reply::Oversized(status) => Err(Failure::Other(format!("GET {path} -> {}", status.as_u16()))),
-                        Reply::Nothing => Err(Failure::Other(format!("GET {path} -> no answer within {timeout:?}"))),
+                        Reply::Oversized(status) => Err(Failure::Answer(format!("GET {path} -> {}", status.as_u16()))),
+                        Reply::Nothing => Err(Failure::Silent(format!("GET {path} -> no answer within {timeout:?}"))),
                     }
                 }
             }
@@ -259,7 +262,7 @@ impl Prober {
         match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
             // No answer in time: the port may be open (a busy pod) or not.
-            Err(_) => Err(Failure::Other(format!("no answer within {timeout:?}"))),
+            Err(_) => Err(Failure::Silent(format!("no answer within {timeout:?}"))),
         }
     }
 
@@ -303,7 +306,13 @@ fn answer_text(status: http::StatusCode, body: &[u8]) -> String {
 /// warning, and so is any failure while requests have waited
 /// [`WAIT_WARNING`] with no pod ready; a pod still refusing connections
 /// while it starts is information.
-fn tell_failing(gate: &Endpoints, addr: SocketAddr, note: &crate::gate::ProbeNote, logged: &mut Option<Instant>) {
+fn tell_failing(
+    gate: &Endpoints,
+    addr: SocketAddr,
+    note: &crate::gate::ProbeNote,
+    answered: bool,
+    logged: &mut Option<Instant>,
+) {
     let Some(failure) = &note.failure else {
         *logged = None;
         return;
@@ -318,7 +327,6 @@ fn tell_failing(gate: &Endpoints, addr: SocketAddr, note: &crate::gate::ProbeNot
     let span = humantime::format_duration(Duration::from_secs(now.saturating_duration_since(note.since).as_secs()));
     let times = note.times;
     let waiting = gate.oldest_wait().filter(|wait| *wait >= WAIT_WARNING && !gate.any_ready());
-    let answered = failure.contains(" -> ") && !failure.contains(" -> no answer");
     match waiting {
         Some(wait) => {
             let wait = humantime::format_duration(Duration::from_secs(wait.as_secs()));

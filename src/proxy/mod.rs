@@ -314,11 +314,12 @@ impl Service {
             return self.want_named(&name, keep);
         }
         let body = body?;
-        if body.len() < OFF_THREAD_BODY {
-            return self.named(headers, Some(body));
-        }
-        let (reader, body) = (self.checkpoints.clone(), body.clone());
-        let (name, keep) = tokio::task::spawn_blocking(move || reader.from_body(&body)).await.ok()??;
+        let (name, keep) = if body.len() < OFF_THREAD_BODY {
+            self.checkpoints.from_body(body)?
+        } else {
+            let (reader, body) = (self.checkpoints.clone(), body.clone());
+            tokio::task::spawn_blocking(move || reader.from_body(&body)).await.ok()??
+        };
         self.want_named(&name, keep)
     }
 }

@@ -195,8 +195,7 @@ impl ProcessPool {
             }
             Err(error) => {
                 let program = argv.first().map_or("(no command)", String::as_str);
-                let message = format!("backend fails to start: cannot run {program}: {error}");
-                self.fail(index, message);
+                self.fail(index, format!("cannot run {program}: {error}"));
             }
         }
     }
@@ -237,18 +236,18 @@ impl ProcessPool {
                 if was_ready {
                     self.failures.remove(&exit.index);
                 }
-                let mut message = format!(
-                    "backend fails to start: worker {} exited ({status}) {} after starting",
+                let mut cause = format!(
+                    "worker {} exited ({status}) {} after starting",
                     exit.index,
                     humantime::format_duration(Duration::from_millis(worker.started.elapsed().as_millis() as u64))
                 );
                 if let Some(words) = &exit.last_words {
-                    message.push_str(&format!("; its last words: {words}"));
+                    cause.push_str(&format!("; its last words: {words}"));
                 }
                 if was_ready {
                     self.schedule_restart(exit.index);
                 } else {
-                    self.fail(exit.index, message);
+                    self.fail(exit.index, cause);
                 }
             }
             Phase::Draining | Phase::Stopping { .. } => {
@@ -261,14 +260,14 @@ impl ProcessPool {
     /// A worker could not start or died before becoming ready: tell waiting
     /// requests why, and try again later. Once no wanted worker is ready or
     /// starting, waiting requests are answered with the cause at once.
-    fn fail(&mut self, index: u32, message: String) {
+    fn fail(&mut self, index: u32, cause: String) {
+        let message = format!("backend fails to start: {cause}");
         tracing::error!(service = %self.service, worker = index, "{message}");
         *self.failures.entry(index).or_insert(0) += 1;
         self.schedule_restart(index);
         let starting = self.workers.values().any(|w| matches!(w.phase, Phase::Running));
         if !starting && !self.endpoints.any_ready() {
             let retry_at = self.restarts.values().map(|r| r.at).min().unwrap_or_else(Instant::now);
-            let cause = message.strip_prefix("backend fails to start: ").unwrap_or(&message).to_string();
             self.endpoints.set_down(Some(Down { cause, retry_at }));
         }
         self.endpoints.report_error(Some(message));
