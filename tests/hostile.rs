@@ -240,3 +240,68 @@ async fn a_host_cannot_forge_log_fields() {
     let line = gateway.log_line(&["unrouted"]).await;
     assert!(line.contains("host=\"a client=6.6.6.6 status=200\""), "{line}");
 }
+
+/// A client that reads none of an answer the pod has finished (hyper holds
+/// it, the socket's buffers are full) is cut at `send_timeout`, not left
+/// open until `idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_non_reader_is_cut_at_send_timeout() {
+    use tokio::io::AsyncReadExt;
+    let options = SimOptions { step_time: Duration::from_millis(1), image_bytes: 16 << 20, ..SimOptions::default() };
+    let workers = sims(1, options).await;
+    let yaml = with_limits("send_timeout: 1s, idle_timeout: 300s", config_yaml(&[workers[0].addr], 1, ""));
+    let gateway = TestGateway::start(&yaml).await;
+    gateway.wait_for(|g| g.ready_count() == 1, "pod ready").await;
+    // 22 MB of answer, buffered whole at sdgate (under buffer_response_bytes):
+    // the pod is free at once, hyper writes until the socket is full.
+    let mut silent = raw_request(gateway.addr, "never read", 1).await;
+    let closed = "sdgate_client_connections_closed_total{reason=\"send_timeout\"}";
+    eventually_within(Duration::from_secs(30), "the non-reader cut", || async {
+        metric(gateway.admin, closed).await == Some(1.0)
+    })
+    .await;
+    assert_eq!(metric(gateway.admin, "sdgate_client_connections").await, Some(0.0));
+    // The client reads now: what the socket held, then the end (a connection
+    // still open would send the rest and wait for the next request).
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), silent.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection was closed");
+    assert!(got.len() < 16 << 20, "the answer was cut short: {} bytes", got.len());
+    assert_eq!(send(&client(), txt2img(gateway.addr, "next", 1)).await.status, 200);
+}
+
+/// An HTTP/2 client that reads none of a streamed answer (its flow-control
+/// window fills; the socket never blocks) is cut within an eighth of
+/// `send_timeout` past it, and the pod is freed: not after twice the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_non_reader_frees_its_pod_at_send_timeout() {
+    let options = SimOptions { step_time: Duration::from_millis(1), image_bytes: 16 << 20, ..SimOptions::default() };
+    let workers = sims(1, options).await;
+    let send_timeout = Duration::from_secs(2);
+    let yaml = with_limits("send_timeout: 2s, buffer_response_bytes: 1024", config_yaml(&[workers[0].addr], 1, ""));
+    let gateway = TestGateway::start(&yaml).await;
+    gateway.wait_for(|g| g.ready_count() == 1, "pod ready").await;
+    let mut sender = h2_sender(gateway.addr).await;
+    let started = tokio::time::Instant::now();
+    let body = serde_json::json!({ "prompt": "never read", "steps": 1 }).to_string();
+    let request = Request::post(format!("http://{HOST}/sdapi/v1/txt2img"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("the answer's head");
+    assert_eq!(response.status(), StatusCode::OK);
+    // The body is held, never polled: the window fills and hyper stops.
+    let _held = response;
+    gateway.wait_for(|g| g.inflight() == 0, "the pod freed").await;
+    let took = started.elapsed();
+    assert!(took >= send_timeout, "not before send_timeout: {took:?}");
+    assert!(
+        took < send_timeout * 3 / 2,
+        "within an eighth of send_timeout past it, with room for a slow machine: {took:?}"
+    );
+    assert_eq!(
+        metric(gateway.admin, "sdgate_client_connections_closed_total{reason=\"send_timeout\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(send(&client(), txt2img(gateway.addr, "next", 1)).await.status, 200);
+}

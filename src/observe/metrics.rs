@@ -41,6 +41,8 @@ pub struct Metrics {
     checkpoint_requests: IntCounterVec,
     checkpoint_loads: IntCounterVec,
     checkpoint_queue_depth: IntGaugeVec,
+    client_connections: IntGauge,
+    connections_closed: IntCounterVec,
 }
 
 /// The metrics of one service, and what its status page shows of its
@@ -250,8 +252,24 @@ impl Metrics {
                 &["result"],
             )
             .expect("static metric definition"),
+            client_connections: IntGauge::new(
+                "sdgate_client_connections",
+                "Client connections open on the public listener (queued, in flight or idle)",
+            )
+            .expect("static metric definition"),
+            connections_closed: IntCounterVec::new(
+                Opts::new(
+                    "sdgate_client_connections_closed_total",
+                    "Client connections sdgate closed for silence, by reason (header_read_timeout, idle_timeout, send_timeout)",
+                ),
+                &["reason"],
+            )
+            .expect("static metric definition"),
             registry,
         };
+        for reason in ["header_read_timeout", "idle_timeout", "send_timeout"] {
+            metrics.connections_closed.with_label_values(&[reason]);
+        }
         for result in ["ok", "error"] {
             metrics.reloads.with_label_values(&[result]);
         }
@@ -288,7 +306,19 @@ impl Metrics {
             Box::new(self.checkpoint_requests.clone()),
             Box::new(self.checkpoint_loads.clone()),
             Box::new(self.checkpoint_queue_depth.clone()),
+            Box::new(self.client_connections.clone()),
+            Box::new(self.connections_closed.clone()),
         ]
+    }
+
+    /// `sdgate_client_connections`.
+    pub fn client_connections(&self) -> IntGauge {
+        self.client_connections.clone()
+    }
+
+    /// `sdgate_client_connections_closed_total{reason}`.
+    pub fn connections_closed(&self) -> IntCounterVec {
+        self.connections_closed.clone()
     }
 
     /// `sdgate_route_requests_total{route, service}`.

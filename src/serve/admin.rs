@@ -52,7 +52,7 @@ pub(super) async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Ar
     let _sampler = AbortOnDrop(tokio::spawn(history.clone().run(proxy.clone())));
     let mut reserve = std::fs::File::open("/dev/null").ok();
     let mut errors = AcceptErrors::new("admin");
-    let budget = Arc::new(ConnectionBudget::new(MAX_CONNECTIONS));
+    let budget = Arc::new(ConnectionBudget::new(MAX_CONNECTIONS, None));
     // Admin connections are not drained on shutdown: a sender that never
     // says so (kept for as long as the listener runs).
     let (_never, not_draining) = tokio::sync::watch::channel(false);
@@ -89,7 +89,14 @@ pub(super) async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Ar
         }
         let activity = Arc::new(Activity::new());
         let io = Watched { stream, read: Bytes::new(), activity: activity.clone(), _budget: budget.take() };
-        let watch = Watch { client, activity: activity.clone(), early: None, draining: not_draining.clone(), timeouts };
+        let watch = Watch {
+            client,
+            activity: activity.clone(),
+            early: None,
+            draining: not_draining.clone(),
+            timeouts,
+            cuts: None,
+        };
         let proxy = proxy.clone();
         let draining = draining.clone();
         let history = history.clone();

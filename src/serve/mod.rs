@@ -216,7 +216,8 @@ impl Gateway {
         // Shared, not copied into every connection's state.
         let builder = Arc::new(Builders::new(&config.limits));
         let timeouts = Timeouts::of(&config.limits);
-        let budget = Arc::new(ConnectionBudget::new(max_client_connections()));
+        let budget =
+            Arc::new(ConnectionBudget::new(max_client_connections(), Some(proxy.metrics().client_connections())));
         let mut accept_errors = AcceptErrors::new("listen");
         let mut at_limit_logged: Option<tokio::time::Instant> = None;
         // Told to every connection when the gateway shuts down; the drain is
@@ -455,6 +456,7 @@ async fn serve_http(
     http1: bool,
 ) {
     let activity = io.activity.clone();
+    let cuts = Some(proxy.metrics().connections_closed());
     let peer = Arc::new(Peer::new(client));
     let early = early.map(|early| {
         Arc::new(EarlyCell { early: std::sync::Mutex::new(Some(early)), taken: tokio::sync::Notify::new() })
@@ -473,7 +475,7 @@ async fn serve_http(
             Ok::<_, Infallible>(response.map(|body| Tracked::new(body, open)))
         }
     });
-    let watch = Watch { client, activity, early, draining, timeouts };
+    let watch = Watch { client, activity, early, draining, timeouts, cuts };
     // Pinned here, not inside `Watch::serve`: an async fn keeps its
     // arguments for its whole life, so hyper's connection would be held twice.
     if http1 {
@@ -492,6 +494,8 @@ struct Watch {
     early: Option<Arc<EarlyCell>>,
     draining: watch::Receiver<bool>,
     timeouts: Timeouts,
+    /// `sdgate_client_connections_closed_total` (the public listener's).
+    cuts: Option<prometheus::IntCounterVec>,
 }
 
 impl Watch {
@@ -502,7 +506,7 @@ impl Watch {
         C: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
-        let Watch { client, activity, early, mut draining, timeouts } = self;
+        let Watch { client, activity, early, mut draining, timeouts, cuts } = self;
         let mut wake = match activity.check(timeouts) {
             Ok(wake) => wake,
             Err(_) => return,
@@ -531,11 +535,14 @@ impl Watch {
                     shutdown_deferred = false;
                     shutdown(connection.as_mut());
                 }
-                _ = tokio::time::sleep_until(wake) => match activity.check(timeouts) {
+                _ = async { tokio::select! { _ = tokio::time::sleep_until(wake) => {}, _ = activity.wake.notified() => {} } } => match activity.check(timeouts) {
                     Ok(next) => wake = next,
-                    Err(reason) => {
+                    Err(cut) => {
+                        if let Some(cuts) = &cuts {
+                            cuts.with_label_values(&[cut.label()]).inc();
+                        }
                         // Dropping the connection closes the socket.
-                        return tracing::debug!(%client, reason, "closing a silent connection");
+                        return tracing::debug!(%client, reason = cut.reason(), "closing a silent connection");
                     }
                 },
             }
@@ -612,6 +619,12 @@ struct Activity {
     /// The watchdog's: `frames` when it last saw it move, and when.
     frames_seen: AtomicU64,
     frames_moved_at: AtomicU64,
+    /// Answers whose head hyper has (their body is being sent).
+    answering: AtomicUsize,
+    /// When the socket first refused a write since it last took bytes.
+    write_blocked_since: AtomicU64,
+    /// Wakes the watchdog: an answer started, or the socket refused a write.
+    wake: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -627,6 +640,9 @@ impl Activity {
             frames: AtomicU64::new(0),
             frames_seen: AtomicU64::new(0),
             frames_moved_at: AtomicU64::new(0),
+            answering: AtomicUsize::new(0),
+            write_blocked_since: AtomicU64::new(NONE),
+            wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -650,42 +666,102 @@ impl Activity {
     }
 
     /// When to look again, or why the connection must close now.
-    fn check(&self, timeouts: Timeouts) -> Result<tokio::time::Instant, &'static str> {
+    fn check(&self, timeouts: Timeouts) -> Result<tokio::time::Instant, Cut> {
         let now = tokio::time::Instant::now();
+        // The socket takes no bytes (its buffers are full: the client reads
+        // nothing): cut `send_timeout` after its first refused write, also
+        // when hyper holds the rest of an answer the pod has finished.
+        let blocked = self.write_blocked_since.load(Ordering::Acquire);
+        let unblocked_by = match blocked {
+            NONE => None,
+            since if self.at(since) + timeouts.send <= now => return Err(Cut::Send),
+            since => Some(self.at(since) + timeouts.send),
+        };
+        let next = |at: tokio::time::Instant| Ok(unblocked_by.map_or(at, |by| by.min(at)));
         if self.open.load(Ordering::Acquire) > 0 {
-            // A client that takes no byte of an answer for `send_timeout`
-            // is cut: dropping the connection drops the answer, whose pod
-            // part is then read to its end in the background.
-            if self.sending.load(Ordering::Acquire) > 0 {
+            // A client that takes no frame of an answer for `send_timeout`
+            // (HTTP/2 flow control stops hyper before the socket does) is
+            // cut: dropping the connection drops the answer, whose pod part
+            // is then read to its end in the background. While an answer is
+            // being sent, the watchdog looks every eighth of `send_timeout`
+            // (frames are counted, not timed): it cuts within an eighth of
+            // the timeout's end.
+            if self.answering.load(Ordering::Acquire) > 0 {
                 let frames = self.frames.load(Ordering::Acquire);
-                if self.frames_seen.swap(frames, Ordering::Relaxed) != frames {
+                if self.frames_seen.swap(frames, Ordering::Relaxed) != frames
+                    || self.sending.load(Ordering::Acquire) == 0
+                {
                     self.frames_moved_at.store(self.now(), Ordering::Relaxed);
                 }
                 let stuck_until = self.at(self.frames_moved_at.load(Ordering::Relaxed)) + timeouts.send;
                 if stuck_until <= now {
-                    return Err("the client took no bytes of its answer within send_timeout");
+                    return Err(Cut::Send);
                 }
-                return Ok(stuck_until.min(now + timeouts.header_read.min(timeouts.idle)));
+                return next(stuck_until.min(now + (timeouts.send / 8).max(Duration::from_millis(10))));
             }
-            // Busy: look again later (its end is not signalled to the watchdog).
-            return Ok(now + timeouts.header_read.min(timeouts.idle).min(timeouts.send));
+            // Queued, or waiting for its pod: an answer's start wakes the
+            // watchdog (`Activity::wake`).
+            return next(now + timeouts.header_read.min(timeouts.idle).min(timeouts.send));
         }
-        let (deadline, reason) = if !self.served.load(Ordering::Acquire) {
-            (self.epoch + timeouts.header_read, "no request within header_read_timeout")
+        let (deadline, cut) = if !self.served.load(Ordering::Acquire) {
+            (self.epoch + timeouts.header_read, Cut::NoRequest)
         } else {
             match self.head_since.load(Ordering::Acquire) {
-                NONE => (self.at(self.idle_since.load(Ordering::Acquire)) + timeouts.idle, "idle_timeout"),
-                since => {
-                    (self.at(since) + timeouts.header_read, "request head not complete within header_read_timeout")
-                }
+                NONE => (self.at(self.idle_since.load(Ordering::Acquire)) + timeouts.idle, Cut::Idle),
+                since => (self.at(since) + timeouts.header_read, Cut::HeadIncomplete),
             }
         };
         if deadline <= now {
-            Err(reason)
+            Err(cut)
         } else {
             // A request may open before the deadline (the watchdog is not
-            // told): look again within `send_timeout` to watch its answer.
-            Ok(deadline.min(now + timeouts.send))
+            // told until its answer starts).
+            next(deadline)
+        }
+    }
+
+    /// The socket refused a write (Pending): the first refusal of a spell
+    /// is timed, and wakes the watchdog.
+    fn write_blocked(&self) {
+        if self.write_blocked_since.load(Ordering::Relaxed) == NONE {
+            self.write_blocked_since.store(self.now(), Ordering::Release);
+            self.wake.notify_one();
+        }
+    }
+
+    /// The socket took bytes.
+    fn wrote(&self) {
+        if self.write_blocked_since.load(Ordering::Relaxed) != NONE {
+            self.write_blocked_since.store(NONE, Ordering::Release);
+        }
+    }
+}
+
+/// Why a connection's watchdog closed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cut {
+    NoRequest,
+    HeadIncomplete,
+    Idle,
+    Send,
+}
+
+impl Cut {
+    fn reason(self) -> &'static str {
+        match self {
+            Cut::NoRequest => "no request within header_read_timeout",
+            Cut::HeadIncomplete => "request head not complete within header_read_timeout",
+            Cut::Idle => "idle_timeout",
+            Cut::Send => "the client took no bytes of its answer within send_timeout",
+        }
+    }
+
+    /// The `reason` label of `sdgate_client_connections_closed_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Cut::NoRequest | Cut::HeadIncomplete => "header_read_timeout",
+            Cut::Idle => "idle_timeout",
+            Cut::Send => "send_timeout",
         }
     }
 }
@@ -727,6 +803,10 @@ struct Tracked {
 
 impl Tracked {
     fn new(body: ResponseBody, open: Open) -> Self {
+        let activity = &open.activity;
+        if activity.answering.fetch_add(1, Ordering::AcqRel) == 0 {
+            activity.wake.notify_one();
+        }
         Self { body, open, sending: false }
     }
 
@@ -748,6 +828,7 @@ impl Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.set_sending(false);
+        self.open.activity.answering.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -808,9 +889,22 @@ impl AsyncRead for Watched {
     }
 }
 
+impl Watched {
+    /// Tells the watchdog whether the socket took bytes or refused them.
+    fn note_write(&self, polled: &Poll<std::io::Result<usize>>) {
+        match polled {
+            Poll::Pending => self.activity.write_blocked(),
+            Poll::Ready(Ok(written)) if *written > 0 => self.activity.wrote(),
+            Poll::Ready(_) => {}
+        }
+    }
+}
+
 impl AsyncWrite for Watched {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.note_write(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -818,7 +912,9 @@ impl AsyncWrite for Watched {
         cx: &mut TaskContext<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.note_write(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -887,11 +983,13 @@ struct ConnectionBudget {
     max: usize,
     /// Told when a connection closes.
     freed: tokio::sync::Notify,
+    /// `sdgate_client_connections` (the public listener's).
+    gauge: Option<prometheus::IntGauge>,
 }
 
 impl ConnectionBudget {
-    fn new(max: usize) -> Self {
-        Self { open: AtomicUsize::new(0), max, freed: tokio::sync::Notify::new() }
+    fn new(max: usize, gauge: Option<prometheus::IntGauge>) -> Self {
+        Self { open: AtomicUsize::new(0), max, freed: tokio::sync::Notify::new(), gauge }
     }
 
     fn full(&self) -> bool {
@@ -900,6 +998,9 @@ impl ConnectionBudget {
 
     fn take(self: &Arc<Self>) -> BudgetSlot {
         self.open.fetch_add(1, Ordering::AcqRel);
+        if let Some(gauge) = &self.gauge {
+            gauge.inc();
+        }
         BudgetSlot(self.clone())
     }
 }
@@ -910,6 +1011,9 @@ struct BudgetSlot(Arc<ConnectionBudget>);
 impl Drop for BudgetSlot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(gauge) = &self.0.gauge {
+            gauge.dec();
+        }
         self.0.freed.notify_one();
     }
 }
@@ -1014,14 +1118,14 @@ mod tests {
         let wake = activity.check(timeouts()).expect("a new connection may wait");
         assert_eq!(wake, activity.epoch + Duration::from_secs(10));
         tokio::time::sleep_until(wake).await;
-        assert_eq!(activity.check(timeouts()), Err("no request within header_read_timeout"));
+        assert_eq!(activity.check(timeouts()), Err(Cut::NoRequest));
 
         let activity = Arc::new(Activity::new());
         drop(Open::start(&activity, false));
         tokio::time::advance(Duration::from_secs(59)).await;
         assert!(activity.check(timeouts()).is_ok(), "idle for 59 s of 60");
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(activity.check(timeouts()), Err("idle_timeout"));
+        assert_eq!(activity.check(timeouts()), Err(Cut::Idle));
     }
 
     /// An answer whose frame hyper took, with no call for the next one for
@@ -1059,9 +1163,29 @@ mod tests {
         tokio::time::advance(Duration::from_secs(29)).await;
         assert!(activity.check(timeouts()).is_ok(), "29 s of 30");
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(activity.check(timeouts()), Err("the client took no bytes of its answer within send_timeout"));
+        assert_eq!(activity.check(timeouts()), Err(Cut::Send));
         // hyper asked for the next frame: the client is reading again.
         assert!(tracked.as_mut().poll_frame(&mut cx).is_pending());
         assert!(activity.check(timeouts()).is_ok());
+    }
+
+    /// A socket that refuses writes for `send_timeout` is cut, also when no
+    /// request is open any more (hyper holds an answer the pod finished);
+    /// one that takes bytes again is not. The refusal wakes the watchdog.
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_cuts_a_socket_that_takes_no_bytes_for_send_timeout() {
+        let activity = Arc::new(Activity::new());
+        drop(Open::start(&activity, false));
+        activity.write_blocked();
+        tokio::time::timeout(Duration::from_millis(1), activity.wake.notified()).await.expect("the watchdog woken");
+        assert_eq!(activity.check(timeouts()), Ok(tokio::time::Instant::now() + Duration::from_secs(30)));
+        tokio::time::advance(Duration::from_secs(20)).await;
+        activity.write_blocked();
+        activity.wrote();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(activity.check(timeouts()).is_ok(), "bytes went out 20 s ago");
+        activity.write_blocked();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(activity.check(timeouts()), Err(Cut::Send));
     }
 }
