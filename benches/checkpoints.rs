@@ -1,8 +1,9 @@
 //! Checkpoint-aware routing against checkpoint-blind routing, side by side
 //! in one run (`cargo bench --bench checkpoints`).
 //!
-//! Two gateways in this process, one with `checkpoints.route: true` (the
-//! default) and one with `route: false`, each in front of its own 4 sims
+//! Three gateways in this process, one with `checkpoints.route: true` (the
+//! default), one that also bounds a pod's idle spell by its load time
+//! (`max_pod_idle: load`) and one with `route: false`, each in front of its own 4 sims
 //! that all start on checkpoint `ck1`, load a checkpoint in `LOAD_MS`
 //! (default 1500) and generate in 4 steps of `STEP_MS` (default 50: 0.2 s).
 //! Both get the same trace at the same time: `REQUESTS` (default 120)
@@ -13,7 +14,8 @@
 //! Reports, for each: checkpoint loads (counted by the pods; then of ck1..ck5), p50 and p95 of
 //! the request latency, the makespan (first request to last answer), and
 //! how long a ready pod sat idle while requests waited (the gate sampled
-//! every 10 ms: the share of samples, and the longest such spell); then the
+//! every 10 ms: the share of samples with one so, and the longest spell of
+//! one pod); then the
 //! same for a trace that names one checkpoint only, where both must do the
 //! same.
 
@@ -57,10 +59,18 @@ fn main() {
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
     for (name, trace) in [("Zipf over 5 checkpoints", &mixed), ("one checkpoint", &single)] {
         let counts: Vec<usize> = (1..=CHECKPOINTS).map(|k| trace.iter().filter(|c| **c == k).count()).collect();
-        let (aware, blind) = runtime.block_on(async {
-            tokio::join!(run(trace, clients, load, step, true), run(trace, clients, load, step, false))
+        let (aware, by_load, blind) = runtime.block_on(async {
+            tokio::join!(
+                run(trace, clients, load, step, "route: true"),
+                run(trace, clients, load, step, "route: true, max_pod_idle: load"),
+                run(trace, clients, load, step, "route: false")
+            )
         });
-        for (routing, result) in [("checkpoint-aware", aware), ("checkpoint-blind", blind)] {
+        for (routing, result) in [
+            ("checkpoint-aware", aware),
+            ("checkpoint-aware, max_pod_idle: load", by_load),
+            ("checkpoint-blind", blind),
+        ] {
             println!(
                 "| {name} {counts:?} | {routing} | {} {:?} | {} | {} | {} | {:.1} % of samples, longest {} |",
                 result.loads,
@@ -113,27 +123,32 @@ impl IdleWhileWaiting {
     }
 }
 
-/// Samples `gate` every 10 ms until `done`.
+/// Samples `gate` every 10 ms until `done`: the share of samples with
+/// some pod idle while requests wait, and the longest spell of one pod.
 async fn sample_idle(
     gate: Arc<sdgate::gate::SharedGate>,
     done: Arc<std::sync::atomic::AtomicBool>,
 ) -> IdleWhileWaiting {
     let mut seen = IdleWhileWaiting::default();
-    let mut since: Option<Instant> = None;
+    let mut since: std::collections::HashMap<sdgate::gate::EndpointId, Instant> = Default::default();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
         tick.tick().await;
-        let idle = gate.inspect(|g| {
-            g.queue_depth() > 0
-                && g.endpoints().iter().any(|e| e.ready && !e.draining && e.quarantined == 0 && e.inflight == 0)
+        let idle: Vec<sdgate::gate::EndpointId> = gate.inspect(|g| match g.queue_depth() > 0 {
+            true => g
+                .endpoints()
+                .iter()
+                .filter(|e| e.ready && !e.draining && e.quarantined == 0 && e.inflight == 0)
+                .map(|e| e.id)
+                .collect(),
+            false => Vec::new(),
         });
         seen.samples += 1;
-        if idle {
-            seen.idle += 1;
-            let start = *since.get_or_insert_with(Instant::now);
+        seen.idle += u64::from(!idle.is_empty());
+        since.retain(|id, _| idle.contains(id));
+        for id in idle {
+            let start = *since.entry(id).or_insert_with(Instant::now);
             seen.longest = seen.longest.max(start.elapsed());
-        } else {
-            since = None;
         }
     }
     seen
@@ -156,11 +171,11 @@ impl Result {
     }
 }
 
-async fn run(trace: &[usize], clients: usize, load: Duration, step: Duration, aware: bool) -> Result {
+async fn run(trace: &[usize], clients: usize, load: Duration, step: Duration, checkpoints: &str) -> Result {
     let options = SimOptions { checkpoint: "ck1".into(), load_time: load, ..fast_sim(step.as_millis() as u64) };
     let pods: Vec<SimHandle> = sims(PODS, options).await;
     let backends: Vec<SocketAddr> = pods.iter().map(|p| p.addr).collect();
-    let extra = format!("    queue: {{ timeout: 600s }}\n    checkpoints: {{ route: {aware} }}\n");
+    let extra = format!("    queue: {{ timeout: 600s }}\n    checkpoints: {{ {checkpoints} }}\n");
     let gateway = TestGateway::in_front_of(&backends, 1, &extra).await;
     let addr = gateway.addr;
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));

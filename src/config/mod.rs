@@ -446,6 +446,12 @@ pub struct CheckpointConfig {
     /// another could load it; after that it takes any pod.
     #[serde(with = "duration")]
     pub max_wait_for_match: Duration,
+    /// The longest a pod with room idles while requests wait for others
+    /// that hold their checkpoints: a duration, or `load` (the pod's own
+    /// load time, learned from its answers, `switch_cost` until then);
+    /// never longer than `max_wait_for_match` (unset: that).
+    #[serde(skip_serializing_if = "Option::is_none", with = "pod_idle")]
+    pub max_pod_idle: Option<PodIdle>,
     /// GET this when a pod becomes ready and read its `sd_model_checkpoint`
     /// (the WebUI's options); `null`: not asked.
     pub options_path: Option<String>,
@@ -463,6 +469,7 @@ impl Default for CheckpointConfig {
             restore_pointer: "/override_settings_restore_afterwards".into(),
             switch_cost: Duration::from_secs(2),
             max_wait_for_match: Duration::from_secs(10),
+            max_pod_idle: None,
             options_path: Some("/sdapi/v1/options".into()),
             metric_labels: 10,
         }
@@ -1035,7 +1042,10 @@ impl Config {
                 warnings.push(format!("services[{i}].fairness.header: does nothing unless fairness.key is header"));
             }
             if !service.checkpoints.route {
-                for key in ["switch_cost", "max_wait_for_match"].into_iter().filter(|k| has(&["checkpoints", k])) {
+                for key in ["switch_cost", "max_wait_for_match", "max_pod_idle"]
+                    .into_iter()
+                    .filter(|k| has(&["checkpoints", k]))
+                {
                     warnings.push(format!(
                         "services[{i}].checkpoints.{key}: does nothing with checkpoints.route false (checkpoint-blind dispatch)"
                     ));
@@ -1553,6 +1563,37 @@ pub fn split_host_port(addr: &str) -> Result<(String, u16)> {
 }
 
 /// serde for durations written as "300s" / "100ms".
+/// `checkpoints.max_pod_idle`: a fixed bound, or a load's time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodIdle {
+    Load,
+    For(Duration),
+}
+
+mod pod_idle {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::PodIdle;
+
+    pub fn serialize<S: Serializer>(value: &Option<PodIdle>, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(PodIdle::For(bound)) => super::duration::serialize(bound, serializer),
+            Some(PodIdle::Load) => serializer.serialize_str("load"),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<PodIdle>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(deserializer)? else { return Ok(None) };
+        if text == "load" {
+            return Ok(Some(PodIdle::Load));
+        }
+        humantime::parse_duration(&text).map(|bound| Some(PodIdle::For(bound))).map_err(|e| {
+            serde::de::Error::custom(format!("{text:?} is neither `load` nor a duration like \"2s\" ({e})"))
+        })
+    }
+}
+
 mod duration {
     use std::time::Duration;
 
@@ -1677,7 +1718,16 @@ mod tests {
         assert!(checkpoints.route);
         assert_eq!(checkpoints.pointers, ["/override_settings/sd_model_checkpoint"]);
         assert_eq!(checkpoints.max_wait_for_match, Duration::from_secs(10));
+        assert_eq!(checkpoints.max_pod_idle, None);
+        for (text, bound) in [("load", PodIdle::Load), ("1500ms", PodIdle::For(Duration::from_millis(1500)))] {
+            let yaml = minimal(&format!("    checkpoints: {{ max_pod_idle: {text} }}\n"));
+            let config = Config::from_yaml(&yaml).unwrap();
+            assert_eq!(config.services[0].checkpoints.max_pod_idle, Some(bound));
+            let again = Config::from_yaml(&config.to_yaml().unwrap()).unwrap();
+            assert_eq!(again.services[0].checkpoints.max_pod_idle, Some(bound), "round trip");
+        }
         for (bad, named) in [
+            ("    checkpoints: { max_pod_idle: soon }\n", "neither `load` nor a duration"),
             ("    checkpoints: { pointers: [override_settings] }\n", "must be empty or start with /"),
             ("    checkpoints: { header: \"bad header\" }\n", "is not a header name"),
             ("    checkpoints: { options_path: options }\n", "options_path"),

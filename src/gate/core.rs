@@ -10,7 +10,10 @@
 //!   wait for a busy endpoint holding it rather than load it on one with
 //!   room, while waiting is expected to cost less than a load and at most
 //!   until it loses patience (`checkpoints.max_wait_for_match`): meanwhile
-//!   an endpoint with room may idle;
+//!   an endpoint with room may idle, at most `checkpoints.max_pod_idle` in
+//!   one spell (`max_wait_for_match` unless set; `load`: the cheaper of its
+//!   load time and that), then the first waiter it can take loads there
+//!   ([`Gate::note_idle`]);
 //! - tickets share the pods fairly between clients (start-time fair
 //!   queueing, one unit per request): a client's requests are served in
 //!   arrival order, and a newcomer waits behind at most about one request of
@@ -152,6 +155,12 @@ pub struct Endpoint {
     pub failed: u64,
     /// The checkpoint it holds, and its learned timings.
     pub model: Holding,
+    /// Since when it has had room while requests waited (for pods that
+    /// hold their checkpoints); see [`Gate::note_idle`].
+    pub idle_since: Option<Instant>,
+    /// Idle so long while requests waited that the first of them it can
+    /// take loads its checkpoint here rather than wait on.
+    pub overdue: bool,
 }
 
 impl Endpoint {
@@ -298,6 +307,8 @@ pub struct Gate<W> {
     /// Waiters per checkpoint met so far in a pass over the queue (kept to
     /// reuse its memory).
     ahead: Vec<usize>,
+    /// Some endpoint has `idle_since` set.
+    idle_noted: bool,
 }
 
 impl<W> Gate<W> {
@@ -318,6 +329,7 @@ impl<W> Gate<W> {
             models: Models::default(),
             model_policy: ModelPolicy::default(),
             ahead: Vec::new(),
+            idle_noted: false,
         }
     }
 
@@ -619,6 +631,44 @@ impl<W> Gate<W> {
         Some((waiting.waiter, self.grant(index, waiting.want)))
     }
 
+    /// After [`Gate::next_grant`] has run out: times the spell of each pod
+    /// with room while requests wait (for busy pods that hold their
+    /// checkpoints, or strictly pinned elsewhere). A pod idle for its
+    /// bound (`checkpoints.max_pod_idle`: `max_wait_for_match`, a duration,
+    /// or its load's time) becomes overdue: the first waiter it can take
+    /// loads there. Returns
+    /// whether a pod became overdue now (the caller hands out again), and
+    /// when the next spell reaches its bound (the caller calls again then),
+    /// None if no pod idles while requests wait. `now` is read only when
+    /// requests wait or a spell was under way.
+    pub fn note_idle(&mut self, now: impl FnOnce() -> Instant) -> (bool, Option<Instant>) {
+        if self.queue.is_empty() && !self.idle_noted {
+            return (false, None);
+        }
+        let now = now();
+        let waiting = !self.queue.is_empty();
+        let (policy, capacity) = (self.model_policy, self.capacity);
+        let (mut next, mut became_overdue): (Option<Instant>, bool) = (None, false);
+        self.idle_noted = false;
+        for endpoint in &mut self.endpoints {
+            let room = endpoint.is_serving() && (capacity == 0 || endpoint.inflight < capacity);
+            if !(waiting && room) {
+                endpoint.idle_since = None;
+                endpoint.overdue = false;
+                continue;
+            }
+            self.idle_noted = true;
+            let due = *endpoint.idle_since.get_or_insert(now) + endpoint.model.max_idle(&policy);
+            if due <= now {
+                became_overdue |= !endpoint.overdue;
+                endpoint.overdue = true;
+            } else {
+                next = Some(next.map_or(due, |next| next.min(due)));
+            }
+        }
+        (became_overdue, next)
+    }
+
     /// The pod has finished one request. Releasing on an endpoint that was
     /// removed meanwhile is a no-op.
     pub fn release(&mut self, id: EndpointId) {
@@ -643,6 +693,8 @@ impl<W> Gate<W> {
             served: 0,
             failed: 0,
             model: Holding::default(),
+            idle_since: None,
+            overdue: false,
         });
         id
     }
@@ -784,6 +836,8 @@ impl<W> Gate<W> {
         let endpoint = &mut self.endpoints[index];
         endpoint.inflight += 1;
         endpoint.served += 1;
+        endpoint.idle_since = None;
+        endpoint.overdue = false;
         let tracked = !self.models.is_empty();
         let load = endpoint.model.take(want);
         Grant { endpoint: endpoint.id, addr: endpoint.addr, load, timed, tracked }
@@ -805,7 +859,8 @@ impl<W> Gate<W> {
         match waiting.want {
             Some(want) if waiting.patient && self.model_policy.aware => {
                 let holds = |e: &Endpoint| e.model.holds == Some(want.model);
-                self.endpoint(endpoint).is_some_and(holds) || !self.endpoints.iter().any(|e| e.is_serving() && holds(e))
+                self.endpoint(endpoint).is_some_and(|e| holds(e) || e.overdue)
+                    || !self.endpoints.iter().any(|e| e.is_serving() && holds(e))
             }
             _ => true,
         }
@@ -836,6 +891,7 @@ impl<W> Gate<W> {
         let mut matching = 0;
         let mut matched: Option<(u32, usize)> = None;
         let mut switch: Option<((usize, usize, u64, u32), usize)> = None;
+        let mut overdue: Option<((usize, usize, u64, u32), usize)> = None;
         for (index, endpoint) in self.endpoints.iter().enumerate() {
             if !endpoint.is_serving() {
                 continue;
@@ -861,6 +917,9 @@ impl<W> Gate<W> {
                 if switch.is_none_or(|(best, _)| key < best) {
                     switch = Some((key, index));
                 }
+                if endpoint.overdue && overdue.is_none_or(|(best, _)| key < best) {
+                    overdue = Some((key, index));
+                }
             }
         }
         if let Some((_, index)) = matched {
@@ -868,7 +927,8 @@ impl<W> Gate<W> {
         }
         let Some((_, index)) = switch else { return Choice::Wait };
         if patient && matching > 0 && self.in_use(index) && self.worth_waiting(want.model, ahead, matching, index) {
-            return Choice::Wait;
+            // A pod idle too long while requests wait takes this one.
+            return overdue.map_or(Choice::Wait, |(_, index)| Choice::At(index));
         }
         Choice::At(index)
     }

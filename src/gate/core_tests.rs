@@ -1753,6 +1753,45 @@ fn a_pod_holding_a_checkpoint_in_use_is_kept_for_it() {
 }
 
 #[test]
+fn a_pod_idle_while_requests_wait_is_overdue_after_its_bound() {
+    let by_load = ModelPolicy { max_idle: Duration::from_secs(5), idle_by_load: true, ..ModelPolicy::default() };
+    let (mut gate, pods) = gate_holding(1, &["a", "b"]);
+    gate.set_model_policy(by_load);
+    let now = Instant::now();
+    assert_eq!(gate.note_idle(|| unreachable!("nothing waits: no clock read")), (false, None));
+    let running = request_for(&mut gate, "b", now).expect("b's pod is free");
+    let waiting = request_for(&mut gate, "b", now).expect_err("next on b's pod");
+    // a's pod idles while the request waits: its spell starts now, bounded
+    // by the default switch_cost (2 s), cheaper than max_idle.
+    assert_eq!(gate.note_idle(|| now), (false, Some(now + Duration::from_secs(2))));
+    assert_eq!(gate.note_idle(|| now + Duration::from_millis(1999)), (false, Some(now + Duration::from_secs(2))));
+    assert!(drain(&mut gate).is_empty());
+    assert_eq!(gate.note_idle(|| now + Duration::from_secs(2)), (true, None));
+    let granted = drain(&mut gate);
+    assert_eq!(granted.len(), 1);
+    assert_eq!((granted[0].0, granted[0].1.endpoint), (waiting, pods[0]), "the waiter loads b on a's pod");
+    assert_eq!(gate.endpoint(pods[0]).map(|e| (e.idle_since, e.overdue)), Some((None, false)));
+    gate.release(running.endpoint);
+    gate.release(granted[0].1.endpoint);
+    assert_eq!(gate.note_idle(|| now), (false, None), "nobody waits: spells end");
+
+    // A learned load time bounds the spell instead, and max_idle bounds both.
+    let (mut gate, pods) = gate_holding(1, &["a", "b"]);
+    gate.set_model_policy(by_load);
+    gate.learn(pods[0], Duration::from_millis(200), false);
+    gate.learn(pods[0], Duration::from_millis(900), true);
+    let load = gate.endpoint(pods[0]).and_then(|e| e.model.load).expect("a learned load");
+    let _running = request_for(&mut gate, "b", now).expect("b's pod is free");
+    let _waiting = request_for(&mut gate, "b", now).expect_err("next on b's pod");
+    assert_eq!(gate.note_idle(|| now), (false, Some(now + load)));
+    gate.set_model_policy(ModelPolicy { max_idle: Duration::from_millis(100), ..by_load });
+    assert_eq!(gate.note_idle(|| now), (false, Some(now + Duration::from_millis(100))));
+    // By default the bound is max_idle alone (max_wait_for_match).
+    gate.set_model_policy(ModelPolicy { max_idle: Duration::from_secs(5), ..ModelPolicy::default() });
+    assert_eq!(gate.note_idle(|| now), (false, Some(now + Duration::from_secs(5))));
+}
+
+#[test]
 fn with_one_checkpoint_every_dispatch_is_the_blind_one() {
     for capacity in [1, 2, 4] {
         let (mut aware, pods) = gate_holding(capacity, &["a", "a", "a"]);

@@ -52,11 +52,23 @@ pub struct ModelPolicy {
     pub aware: bool,
     /// What a load costs on a pod that has not measured one yet.
     pub switch_cost: Duration,
+    /// The longest a pod with room stays idle while requests wait for
+    /// others that hold their checkpoints (`checkpoints.max_pod_idle`, at
+    /// most `max_wait_for_match`).
+    pub max_idle: Duration,
+    /// A pod's own load time (learned, else `switch_cost`) bounds its idle
+    /// spell too, when cheaper (`max_pod_idle: load`).
+    pub idle_by_load: bool,
 }
 
 impl Default for ModelPolicy {
     fn default() -> Self {
-        Self { aware: true, switch_cost: Duration::from_secs(2) }
+        Self {
+            aware: true,
+            switch_cost: Duration::from_secs(2),
+            max_idle: Duration::from_secs(10),
+            idle_by_load: false,
+        }
     }
 }
 
@@ -281,6 +293,14 @@ impl Holding {
     /// What a load costs here: learned, else the configured default.
     pub(super) fn switch_cost(&self, policy: &ModelPolicy) -> Duration {
         self.load.unwrap_or(policy.switch_cost)
+    }
+
+    /// The longest this pod idles while requests wait for others.
+    pub(super) fn max_idle(&self, policy: &ModelPolicy) -> Duration {
+        match policy.idle_by_load {
+            true => self.switch_cost(policy).min(policy.max_idle),
+            false => policy.max_idle,
+        }
     }
 }
 

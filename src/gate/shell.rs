@@ -113,6 +113,9 @@ pub struct SharedGate {
     /// the cause at once, and so are new ones, instead of each waiting out
     /// the queue timeout.
     down: tokio::sync::watch::Sender<Option<Down>>,
+    /// When the timer that ends pods' idle spells is set to go off (see
+    /// [`Gate::note_idle`]).
+    idle_timer: Mutex<Option<Instant>>,
 }
 
 /// Why the backend cannot start a pod, and when it tries again.
@@ -157,6 +160,7 @@ impl SharedGate {
             waiting_told: std::sync::atomic::AtomicBool::new(false),
             probes: Mutex::default(),
             down: tokio::sync::watch::Sender::new(None),
+            idle_timer: Mutex::new(None),
         })
     }
 
@@ -341,6 +345,9 @@ impl SharedGate {
             if gate.ready_count() == 0 {
                 lock(&self.cold_since).get_or_insert(now);
             }
+            // A pod with room it chose not to take starts (or goes on with)
+            // an idle spell.
+            self.hand_out(&mut gate);
             self.publish(&gate);
             rx
         };
@@ -561,16 +568,53 @@ impl SharedGate {
         self.publish(&gate);
     }
 
-    /// Gives free room to waiters, in order, until one or the other runs out.
+    /// Gives free room to waiters, in order, until one or the other runs
+    /// out; then times the spells of pods left idle while requests wait
+    /// (a pod idle too long takes the first it can: hand out again).
     fn hand_out(self: &Arc<Self>, gate: &mut Gate<Waiter>) {
-        while let Some((waiter, grant)) = gate.next_grant() {
-            if let Err(mut slot) = waiter.send(self.slot(gate, grant)) {
-                // The waiter left: the room goes to the next one. The slot must
-                // not release itself (we hold the lock); release it here.
-                slot.armed = false;
-                gate.release(grant.endpoint);
+        loop {
+            while let Some((waiter, grant)) = gate.next_grant() {
+                if let Err(mut slot) = waiter.send(self.slot(gate, grant)) {
+                    // The waiter left: the room goes to the next one. The slot must
+                    // not release itself (we hold the lock); release it here.
+                    slot.armed = false;
+                    gate.release(grant.endpoint);
+                }
+            }
+            let (overdue, next) = gate.note_idle(Instant::now);
+            if let Some(due) = next {
+                self.end_idle_spell_at(due);
+            }
+            if !overdue {
+                return;
             }
         }
+    }
+
+    /// Hands out again at `due`, when a pod's idle spell reaches its bound
+    /// (one timer at a time: the earliest).
+    #[cold]
+    fn end_idle_spell_at(self: &Arc<Self>, due: Instant) {
+        let mut armed = lock(&self.idle_timer);
+        if armed.is_some_and(|at| at <= due) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        *armed = Some(due);
+        let shared = Arc::downgrade(self);
+        runtime.spawn(async move {
+            tokio::time::sleep_until(due).await;
+            let Some(shared) = shared.upgrade() else { return };
+            {
+                let mut armed = lock(&shared.idle_timer);
+                if *armed == Some(due) {
+                    *armed = None;
+                }
+            }
+            let mut gate = shared.lock();
+            shared.hand_out(&mut gate);
+            shared.publish(&gate);
+        });
     }
 
     #[inline]
@@ -658,6 +702,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_waiter_for_a_busy_pod_holding_its_checkpoint_takes_a_free_pod_after_its_patience() {
         let gate = SharedGate::new(1, 10, Arc::new(Unobserved));
+        // Loads dear and pods' idle spells unbounded: the waiter's patience decides.
+        let policy = ModelPolicy {
+            switch_cost: Duration::from_secs(60),
+            max_idle: Duration::from_secs(60),
+            ..ModelPolicy::default()
+        };
+        gate.set_model_policy(policy);
         let [on_a, on_c] = [7860, 7861].map(|port| gate.add_endpoint(SocketAddr::from(([127, 0, 0, 1], port))));
         gate.set_checkpoint(on_a, "a");
         gate.set_checkpoint(on_c, "c");
@@ -684,6 +735,39 @@ mod tests {
             Some("c".to_string())
         );
         drop(busy);
+    }
+
+    /// A pod with room idles while requests wait for the busy pod that
+    /// holds their checkpoint, at most the cheaper of its load and
+    /// `max_idle`: then the first waiter loads there. Its spell restarts
+    /// whenever it takes a request.
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_idle_while_requests_wait_takes_the_first_after_a_loads_time() {
+        let gate = SharedGate::new(1, 10, Arc::new(Unobserved));
+        let load = Duration::from_millis(1500);
+        let policy = ModelPolicy { switch_cost: load, idle_by_load: true, ..ModelPolicy::default() };
+        gate.set_model_policy(policy);
+        let [on_a, on_c] = [7860, 7861].map(|port| gate.add_endpoint(SocketAddr::from(([127, 0, 0, 1], port))));
+        gate.set_checkpoint(on_a, "a");
+        gate.set_checkpoint(on_c, "c");
+        for pod in [on_a, on_c] {
+            gate.set_ready(pod, true);
+        }
+        let for_a = Origin { want: gate.want("a", false), ..Origin::default() };
+        drop(gate.arrive_and_try(for_a, None).1.expect("a's pod is free"));
+        let for_c = Origin { want: gate.want("c", false), ..Origin::default() };
+        let busy = gate.arrive_and_try(for_c, None).1.expect("c's pod is free");
+        let started = Instant::now();
+        let (ticket, none) = gate.arrive_and_try(for_c, None);
+        assert!(none.is_none(), "it waits for c's pod");
+        let patience = Some(Duration::from_secs(10));
+        let slot = gate.acquire_patient(ticket, None, for_c, Duration::from_secs(300), patience).await;
+        let slot = slot.expect("a pod after a load's time");
+        assert_eq!((slot.endpoint(), started.elapsed()), (on_a, load), "a's pod, once idle for a load's time");
+        assert_eq!(gate.inspect(|g| g.endpoint(on_a).map(|e| (e.idle_since, e.overdue))), Some((None, false)));
+        // Nobody waits: no spell, no timer.
+        drop((slot, busy));
+        assert!(gate.inspect(|g| g.endpoints().iter().all(|e| e.idle_since.is_none())));
     }
 
     #[tokio::test(start_paused = true)]

@@ -276,7 +276,15 @@ const OFF_THREAD_BODY: usize = 256 * 1024;
 
 /// How a service's gate weighs checkpoints.
 fn model_policy(service: &ServiceConfig) -> crate::gate::ModelPolicy {
-    crate::gate::ModelPolicy { aware: service.checkpoints.route, switch_cost: service.checkpoints.switch_cost }
+    crate::gate::ModelPolicy {
+        aware: service.checkpoints.route,
+        switch_cost: service.checkpoints.switch_cost,
+        max_idle: match service.checkpoints.max_pod_idle {
+            Some(crate::config::PodIdle::For(bound)) => bound.min(service.checkpoints.max_wait_for_match),
+            _ => service.checkpoints.max_wait_for_match,
+        },
+        idle_by_load: service.checkpoints.max_pod_idle == Some(crate::config::PodIdle::Load),
+    }
 }
 
 impl Service {
