@@ -251,6 +251,25 @@ async fn two_replicas_of_a_config_without_leader_election_never_both_dispatch() 
     // The standby hands its requests to the active replica: one queue.
     assert_eq!(send(&client, txt2img(standby.addr, "to the standby", 1)).await.status.as_u16(), 200);
     assert_eq!(handed_over(standby.admin).await, 1.0);
+    // A handed-over request's X-Forwarded-For names its client (here from
+    // 127.0.0.2), not the standby (127.0.0.1); the relay headers stop at
+    // the active replica.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut stream = socket.connect(standby.addr).await.unwrap();
+    let head = format!("GET /sim/headers HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ =
+        tokio::time::timeout(Duration::from_secs(30), tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer))
+            .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let headers: serde_json::Value = serde_json::from_str(body).expect("the headers the pod saw, as JSON");
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.2", "{headers}");
+    assert!(headers.get("x-sdgate-relay").is_none() && headers.get("x-sdgate-client").is_none(), "{headers}");
+    assert_eq!(handed_over(standby.admin).await, 2.0);
     no_overlap_anywhere(&cluster);
 }
 
