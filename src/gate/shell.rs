@@ -346,8 +346,14 @@ impl SharedGate {
                 lock(&self.cold_since).get_or_insert(now);
             }
             // A pod with room it chose not to take starts (or goes on with)
-            // an idle spell.
-            self.hand_out(&mut gate);
+            // an idle spell; one idle too long takes the first it can.
+            let (overdue, next) = gate.note_idle(|| now);
+            if let Some(due) = next {
+                self.end_idle_spell_at(due);
+            }
+            if overdue {
+                self.hand_out(&mut gate);
+            }
             self.publish(&gate);
             rx
         };
@@ -663,6 +669,8 @@ impl LeaveQueueOnDrop<'_> {
             // Nobody waits for the cold start any more: a pod that becomes
             // ready later ends no cold start a client saw.
             lock(&self.gate.cold_since).take();
+            // Nor for a pod: idle spells end.
+            gate.note_idle(Instant::now);
         }
         self.gate.publish(&gate);
         was_queued

@@ -408,12 +408,19 @@ async fn serve_connection(
         max_header_bytes: timeouts.max_header_bytes,
     };
     let (read, early, http1) = match lobby::first_request(&stream, &proxy, limits, &mut draining).await {
-        lobby::Outcome::Close(reason) => return tracing::debug!(%client, reason, "closing the connection"),
+        lobby::Outcome::Close(reason) => {
+            if reason.ends_with("within header_read_timeout") {
+                proxy.metrics().connections_closed().with_label_values(&["header_read_timeout"]).inc();
+            }
+            return tracing::debug!(%client, reason, "closing the connection");
+        }
         lobby::Outcome::Serve { read, early, http1 } => (read, early, http1),
     };
     // Boxed, so that a connection waiting in the lobby does not carry the
     // size of hyper's part.
-    let io = Watched { stream, read, activity: Arc::new(Activity::new()), _budget: budget };
+    let activity = Arc::new(Activity::new());
+    activity.fd.store(std::os::fd::AsRawFd::as_raw_fd(&stream), Ordering::Relaxed);
+    let io = Watched { stream, read, activity, _budget: budget };
     Box::pin(serve_http(io, client, proxy, builder, draining, timeouts, early, http1)).await
 }
 
@@ -623,6 +630,13 @@ struct Activity {
     answering: AtomicUsize,
     /// When the socket first refused a write since it last took bytes.
     write_blocked_since: AtomicU64,
+    /// Bytes the kernel held unacknowledged when that spell began (a
+    /// client reading slowly drains them between two of tokio's retries).
+    queued_at_block: AtomicU64,
+    /// Successful writes (progress, counted without a clock read).
+    writes: AtomicU64,
+    /// The socket's descriptor (-1: none known), for its send queue.
+    fd: std::sync::atomic::AtomicI32,
     /// Wakes the watchdog: an answer started, or the socket refused a write.
     wake: tokio::sync::Notify,
 }
@@ -642,6 +656,9 @@ impl Activity {
             frames_moved_at: AtomicU64::new(0),
             answering: AtomicUsize::new(0),
             write_blocked_since: AtomicU64::new(NONE),
+            queued_at_block: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            fd: std::sync::atomic::AtomicI32::new(-1),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -662,6 +679,8 @@ impl Activity {
             && !self.http2.load(Ordering::Relaxed)
         {
             self.head_since.store(self.now(), Ordering::Relaxed);
+            // Its deadline is header_read_timeout, not idle_timeout.
+            self.wake.notify_one();
         }
     }
 
@@ -674,7 +693,17 @@ impl Activity {
         let blocked = self.write_blocked_since.load(Ordering::Acquire);
         let unblocked_by = match blocked {
             NONE => None,
-            since if self.at(since) + timeouts.send <= now => return Err(Cut::Send),
+            since if self.at(since) + timeouts.send <= now => {
+                // Bytes left the kernel's queue since (tokio retries a write
+                // only once a good part has): a slow reader, not a silent one.
+                let queued = self.send_queue();
+                if queued.is_none_or(|queued| queued >= self.queued_at_block.load(Ordering::Relaxed)) {
+                    return Err(Cut::Send);
+                }
+                self.queued_at_block.store(queued.unwrap_or(0), Ordering::Relaxed);
+                self.write_blocked_since.store(self.now(), Ordering::Release);
+                Some(now + timeouts.send)
+            }
             since => Some(self.at(since) + timeouts.send),
         };
         let next = |at: tokio::time::Instant| Ok(unblocked_by.map_or(at, |by| by.min(at)));
@@ -687,9 +716,10 @@ impl Activity {
             // (frames are counted, not timed): it cuts within an eighth of
             // the timeout's end.
             if self.answering.load(Ordering::Acquire) > 0 {
-                let frames = self.frames.load(Ordering::Acquire);
-                if self.frames_seen.swap(frames, Ordering::Relaxed) != frames
-                    || self.sending.load(Ordering::Acquire) == 0
+                // Progress: a frame taken, or bytes written (a frame may be
+                // large, or wait behind another stream's).
+                let moved = self.frames.load(Ordering::Acquire) + self.writes.load(Ordering::Acquire);
+                if self.frames_seen.swap(moved, Ordering::Relaxed) != moved || self.sending.load(Ordering::Acquire) == 0
                 {
                     self.frames_moved_at.store(self.now(), Ordering::Relaxed);
                 }
@@ -721,9 +751,10 @@ impl Activity {
     }
 
     /// The socket refused a write (Pending): the first refusal of a spell
-    /// is timed, and wakes the watchdog.
+    /// is timed (with the kernel's send queue then), and wakes the watchdog.
     fn write_blocked(&self) {
         if self.write_blocked_since.load(Ordering::Relaxed) == NONE {
+            self.queued_at_block.store(self.send_queue().unwrap_or(0), Ordering::Relaxed);
             self.write_blocked_since.store(self.now(), Ordering::Release);
             self.wake.notify_one();
         }
@@ -731,8 +762,25 @@ impl Activity {
 
     /// The socket took bytes.
     fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
         if self.write_blocked_since.load(Ordering::Relaxed) != NONE {
             self.write_blocked_since.store(NONE, Ordering::Release);
+        }
+    }
+
+    /// Bytes the kernel holds unacknowledged on the socket (SIOCOUTQ), if known.
+    fn send_queue(&self) -> Option<u64> {
+        let fd = self.fd.load(Ordering::Relaxed);
+        if fd < 0 {
+            return None;
+        }
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int; the descriptor is the connection's,
+        // open while its watchdog runs (a closed or reused one only gives a
+        // wrong count, never a wrong write).
+        match unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } {
+            0 => u64::try_from(queued).ok(),
+            _ => None,
         }
     }
 }
@@ -1167,6 +1215,43 @@ mod tests {
         // hyper asked for the next frame: the client is reading again.
         assert!(tracked.as_mut().poll_frame(&mut cx).is_pending());
         assert!(activity.check(timeouts()).is_ok());
+    }
+
+    /// A socket whose client reads slowly (the kernel's send queue drains
+    /// between two of tokio's write retries) is not cut; a silent one is.
+    #[tokio::test]
+    async fn a_slow_reader_is_told_from_a_silent_one_by_the_kernels_send_queue() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let activity = Activity::new();
+        activity.fd.store(std::os::fd::AsRawFd::as_raw_fd(&server), Ordering::Relaxed);
+        let chunk = vec![0u8; 64 << 10];
+        while server.write(&chunk).is_ok() {}
+        activity.served.store(true, Ordering::Relaxed);
+        activity.idle_since.store(activity.now(), Ordering::Relaxed);
+        activity.write_blocked();
+        let queued = activity.send_queue().expect("the kernel's send queue");
+        assert!(queued > 0);
+        let timeouts = Timeouts { send: Duration::from_millis(100), ..timeouts() };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // The client reads some: bytes left the queue, no write succeeded yet.
+        let mut taken = vec![0u8; 256 << 10];
+        let mut read = 0;
+        while read < taken.len() {
+            read += std::io::Read::read(&mut client, &mut taken[read..]).unwrap();
+        }
+        let drained = || activity.send_queue().is_some_and(|now| now < queued);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !drained() {
+            assert!(tokio::time::Instant::now() < deadline, "the queue drains as the client reads");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(activity.check(timeouts).is_ok(), "a slow reader is not cut");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(activity.check(timeouts), Err(Cut::Send), "silent since: cut");
     }
 
     /// A socket that refuses writes for `send_timeout` is cut, also when no
