@@ -1243,11 +1243,17 @@ mod tests {
         while read < taken.len() {
             read += std::io::Read::read(&mut client, &mut taken[read..]).unwrap();
         }
-        let drained = || activity.send_queue().is_some_and(|now| now < queued);
+        // Until the queue has shrunk and settled (the client's window is full again).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !drained() {
-            assert!(tokio::time::Instant::now() < deadline, "the queue drains as the client reads");
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        let mut last = None;
+        loop {
+            assert!(tokio::time::Instant::now() < deadline, "the queue drains as the client reads, then settles");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = activity.send_queue();
+            if now.is_some_and(|now| now < queued) && now == last {
+                break;
+            }
+            last = now;
         }
         assert!(activity.check(timeouts).is_ok(), "a slow reader is not cut");
         tokio::time::sleep(Duration::from_millis(150)).await;
