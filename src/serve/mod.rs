@@ -1218,7 +1218,7 @@ mod tests {
     }
 
     /// A socket whose client reads slowly (the kernel's send queue drains
-    /// between two of tokio's write retries) is not cut; a silent one is.
+    /// between two of tokio's write retries) is not cut.
     #[tokio::test]
     async fn a_slow_reader_is_told_from_a_silent_one_by_the_kernels_send_queue() {
         use std::io::Write;
@@ -1256,8 +1256,7 @@ mod tests {
             last = now;
         }
         assert!(activity.check(timeouts).is_ok(), "a slow reader is not cut");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(activity.check(timeouts), Err(Cut::Send), "silent since: cut");
+        // (A silent one on a real socket: tests/hostile.rs, an_http1_non_reader_is_cut_at_send_timeout.)
     }
 
     /// A socket that refuses writes for `send_timeout` is cut, also when no
