@@ -707,6 +707,16 @@ mod tests {
         assert_eq!(gate.inspect(|g| g.inflight()), 0);
     }
 
+    /// Two ready pods, holding checkpoints a and c.
+    fn pods_holding_a_and_c(gate: &Arc<SharedGate>) -> [EndpointId; 2] {
+        let pods = [7860, 7861].map(|port| gate.add_endpoint(SocketAddr::from(([127, 0, 0, 1], port))));
+        for (pod, name) in pods.iter().zip(["a", "c"]) {
+            gate.set_checkpoint(*pod, name);
+            gate.set_ready(*pod, true);
+        }
+        pods
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_waiter_for_a_busy_pod_holding_its_checkpoint_takes_a_free_pod_after_its_patience() {
         let gate = SharedGate::new(1, 10, Arc::new(Unobserved));
@@ -717,12 +727,7 @@ mod tests {
             ..ModelPolicy::default()
         };
         gate.set_model_policy(policy);
-        let [on_a, on_c] = [7860, 7861].map(|port| gate.add_endpoint(SocketAddr::from(([127, 0, 0, 1], port))));
-        gate.set_checkpoint(on_a, "a");
-        gate.set_checkpoint(on_c, "c");
-        for pod in [on_a, on_c] {
-            gate.set_ready(pod, true);
-        }
+        let [on_a, on_c] = pods_holding_a_and_c(&gate);
         // a is in use (asked for lately), so a's pod is kept for it while it can.
         let for_a = Origin { want: gate.want("a", false), ..Origin::default() };
         drop(gate.arrive_and_try(for_a, None).1.expect("a's pod is free"));
@@ -755,12 +760,7 @@ mod tests {
         let load = Duration::from_millis(1500);
         let policy = ModelPolicy { switch_cost: load, idle_by_load: true, ..ModelPolicy::default() };
         gate.set_model_policy(policy);
-        let [on_a, on_c] = [7860, 7861].map(|port| gate.add_endpoint(SocketAddr::from(([127, 0, 0, 1], port))));
-        gate.set_checkpoint(on_a, "a");
-        gate.set_checkpoint(on_c, "c");
-        for pod in [on_a, on_c] {
-            gate.set_ready(pod, true);
-        }
+        let [on_a, _on_c] = pods_holding_a_and_c(&gate);
         let for_a = Origin { want: gate.want("a", false), ..Origin::default() };
         drop(gate.arrive_and_try(for_a, None).1.expect("a's pod is free"));
         let for_c = Origin { want: gate.want("c", false), ..Origin::default() };
