@@ -138,6 +138,27 @@ async fn clients_that_leave_the_lobby_are_counted_499_and_never_reach_the_pod() 
     gateway.shutdown().await;
 }
 
+/// A connection accepted before the shutdown whose request comes just after
+/// it is served, not closed unread: a client (a standby handing a request
+/// over) connects first and writes next, and nothing refused its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_just_after_the_shutdown_on_a_connection_opened_before_is_served() {
+    let (gateway, workers, mut busy) = busy_gateway().await;
+    let mut late = BufReader::new(connect(gateway.addr).await);
+    let addr = gateway.addr;
+    let stopping = tokio::spawn(gateway.shutdown());
+    // The listener is closed once new connections are refused; the drain
+    // starts with it.
+    eventually("the listener closed", || async move { TcpStream::connect(addr).await.is_err() }).await;
+    late.get_mut().write_all(txt2img_raw("late", 1).as_bytes()).await.expect("send");
+    assert_eq!(read_answer(&mut busy).await.0, 200);
+    let (status, connection, _) = read_answer(&mut late).await;
+    assert_eq!((status, connection.as_str()), (200, "close"), "served, then closed: the gateway is stopping");
+    stopping.await.expect("the gateway stopped");
+    assert_eq!(workers[0].stats().served, 2);
+    assert_no_overlap(&[workers[0].stats()]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_serves_the_requests_waiting_in_the_lobby_before_it_ends() {
     let (gateway, workers, mut busy) = busy_gateway().await;

@@ -36,6 +36,9 @@ use crate::proxy::{Early, EarlyWait, Proxy};
 pub const MAX_BODY: usize = 64 * 1024;
 /// As many header fields as hyper accepts.
 const MAX_HEADERS: usize = 100;
+/// How long a connection that has sent nothing yet may still send its
+/// first request once the gateway drains.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// How much a read asks for at most.
 const READ_CHUNK: usize = 2048;
 
@@ -69,6 +72,8 @@ pub async fn first_request(
     draining: &mut watch::Receiver<bool>,
 ) -> Outcome {
     let mut read = Vec::new();
+    let mut head_deadline = limits.head_deadline;
+    let mut drain_grace = false;
     let (mut request, head, whole) = loop {
         match parse(&read, limits.max_header_bytes) {
             Parsed::Partial => {}
@@ -76,12 +81,21 @@ pub async fn first_request(
             Parsed::Complete { request, head, body } => break (request, head, head + body),
         }
         let more = tokio::select! {
-            more = tokio::time::timeout_at(limits.head_deadline, read_more(stream, &mut read)) => more,
-            // Shutting down: a connection that sent nothing yet is closed
-            // (as hyper closes an idle one).
-            _ = draining.wait_for(|draining| *draining), if read.is_empty() => return Outcome::Close("shutting down"),
+            more = tokio::time::timeout_at(head_deadline, read_more(stream, &mut read)) => more,
+            // Shutting down: a connection that has sent nothing yet gets
+            // DRAIN_GRACE for its first bytes, then is closed (as hyper
+            // closes an idle one). It was accepted while the listener was
+            // open, so its request may be on its way: closing it unread at
+            // once would fail a request nobody refused (a standby's
+            // hand-over connects, then writes).
+            _ = draining.wait_for(|draining| *draining), if read.is_empty() && !drain_grace => {
+                drain_grace = true;
+                head_deadline = head_deadline.min(Instant::now() + DRAIN_GRACE);
+                continue;
+            }
         };
         match more {
+            Err(_) if read.is_empty() && drain_grace => return Outcome::Close("shutting down"),
             Err(_) if read.is_empty() => return Outcome::Close("no request within header_read_timeout"),
             Err(_) => return Outcome::Close("request head not complete within header_read_timeout"),
             Ok(Ok(0) | Err(_)) => return Outcome::Close("client left"),

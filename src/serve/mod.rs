@@ -236,6 +236,8 @@ impl Gateway {
         let mut lost: Option<anyhow::Error> = None;
         // Set by a delayed stop: when to stop accepting.
         let mut stop_at: Option<tokio::time::Instant> = None;
+        let mut accepted_to =
+            AcceptedTo { threads: &mut threads, proxy: &proxy, builder: &builder, drain: &drain_rx, timeouts };
         loop {
             tokio::select! {
                 _ = async { match stop_at { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => break,
@@ -279,22 +281,11 @@ impl Gateway {
                             continue;
                         }
                     };
-                    let slot = budget.take();
                     if budget.full() && at_limit_logged.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1)) {
                         at_limit_logged = Some(tokio::time::Instant::now());
                         tracing::warn!(limit = budget.max, "client connections at their limit (descriptors kept for pods and the admin listener); new ones wait");
                     }
-                    let _ = stream.set_nodelay(true);
-                    // The connection moves to a serving thread's runtime.
-                    let stream = match stream.into_std() {
-                        Ok(stream) => stream,
-                        Err(error) => {
-                            tracing::warn!(%error, %client, "cannot hand the connection over");
-                            continue;
-                        }
-                    };
-                    let connection = Connection { stream, client, budget: slot, timeouts };
-                    threads.next_runtime().spawn(serve_connection(connection, proxy.clone(), builder.clone(), drain_rx.clone()));
+                    spawn_connection(stream, client, budget.take(), &mut accepted_to);
                 }
                 Some(request) = reload_rx.recv() => {
                     let result = apply_reload(&mut config, request.config, &proxy, control.as_mut());
@@ -315,6 +306,17 @@ impl Gateway {
                 }
             }
         }
+        // Connections the kernel completed before the listener closes would
+        // be reset unread: they are served like the others (one arriving
+        // after this last look is refused, and a client may retry that).
+        if lost.is_none() {
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            while let std::task::Poll::Ready(Ok((stream, client))) = listener.poll_accept(&mut cx) {
+                spawn_connection(stream, client, budget.take(), &mut accepted_to);
+            }
+        }
+        drop(accepted_to);
         drop(listener);
         drop(drain_rx);
         draining.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -422,6 +424,31 @@ async fn serve_connection(
     activity.fd.store(std::os::fd::AsRawFd::as_raw_fd(&stream), Ordering::Relaxed);
     let io = Watched { stream, read, activity, _budget: budget };
     Box::pin(serve_http(io, client, proxy, builder, draining, timeouts, early, http1)).await
+}
+
+/// Where an accepted connection goes: a serving thread, with what it needs.
+struct AcceptedTo<'a> {
+    threads: &'a mut ServingThreads,
+    proxy: &'a Arc<Proxy>,
+    builder: &'a Arc<Builders>,
+    drain: &'a watch::Receiver<bool>,
+    timeouts: Timeouts,
+}
+
+/// Moves an accepted connection to a serving thread's runtime.
+fn spawn_connection(stream: TcpStream, client: SocketAddr, budget: BudgetSlot, to: &mut AcceptedTo<'_>) {
+    let _ = stream.set_nodelay(true);
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => return tracing::warn!(%error, %client, "cannot hand the connection over"),
+    };
+    let connection = Connection { stream, client, budget, timeouts: to.timeouts };
+    to.threads.next_runtime().spawn(serve_connection(
+        connection,
+        to.proxy.clone(),
+        to.builder.clone(),
+        to.drain.clone(),
+    ));
 }
 
 /// hyper's connection settings: HTTP/1 alone, for a connection the lobby
