@@ -310,13 +310,10 @@ impl Gateway {
         // be reset unread: they are served like the others (one arriving
         // after this last look is refused, and a client may retry that).
         if lost.is_none() {
-            let waker = std::task::Waker::noop();
-            let mut cx = std::task::Context::from_waker(waker);
-            while let std::task::Poll::Ready(Ok((stream, client))) = listener.poll_accept(&mut cx) {
+            while let Some(Ok((stream, client))) = futures_util::FutureExt::now_or_never(listener.accept()) {
                 spawn_connection(stream, client, budget.take(), &mut accepted_to);
             }
         }
-        drop(accepted_to);
         drop(listener);
         drop(drain_rx);
         draining.store(true, std::sync::atomic::Ordering::Relaxed);
