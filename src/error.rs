@@ -61,6 +61,18 @@ pub enum ProxyError {
     Asleep,
     #[error("route {0:?} has weight 0 for every service")]
     NoWeight(String),
+    #[error("no such job")]
+    JobNotFound,
+    #[error("async jobs are not enabled (config key `jobs`)")]
+    JobsOff,
+    #[error("the jobs store holds its limit of {0} bytes (jobs.max_total_bytes); try again when older jobs have expired")]
+    JobsFull(u64),
+    #[error("the jobs store cannot be reached: {0}")]
+    JobStore(String),
+    #[error("{0}")]
+    JobNotReady(&'static str),
+    #[error("method not allowed on a job")]
+    JobMethod,
 }
 
 impl ProxyError {
@@ -70,7 +82,10 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
+            ProxyError::UnknownHost(_) | ProxyError::JobNotFound | ProxyError::JobsOff => StatusCode::NOT_FOUND,
+            ProxyError::JobsFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ProxyError::JobNotReady(_) => StatusCode::CONFLICT,
+            ProxyError::JobMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoJob => StatusCode::CONFLICT,
             ProxyError::ClientQueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -83,7 +98,8 @@ impl ProxyError {
             | ProxyError::ShuttingDown
             | ProxyError::Standby
             | ProxyError::Asleep
-            | ProxyError::NoWeight(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::NoWeight(_)
+            | ProxyError::JobStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::QueueTimeout { .. } | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
@@ -96,7 +112,8 @@ impl ProxyError {
             | ProxyError::ClientQueueFull(_)
             | ProxyError::NoReadyEndpoint
             | ProxyError::Asleep => Some(5),
-            ProxyError::ShuttingDown | ProxyError::Standby => Some(1),
+            ProxyError::ShuttingDown | ProxyError::Standby | ProxyError::JobStore(_) => Some(1),
+            ProxyError::JobsFull(_) => Some(60),
             ProxyError::BackendDown { retry_after, .. } => Some((*retry_after).max(1)),
             _ => None,
         }
@@ -132,6 +149,9 @@ impl ProxyError {
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let ProxyError::JobMethod = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static("GET, DELETE"));
+        }
         if let ProxyError::MethodNotAllowed = self {
             headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
         }

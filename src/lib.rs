@@ -10,6 +10,8 @@
 //!   client);
 //! - control loop: [`control`] (providers and probes -> endpoints -> the
 //!   gate; the gate's demand -> autoscaler -> provider; leader election);
+//! - [`jobs`]: async jobs kept in a store, run through the request path by
+//!   the active replica (the proxy is its `Runner`), with webhooks;
 //! - [`observe`]: metrics, the status snapshot and its history; written to
 //!   by the planes, steering none;
 //! - [`config`], [`error`] and [`body`]: used by all, using nothing above them;
@@ -23,6 +25,7 @@ pub mod control;
 pub mod error;
 pub(crate) mod forward;
 pub mod gate;
+pub mod jobs;
 pub mod observe;
 pub(crate) mod pod;
 pub mod proxy;

@@ -24,7 +24,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The exchange with a pod, holding its slot.
     ("forward", &["gate", "pod", "config", "error", "body"]),
     // The request path's head: host table, routes, affinity, admission.
-    ("proxy", &["gate", "forward", "pod", "observe", "config", "error", "body"]),
+    // Async jobs: kept requests, sent through the request path by a runner
+    // (the proxy, behind the `Runner` trait), their webhooks on the pod client.
+    ("jobs", &["gate", "forward", "pod", "observe", "config", "error", "body"]),
+    ("proxy", &["jobs", "gate", "forward", "pod", "observe", "config", "error", "body"]),
     // The control plane never reaches into the request path.
     ("control", &["gate", "pod", "observe", "config", "error", "body"]),
     // The sim names checkpoints as the gate does.

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -58,6 +58,11 @@ pub struct Config {
     /// several host names is one service with several `hosts` (or routes).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_shared_pods: bool,
+    /// Async jobs (`Prefer: respond-async`, a service's `async_paths`):
+    /// where they are kept and for how long. Omitted: off (such requests
+    /// are served as they come, the preference ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<JobsConfig>,
     pub services: Vec<ServiceConfig>,
     /// Weighted splits of hosts across services (revisions of a model); a
     /// service's own `hosts` are a route to it alone.
@@ -415,9 +420,159 @@ pub struct ServiceConfig {
     /// the checkpoint it names.
     #[serde(default)]
     pub checkpoints: CheckpointConfig,
+    /// Paths whose requests always become async jobs (202 and a job URL),
+    /// as if each came with `Prefer: respond-async`; needs `jobs`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub async_paths: Vec<String>,
+    /// A webhook URL POSTed when each of this service's jobs ends, unless
+    /// the job names its own (`Sdgate-Callback` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_webhook: Option<String>,
     /// Written as a map of one key (`{ fixed: [...] }`), not a YAML tag.
     #[serde(with = "serde_yaml::with::singleton_map")]
     pub backend: Backend,
+}
+
+/// `jobs`: async jobs, kept in a store (see `jobs`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Where jobs live: `{ file: PATH }` (SQLite, embedded, one replica)
+    /// or `{ postgres: "host=... user=... dbname=...", table: NAME }`
+    /// (shared by replicas).
+    #[serde(with = "serde_yaml::with::singleton_map")]
+    pub store: JobStore,
+    /// How long a finished job (and its result) is kept.
+    #[serde(with = "duration")]
+    pub result_ttl: Duration,
+    /// The largest request body a job may have (a larger one: 413).
+    pub max_request_bytes: u64,
+    /// The largest result kept per job; a larger answer fails the job
+    /// (its error says so).
+    pub max_result_bytes: u64,
+    /// The most bytes all kept jobs may hold (requests and results); a
+    /// submit beyond it is refused (507) before it is accepted.
+    pub max_total_bytes: u64,
+    /// The longest a job may stay queued; then it fails.
+    #[serde(with = "duration")]
+    pub queue_timeout: Duration,
+    /// Jobs of one service in its queue or on its pods at once; the rest
+    /// wait in the store, in order.
+    pub max_dispatched: usize,
+    /// A job that was running when its replica died: `retry` (once; it may
+    /// then have run twice) or `fail`.
+    pub on_lost: OnLost,
+    pub webhooks: WebhookConfig,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            store: JobStore::File(PathBuf::from("sdgate-jobs.sqlite3")),
+            result_ttl: Duration::from_secs(3600),
+            max_request_bytes: 16 << 20,
+            max_result_bytes: 64 << 20,
+            max_total_bytes: 2 << 30,
+            queue_timeout: Duration::from_secs(3600),
+            max_dispatched: 64,
+            on_lost: OnLost::Retry,
+            webhooks: WebhookConfig::default(),
+        }
+    }
+}
+
+/// `jobs.store`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum JobStore {
+    /// SQLite on this file (created if missing).
+    File(PathBuf),
+    /// PostgreSQL: a libpq-style connection string and the table's name
+    /// (created if missing).
+    Postgres(PostgresStore),
+}
+
+/// `jobs.store.postgres`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresStore {
+    pub url: String,
+    #[serde(default = "default_jobs_table")]
+    pub table: String,
+}
+
+fn default_jobs_table() -> String {
+    "sdgate_jobs".into()
+}
+
+/// `jobs.on_lost`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLost {
+    Retry,
+    Fail,
+}
+
+/// `jobs.webhooks`: how job webhooks are sent.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// A file holding the signing secret (HMAC-SHA256); omitted: webhooks
+    /// are sent unsigned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// Address blocks (CIDR) a webhook may be sent to besides public
+    /// addresses; loopback, private, link-local and other non-public
+    /// addresses are refused unless listed (no requests into the cluster).
+    pub allow: Vec<String>,
+    /// One delivery's time limit.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// How long a failing delivery is retried (with backoff from 1 s,
+    /// doubling to at most `max_backoff`) before it is given up.
+    #[serde(with = "duration")]
+    pub retry_for: Duration,
+    #[serde(with = "duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            secret_file: None,
+            allow: Vec::new(),
+            timeout: Duration::from_secs(10),
+            retry_for: Duration::from_secs(3600),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+impl JobsConfig {
+    fn validate(&self) -> Result<()> {
+        if let JobStore::Postgres(pg) = &self.store {
+            let name_ok = !pg.table.is_empty()
+                && pg.table.len() <= 48
+                && pg.table.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                && !pg.table.as_bytes()[0].is_ascii_digit();
+            if !name_ok {
+                bail!("jobs.store.postgres.table: {:?} must be lowercase letters, digits and _", pg.table);
+            }
+        }
+        if self.result_ttl.is_zero() || self.queue_timeout.is_zero() {
+            bail!("jobs: result_ttl and queue_timeout must be more than 0s");
+        }
+        if self.max_dispatched == 0 {
+            bail!("jobs.max_dispatched: must be at least 1");
+        }
+        for block in &self.webhooks.allow {
+            IpBlock::parse(block).map_err(|why| anyhow::anyhow!("jobs.webhooks.allow: {why}"))?;
+        }
+        if self.webhooks.timeout.is_zero() || self.webhooks.max_backoff.is_zero() {
+            bail!("jobs.webhooks: timeout and max_backoff must be more than 0s");
+        }
+        Ok(())
+    }
 }
 
 /// How a service learns which checkpoint each request wants and each pod
@@ -1124,6 +1279,19 @@ impl Config {
         }
         if let Some(election) = self.election() {
             election.validate()?;
+        }
+        if let Some(jobs) = &self.jobs {
+            jobs.validate()?;
+        }
+        for (i, service) in self.services.iter().enumerate() {
+            if self.jobs.is_none() && (!service.async_paths.is_empty() || service.job_webhook.is_some()) {
+                bail!("services[{i}]: async_paths and job_webhook need `jobs` (the store)");
+            }
+            for path in &service.async_paths {
+                if !path.starts_with('/') {
+                    bail!("services[{i}].async_paths: {path:?} must start with '/'");
+                }
+            }
         }
         let mut names = HashSet::new();
         let mut hosts = HashSet::new();

@@ -598,7 +598,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Whether `name` is one of [`HOP_BY_HOP`]; matched on the name's text,
 /// which for most headers stops at its length (it runs for every header of
 /// every request and answer).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"

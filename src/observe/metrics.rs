@@ -367,6 +367,13 @@ impl Metrics {
         }
     }
 
+    /// Adds another part's collectors (the jobs') to the exposition.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        if let Err(error) = self.registry.register(collector) {
+            tracing::warn!(%error, "a metric could not be registered");
+        }
+    }
+
     /// Counts a request a standby handed to the active replica.
     pub fn handed_over(&self, result: &str) {
         self.handed_over.with_label_values(&[result]).inc();

@@ -43,6 +43,16 @@ impl Fairness {
     }
 }
 
+impl Fairness {
+    /// The value of the `fairness.key` header, when the key is a header.
+    pub fn key_header<'a>(&self, headers: &'a HeaderMap) -> Option<&'a http::HeaderValue> {
+        match self.key {
+            FairnessKey::Header => self.header.as_ref().and_then(|name| headers.get(name)),
+            _ => None,
+        }
+    }
+}
+
 /// Where a request of `service` comes from: its client (by the service's
 /// `fairness.key`), its class, and the bound on its client's waiting requests.
 pub fn origin(

@@ -6,6 +6,7 @@ pub(crate) mod fairness;
 pub(crate) mod owners;
 pub mod path;
 pub mod relay;
+mod job_api;
 pub mod router;
 pub(crate) mod routes;
 
@@ -104,6 +105,8 @@ pub struct Proxy {
     last_reload: std::sync::Mutex<Option<Reloaded>>,
     /// Hand-overs between replicas (a standby's target; this one's token).
     relay: relay::Relay,
+    /// Async jobs, when `jobs` is configured (set once the store is open).
+    jobs: std::sync::OnceLock<Arc<crate::jobs::Jobs>>,
     /// Whether requests may come handed over by a standby (leader election
     /// is on): only then are they looked at for it.
     relays: bool,
@@ -373,7 +376,17 @@ impl Proxy {
         let last_reload = std::sync::Mutex::new(None);
         let relay = relay::Relay::default();
         let relays = config.election().is_some();
-        Ok(Self { table, forwarder, limits: config.limits.clone(), metrics, active, last_reload, relay, relays })
+        Ok(Self {
+            table,
+            forwarder,
+            limits: config.limits.clone(),
+            metrics,
+            active,
+            last_reload,
+            relay,
+            jobs: std::sync::OnceLock::new(),
+            relays,
+        })
     }
 
     /// Counts a reload (`sdgate_config_reloads_total`) and keeps it for /status.
@@ -558,7 +571,16 @@ impl Proxy {
             },
         };
         let service = record.service.clone();
-        let from = From { client: peer_ip, priority: record.priority };
+        let request = request.map(Inbound::Client);
+        let request = if admitted.is_none() {
+            match self.jobs_first(&service, request, peer_ip, record.priority).await {
+                Ok(response) => return record.finish(response),
+                Err(request) => request,
+            }
+        } else {
+            request
+        };
+        let from = From { client: peer_ip, priority: record.priority, job: None };
         let response = match self.serve(&service, request, &peer, from, &mut record.trace, admitted).await {
             Ok(response) => response,
             Err(error) => {
@@ -652,6 +674,9 @@ impl Proxy {
         let peer = self.client_ip(request.headers(), peer);
         let table = self.table();
         let split = table.pick(request).ok()?;
+        if self.is_job_request(&split.service, request) {
+            return None;
+        }
         let mut admitted = self.admit(&split.service, request, peer, split.priority).ok()?;
         if admitted.bypass {
             return None;
@@ -707,9 +732,9 @@ impl Proxy {
     async fn serve(
         &self,
         service: &Service,
-        mut request: Request<Incoming>,
+        mut request: Request<Inbound>,
         peer: &Peer,
-        from: From,
+        from: From<'_>,
         trace: &mut Trace,
         admitted: Option<Admitted>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -756,7 +781,11 @@ impl Proxy {
             }
             None if bypass => (None, None),
             None => {
-                let (place, slot) = Place::take(service, origin, pin, trace);
+                let deadline = from.job.and_then(|job| job.deadline);
+                let (place, slot) = Place::take(service, origin, pin, trace, deadline);
+                if let Some(job) = from.job {
+                    job.queued(&service.gate, place.ticket);
+                }
                 (Some(place), slot)
             }
         };
@@ -777,6 +806,9 @@ impl Proxy {
                 },
             };
             trace.endpoint = Some(slot.addr());
+            if let Some(job) = from.job {
+                job.started(slot.addr());
+            }
             let mut slot = slot;
             if let (Some(session), true) = (&session, slot.is_armed()) {
                 slot.own(service.jobs.run(session.id, slot.endpoint()));
@@ -799,7 +831,10 @@ impl Proxy {
             };
             // Only the log line says how long the pod took.
             let sent = tracing::enabled!(tracing::Level::INFO).then(Instant::now);
-            let on_abandon = match (&service.config.interrupt_on_disconnect, bypass) {
+            // A cancelled job interrupts its pod, as a client that left does
+            // where `interrupt_on_disconnect` says so.
+            let interrupt = service.config.interrupt_on_disconnect.as_deref().or(from.job.map(|_| JOB_INTERRUPT));
+            let on_abandon = match (interrupt, bypass) {
                 (Some(path), false) => Some(self.forwarder.interrupt(slot.addr(), path, host.as_ref())),
                 _ => None,
             };
@@ -846,7 +881,12 @@ impl Proxy {
     /// `limits.body_read_timeout`; a larger one streams the rest. A broken
     /// body is the client's fault (400), never the pod's.
     /// With the body, its bytes when it was read in full.
-    async fn read_body(&self, body: Incoming) -> Result<(ReplayableBody, Option<bytes::Bytes>), ProxyError> {
+    async fn read_body(&self, body: Inbound) -> Result<(ReplayableBody, Option<bytes::Bytes>), ProxyError> {
+        let body = match body {
+            Inbound::Client(body) => body,
+            Inbound::Kept(bytes) if bytes.is_empty() => return Ok((ReplayableBody::empty(), None)),
+            Inbound::Kept(bytes) => return Ok((ReplayableBody::new(crate::body::full(bytes.clone())), Some(bytes))),
+        };
         if http_body::Body::is_end_stream(&body) {
             return Ok((ReplayableBody::empty(), None));
         }
@@ -917,12 +957,23 @@ impl Proxy {
 }
 
 /// Who sent a request (the client's address) and its class, for
-/// [`Proxy::admit`].
+/// [`Proxy::admit`]; for a job's run, what it tells the job.
 #[derive(Clone, Copy)]
-struct From {
+struct From<'a> {
     client: Option<std::net::IpAddr>,
     priority: crate::gate::Priority,
+    job: Option<&'a crate::jobs::Hooks>,
 }
+
+/// A request's body: the client's stream, or a job's kept bytes.
+pub enum Inbound {
+    Client(Incoming),
+    Kept(bytes::Bytes),
+}
+
+/// What a cancelled job's pod is told (unless `interrupt_on_disconnect`
+/// names another path).
+const JOB_INTERRUPT: &str = "/sdapi/v1/interrupt";
 
 /// What [`Proxy::admit`] decided of a request; for one the lobby queued,
 /// also its place in line and what its wait gave.
@@ -946,6 +997,9 @@ struct Queued {
 /// A request's place in its service's queue, and when its wait ends.
 struct Place {
     ticket: Ticket,
+    /// A job's own deadline (`jobs.queue_timeout` from its submission),
+    /// instead of `queue.timeout` from when it began to wait.
+    deadline: Option<Instant>,
     /// When it began to wait, and until when it may: read from the clock
     /// only once it has to wait (most requests never do).
     waited: Option<(Instant, Instant)>,
@@ -962,12 +1016,13 @@ impl Place {
         origin: crate::gate::Origin,
         pin: Option<Pin>,
         trace: &mut Trace,
+        deadline: Option<Instant>,
     ) -> (Self, Option<Slot>) {
         let (ticket, slot) = service.gate.arrive_and_try(origin, pin);
         if slot.is_some() {
             trace.queue_wait = Some(Duration::ZERO);
         }
-        (Self { ticket, waited: None, waiting: None }, slot)
+        (Self { ticket, deadline, waited: None, waiting: None }, slot)
     }
 
     /// Waits at this place until a pod has room, at most until the deadline.
@@ -985,9 +1040,10 @@ impl Place {
             trace.queue_wait = Some(Duration::ZERO);
             return Ok(slot);
         }
+        let own_deadline = self.deadline;
         let (arrived, deadline) = *self.waited.get_or_insert_with(|| {
             let now = Instant::now();
-            (now, now + service.config.queue.timeout)
+            (now, own_deadline.unwrap_or(now + service.config.queue.timeout))
         });
         trace.arrived = Some(arrived);
         self.waiting = session.map(|session| Box::new(service.jobs.wait(session, self.ticket)));
@@ -1047,7 +1103,7 @@ impl EarlyWait {
         let session = self.admitted.session.as_ref().map(|s| s.id);
         let origin = self.admitted.origin;
         let pin = self.admitted.pin;
-        let (mut place, slot) = Place::take(&service, origin, pin, &mut self.record.trace);
+        let (mut place, slot) = Place::take(&service, origin, pin, &mut self.record.trace, None);
         let acquired = match slot {
             Some(slot) => Ok(slot),
             None => place.wait(&service, pin, session, origin, &mut self.record.trace).await,

@@ -52,6 +52,8 @@ pub struct Gateway {
 /// The control loop of every service: providers and autoscalers.
 struct Control {
     services: Vec<ServiceControl>,
+    /// The jobs runner (with `jobs`): its stop signal and task.
+    jobs: Option<(watch::Sender<bool>, JoinHandle<()>)>,
 }
 
 /// One service's provider (pods and probes) and autoscaler.
@@ -66,9 +68,13 @@ struct ServiceControl {
 
 impl Control {
     /// Starts each service's provider (endpoints and probes) and autoscaler.
-    fn start(proxy: &Proxy) -> Result<Self> {
+    fn start(proxy: &Arc<Proxy>) -> Result<Self> {
         let services = proxy.services().iter().map(|s| ServiceControl::start(s)).collect::<Result<_>>()?;
-        Ok(Control { services })
+        let jobs = proxy.jobs().map(|jobs| {
+            let (stop, stopped) = watch::channel(false);
+            (stop, tokio::spawn(jobs.clone().run(proxy.clone(), stopped)))
+        });
+        Ok(Control { services, jobs })
     }
 
     /// Follows a reload: starts new services, gives changed ones their new
@@ -89,6 +95,16 @@ impl Control {
             self.services.push(ServiceControl::start(service)?);
         }
         Ok(())
+    }
+
+    /// Stops the jobs runner: waiting jobs go back to the store, running
+    /// ones may finish until `deadline`.
+    async fn stop_jobs(&mut self, proxy: &Proxy, deadline: tokio::time::Instant) {
+        if let (Some((stop, task)), Some(jobs)) = (self.jobs.take(), proxy.jobs()) {
+            stop.send_replace(true);
+            let _ = task.await;
+            jobs.stop(deadline).await;
+        }
     }
 
     async fn stop(self) {
@@ -149,6 +165,9 @@ impl Gateway {
     pub async fn bind(config: Config) -> Result<Self> {
         crate::pod::Pool::shared().set_idle_timeout(config.limits.pod_idle_timeout);
         let proxy = Arc::new(Proxy::new(&config, Metrics::new())?);
+        if let Some(jobs) = &config.jobs {
+            proxy.set_jobs(crate::jobs::Jobs::open(jobs, proxy.metrics()).await?);
+        }
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("listen: cannot bind {}", config.listen))?;
         let admin = match config.admin {
@@ -258,8 +277,12 @@ impl Gateway {
                 }
                 ended = async { match &mut election { Some(task) => task.await, None => std::future::pending().await } } => {
                     // Lost the lease: stop dispatching now; the process exits
-                    // and comes back as a standby.
+                    // and comes back as a standby. Its jobs are left to the
+                    // new active replica (running ones count as lost).
                     proxy.set_active(false);
+                    if let Some(control) = control.as_mut() {
+                        control.stop_jobs(&proxy, tokio::time::Instant::now()).await;
+                    }
                     lost = Some(match ended {
                         Ok(Err(error)) => error,
                         Ok(Ok(())) => anyhow::anyhow!("leader election ended"),
@@ -322,9 +345,18 @@ impl Gateway {
         }
         tracing::info!(timeout = ?config.drain_timeout, "shutting down: draining requests");
         drain.send_replace(true);
-        tokio::select! {
-            _ = drain.closed() => tracing::info!("drained"),
-            _ = tokio::time::sleep(config.drain_timeout) => tracing::warn!("drain timeout reached; exiting with requests still open"),
+        let drained = async {
+            tokio::select! {
+                _ = drain.closed() => tracing::info!("drained"),
+                _ = tokio::time::sleep(config.drain_timeout) => tracing::warn!("drain timeout reached; exiting with requests still open"),
+            }
+        };
+        // Jobs stop with the connections: no new ones start, running ones
+        // may finish within the same drain_timeout.
+        let jobs_deadline = tokio::time::Instant::now() + config.drain_timeout;
+        match control.as_mut() {
+            Some(control) => drop(tokio::join!(drained, control.stop_jobs(&proxy, jobs_deadline))),
+            None => drained.await,
         }
         if let Some(task) = admin_task {
             task.abort();
