@@ -238,29 +238,6 @@ async fn two_hundred_jobs_outlive_a_sigkill_of_sdgate_on_the_embedded_store() {
     jobs_survive_a_sigkill(&sqlite_store(&dir)).await;
 }
 
-/// PostgreSQL on 127.0.0.1 (`SDGATE_TEST_POSTGRES`, else the machine's
-/// `test` database as root): a fresh table for the test, dropped after.
-/// None (SKIP) when it cannot be reached, unless `SDGATE_JOBS_POSTGRES=required`.
-pub async fn postgres_table(name: &str) -> Option<(String, String)> {
-    let url =
-        std::env::var("SDGATE_TEST_POSTGRES").unwrap_or_else(|_| "host=127.0.0.1 user=root dbname=test".to_string());
-    let table = format!("sdgate_test_{}_{}", name, std::process::id());
-    match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-        Ok((client, connection)) => {
-            tokio::spawn(connection);
-            client.batch_execute(&format!("DROP TABLE IF EXISTS {table}")).await.expect("drop the test table");
-            Some((url, table))
-        }
-        Err(error) if std::env::var("SDGATE_JOBS_POSTGRES").as_deref() == Ok("required") => {
-            panic!("PostgreSQL is required (SDGATE_JOBS_POSTGRES=required) and cannot be reached at {url:?}: {error}")
-        }
-        Err(error) => {
-            println!("SKIP: PostgreSQL cannot be reached at {url:?}: {error}");
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_jobs_outlive_a_sigkill_of_sdgate_on_postgres() {
     let Some((url, table)) = postgres_table("sigkill").await else { return };
@@ -341,7 +318,15 @@ async fn a_webhook_reaches_a_receiver_that_was_down_for_30_s_signed() {
         metric(admin, "sdgate_job_webhooks_total{result=\"retried\"}").await.unwrap_or(0.0) >= 1.0
     })
     .await;
-    let view = job(&client, &jar, gateway.addr, &refused).await.json();
+    job_becomes(&client, &jar, gateway.addr, &refused, "succeeded", Duration::from_secs(10)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let view = loop {
+        let view = job(&client, &jar, gateway.addr, &refused).await.json();
+        if view["webhook"]["state"] != "pending" || std::time::Instant::now() > deadline {
+            break view;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(
         view["webhook"]["state"].as_str().is_some_and(|s| s.starts_with("failed") && s.contains("not a public address")),
         "{view}"

@@ -201,9 +201,19 @@ async fn handed_over(admin: std::net::SocketAddr) -> f64 {
 /// Two sdgate processes on one Lease; returns (holder, standby) once exactly
 /// one of them is active.
 async fn two_replicas(cluster: &FakeCluster, scale: &str, lease: &str) -> (GatewayProcess, GatewayProcess) {
+    two_replicas_with(cluster, scale, lease, "").await
+}
+
+/// [`two_replicas`] with `extra` top-level config lines.
+async fn two_replicas_with(
+    cluster: &FakeCluster,
+    scale: &str,
+    lease: &str,
+    extra: &str,
+) -> (GatewayProcess, GatewayProcess) {
     let election = |name: &str| {
         format!(
-            "shutdown_delay: 1s\nleader_election: {{ lease: sdgate, identity: {name}, {lease}, kubeconfig: \"{}\" }}\n",
+            "shutdown_delay: 1s\nleader_election: {{ lease: sdgate, identity: {name}, {lease}, kubeconfig: \"{}\" }}\n{extra}",
             cluster.kubeconfig_path().display()
         )
     };
@@ -383,6 +393,54 @@ async fn clients_that_follow_readiness_see_no_failure_across_a_sigterm_of_the_ac
     let failed: Vec<_> = codes.iter().filter(|c| **c != 200).collect();
     assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), codes.len());
     assert!(codes.len() >= 12, "{} requests", codes.len());
+    no_overlap_anywhere(&cluster);
+}
+
+/// Two replicas share one PostgreSQL jobs store: jobs submitted to either
+/// (the standby hands its submits over) are run by the active one; SIGKILL
+/// it and the other, once it holds the Lease, finishes every job, each with
+/// its own result, no pod ever running two generations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_jobs_store_and_the_survivor_finishes_every_job() {
+    let Some((url, table)) = postgres_table("replicas").await else { return };
+    let cluster = FakeCluster::start(ClusterOptions::default()).await;
+    let scale = "min: 2, max: 2, stable_window: 60s, panic_window: 6s, tick: 200ms";
+    let jobs = format!("jobs: {{ store: {{ postgres: {{ url: \"{url}\", table: {table} }} }}, max_dispatched: 4 }}\n");
+    let (mut active, standby) =
+        two_replicas_with(&cluster, scale, "lease_duration: 2s, renew_period: 500ms", &jobs).await;
+    let client = client();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let addr = if i % 2 == 0 { active.addr } else { standby.addr };
+        let prompt = format!("job {i}");
+        let mut request = txt2img(addr, &prompt, 20);
+        request.headers_mut().insert("prefer", "respond-async".parse().unwrap());
+        let answer = send(&client, request).await;
+        assert_eq!(answer.status.as_u16(), 202, "{}", String::from_utf8_lossy(&answer.body));
+        ids.push((answer.json()["id"].as_str().unwrap().to_string(), prompt));
+    }
+    let admin = active.admin;
+    eventually_within(Duration::from_secs(30), "some jobs done on the active replica", || async move {
+        metric(admin, "sdgate_jobs_finished_total{service=\"sd\",state=\"succeeded\"}").await.unwrap_or(0.0) >= 4.0
+    })
+    .await;
+    active.child.start_kill().unwrap();
+    let _ = active.child.wait().await;
+    eventually_within(Duration::from_secs(15), "the standby active", || is_active(standby.admin)).await;
+    let admin = standby.admin;
+    eventually_within(Duration::from_secs(60), "every job succeeded", || async move {
+        metric(admin, "sdgate_jobs{service=\"sd\",state=\"succeeded\"}").await == Some(40.0)
+    })
+    .await;
+    let finished_here =
+        metric(standby.admin, "sdgate_jobs_finished_total{service=\"sd\",state=\"succeeded\"}").await.unwrap_or(0.0);
+    println!("the survivor finished {finished_here} of 40 jobs");
+    assert!(finished_here >= 1.0, "the survivor finished what was left");
+    for (id, prompt) in &ids {
+        let view = send(&client, get(standby.addr, &format!("/.sdgate/jobs/{id}"))).await.json();
+        assert_eq!(view["state"], "succeeded", "{view}");
+        assert_eq!(view["result"]["body"]["parameters"]["prompt"], prompt.as_str(), "its own result: {view}");
+    }
     no_overlap_anywhere(&cluster);
 }
 

@@ -512,3 +512,26 @@ pub fn set_cookie(answer: &Answer) -> Option<String> {
     let value = header.strip_prefix("sd=")?.split(';').next()?;
     Some(value.to_string())
 }
+
+/// PostgreSQL on 127.0.0.1 (`SDGATE_TEST_POSTGRES`, else the machine's
+/// `test` database as root): a fresh table for the test, dropped after.
+/// None (SKIP) when it cannot be reached, unless `SDGATE_JOBS_POSTGRES=required`.
+pub async fn postgres_table(name: &str) -> Option<(String, String)> {
+    let url =
+        std::env::var("SDGATE_TEST_POSTGRES").unwrap_or_else(|_| "host=127.0.0.1 user=root dbname=test".to_string());
+    let table = format!("sdgate_test_{}_{}", name, std::process::id());
+    match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+        Ok((client, connection)) => {
+            tokio::spawn(connection);
+            client.batch_execute(&format!("DROP TABLE IF EXISTS {table}")).await.expect("drop the test table");
+            Some((url, table))
+        }
+        Err(error) if std::env::var("SDGATE_JOBS_POSTGRES").as_deref() == Ok("required") => {
+            panic!("PostgreSQL is required (SDGATE_JOBS_POSTGRES=required) and cannot be reached at {url:?}: {error}")
+        }
+        Err(error) => {
+            println!("SKIP: PostgreSQL cannot be reached at {url:?}: {error}");
+            None
+        }
+    }
+}
