@@ -37,6 +37,19 @@ enum Command {
         /// The Knative Service YAML.
         file: PathBuf,
     },
+    /// List or show the async jobs in the config's store (`jobs`), as the
+    /// store holds them: `sdgate --config FILE jobs` lists the newest,
+    /// `sdgate --config FILE jobs ID` shows one.
+    Jobs {
+        /// A job id: its row as JSON.
+        id: Option<String>,
+        /// Only jobs in this state (queued, running, succeeded, failed, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many (newest first).
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
     /// Run one fake Stable Diffusion WebUI worker (it reads no config file).
     Sim {
         /// Port to listen on.
@@ -161,6 +174,40 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("{}", config.verdict());
             Ok(())
         }
+        Some(Command::Jobs { id, state, limit }) => {
+            let config = load(cli.config.as_ref())?;
+            let jobs = config.jobs.as_ref().context("the config has no `jobs` (no store to read)")?;
+            let store = sdgate::jobs::store::Store::open(&jobs.store).await?;
+            if let Some(id) = id {
+                let row = store.get(&id).await?.with_context(|| format!("no job {id}"))?;
+                println!("{}", serde_json::to_string_pretty(&job_json(&row))?);
+                return Ok(());
+            }
+            let wanted = match state.as_deref() {
+                Some(text) => Some(sdgate::jobs::State::parse(text).with_context(|| format!("no state {text:?}"))?),
+                None => None,
+            };
+            println!("{:<32}  {:<10} {:<10} {:>8} {:>6}  error", "id", "service", "state", "age", "status");
+            let now = sdgate::jobs::now_us();
+            let rows = match wanted {
+                Some(state) => store.list_in_state(state, limit.max(1)).await?,
+                None => store.list(None, limit.max(1)).await?,
+            };
+            for row in rows {
+                let age = format!("{:.0}s", (now - row.created_us).max(0) as f64 / 1e6);
+                let status = row.result_status.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<32}  {:<10} {:<10} {:>8} {:>6}  {}",
+                    row.id,
+                    row.service,
+                    row.state.as_str(),
+                    age,
+                    status,
+                    row.error.as_deref().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
         None => {
             let config = load(cli.config.as_ref())?;
             // Taken before anything starts: no signal may kill the gateway
@@ -181,11 +228,33 @@ impl Command {
     /// The name of a command that reads no config file.
     fn reads_no_config(&self) -> Option<&'static str> {
         match self {
-            Command::Check { .. } => None,
+            Command::Check { .. } | Command::Jobs { .. } => None,
             Command::ImportKnative { .. } => Some("import-knative"),
             Command::Sim { .. } => Some("sim"),
         }
     }
+}
+
+/// A job's row as `sdgate jobs ID` prints it.
+fn job_json(row: &sdgate::jobs::store::Row) -> serde_json::Value {
+    let seconds = |us: Option<i64>| us.map(|us| us as f64 / 1e6);
+    serde_json::json!({
+        "id": row.id,
+        "service": row.service,
+        "state": row.state.as_str(),
+        "created_at": seconds(Some(row.created_us)),
+        "started_at": seconds(row.started_us),
+        "finished_at": seconds(row.finished_us),
+        "expires_at": seconds(row.expires_us),
+        "attempts": row.attempts,
+        "pod": row.pod,
+        "error": row.error,
+        "webhook": row.webhook,
+        "webhook_state": row.webhook_state,
+        "result_status": row.result_status,
+        "request_bytes": row.request_bytes,
+        "result_bytes": row.result_bytes,
+    })
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config> {

@@ -135,6 +135,18 @@ async fn a_job_is_answered_at_once_and_its_result_read_later_by_its_owner_only()
     let list = send(&client, owner.prepare(get(gateway.addr, "/.sdgate/jobs"))).await.json();
     let ids: Vec<&str> = list["jobs"].as_array().unwrap().iter().filter_map(|j| j["id"].as_str()).collect();
     assert_eq!(ids, vec![id.as_str()]);
+    // /status and /metrics count jobs by state.
+    let admin = gateway.admin;
+    eventually("the store counted", || async move {
+        let status = status(admin).await;
+        status["jobs"]["store"] == "sqlite"
+            && status["jobs"]["by_state"].as_array().is_some_and(|counts| {
+                counts.iter().any(|c| c["service"] == "sd" && c["state"] == "succeeded" && c["jobs"] == 2)
+            })
+    })
+    .await;
+    assert_eq!(metric(admin, "sdgate_jobs{service=\"sd\",state=\"succeeded\"}").await, Some(2.0));
+    assert_eq!(metric(admin, "sdgate_jobs_submitted_total{service=\"sd\"}").await, Some(2.0));
     assert_no_overlap(&[workers[0].stats()]);
     gateway.shutdown().await;
 }
@@ -225,6 +237,22 @@ async fn jobs_survive_a_sigkill(store: &str) {
         assert_eq!(view["state"], "succeeded", "{view}");
         assert_eq!(view["result"]["body"]["parameters"]["prompt"], prompt.as_str(), "job {id}'s own result");
     }
+    // `sdgate jobs` reads the same store.
+    let config = TempFile::new("yaml", &yaml);
+    let (some_id, _) = ids.iter().next().unwrap();
+    let shown = std::process::Command::new(sdgate_bin())
+        .args(["--config", config.path.to_str().unwrap(), "jobs", some_id])
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!((shown["id"].as_str(), shown["state"].as_str()), (Some(some_id.as_str()), Some("succeeded")));
+    let listed = std::process::Command::new(sdgate_bin())
+        .args(["--config", config.path.to_str().unwrap(), "jobs", "--state", "succeeded", "--limit", "5"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert_eq!(listed.lines().filter(|l| l.contains(" succeeded ")).count(), 5, "{listed}");
     let stats: Vec<_> = workers.iter().map(|w| w.stats()).collect();
     assert_no_overlap(&stats);
     let total: u64 = stats.iter().map(|s| s.served).sum();

@@ -45,6 +45,9 @@ pub const PREFIX: &str = "/.sdgate/jobs";
 /// A job's own webhook URL, on the submitting request.
 pub const CALLBACK_HEADER: &str = "sdgate-callback";
 
+/// How often the active replica deletes expired jobs and counts the store.
+const SWEEP: Duration = Duration::from_secs(2);
+
 /// A job's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -179,6 +182,8 @@ pub struct Jobs {
     /// Queued jobs not dispatched yet, oldest first (the active replica's).
     backlog: Mutex<VecDeque<(String, String)>>,
     wake: Notify,
+    /// The store's counts as last read (for `/status`).
+    counted: Mutex<Vec<store::Count>>,
     /// The runner is on (this replica is active).
     running: std::sync::atomic::AtomicBool,
     metrics: JobMetrics,
@@ -266,6 +271,7 @@ impl Jobs {
             live: Mutex::default(),
             backlog: Mutex::default(),
             wake: Notify::new(),
+            counted: Mutex::default(),
             running: std::sync::atomic::AtomicBool::new(false),
             metrics,
         }))
@@ -493,7 +499,7 @@ impl Jobs {
         let mut next_sweep = Instant::now();
         loop {
             if Instant::now() >= next_sweep {
-                next_sweep = Instant::now() + Duration::from_secs(5);
+                next_sweep = Instant::now() + SWEEP;
                 self.sweep().await;
             }
             self.dispatch(&runner);
@@ -573,6 +579,7 @@ impl Jobs {
     /// `sdgate_jobs` and `sdgate_job_oldest_age_seconds` from the store.
     pub async fn refresh_gauges(&self) {
         let Ok(counts) = self.store.counts().await else { return };
+        *lock(&self.counted) = counts.clone();
         self.metrics.jobs.reset();
         self.metrics.oldest.reset();
         let now = now_us();
@@ -583,9 +590,19 @@ impl Jobs {
         }
     }
 
-    /// Jobs by service and state (for `/status`).
-    pub async fn counts(&self) -> Vec<store::Count> {
-        self.store.counts().await.unwrap_or_default()
+    /// Jobs by service and state, as last counted (for `/status`).
+    pub fn status(&self) -> crate::observe::status::JobsStatus {
+        let now = now_us();
+        let by_state = lock(&self.counted)
+            .iter()
+            .map(|count| crate::observe::status::JobCount {
+                service: count.service.clone(),
+                state: count.state.as_str(),
+                jobs: count.jobs,
+                oldest_age_seconds: (now - count.oldest_us).max(0) as f64 / 1e6,
+            })
+            .collect();
+        crate::observe::status::JobsStatus { store: self.store.engine_name(), by_state }
     }
 
     /// Starts backlog jobs while their service has room.

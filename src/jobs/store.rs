@@ -323,6 +323,12 @@ impl Store {
         }
     }
 
+    /// Jobs in `state`, newest first.
+    pub async fn list_in_state(&self, state: State, limit: i64) -> Result<Vec<Row>> {
+        let sql = format!("SELECT {COLUMNS} FROM {} WHERE state = $1 ORDER BY created_us DESC LIMIT $2", self.table());
+        self.rows(&sql, vec![Value::Text(state.as_str().into()), Value::I64(limit)]).await
+    }
+
     /// Jobs by service and state, with the oldest one's creation.
     pub async fn counts(&self) -> Result<Vec<Count>> {
         let sql = format!(

@@ -28,6 +28,27 @@ pub trait Observed: Send + Sync {
     /// Whether this replica dispatches to pods (holds the Lease, or runs
     /// alone); a standby hands its requests to the one that does.
     fn active(&self) -> bool;
+    /// Async jobs, when `jobs` is configured (as the store said lately).
+    fn jobs(&self) -> Option<JobsStatus> {
+        None
+    }
+}
+
+/// The jobs store's counts (refreshed every 2 s by the active replica).
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct JobsStatus {
+    /// `sqlite` or `postgres`.
+    pub store: &'static str,
+    pub by_state: Vec<JobCount>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct JobCount {
+    pub service: String,
+    pub state: &'static str,
+    pub jobs: i64,
+    /// Age of the oldest job in this state.
+    pub oldest_age_seconds: f64,
 }
 
 /// One service as the status page reads it.
@@ -61,6 +82,9 @@ pub struct Status {
     pub routes: Vec<RouteStatus>,
     /// The latest config reload, if any.
     pub last_reload: Option<Reloaded>,
+    /// Async jobs by service and state (absent without `jobs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<JobsStatus>,
 }
 
 #[derive(Serialize)]
@@ -183,6 +207,7 @@ impl Status {
             services: observed.services().iter().map(ServiceStatus::of).collect(),
             routes: observed.routes(),
             last_reload: observed.last_reload(),
+            jobs: observed.jobs(),
         }
     }
 }

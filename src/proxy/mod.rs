@@ -1270,6 +1270,10 @@ impl Observed for Proxy {
             .collect()
     }
 
+    fn jobs(&self) -> Option<crate::observe::status::JobsStatus> {
+        self.jobs().map(|jobs| jobs.status())
+    }
+
     fn last_reload(&self) -> Option<Reloaded> {
         Proxy::last_reload(self)
     }
