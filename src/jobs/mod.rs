@@ -561,7 +561,13 @@ impl Jobs {
             }
         }
         tracing::info!(queued = queued.len(), "jobs: the runner takes the store's queue");
-        *lock(&self.backlog) = queued;
+        // Jobs submitted while the store was read come after.
+        {
+            let mut backlog = lock(&self.backlog);
+            let later: Vec<_> = backlog.drain(..).filter(|job| !queued.contains(job)).collect();
+            queued.extend(later);
+            *backlog = queued;
+        }
         for row in self.store.webhooks_pending().await? {
             self.webhooks.send(self.store.clone(), row);
         }

@@ -14,6 +14,9 @@ use tokio::sync::RwLock;
 use super::State;
 use crate::config::JobStore;
 
+/// Overrides `jobs.store.postgres.url` when set (a password from a Secret).
+pub const DATABASE_URL_ENV: &str = "SDGATE_JOBS_DATABASE_URL";
+
 /// One job's row, without its request and result bodies.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Row {
@@ -119,26 +122,13 @@ impl Store {
             },
         };
         let store = Self { engine: Arc::new(engine) };
-        let (blob, table) = match &*store.engine {
-            Engine::Sqlite(_) => ("BLOB", "jobs".to_string()),
-            Engine::Postgres { table, .. } => ("BYTEA", table.clone()),
-        };
-        store
-            .execute(
-                &format!(
-                    "CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, service TEXT NOT NULL, owner TEXT NOT NULL, \
-                     state TEXT NOT NULL, created_us BIGINT NOT NULL, started_us BIGINT, finished_us BIGINT, \
-                     expires_us BIGINT, attempts BIGINT NOT NULL, pod TEXT, error TEXT, webhook TEXT, webhook_state TEXT, \
-                     result_status BIGINT, result_headers TEXT, request_bytes BIGINT NOT NULL, result_bytes BIGINT NOT NULL, \
-                     head TEXT NOT NULL, body {blob} NOT NULL, result_body {blob})"
-                ),
-                vec![],
-            )
-            .await
-            .context("jobs store: cannot create its table")?;
-        store
-            .execute(&format!("CREATE INDEX IF NOT EXISTS {table}_by_state ON {table} (state, created_us)"), vec![])
-            .await?;
+        // PostgreSQL's table is made at each connection (sdgate starts
+        // without its database; jobs answer 503 until it is there).
+        if let Engine::Sqlite(_) = &*store.engine {
+            for statement in schema("jobs", "BLOB") {
+                store.execute(&statement, vec![]).await.context("jobs store: cannot create its table")?;
+            }
+        }
         Ok(store)
     }
 
@@ -496,7 +486,7 @@ impl Store {
 
     /// The PostgreSQL client, connected again if its connection ended.
     async fn postgres(&self) -> Result<Arc<tokio_postgres::Client>> {
-        let Engine::Postgres { config, client, .. } = &*self.engine else {
+        let Engine::Postgres { config, client, table } = &*self.engine else {
             anyhow::bail!("not PostgreSQL");
         };
         if let Some(client) = client.read().await.as_ref().filter(|c| !c.is_closed()) {
@@ -506,7 +496,9 @@ impl Store {
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(client.clone());
         }
-        let connect = tokio_postgres::connect(config, tokio_postgres::NoTls);
+        // The URL with a password comes from the environment (a Secret).
+        let url = std::env::var(DATABASE_URL_ENV).unwrap_or_else(|_| config.clone());
+        let connect = tokio_postgres::connect(&url, tokio_postgres::NoTls);
         let (fresh, connection) = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
             .await
             .context("jobs.store.postgres: no connection within 10 s")?
@@ -516,10 +508,34 @@ impl Store {
                 tracing::warn!(%error, "jobs store: the PostgreSQL connection ended");
             }
         });
+        for statement in schema(table, "BYTEA") {
+            // Two replicas may create it at once: the loser's error is
+            // harmless if the table is there after.
+            if let Err(error) = fresh.batch_execute(&statement).await {
+                let there = fresh.query_opt(&format!("SELECT 1 FROM {table} LIMIT 1"), &[]).await.is_ok();
+                if !there {
+                    return Err(anyhow::Error::new(error).context("jobs store: cannot create its table"));
+                }
+            }
+        }
         let fresh = Arc::new(fresh);
         *slot = Some(fresh.clone());
         Ok(fresh)
     }
+}
+
+/// The table and its index.
+fn schema(table: &str, blob: &str) -> [String; 2] {
+    [
+        format!(
+            "CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, service TEXT NOT NULL, owner TEXT NOT NULL, \
+             state TEXT NOT NULL, created_us BIGINT NOT NULL, started_us BIGINT, finished_us BIGINT, \
+             expires_us BIGINT, attempts BIGINT NOT NULL, pod TEXT, error TEXT, webhook TEXT, webhook_state TEXT, \
+             result_status BIGINT, result_headers TEXT, request_bytes BIGINT NOT NULL, result_bytes BIGINT NOT NULL, \
+             head TEXT NOT NULL, body {blob} NOT NULL, result_body {blob})"
+        ),
+        format!("CREATE INDEX IF NOT EXISTS {table}_by_state ON {table} (state, created_us)"),
+    ]
 }
 
 /// `$N` parameters as SQLite's numbered `?N`.
