@@ -43,7 +43,9 @@ async fn run() {
     let dir = std::env::temp_dir().join(unique_marker("sdgate-bench-jobs"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let sqlite = format!("{{ file: \"{}\" }}", dir.join("jobs.sqlite3").display());
-    let postgres = postgres_table("bench").await.map(|(url, table)| format!("{{ postgres: {{ url: \"{url}\", table: {table} }} }}"));
+    let postgres = postgres_table("bench")
+        .await
+        .map(|(url, table)| format!("{{ postgres: {{ url: \"{url}\", table: {table} }} }}"));
 
     println!("## A job against a plain request ({runs} of each, taking turns; one step of {step} ms per generation)\n");
     println!("| store | plain request p50 | p95 | job submit (202) p50 | job, submit to result fetched p50 | p95 | overhead at the median |");
@@ -95,12 +97,23 @@ async fn run() {
         let times = store_cost(&store, store_jobs).await;
         let per = |d: Duration| format!("{:.0} us", d.as_secs_f64() * 1e6 / store_jobs as f64);
         let total: Duration = times.iter().sum();
-        println!("| {name} | {} | {} | {} | {} | {} | {} |", per(total), per(times[0]), per(times[1]), per(times[2]), per(times[3]), per(times[4]));
+        println!(
+            "| {name} | {} | {} | {} | {} | {} | {} |",
+            per(total),
+            per(times[0]),
+            per(times[1]),
+            per(times[2]),
+            per(times[3]),
+            per(times[4])
+        );
     }
 
-    println!("\n## The synchronous path, jobs on and off (CPU per request of the whole process, medians of blocks of 100)\n");
+    println!(
+        "\n## The synchronous path, jobs on and off (CPU per request of the whole process, medians of blocks of 100)\n"
+    );
     let workers = sims(2, fast_sim(0)).await;
-    let with = TestGateway::start(&format!("jobs: {{ store: {sqlite} }}\n{}", config_yaml(&[workers[0].addr], 0, ""))).await;
+    let with =
+        TestGateway::start(&format!("jobs: {{ store: {sqlite} }}\n{}", config_yaml(&[workers[0].addr], 0, ""))).await;
     let without = TestGateway::start(&config_yaml(&[workers[1].addr], 0, "")).await;
     with.wait_for(|g| g.ready_count() == 1, "ready").await;
     without.wait_for(|g| g.ready_count() == 1, "ready").await;

@@ -65,7 +65,9 @@ pub enum ProxyError {
     JobNotFound,
     #[error("async jobs are not enabled (config key `jobs`)")]
     JobsOff,
-    #[error("the jobs store holds its limit of {0} bytes (jobs.max_total_bytes); try again when older jobs have expired")]
+    #[error(
+        "the jobs store holds its limit of {0} bytes (jobs.max_total_bytes); try again when older jobs have expired"
+    )]
     JobsFull(u64),
     #[error("the jobs store cannot be reached: {0}")]
     JobStore(String),

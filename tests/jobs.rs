@@ -76,13 +76,13 @@ async fn job_becomes(
     state: &str,
     limit: Duration,
 ) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + limit;
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         let view = job(client, jar, addr, id).await.json();
         if view["state"] == state {
             return view;
         }
-        assert!(std::time::Instant::now() < deadline, "job {id} not {state} within {limit:?}: {view}");
+        assert!(tokio::time::Instant::now() < deadline, "job {id} not {state} within {limit:?}: {view}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -120,7 +120,9 @@ async fn a_job_is_answered_at_once_and_its_result_read_later_by_its_owner_only()
     // Nobody else: another session, no cookie, a forged cookie, a forged id.
     let mut other = Jar::default();
     let _ = submit(&client, &mut other, gateway.addr, "theirs", 1).await;
-    for (who, jar) in [("another session", other.clone()), ("no cookie", Jar::default()), ("a forged cookie", Jar::with("forged"))] {
+    for (who, jar) in
+        [("another session", other.clone()), ("no cookie", Jar::default()), ("a forged cookie", Jar::with("forged"))]
+    {
         let answer = job(&client, &jar, gateway.addr, &id).await;
         answer.assert_json_error(404);
         let answer = send(&client, jar.prepare(get(gateway.addr, &format!("/.sdgate/jobs/{id}/result")))).await;
@@ -167,13 +169,13 @@ async fn cancel_takes_a_queued_job_out_and_interrupts_a_running_one() {
     let view = job(&client, &jar, gateway.addr, &queued).await.json();
     assert_eq!((view["state"].as_str(), view["position"].as_u64()), (Some("queued"), Some(0)), "{view}");
     // The running job's view has its pod's own progress.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let progress = job(&client, &jar, gateway.addr, &running).await.json()["progress"].clone();
         if progress["state"]["sampling_step"].as_u64().is_some_and(|step| step > 0) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no progress from the pod in the view: {progress}");
+        assert!(tokio::time::Instant::now() < deadline, "no progress from the pod in the view: {progress}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cancelled = send(&client, delete(gateway.addr, &format!("/.sdgate/jobs/{queued}"))).await;
@@ -321,10 +323,8 @@ async fn a_webhook_reaches_a_receiver_that_was_down_for_30_s_signed() {
     let dir = TempDir::new();
     let secret = TempFile::new("secret", "whsec-test-0123456789abcdef");
     let workers = sims(1, fast_sim(10)).await;
-    let extra = format!(
-        ", webhooks: {{ secret_file: \"{}\", allow: [127.0.0.1/32], max_backoff: 8s }}",
-        secret.path.display()
-    );
+    let extra =
+        format!(", webhooks: {{ secret_file: \"{}\", allow: [127.0.0.1/32], max_backoff: 8s }}", secret.path.display());
     let yaml = format!("{}{}", jobs_key(&sqlite_store(&dir), &extra), config_yaml(&[workers[0].addr], 1, ""));
     let gateway = TestGateway::start(&yaml).await;
     gateway.wait_for(|g| g.ready_count() == 1, "the pod ready").await;
@@ -339,7 +339,7 @@ async fn a_webhook_reaches_a_receiver_that_was_down_for_30_s_signed() {
     let mut refused = submit_request(gateway.addr, "private", 1);
     refused.headers_mut().insert("sdgate-callback", "http://10.255.255.1:9/hook".parse().unwrap());
     let refused = send(&client, refused).await.json()["id"].as_str().unwrap().to_string();
-    let down_since = std::time::Instant::now();
+    let down_since = tokio::time::Instant::now();
     job_becomes(&client, &jar, gateway.addr, &id, "succeeded", Duration::from_secs(10)).await;
     let admin = gateway.admin;
     eventually("a failed delivery retried", || async move {
@@ -347,16 +347,18 @@ async fn a_webhook_reaches_a_receiver_that_was_down_for_30_s_signed() {
     })
     .await;
     job_becomes(&client, &jar, gateway.addr, &refused, "succeeded", Duration::from_secs(10)).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let view = loop {
         let view = job(&client, &jar, gateway.addr, &refused).await.json();
-        if view["webhook"]["state"] != "pending" || std::time::Instant::now() > deadline {
+        if view["webhook"]["state"] != "pending" || tokio::time::Instant::now() > deadline {
             break view;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(
-        view["webhook"]["state"].as_str().is_some_and(|s| s.starts_with("failed") && s.contains("not a public address")),
+        view["webhook"]["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("failed") && s.contains("not a public address")),
         "{view}"
     );
     // The receiver comes up 30 s after the job ended.
@@ -376,7 +378,10 @@ async fn a_webhook_reaches_a_receiver_that_was_down_for_30_s_signed() {
     let t = t.strip_prefix("t=").expect("t=");
     assert_eq!(v1, expected_signature(b"whsec-test-0123456789abcdef", t, &body), "the signature checks out");
     let payload: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!((payload["id"].as_str(), payload["state"].as_str(), payload["status"].as_u64()), (Some(id.as_str()), Some("succeeded"), Some(200)));
+    assert_eq!(
+        (payload["id"].as_str(), payload["state"].as_str(), payload["status"].as_u64()),
+        (Some(id.as_str()), Some("succeeded"), Some(200))
+    );
     let view = job_becomes(&client, &jar, gateway.addr, &id, "succeeded", Duration::from_secs(1)).await;
     eventually("the delivery recorded", || {
         let answer = job(&client, &jar, gateway.addr, &id);
@@ -405,7 +410,12 @@ async fn bounds_are_told_up_front_and_a_path_may_always_be_async() {
     let client = client();
     let jar = Jar::default();
     let big = serde_json::json!({ "prompt": "x".repeat(2000) });
-    let answer = send(&client, { let mut r = txt2img_json(gateway.addr, big); r.headers_mut().insert("prefer", "respond-async".parse().unwrap()); r }).await;
+    let answer = send(&client, {
+        let mut r = txt2img_json(gateway.addr, big);
+        r.headers_mut().insert("prefer", "respond-async".parse().unwrap());
+        r
+    })
+    .await;
     answer.assert_json_error(413);
     // img2img is always async; its answer is over max_result_bytes: the job fails and says why.
     let request = Request::post(format!("http://{}/sdapi/v1/img2img", gateway.addr))

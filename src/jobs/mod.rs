@@ -45,6 +45,9 @@ pub const PREFIX: &str = "/.sdgate/jobs";
 /// A job's own webhook URL, on the submitting request.
 pub const CALLBACK_HEADER: &str = "sdgate-callback";
 
+/// `kept_bytes` not summed yet.
+const UNKNOWN: i64 = -1;
+
 /// How often the active replica deletes expired jobs and counts the store.
 const SWEEP: Duration = Duration::from_secs(2);
 
@@ -163,7 +166,11 @@ pub trait Runner: Send + Sync + 'static {
         hooks: Arc<Hooks>,
     ) -> impl std::future::Future<Output = Response<ResponseBody>> + Send;
     /// The pod's own progress answer (`/sdapi/v1/progress`), if it gives one.
-    fn progress(&self, service: &str, pod: SocketAddr) -> impl std::future::Future<Output = Option<serde_json::Value>> + Send;
+    fn progress(
+        &self,
+        service: &str,
+        pod: SocketAddr,
+    ) -> impl std::future::Future<Output = Option<serde_json::Value>> + Send;
 }
 
 /// A job this replica dispatched.
@@ -182,6 +189,9 @@ pub struct Jobs {
     /// Queued jobs not dispatched yet, oldest first (the active replica's).
     backlog: Mutex<VecDeque<(String, String)>>,
     wake: Notify,
+    /// Bytes kept in the store, as last summed plus submits since
+    /// ([`UNKNOWN`]: to be summed).
+    kept_bytes: std::sync::atomic::AtomicI64,
     /// The store's counts as last read (for `/status`).
     counted: Mutex<Vec<store::Count>>,
     /// The runner is on (this replica is active).
@@ -202,8 +212,11 @@ struct JobMetrics {
 impl JobMetrics {
     fn new(metrics: &crate::observe::metrics::Metrics) -> Self {
         let made = Self {
-            jobs: IntGaugeVec::new(Opts::new("sdgate_jobs", "Async jobs in the store, by state"), &["service", "state"])
-                .expect("static metric definition"),
+            jobs: IntGaugeVec::new(
+                Opts::new("sdgate_jobs", "Async jobs in the store, by state"),
+                &["service", "state"],
+            )
+            .expect("static metric definition"),
             oldest: prometheus::GaugeVec::new(
                 Opts::new("sdgate_job_oldest_age_seconds", "Age of the oldest async job in each state"),
                 &["service", "state"],
@@ -272,6 +285,7 @@ impl Jobs {
             backlog: Mutex::default(),
             wake: Notify::new(),
             counted: Mutex::default(),
+            kept_bytes: std::sync::atomic::AtomicI64::new(UNKNOWN),
             running: std::sync::atomic::AtomicBool::new(false),
             metrics,
         }))
@@ -285,7 +299,16 @@ impl Jobs {
     pub async fn submit(&self, submit: Submit) -> Result<Row, crate::error::ProxyError> {
         use crate::error::ProxyError;
         let unreachable = |error: anyhow::Error| ProxyError::JobStore(format!("{error:#}"));
-        let total = self.store.total_bytes().await.map_err(unreachable)?;
+        // The store's sum, read at most every SWEEP (not a scan per
+        // submit), plus what was kept since.
+        let total = match self.kept_bytes.load(std::sync::atomic::Ordering::Relaxed) {
+            UNKNOWN => {
+                let total = self.store.total_bytes().await.map_err(unreachable)?;
+                self.kept_bytes.store(total, std::sync::atomic::Ordering::Relaxed);
+                total
+            }
+            total => total,
+        };
         if total.saturating_add(submit.body.len() as i64) > self.config.max_total_bytes as i64 {
             return Err(ProxyError::JobsFull(self.config.max_total_bytes));
         }
@@ -312,6 +335,7 @@ impl Jobs {
         };
         let new = store::New { row: row.clone(), head, body: submit.body.to_vec() };
         self.store.insert(new).await.map_err(unreachable)?;
+        self.count_kept(row.request_bytes);
         self.metrics.submitted.with_label_values(&[&submit.service]).inc();
         tracing::info!(job = %id, service = %submit.service, "job queued");
         if self.running.load(std::sync::atomic::Ordering::Acquire) {
@@ -319,6 +343,15 @@ impl Jobs {
             self.wake.notify_one();
         }
         Ok(row)
+    }
+
+    /// Adds to the bytes kept (unless they are to be summed anyway).
+    fn count_kept(&self, bytes: i64) {
+        let _ = self.kept_bytes.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |kept| (kept != UNKNOWN).then_some(kept + bytes),
+        );
     }
 
     /// A job of `service` owned by `owner`, else none (another's job and no
@@ -431,7 +464,8 @@ impl Jobs {
             live.task.abort();
         }
         lock(&self.backlog).retain(|(id, _)| *id != row.id);
-        let ended = self.end(&row.id, &row.service, State::Cancelled, Some("cancelled by its owner".into()), None).await;
+        let ended =
+            self.end(&row.id, &row.service, State::Cancelled, Some("cancelled by its owner".into()), None).await;
         self.wake.notify_one();
         ended.map_err(|e| crate::error::ProxyError::JobStore(format!("{e:#}")))
     }
@@ -467,8 +501,10 @@ impl Jobs {
             body,
             webhook_state: webhook.as_ref().map(|_| "pending".to_string()),
         };
+        let result_bytes = ending.body.as_ref().map_or(0, |b| b.len() as i64);
         let ended = self.store.finish(id, ending).await?;
         if ended {
+            self.count_kept(result_bytes);
             self.metrics.finished.with_label_values(&[service, state.as_str()]).inc();
             tracing::info!(job = %id, %service, state = state.as_str(), error = error.as_deref().unwrap_or(""), "job ended");
             if let Some(row) = self.store.get(id).await? {
@@ -518,11 +554,8 @@ impl Jobs {
     pub async fn stop(&self, deadline: Instant) {
         self.running.store(false, std::sync::atomic::Ordering::Release);
         lock(&self.backlog).clear();
-        let waiting: Vec<String> = lock(&self.live)
-            .iter()
-            .filter(|(_, live)| live.hooks.pod().is_none())
-            .map(|(id, _)| id.clone())
-            .collect();
+        let waiting: Vec<String> =
+            lock(&self.live).iter().filter(|(_, live)| live.hooks.pod().is_none()).map(|(id, _)| id.clone()).collect();
         for id in waiting {
             if let Some(live) = lock(&self.live).remove(&id) {
                 live.task.abort();
@@ -574,11 +607,13 @@ impl Jobs {
         Ok(())
     }
 
-    /// Expired jobs deleted; the gauges refreshed.
+    /// Expired jobs deleted; the gauges refreshed; the bytes kept summed.
     async fn sweep(&self) {
         if let Err(error) = self.store.expire(now_us()).await {
             tracing::warn!(error = %format!("{error:#}"), "jobs: cannot delete expired jobs");
         }
+        let total = self.store.total_bytes().await.unwrap_or(UNKNOWN);
+        self.kept_bytes.store(total, std::sync::atomic::Ordering::Relaxed);
         self.refresh_gauges().await;
     }
 
@@ -655,11 +690,7 @@ impl Jobs {
         let head: Head = serde_json::from_str(&head).context("a job's kept request cannot be read")?;
         let deadline_us = row.created_us + self.config.queue_timeout.as_micros() as i64;
         let left = Duration::from_micros(deadline_us.saturating_sub(now_us()).max(0) as u64);
-        let hooks = {
-            let mut hooks = Hooks::default();
-            hooks.deadline = Some(Instant::now() + left);
-            Arc::new(hooks)
-        };
+        let hooks = Arc::new(Hooks { deadline: Some(Instant::now() + left), ..Hooks::default() });
         if let Some(live) = lock(&self.live).get_mut(id) {
             live.hooks = hooks.clone();
         }
@@ -716,7 +747,7 @@ pub fn kept_headers(headers: &HeaderMap) -> Vec<(String, String)> {
     headers
         .iter()
         .filter(|(name, _)| {
-            !crate::forward::is_hop_by_hop(name) && *name != http::header::HeaderName::from_static("prefer") && name.as_str() != CALLBACK_HEADER
+            !crate::forward::is_hop_by_hop(name) && !matches!(name.as_str(), "prefer" | "expect" | CALLBACK_HEADER)
         })
         .filter_map(|(name, value)| Some((name.as_str().to_string(), value.to_str().ok()?.to_string())))
         .collect()
@@ -726,7 +757,8 @@ pub fn kept_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 /// (`Prefer: respond-async`, RFC 7240).
 pub fn prefers_async(headers: &HeaderMap) -> bool {
     headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).any(|v| {
-        v.split(',').any(|pref| pref.split(';').next().is_some_and(|token| token.trim().eq_ignore_ascii_case("respond-async")))
+        v.split(',')
+            .any(|pref| pref.split(';').next().is_some_and(|token| token.trim().eq_ignore_ascii_case("respond-async")))
     })
 }
 

@@ -115,11 +115,9 @@ impl Store {
                 .await??;
                 Engine::Sqlite(Mutex::new(connection))
             }
-            JobStore::Postgres(pg) => Engine::Postgres {
-                config: pg.url.clone(),
-                table: pg.table.clone(),
-                client: RwLock::new(None),
-            },
+            JobStore::Postgres(pg) => {
+                Engine::Postgres { config: pg.url.clone(), table: pg.table.clone(), client: RwLock::new(None) }
+            }
         };
         let store = Self { engine: Arc::new(engine) };
         // PostgreSQL's table is made at each connection (sdgate starts
@@ -292,7 +290,8 @@ impl Store {
 
     /// Ended jobs whose webhook is still to be sent.
     pub async fn webhooks_pending(&self) -> Result<Vec<Row>> {
-        let sql = format!("SELECT {COLUMNS} FROM {} WHERE webhook_state = 'pending' ORDER BY finished_us", self.table());
+        let sql =
+            format!("SELECT {COLUMNS} FROM {} WHERE webhook_state = 'pending' ORDER BY finished_us", self.table());
         self.rows(&sql, vec![]).await
     }
 
@@ -333,9 +332,8 @@ impl Store {
                 let sql = sqlite_sql(&sql);
                 self.blocking(connection, move |c| {
                     let mut statement = c.prepare_cached(&sql)?;
-                    let rows = statement.query_map([], |row| {
-                        Ok(read(row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-                    })?;
+                    let rows =
+                        statement.query_map([], |row| Ok(read(row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?;
                     Ok(rows.filter_map(|row| row.ok().flatten()).collect())
                 })
                 .await
@@ -350,7 +348,8 @@ impl Store {
 
     /// Bytes all kept jobs hold (requests and results).
     pub async fn total_bytes(&self) -> Result<i64> {
-        let sql = format!("SELECT CAST(COALESCE(SUM(request_bytes + result_bytes), 0) AS BIGINT) FROM {}", self.table());
+        let sql =
+            format!("SELECT CAST(COALESCE(SUM(request_bytes + result_bytes), 0) AS BIGINT) FROM {}", self.table());
         match &*self.engine {
             Engine::Sqlite(connection) => {
                 let sql = sqlite_sql(&sql);
@@ -417,7 +416,8 @@ impl Store {
             Engine::Postgres { .. } => {
                 let client = self.postgres().await?;
                 let params = postgres_params(&values);
-                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                    params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
                 let rows = client.query(sql, &refs).await.context("jobs store")?;
                 rows.iter()
                     .map(|row| {
@@ -462,7 +462,8 @@ impl Store {
             Engine::Postgres { .. } => {
                 let client = self.postgres().await?;
                 let params = postgres_params(&values);
-                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                    params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
                 client.execute(sql, &refs).await.context("jobs store")
             }
         }

@@ -126,7 +126,10 @@ impl Sender {
             }
         }
         let pool = crate::pod::Pool::shared();
-        match pool.call(addr, Method::POST, &target.path, Some(&headers), Some(body.clone()), 64 * 1024, self.timeout).await {
+        match pool
+            .call(addr, Method::POST, &target.path, Some(&headers), Some(body.clone()), 64 * 1024, self.timeout)
+            .await
+        {
             Reply::Answer(status, _) | Reply::Oversized(status) if status.is_success() => Ok(()),
             Reply::Answer(status, _) | Reply::Oversized(status) => Err(Failure::Retry(format!("answered {status}"))),
             Reply::Refused(why) => Err(Failure::Retry(why)),
@@ -244,7 +247,19 @@ mod tests {
 
     #[test]
     fn only_public_addresses_are_targets_by_default() {
-        for private in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "::1", "fd00::1", "fe80::1", "::ffff:10.0.0.1", "0.0.0.0"] {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+            "0.0.0.0",
+        ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
         for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {

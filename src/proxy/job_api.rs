@@ -16,8 +16,8 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
-use super::{Inbound, Proxy, Service};
 use super::affinity::Presented;
+use super::{Inbound, Proxy, Service};
 use crate::body::ResponseBody;
 use crate::error::ProxyError;
 use crate::jobs::{self, Hooks, Jobs, PREFIX};
@@ -65,9 +65,10 @@ impl Proxy {
             return Ok(self.job_api(jobs, service, &request, client).await.unwrap_or_else(|e| e.into_response(name)));
         }
         match self.jobs() {
-            Some(jobs) if self.becomes_job(service, &request) => {
-                Ok(self.submit(jobs, service, request, client, priority).await.unwrap_or_else(|e| e.into_response(name)))
-            }
+            Some(jobs) if self.becomes_job(service, &request) => Ok(self
+                .submit(jobs, service, request, client, priority)
+                .await
+                .unwrap_or_else(|e| e.into_response(name))),
             _ => Err(request),
         }
     }
@@ -84,7 +85,9 @@ impl Proxy {
         // Refused as it would be when run: limits, paths, a sleeping service.
         self.admit(service, &request, client, priority)?;
         let webhook = match request.headers().get(jobs::CALLBACK_HEADER) {
-            Some(value) => Some(value.to_str().map_err(|_| ProxyError::BadBody("a bad Sdgate-Callback".into()))?.to_string()),
+            Some(value) => {
+                Some(value.to_str().map_err(|_| ProxyError::BadBody("a bad Sdgate-Callback".into()))?.to_string())
+            }
             None => service.config.job_webhook.clone(),
         };
         if let Some(url) = &webhook {
@@ -169,7 +172,9 @@ impl Proxy {
                 return Err(ProxyError::JobMethod);
             }
             let rows = match &owner {
-                Some(owner) => jobs.store().list(Some((&service.config.name, owner)), 100).await.map_err(store_error)?,
+                Some(owner) => {
+                    jobs.store().list(Some((&service.config.name, owner)), 100).await.map_err(store_error)?
+                }
                 None => Vec::new(),
             };
             let mut list = Vec::new();
@@ -264,13 +269,21 @@ impl jobs::Runner for Proxy {
     }
 
     async fn progress(&self, service: &str, pod: std::net::SocketAddr) -> Option<serde_json::Value> {
-        let host = self.table().services.iter().find(|s| s.config.name == service).and_then(|s| s.config.hosts.first().cloned());
+        let host = self
+            .table()
+            .services
+            .iter()
+            .find(|s| s.config.name == service)
+            .and_then(|s| s.config.hosts.first().cloned());
         let mut headers = http::HeaderMap::new();
         if let Some(host) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
             headers.insert(header::HOST, host);
         }
         let pool = crate::pod::Pool::shared();
-        match pool.call(pod, Method::GET, PROGRESS, Some(&headers), None, 1 << 20, std::time::Duration::from_secs(2)).await {
+        match pool
+            .call(pod, Method::GET, PROGRESS, Some(&headers), None, 1 << 20, std::time::Duration::from_secs(2))
+            .await
+        {
             crate::pod::Reply::Answer(status, body) if status.is_success() => serde_json::from_slice(&body).ok(),
             _ => None,
         }

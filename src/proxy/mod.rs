@@ -3,10 +3,10 @@
 pub mod affinity;
 pub mod checkpoint;
 pub(crate) mod fairness;
+mod job_api;
 pub(crate) mod owners;
 pub mod path;
 pub mod relay;
-mod job_api;
 pub mod router;
 pub(crate) mod routes;
 
