@@ -75,6 +75,8 @@ pub enum ProxyError {
     JobNotReady(&'static str),
     #[error("method not allowed on a job")]
     JobMethod,
+    #[error("the job's service {0:?} is no longer configured")]
+    JobServiceGone(String),
 }
 
 impl ProxyError {
@@ -84,7 +86,10 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::UnknownHost(_) | ProxyError::JobNotFound | ProxyError::JobsOff => StatusCode::NOT_FOUND,
+            ProxyError::UnknownHost(_)
+            | ProxyError::JobNotFound
+            | ProxyError::JobsOff
+            | ProxyError::JobServiceGone(_) => StatusCode::NOT_FOUND,
             ProxyError::JobsFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             ProxyError::JobNotReady(_) => StatusCode::CONFLICT,
             ProxyError::JobMethod => StatusCode::METHOD_NOT_ALLOWED,

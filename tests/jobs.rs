@@ -439,3 +439,73 @@ async fn bounds_are_told_up_front_and_a_path_may_always_be_async() {
     assert_eq!(send(&client, submit_request(plain.addr, "ignored", 1)).await.status.as_u16(), 200);
     plain.shutdown().await;
 }
+
+/// Jobs the gate turns away for now (here: one client's share of the queue,
+/// `fairness.max_queued: 1`) stay queued and run later, in order; a job
+/// submitted over HTTP/2 (its host in `:authority`, no Host header) runs on
+/// its own service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_turned_away_by_the_gate_wait_their_turn_and_http2_submits_keep_their_host() {
+    let dir = TempDir::new();
+    let workers = sims(1, fast_sim(10)).await;
+    let yaml = format!(
+        "{}{}",
+        jobs_key(&sqlite_store(&dir), ""),
+        config_yaml(&[workers[0].addr], 1, "    fairness: { key: header, header: X-Api-Key, max_queued: 1 }\n")
+    );
+    let gateway = TestGateway::start(&yaml).await;
+    gateway.wait_for(|g| g.ready_count() == 1, "the pod ready").await;
+    let client = client();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let mut request = submit_request(gateway.addr, &format!("turn {i}"), 3);
+        request.headers_mut().insert("x-api-key", "one-client".parse().unwrap());
+        let answer = send(&client, request).await;
+        assert_eq!(answer.status.as_u16(), 202);
+        ids.push(answer.json()["id"].as_str().unwrap().to_string());
+    }
+    let keyed = |mut request: Request<Full<Bytes>>| {
+        request.headers_mut().insert("x-api-key", "one-client".parse().unwrap());
+        request
+    };
+    for (i, id) in ids.iter().enumerate() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let view = send(&client, keyed(get(gateway.addr, &format!("/.sdgate/jobs/{id}")))).await.json();
+            if view["state"] == "succeeded" {
+                assert_eq!(view["result"]["body"]["parameters"]["prompt"], format!("turn {i}"));
+                break;
+            }
+            assert!(view["state"] == "queued" || view["state"] == "running", "{view}");
+            assert!(tokio::time::Instant::now() < deadline, "{view}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let prompts: Vec<String> = workers[0].stats().jobs.iter().map(|j| j.prompt.clone()).collect();
+    assert_eq!(prompts, (0..6).map(|i| format!("turn {i}")).collect::<Vec<_>>(), "each once, in order");
+    // HTTP/2 with prior knowledge: the host is the URI's authority.
+    let mut h2 = h2_sender(gateway.addr).await;
+    let request = Request::post(format!("http://{HOST}/sdapi/v1/txt2img"))
+        .header("prefer", "respond-async")
+        .header("x-api-key", "one-client")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(r#"{"prompt":"over h2","steps":1}"#)))
+        .unwrap();
+    let answer = h2.send_request(request).await.unwrap();
+    assert_eq!(answer.status().as_u16(), 202);
+    let body = http_body_util::BodyExt::collect(answer.into_body()).await.unwrap().to_bytes();
+    let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = send(&client, keyed(get(gateway.addr, &format!("/.sdgate/jobs/{id}")))).await.json();
+        if view["state"] == "succeeded" {
+            assert_eq!(view["result"]["body"]["parameters"]["prompt"], "over h2");
+            break;
+        }
+        assert!(view["state"] == "queued" || view["state"] == "running", "{view}");
+        assert!(tokio::time::Instant::now() < deadline, "{view}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_no_overlap(&[workers[0].stats()]);
+    gateway.shutdown().await;
+}

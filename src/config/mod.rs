@@ -1282,6 +1282,13 @@ impl Config {
         }
         if let Some(jobs) = &self.jobs {
             jobs.validate()?;
+            if let (JobStore::File(_), Some(_)) = (&jobs.store, self.election()) {
+                bail!(
+                    "jobs.store: a file is one replica's; with leader_election (on by default with a kubernetes \
+                     backend) the replicas share jobs through PostgreSQL (jobs.store.postgres), or set \
+                     leader_election: off for one replica"
+                );
+            }
         }
         for (i, service) in self.services.iter().enumerate() {
             if self.jobs.is_none() && (!service.async_paths.is_empty() || service.job_webhook.is_some()) {
@@ -1366,6 +1373,9 @@ impl Config {
         }
         if yaml(&self.leader_election) != yaml(&next.leader_election) {
             return Some("leader_election: changing it needs a restart".into());
+        }
+        if yaml(&self.jobs) != yaml(&next.jobs) {
+            return Some("jobs: changing them needs a restart (the store is opened at start)".into());
         }
         for (i, service) in next.services.iter().enumerate() {
             let Some(old) = self.services.iter().find(|old| old.name == service.name) else { continue };
@@ -1941,5 +1951,28 @@ mod tests {
         assert!(Config::from_yaml(&two("{ fixed: [\"127.0.0.1:7860\"] }", "{ fixed: [\"127.0.0.1:7861\"] }", false))
             .is_ok());
         assert!(Config::from_yaml(&fixed.replace("allow_shared_pods: false", "allow_shared_pods: true")).is_ok());
+    }
+
+    #[test]
+    fn jobs_keys_are_checked_and_read_at_start_only() {
+        let service = "services:\n  - name: a\n    hosts: [a]\n    backend: { fixed: [\"127.0.0.1:7860\"] }\n";
+        let refusal = |yaml: String| Config::from_yaml(&yaml).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let with = |jobs: &str| format!("jobs: {jobs}\n{service}");
+        let config = Config::from_yaml(&with("{ store: { file: /tmp/j.sqlite3 } }")).unwrap();
+        let jobs = config.jobs.as_ref().unwrap();
+        assert_eq!(
+            (jobs.result_ttl, jobs.on_lost, jobs.max_dispatched),
+            (Duration::from_secs(3600), OnLost::Retry, 64)
+        );
+        assert!(refusal(with("{ store: { postgres: { url: x, table: \"a; DROP\" } } }"))
+            .contains("jobs.store.postgres.table"));
+        assert!(refusal(with("{ webhooks: { allow: [nonsense] } }")).contains("jobs.webhooks.allow"));
+        let paths = service.replace("    backend:", "    async_paths: [/sdapi/v1/txt2img]\n    backend:");
+        assert!(refusal(paths).contains("need `jobs`"), "async_paths without a store");
+        let elected = format!("leader_election: {{ lease: l }}\n{}", with("{ store: { file: /tmp/j.sqlite3 } }"));
+        assert!(refusal(elected).contains("PostgreSQL"), "a file store with several replicas");
+        let other = Config::from_yaml(&with("{ store: { file: /tmp/other.sqlite3 } }")).unwrap();
+        assert!(config.reload_refusal(&other).is_some_and(|why| why.starts_with("jobs:")));
+        assert!(config.reload_refusal(&config.clone()).is_none());
     }
 }

@@ -20,7 +20,7 @@
 pub mod store;
 pub mod webhook;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -44,6 +44,9 @@ use store::{Ending, Row, Store};
 pub const PREFIX: &str = "/.sdgate/jobs";
 /// A job's own webhook URL, on the submitting request.
 pub const CALLBACK_HEADER: &str = "sdgate-callback";
+
+/// The largest JSON result a job's view inlines (larger: `result.url` only).
+const INLINE_MAX: i64 = 8 << 20;
 
 /// `kept_bytes` not summed yet.
 const UNKNOWN: i64 = -1;
@@ -95,6 +98,11 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Whether `row` belongs to `owner` (compared in constant time).
+pub fn owned_by(row: &Row, owner: &str) -> bool {
+    bool::from(subtle::ConstantTimeEq::ct_eq(row.owner.as_bytes(), owner.as_bytes()))
+}
+
 /// Whether `text` can be a job id (32 hex digits): anything else is not
 /// looked up.
 pub fn is_id(text: &str) -> bool {
@@ -122,6 +130,51 @@ pub struct Hooks {
     /// The latest a queued job may still take a pod.
     pub deadline: Option<Instant>,
     took_pod: Notify,
+    /// Its owner cancelled it: the pod is told to stop (not when a run is
+    /// dropped for any other reason: a lost lease, the drain's end).
+    cancelled: std::sync::atomic::AtomicBool,
+    /// Passed when it has its place in the gate (or is out of the way):
+    /// the service's next job waits for it, so jobs reach the gate in the
+    /// order they were submitted.
+    turn: Arc<Turn>,
+    after: Option<Arc<Turn>>,
+}
+
+/// One job's turn to reach the gate.
+#[derive(Default)]
+pub struct Turn {
+    passed: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Turn {
+    fn pass(&self) {
+        self.passed.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn is_passed(&self) -> bool {
+        self.passed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_passed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Passes a job's turn however its run ends.
+struct PassOnDrop(Arc<Turn>);
+
+impl Drop for PassOnDrop {
+    fn drop(&mut self) {
+        self.0.pass();
+    }
 }
 
 #[derive(Default)]
@@ -134,6 +187,7 @@ impl Hooks {
     /// The job waits at `ticket` of `gate`.
     pub fn queued(&self, gate: &Arc<SharedGate>, ticket: Ticket) {
         lock(&self.progress).place = Some((gate.clone(), ticket));
+        self.turn.pass();
     }
 
     /// The job took `pod`.
@@ -142,11 +196,17 @@ impl Hooks {
         progress.pod = Some(pod);
         progress.place = None;
         drop(progress);
+        self.turn.pass();
         self.took_pod.notify_one();
     }
 
     fn pod(&self) -> Option<SocketAddr> {
         lock(&self.progress).pod
+    }
+
+    /// Whether the job's owner cancelled it.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Requests ahead of the job in its service's queue.
@@ -159,12 +219,20 @@ impl Hooks {
 /// What the runner needs of the proxy: a kept request sent through the
 /// gate, and the progress of a pod.
 pub trait Runner: Send + Sync + 'static {
+    /// Runs a kept request on `service`: the answer (the pod's, or sdgate's
+    /// own error, JSON), or [`Again`] when sdgate turned it away for now
+    /// (queue full, this client's share of the queue full, not the active
+    /// replica, shutting down): the job stays queued.
     fn run(
         &self,
         request: Request<Bytes>,
+        service: &str,
         client: Option<std::net::IpAddr>,
         hooks: Arc<Hooks>,
-    ) -> impl std::future::Future<Output = Response<ResponseBody>> + Send;
+    ) -> impl std::future::Future<Output = Result<Response<ResponseBody>, Again>> + Send;
+    /// Whether this gateway has a service of that name (jobs of others in a
+    /// shared table are left alone).
+    fn serves(&self, service: &str) -> bool;
     /// The pod's own progress answer (`/sdapi/v1/progress`), if it gives one.
     fn progress(
         &self,
@@ -173,9 +241,18 @@ pub trait Runner: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Option<serde_json::Value>> + Send;
 }
 
+/// sdgate turned a job's run away for now (why): it stays queued.
+#[derive(Debug)]
+pub struct Again(pub String);
+
+/// A queued job not dispatched yet: (created, id, service), so the
+/// backlog is in submission order whatever order jobs come back in.
+type Pending = (i64, String, String);
+
 /// A job this replica dispatched.
 struct Live {
     service: String,
+    created_us: i64,
     task: tokio::task::AbortHandle,
     hooks: Arc<Hooks>,
 }
@@ -186,8 +263,13 @@ pub struct Jobs {
     store: Store,
     webhooks: webhook::Sender,
     live: Mutex<HashMap<String, Live>>,
+    /// Services whose jobs the gate turned away lately: none of their jobs
+    /// is dispatched before then (so they go back in order).
+    paused: Mutex<HashMap<String, Instant>>,
+    /// Each service's last dispatched job's turn.
+    turns: Mutex<HashMap<String, Arc<Turn>>>,
     /// Queued jobs not dispatched yet, oldest first (the active replica's).
-    backlog: Mutex<VecDeque<(String, String)>>,
+    backlog: Mutex<BTreeSet<Pending>>,
     wake: Notify,
     /// Bytes kept in the store, as last summed plus submits since
     /// ([`UNKNOWN`]: to be summed).
@@ -283,6 +365,8 @@ impl Jobs {
             webhooks,
             live: Mutex::default(),
             backlog: Mutex::default(),
+            turns: Mutex::default(),
+            paused: Mutex::default(),
             wake: Notify::new(),
             counted: Mutex::default(),
             kept_bytes: std::sync::atomic::AtomicI64::new(UNKNOWN),
@@ -339,7 +423,7 @@ impl Jobs {
         self.metrics.submitted.with_label_values(&[&submit.service]).inc();
         tracing::info!(job = %id, service = %submit.service, "job queued");
         if self.running.load(std::sync::atomic::Ordering::Acquire) {
-            lock(&self.backlog).push_back((id, submit.service));
+            lock(&self.backlog).insert((row.created_us, id, submit.service));
             self.wake.notify_one();
         }
         Ok(row)
@@ -354,16 +438,27 @@ impl Jobs {
         );
     }
 
-    /// A job of `service` owned by `owner`, else none (another's job and no
-    /// job look the same).
-    pub async fn find(&self, id: &str, service: &str, owner: &str) -> Result<Option<Row>, crate::error::ProxyError> {
+    /// A job by id (an id that is not well-formed is not looked up).
+    pub async fn get(&self, id: &str) -> Result<Option<Row>, crate::error::ProxyError> {
         if !is_id(id) {
             return Ok(None);
         }
-        let row = self.store.get(id).await.map_err(|e| crate::error::ProxyError::JobStore(format!("{e:#}")))?;
-        Ok(row.filter(|row| {
-            row.service == service && bool::from(subtle::ConstantTimeEq::ct_eq(row.owner.as_bytes(), owner.as_bytes()))
-        }))
+        self.store.get(id).await.map_err(|e| crate::error::ProxyError::JobStore(format!("{e:#}")))
+    }
+
+    /// A job in a list: its state and times, no result body or progress.
+    pub fn summary(&self, row: &Row) -> serde_json::Value {
+        let seconds = |us: Option<i64>| us.map(|us| us as f64 / 1e6);
+        serde_json::json!({
+            "id": row.id,
+            "service": row.service,
+            "state": row.state,
+            "url": format!("{PREFIX}/{}", row.id),
+            "created_at": seconds(Some(row.created_us)),
+            "finished_at": seconds(row.finished_us),
+            "status": row.result_status,
+            "error": row.error,
+        })
     }
 
     /// A job's state as its owner sees it (with its place in line or its
@@ -376,8 +471,12 @@ impl Jobs {
                 // Still in the store: behind everything in the gate and
                 // every job before it in the backlog.
                 None => {
-                    let backlog = lock(&self.backlog);
-                    backlog.iter().position(|(id, _)| *id == row.id).map(|at| at + self.dispatched(&row.service))
+                    let ahead = {
+                        let backlog = lock(&self.backlog);
+                        let mut mine = backlog.iter().filter(|(_, _, service)| *service == row.service);
+                        mine.position(|(_, id, _)| *id == row.id)
+                    };
+                    ahead.map(|at| at + self.dispatched(&row.service))
                 }
             },
             _ => None,
@@ -420,7 +519,9 @@ impl Jobs {
                 "bytes": row.result_bytes,
                 "url": format!("{PREFIX}/{}/result", row.id),
             });
-            if json {
+            // Inlined when small (the WebUI's answers with a few images);
+            // a larger one only at its URL, so a poll stays cheap.
+            if json && row.result_bytes <= INLINE_MAX {
                 if let Ok(Some(body)) = self.store.result_body(&row.id).await {
                     if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&body) {
                         result["body"] = value;
@@ -459,11 +560,17 @@ impl Jobs {
     /// Cancels a job not ended: out of the queue, or its pod interrupted
     /// (the pod's slot is held until it answers, as for a client that left).
     pub async fn cancel(&self, row: &Row) -> Result<bool, crate::error::ProxyError> {
-        let live = lock(&self.live).remove(&row.id);
-        if let Some(live) = live {
-            live.task.abort();
+        {
+            // Both at once, in dispatch's order: a job leaving the backlog
+            // is in `live` before either lock is let go.
+            let mut backlog = lock(&self.backlog);
+            let mut live = lock(&self.live);
+            backlog.retain(|(_, id, _)| *id != row.id);
+            if let Some(live) = live.remove(&row.id) {
+                live.hooks.cancelled.store(true, std::sync::atomic::Ordering::Release);
+                live.task.abort();
+            }
         }
-        lock(&self.backlog).retain(|(id, _)| *id != row.id);
         let ended =
             self.end(&row.id, &row.service, State::Cancelled, Some("cancelled by its owner".into()), None).await;
         self.wake.notify_one();
@@ -521,7 +628,11 @@ impl Jobs {
     pub async fn run<R: Runner>(self: Arc<Self>, runner: Arc<R>, mut stop: tokio::sync::watch::Receiver<bool>) {
         self.running.store(true, std::sync::atomic::Ordering::Release);
         loop {
-            match self.recover().await {
+            let recovered = tokio::select! {
+                recovered = self.recover(&*runner) => recovered,
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            match recovered {
                 Ok(()) => break,
                 Err(error) => {
                     tracing::error!(error = %format!("{error:#}"), "jobs: cannot read the store; trying again in 1 s");
@@ -536,7 +647,14 @@ impl Jobs {
         loop {
             if Instant::now() >= next_sweep {
                 next_sweep = Instant::now() + SWEEP;
-                self.sweep().await;
+                tokio::select! {
+                    _ = self.sweep(&*runner) => {}
+                    _ = stop.wait_for(|stop| *stop) => break,
+                }
+            }
+            // Never a dispatch once told to stop.
+            if *stop.borrow() {
+                break;
             }
             self.dispatch(&runner);
             tokio::select! {
@@ -554,12 +672,15 @@ impl Jobs {
     pub async fn stop(&self, deadline: Instant) {
         self.running.store(false, std::sync::atomic::Ordering::Release);
         lock(&self.backlog).clear();
-        let waiting: Vec<String> =
-            lock(&self.live).iter().filter(|(_, live)| live.hooks.pod().is_none()).map(|(id, _)| id.clone()).collect();
-        for id in waiting {
-            if let Some(live) = lock(&self.live).remove(&id) {
-                live.task.abort();
-            }
+        {
+            let mut live = lock(&self.live);
+            live.retain(|_, job| {
+                let waiting = job.hooks.pod().is_none();
+                if waiting {
+                    job.task.abort();
+                }
+                !waiting
+            });
         }
         while !lock(&self.live).is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -569,13 +690,19 @@ impl Jobs {
         }
     }
 
-    /// At activation: lost runs retried once or failed, the queue loaded,
-    /// pending webhooks sent.
-    async fn recover(&self) -> Result<()> {
+    /// At activation: pending webhooks sent, lost runs retried once or
+    /// failed, the queue loaded.
+    async fn recover<R: Runner>(&self, runner: &R) -> Result<()> {
+        // Read first: a lost job failed below sends its own.
+        for row in self.store.webhooks_pending().await? {
+            if runner.serves(&row.service) {
+                self.webhooks.send(self.store.clone(), row);
+            }
+        }
         let rows = self.store.unfinished().await?;
-        let mut queued = VecDeque::new();
+        let mut queued = BTreeSet::new();
         for row in rows {
-            if lock(&self.live).contains_key(&row.id) {
+            if lock(&self.live).contains_key(&row.id) || !runner.serves(&row.service) {
                 continue;
             }
             match row.state {
@@ -583,32 +710,38 @@ impl Jobs {
                     tracing::warn!(job = %row.id, service = %row.service, "job was running when its replica stopped: retried (it may run twice)");
                     self.metrics.lost.with_label_values(&[&row.service, "retried"]).inc();
                     self.store.requeue(&row.id).await?;
-                    queued.push_back((row.id, row.service));
+                    queued.insert((row.created_us, row.id, row.service));
                 }
                 State::Running => {
                     self.metrics.lost.with_label_values(&[&row.service, "failed"]).inc();
                     let why = "the replica running it stopped (jobs.on_lost)";
                     self.end(&row.id, &row.service, State::Failed, Some(why.into()), None).await?;
                 }
-                _ => queued.push_back((row.id, row.service)),
+                _ => {
+                    queued.insert((row.created_us, row.id, row.service));
+                }
             }
         }
         tracing::info!(queued = queued.len(), "jobs: the runner takes the store's queue");
-        // Jobs submitted while the store was read come after.
-        {
-            let mut backlog = lock(&self.backlog);
-            let later: Vec<_> = backlog.drain(..).filter(|job| !queued.contains(job)).collect();
-            queued.extend(later);
-            *backlog = queued;
-        }
-        for row in self.store.webhooks_pending().await? {
-            self.webhooks.send(self.store.clone(), row);
-        }
+        // With the jobs submitted while the store was read.
+        lock(&self.backlog).extend(queued);
         Ok(())
     }
 
-    /// Expired jobs deleted; the gauges refreshed; the bytes kept summed.
-    async fn sweep(&self) {
+    /// Expired jobs deleted; the gauges refreshed; the bytes kept summed;
+    /// queued jobs in neither the backlog nor the gate (left there by a
+    /// store that failed) back in line.
+    async fn sweep<R: Runner>(&self, runner: &R) {
+        if let Ok(rows) = self.store.unfinished().await {
+            let mut backlog = lock(&self.backlog);
+            let live = lock(&self.live);
+            for row in rows {
+                let known = live.contains_key(&row.id) || backlog.iter().any(|(_, id, _)| *id == row.id);
+                if row.state == State::Queued && !known && runner.serves(&row.service) {
+                    backlog.insert((row.created_us, row.id, row.service));
+                }
+            }
+        }
         if let Err(error) = self.store.expire(now_us()).await {
             tracing::warn!(error = %format!("{error:#}"), "jobs: cannot delete expired jobs");
         }
@@ -651,66 +784,163 @@ impl Jobs {
         let mut backlog = lock(&self.backlog);
         let mut live = lock(&self.live);
         let mut held = Vec::new();
-        while let Some((id, service)) = backlog.pop_front() {
+        let now = Instant::now();
+        let paused = {
+            let mut paused = lock(&self.paused);
+            paused.retain(|_, until| *until > now);
+            paused.keys().cloned().collect::<Vec<_>>()
+        };
+        while let Some((created_us, id, service)) = backlog.pop_first() {
             if live.contains_key(&id) {
                 continue;
             }
             let dispatched = live.values().filter(|l| l.service == service).count();
-            if dispatched >= self.config.max_dispatched {
-                held.push((id, service));
+            if dispatched >= self.config.max_dispatched || paused.contains(&service) {
+                held.push((created_us, id, service));
                 continue;
             }
-            let hooks = Arc::new(Hooks::default());
-            let task = tokio::spawn(self.clone().run_one(runner.clone(), id.clone(), service.clone()));
-            live.insert(id, Live { service, task: task.abort_handle(), hooks });
+            let left = (created_us + self.config.queue_timeout.as_micros() as i64).saturating_sub(now_us()).max(0);
+            let turn = Arc::new(Turn::default());
+            let after = lock(&self.turns).insert(service.clone(), turn.clone()).filter(|t| !t.is_passed());
+            let hooks = Arc::new(Hooks {
+                deadline: Some(Instant::now() + Duration::from_micros(left as u64)),
+                turn,
+                after,
+                ..Hooks::default()
+            });
+            let task = tokio::spawn(self.clone().run_one(runner.clone(), id.clone(), service.clone(), hooks.clone()));
+            live.insert(id, Live { service, created_us, task: task.abort_handle(), hooks });
         }
         backlog.extend(held);
     }
 
-    /// One job, from the store to its end.
-    async fn run_one<R: Runner>(self: Arc<Self>, runner: Arc<R>, id: String, service: String) {
-        let outcome = self.try_run(&runner, &id, &service).await;
-        lock(&self.live).remove(&id);
-        self.wake.notify_one();
-        if let Err(error) = outcome {
-            let error = format!("{error:#}");
-            tracing::warn!(job = %id, %error, "job failed in sdgate");
-            if let Err(e) = self.end(&id, &service, State::Failed, Some(error), None).await {
-                tracing::error!(job = %id, error = %format!("{e:#}"), "jobs: cannot record a job's end");
+    /// One job, from the store to its end; the job's end is its own task,
+    /// so a cancel (which aborts this one) cannot cut it between the
+    /// store's write and the webhook.
+    async fn run_one<R: Runner>(self: Arc<Self>, runner: Arc<R>, id: String, service: String, hooks: Arc<Hooks>) {
+        let outcome = {
+            let _turn = PassOnDrop(hooks.turn.clone());
+            self.try_run(&runner, &id, &service, &hooks).await
+        };
+        let again = match outcome {
+            Run::Ended(state, error, answer) => {
+                let jobs = self.clone();
+                let (id, service) = (id.clone(), service.clone());
+                // Written until the store takes it (a minute at most; then
+                // the job stays `running` and the next active replica
+                // counts it lost).
+                let ending = tokio::spawn(async move {
+                    for _ in 0..60 {
+                        match jobs.end(&id, &service, state, error.clone(), answer.clone()).await {
+                            Ok(_) => return,
+                            Err(e) => {
+                                tracing::error!(job = %id, error = %format!("{e:#}"), "jobs: cannot record a job's end; trying again in 1 s");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                    }
+                });
+                let _ = ending.await;
+                false
             }
+            Run::Nothing => false,
+            Run::Again(why) => {
+                tracing::info!(job = %id, %service, %why, "job turned away for now: it stays queued");
+                true
+            }
+            Run::StoreDown(error) => {
+                tracing::warn!(job = %id, error = %format!("{error:#}"), "jobs: the store failed during a job; it is tried again");
+                true
+            }
+        };
+        if again {
+            // Back in line at once, in its order; the service's jobs wait
+            // AGAIN_AFTER before the next try.
+            {
+                let mut backlog = lock(&self.backlog);
+                if let Some(live) = lock(&self.live).remove(&id) {
+                    backlog.insert((live.created_us, id, service.clone()));
+                }
+            }
+            lock(&self.paused).insert(service, Instant::now() + AGAIN_AFTER);
+            let jobs = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(AGAIN_AFTER).await;
+                jobs.wake.notify_one();
+            });
+        } else {
+            lock(&self.live).remove(&id);
+        }
+        self.wake.notify_one();
+    }
+
+    async fn try_run<R: Runner>(&self, runner: &Arc<R>, id: &str, service: &str, hooks: &Arc<Hooks>) -> Run {
+        match self.try_run_inner(runner, id, service, hooks).await {
+            Ok(run) => run,
+            Err(error) => Run::StoreDown(error),
         }
     }
 
-    async fn try_run<R: Runner>(&self, runner: &Arc<R>, id: &str, service: &str) -> Result<()> {
-        let Some(row) = self.store.get(id).await? else { return Ok(()) };
-        if row.state != State::Queued {
-            return Ok(());
+    async fn try_run_inner<R: Runner>(
+        &self,
+        runner: &Arc<R>,
+        id: &str,
+        service: &str,
+        hooks: &Arc<Hooks>,
+    ) -> Result<Run> {
+        let Some(row) = self.store.get(id).await? else { return Ok(Run::Nothing) };
+        match row.state {
+            State::Queued => {}
+            // This replica's earlier try of it set it running, then the
+            // store failed: this replica is the only runner.
+            State::Running => {
+                self.store.requeue(id).await?;
+            }
+            _ => return Ok(Run::Nothing),
         }
-        let Some((head, body)) = self.store.request(id).await? else { return Ok(()) };
-        let head: Head = serde_json::from_str(&head).context("a job's kept request cannot be read")?;
         let deadline_us = row.created_us + self.config.queue_timeout.as_micros() as i64;
-        let left = Duration::from_micros(deadline_us.saturating_sub(now_us()).max(0) as u64);
-        let hooks = Arc::new(Hooks { deadline: Some(Instant::now() + left), ..Hooks::default() });
-        if let Some(live) = lock(&self.live).get_mut(id) {
-            live.hooks = hooks.clone();
+        if deadline_us <= now_us() {
+            let why = format!("not started within jobs.queue_timeout ({:?})", self.config.queue_timeout);
+            return Ok(Run::Ended(State::Failed, Some(why), None));
+        }
+        let Some((head, body)) = self.store.request(id).await? else { return Ok(Run::Nothing) };
+        let Ok(head) = serde_json::from_str::<Head>(&head) else {
+            return Ok(Run::Ended(State::Failed, Some("its kept request cannot be read".into()), None));
+        };
+        // The job before it reaches the gate first (a second at most: one
+        // stuck elsewhere holds nobody up).
+        if let Some(after) = &hooks.after {
+            let _ = tokio::time::timeout(Duration::from_secs(1), after.wait()).await;
         }
         let mut request = Request::builder().method(head.method.as_str()).uri(head.uri.as_str());
         for (name, value) in &head.headers {
             request = request.header(name.as_str(), value.as_str());
         }
-        let request = request.body(Bytes::from(body)).context("a job's kept request cannot be rebuilt")?;
-        let answer = runner.run(request, head.client, hooks.clone());
+        let Ok(request) = request.body(Bytes::from(body)) else {
+            return Ok(Run::Ended(State::Failed, Some("its kept request cannot be rebuilt".into()), None));
+        };
+        let answer = runner.run(request, service, head.client, hooks.clone());
         tokio::pin!(answer);
         let response = loop {
             tokio::select! {
                 response = &mut answer => break response,
                 _ = hooks.took_pod.notified() => {
                     if let Some(pod) = hooks.pod() {
-                        self.store.set_running(id, &pod.to_string(), now_us()).await?;
+                        // Only a queued job runs: one cancelled (or taken
+                        // by another runner) meanwhile is dropped, its pod
+                        // told to stop.
+                        if !self.store.set_running(id, &pod.to_string(), now_us()).await? {
+                            hooks.cancelled.store(true, std::sync::atomic::Ordering::Release);
+                            return Ok(Run::Nothing);
+                        }
                         tracing::info!(job = %id, %service, %pod, "job running");
                     }
                 }
             }
+        };
+        let response = match response {
+            Ok(response) => response,
+            Err(Again(why)) => return Ok(Run::Again(why)),
         };
         let status = response.status();
         let headers: Vec<(String, String)> = response
@@ -723,12 +953,13 @@ impl Jobs {
         let mut answer = response.into_body();
         let mut body = Vec::new();
         while let Some(frame) = answer.frame().await {
-            let frame = frame.map_err(|error| anyhow::anyhow!("the pod's answer broke off: {error}"))?;
+            let Ok(frame) = frame else {
+                return Ok(Run::Ended(State::Failed, Some("the pod's answer broke off".into()), None));
+            };
             if let Ok(data) = frame.into_data() {
                 if body.len() + data.len() > max {
                     let why = format!("the answer is larger than jobs.max_result_bytes ({max} bytes)");
-                    self.end(id, service, State::Failed, Some(why), None).await?;
-                    return Ok(());
+                    return Ok(Run::Ended(State::Failed, Some(why), None));
                 }
                 body.extend_from_slice(&data);
             }
@@ -736,10 +967,24 @@ impl Jobs {
         let state = if status.is_success() { State::Succeeded } else { State::Failed };
         let error = (!status.is_success()).then(|| format!("answered {}", status.as_u16()));
         let headers = serde_json::to_string(&headers)?;
-        self.end(id, service, state, error, Some((status.as_u16(), headers, body))).await?;
-        Ok(())
+        Ok(Run::Ended(state, error, Some((status.as_u16(), headers, body))))
     }
 }
+
+/// How a job's run went.
+enum Run {
+    /// It ended so (with the answer, if one came).
+    Ended(State, Option<String>, Option<(u16, String, Vec<u8>)>),
+    /// Nothing to do (gone, ended, or no longer queued).
+    Nothing,
+    /// sdgate turned it away for now: back in line.
+    Again(String),
+    /// The store failed: back in line.
+    StoreDown(anyhow::Error),
+}
+
+/// How long a job turned away waits before it is back in line.
+const AGAIN_AFTER: Duration = Duration::from_millis(500);
 
 /// The headers of a submitted request worth keeping for its run: all but
 /// hop-by-hop ones, `Prefer` and the callback.

@@ -137,10 +137,12 @@ impl Store {
         }
     }
 
-    fn table(&self) -> &str {
+    /// The table's name, quoted (a validated name that may still be a
+    /// reserved word).
+    fn table(&self) -> String {
         match &*self.engine {
-            Engine::Sqlite(_) => "jobs",
-            Engine::Postgres { table, .. } => table,
+            Engine::Sqlite(_) => "\"jobs\"".into(),
+            Engine::Postgres { table, .. } => format!("\"{table}\""),
         }
     }
 
@@ -199,8 +201,8 @@ impl Store {
             }
             Engine::Postgres { .. } => {
                 let client = self.postgres().await?;
-                let row = client.query_opt(&sql, &[&id]).await.context("jobs store")?;
-                Ok(row.map(|row| (row.get(0), row.get(1))))
+                let row = timed(client.query_opt(&sql, &[&id])).await?;
+                row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).transpose()
             }
         }
     }
@@ -224,8 +226,8 @@ impl Store {
             }
             Engine::Postgres { .. } => {
                 let client = self.postgres().await?;
-                let row = client.query_opt(&sql, &[&id]).await.context("jobs store")?;
-                Ok(row.and_then(|row| row.get(0)))
+                let row = timed(client.query_opt(&sql, &[&id])).await?;
+                Ok(row.map(|row| row.try_get::<_, Option<Vec<u8>>>(0)).transpose()?.flatten())
             }
         }
     }
@@ -340,8 +342,13 @@ impl Store {
             }
             Engine::Postgres { .. } => {
                 let client = self.postgres().await?;
-                let rows = client.query(&sql, &[]).await.context("jobs store")?;
-                Ok(rows.iter().filter_map(|row| read(row.get(0), row.get(1), row.get(2), row.get(3))).collect())
+                let rows = timed(client.query(&sql, &[])).await?;
+                Ok(rows
+                    .iter()
+                    .filter_map(|row| {
+                        read(row.try_get(0).ok()?, row.try_get(1).ok()?, row.try_get(2).ok()?, row.try_get(3).ok()?)
+                    })
+                    .collect())
             }
         }
     }
@@ -357,7 +364,7 @@ impl Store {
             }
             Engine::Postgres { .. } => {
                 let client = self.postgres().await?;
-                Ok(client.query_one(&sql, &[]).await.context("jobs store")?.get(0))
+                Ok(timed(client.query_one(&sql, &[])).await?.try_get(0)?)
             }
         }
     }
@@ -418,28 +425,28 @@ impl Store {
                 let params = postgres_params(&values);
                 let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                     params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-                let rows = client.query(sql, &refs).await.context("jobs store")?;
+                let rows = timed(client.query(sql, &refs)).await?;
                 rows.iter()
                     .map(|row| {
-                        let state: String = row.get(3);
+                        let state: String = row.try_get(3)?;
                         Ok(Row {
-                            id: row.get(0),
-                            service: row.get(1),
-                            owner: row.get(2),
+                            id: row.try_get(0)?,
+                            service: row.try_get(1)?,
+                            owner: row.try_get(2)?,
                             state: State::parse(&state).context("jobs store: a row with an unknown state")?,
-                            created_us: row.get(4),
-                            started_us: row.get(5),
-                            finished_us: row.get(6),
-                            expires_us: row.get(7),
-                            attempts: row.get(8),
-                            pod: row.get(9),
-                            error: row.get(10),
-                            webhook: row.get(11),
-                            webhook_state: row.get(12),
-                            result_status: row.get(13),
-                            result_headers: row.get(14),
-                            request_bytes: row.get(15),
-                            result_bytes: row.get(16),
+                            created_us: row.try_get(4)?,
+                            started_us: row.try_get(5)?,
+                            finished_us: row.try_get(6)?,
+                            expires_us: row.try_get(7)?,
+                            attempts: row.try_get(8)?,
+                            pod: row.try_get(9)?,
+                            error: row.try_get(10)?,
+                            webhook: row.try_get(11)?,
+                            webhook_state: row.try_get(12)?,
+                            result_status: row.try_get(13)?,
+                            result_headers: row.try_get(14)?,
+                            request_bytes: row.try_get(15)?,
+                            result_bytes: row.try_get(16)?,
                         })
                     })
                     .collect()
@@ -464,7 +471,7 @@ impl Store {
                 let params = postgres_params(&values);
                 let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                     params.iter().map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-                client.execute(sql, &refs).await.context("jobs store")
+                timed(client.execute(sql, &refs)).await
             }
         }
     }
@@ -513,7 +520,7 @@ impl Store {
             // Two replicas may create it at once: the loser's error is
             // harmless if the table is there after.
             if let Err(error) = fresh.batch_execute(&statement).await {
-                let there = fresh.query_opt(&format!("SELECT 1 FROM {table} LIMIT 1"), &[]).await.is_ok();
+                let there = fresh.query_opt(&format!("SELECT 1 FROM \"{table}\" LIMIT 1"), &[]).await.is_ok();
                 if !there {
                     return Err(anyhow::Error::new(error).context("jobs store: cannot create its table"));
                 }
@@ -525,17 +532,29 @@ impl Store {
     }
 }
 
+/// The longest a PostgreSQL call may take (a partition must not hang the
+/// job API, the runner or a stop).
+const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A PostgreSQL call within [`STORE_TIMEOUT`].
+async fn timed<T>(call: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T> {
+    tokio::time::timeout(STORE_TIMEOUT, call)
+        .await
+        .context("jobs store: PostgreSQL did not answer within 10 s")?
+        .context("jobs store")
+}
+
 /// The table and its index.
 fn schema(table: &str, blob: &str) -> [String; 2] {
     [
         format!(
-            "CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, service TEXT NOT NULL, owner TEXT NOT NULL, \
+            "CREATE TABLE IF NOT EXISTS \"{table}\" (id TEXT PRIMARY KEY, service TEXT NOT NULL, owner TEXT NOT NULL, \
              state TEXT NOT NULL, created_us BIGINT NOT NULL, started_us BIGINT, finished_us BIGINT, \
              expires_us BIGINT, attempts BIGINT NOT NULL, pod TEXT, error TEXT, webhook TEXT, webhook_state TEXT, \
              result_status BIGINT, result_headers TEXT, request_bytes BIGINT NOT NULL, result_bytes BIGINT NOT NULL, \
              head TEXT NOT NULL, body {blob} NOT NULL, result_body {blob})"
         ),
-        format!("CREATE INDEX IF NOT EXISTS {table}_by_state ON {table} (state, created_us)"),
+        format!("CREATE INDEX IF NOT EXISTS \"{table}_by_state\" ON \"{table}\" (state, created_us)"),
     ]
 }
 

@@ -117,7 +117,7 @@ impl Sender {
         let addr = self.resolve(&target).await?;
         let timestamp = super::now_us() / 1_000_000;
         let mut headers = HeaderMap::new();
-        let host = HeaderValue::from_str(&target.authority).map_err(|_| Failure::Refused("a bad host".into()))?;
+        let host = HeaderValue::from_str(&target.host_header).map_err(|_| Failure::Refused("a bad host".into()))?;
         headers.insert(http::header::HOST, host);
         if let Some(secret) = &self.secret {
             let signature = sign(secret, timestamp, body);
@@ -139,8 +139,10 @@ impl Sender {
 
     /// The target's address: the first that resolves and is allowed.
     async fn resolve(&self, target: &Target) -> Result<SocketAddr, Failure> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
+        let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
+        let addrs: Vec<SocketAddr> = tokio::time::timeout(self.timeout, lookup)
             .await
+            .map_err(|_| Failure::Retry(format!("cannot resolve {} in time", target.host)))?
             .map_err(|e| Failure::Retry(format!("cannot resolve {}: {e}", target.host)))?
             .collect();
         addrs.iter().copied().find(|addr| self.allowed(addr.ip())).ok_or_else(|| {
@@ -191,7 +193,8 @@ fn payload(row: &Row) -> Bytes {
 struct Target {
     host: String,
     port: u16,
-    authority: String,
+    /// `host[:port]`, without any `user:password@`.
+    host_header: String,
     path: String,
 }
 
@@ -205,7 +208,11 @@ impl Target {
         let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
         let port = authority.port_u16().unwrap_or(80);
         let path = uri.path_and_query().map_or("/".to_string(), |p| p.as_str().to_string());
-        Ok(Self { host, port, authority: authority.as_str().to_string(), path })
+        let host_header = match authority.port_u16() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_string(),
+        };
+        Ok(Self { host, port, host_header, path })
     }
 }
 
@@ -224,13 +231,29 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || v4.is_documentation()
                 || a == 0
                 || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && v4.octets()[2] == 0)
+                || (a == 198 && (18..20).contains(&b))
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            let segments = v6.segments();
+            let embedded = |hi: u16, lo: u16| std::net::Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+            // Addresses that carry an IPv4 one (and reach it through a
+            // gateway): judged by it. NAT64 (64:ff9b::/96, 64:ff9b:1::/48),
+            // IPv4-compatible (::a.b.c.d), 6to4 (2002::/16).
+            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || segments[..6] == [0, 0, 0, 0, 0, 0] {
+                return is_public(IpAddr::V4(embedded(segments[6], segments[7])));
+            }
+            if segments[0] == 0x64 && segments[1] == 0xff9b && segments[2] == 1 {
+                return false;
+            }
+            if segments[0] == 0x2002 {
+                return is_public(IpAddr::V4(embedded(segments[1], segments[2])));
+            }
+            let first = segments[0];
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
@@ -259,10 +282,16 @@ mod tests {
             "fe80::1",
             "::ffff:10.0.0.1",
             "0.0.0.0",
+            "192.0.0.8",
+            "198.18.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::1",
+            "::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
-        for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+        for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111", "64:ff9b::101:101", "2002:101:101::1"] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
     }
@@ -283,5 +312,7 @@ mod tests {
         assert!(Target::parse("/relative").is_err());
         let target = Target::parse("http://hooks.example.com:8080/a?b=1").unwrap();
         assert_eq!((target.host.as_str(), target.port, target.path.as_str()), ("hooks.example.com", 8080, "/a?b=1"));
+        let target = Target::parse("http://user:secret@hooks.example.com/a").unwrap();
+        assert_eq!(target.host_header, "hooks.example.com", "no credentials in Host");
     }
 }

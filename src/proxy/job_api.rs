@@ -97,10 +97,17 @@ impl Proxy {
         }
         let (owner, new_session) = self.owner(service, request.headers(), client, true);
         let owner = owner.ok_or(ProxyError::JobNotFound)?;
+        // The run is routed by its Host (HTTP/2 has it in the URI only).
+        let host = super::router::request_host_value(&request);
         let (parts, body) = request.into_parts();
         let body = self.kept_body(body, jobs.config.max_request_bytes).await?;
         let secure = parts.headers.get("x-forwarded-proto").is_some_and(|v| v == "https");
         let mut headers = jobs::kept_headers(&parts.headers);
+        if let (false, Some(host)) =
+            (parts.headers.contains_key(header::HOST), host.and_then(|h| h.to_str().ok().map(String::from)))
+        {
+            headers.push(("host".into(), host));
+        }
         let cookie = match (new_session, &service.affinity) {
             (Some(id), Some(affinity)) => affinity.set_cookie(&id, None, secure),
             _ => None,
@@ -165,43 +172,69 @@ impl Proxy {
         client: Option<IpAddr>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let rest = &request.uri().path()[PREFIX.len()..];
-        let (owner, _) = self.owner(service, request.headers(), client, false);
         let store_error = |e: anyhow::Error| ProxyError::JobStore(format!("{e:#}"));
+        let secure = request.headers().get("x-forwarded-proto").is_some_and(|v| v == "https");
         if rest.is_empty() || rest == "/" {
             if request.method() != Method::GET {
                 return Err(ProxyError::JobMethod);
             }
+            let (owner, _) = self.owner(service, request.headers(), client, false);
             let rows = match &owner {
                 Some(owner) => {
                     jobs.store().list(Some((&service.config.name, owner)), 100).await.map_err(store_error)?
                 }
                 None => Vec::new(),
             };
-            let mut list = Vec::new();
-            for row in &rows {
-                list.push(jobs.view(row, self).await);
-            }
-            return Ok(json(StatusCode::OK, &serde_json::json!({ "jobs": list })));
+            let list: Vec<_> = rows.iter().map(|row| jobs.summary(row)).collect();
+            let mut response = json(StatusCode::OK, &serde_json::json!({ "jobs": list }));
+            self.renew_session(service, request.headers(), secure, &mut response);
+            return Ok(response);
         }
         let rest = rest.strip_prefix('/').ok_or(ProxyError::JobNotFound)?;
         let (id, result) = match rest.strip_suffix("/result") {
             Some(id) => (id, true),
             None => (rest, false),
         };
+        // The job's own service decides who owns it (a weighted route may
+        // have picked another service of the host for this request).
+        let row = jobs.get(id).await?.ok_or(ProxyError::JobNotFound)?;
+        let table = self.table();
+        let owning = table.services.iter().find(|s| s.config.name == row.service).ok_or(ProxyError::JobNotFound)?;
+        let (owner, _) = self.owner(owning, request.headers(), client, false);
         let owner = owner.ok_or(ProxyError::JobNotFound)?;
-        let row = jobs.find(id, &service.config.name, &owner).await?.ok_or(ProxyError::JobNotFound)?;
-        match (request.method(), result) {
-            (&Method::GET, true) => jobs.result(&row).await,
-            (&Method::GET, false) => Ok(json(StatusCode::OK, &jobs.view(&row, self).await)),
+        if !jobs::owned_by(&row, &owner) {
+            return Err(ProxyError::JobNotFound);
+        }
+        let mut response = match (request.method(), result) {
+            (&Method::GET, true) => jobs.result(&row).await?,
+            (&Method::GET, false) => json(StatusCode::OK, &jobs.view(&row, self).await),
             (&Method::DELETE, false) => {
-                if row.state.ended() {
+                if row.state.ended() || !jobs.cancel(&row).await? {
                     return Err(ProxyError::JobNotReady("the job has ended: nothing to cancel"));
                 }
-                jobs.cancel(&row).await?;
-                let row = jobs.find(id, &service.config.name, &owner).await?.ok_or(ProxyError::JobNotFound)?;
-                Ok(json(StatusCode::OK, &jobs.view(&row, self).await))
+                let row = jobs.get(id).await?.ok_or(ProxyError::JobNotFound)?;
+                json(StatusCode::OK, &jobs.view(&row, self).await)
             }
-            _ => Err(ProxyError::JobMethod),
+            _ => return Err(ProxyError::JobMethod),
+        };
+        self.renew_session(owning, request.headers(), secure, &mut response);
+        Ok(response)
+    }
+
+    /// A valid session's cookie sent again (sliding, as every answer of the
+    /// service renews it): an owner who only polls keeps their jobs.
+    fn renew_session(
+        &self,
+        service: &Service,
+        headers: &http::HeaderMap,
+        secure: bool,
+        response: &mut Response<ResponseBody>,
+    ) {
+        let Some(affinity) = &service.affinity else { return };
+        if let Presented::Valid(id, pin) = affinity.presented(headers) {
+            if let Some(cookie) = affinity.set_cookie(&id, pin, secure) {
+                response.headers_mut().append(header::SET_COOKIE, cookie);
+            }
         }
     }
 
@@ -236,7 +269,9 @@ impl Proxy {
                 _ => (None, None),
             };
         }
-        match client {
+        // The address as fair share reads it (the last X-Forwarded-For hop
+        // from a trusted proxy).
+        match super::fairness::client_address(&service.fairness, headers, client) {
             Some(ip) => (hash("address", ip.to_string().as_bytes()), None),
             None => (None, None),
         }
@@ -244,12 +279,27 @@ impl Proxy {
 }
 
 impl jobs::Runner for Proxy {
-    async fn run(&self, request: Request<Bytes>, client: Option<IpAddr>, hooks: Arc<Hooks>) -> Response<ResponseBody> {
+    async fn run(
+        &self,
+        request: Request<Bytes>,
+        service: &str,
+        client: Option<IpAddr>,
+        hooks: Arc<Hooks>,
+    ) -> Result<Response<ResponseBody>, jobs::Again> {
         let mut request = request.map(Inbound::Kept);
-        let mut record = match self.record(&mut request, client) {
-            Ok(record) => record,
-            Err(response) => return *response,
+        // The job's own service: the split its Host picks when that is it
+        // (a weighted route may pick another), else its own.
+        let table = self.table();
+        let split = match table.pick(&request) {
+            Ok(split) if split.service.config.name == service => Some(split),
+            _ => table.routes.iter().flat_map(|r| r.split.iter()).find(|s| s.service.config.name == service),
         };
+        let Some(split) = split else {
+            let error = ProxyError::JobServiceGone(service.to_string());
+            return Ok(error.into_response(Some(service)));
+        };
+        let mut record = self.start_record(split, &mut request, client);
+        drop(table);
         let service = record.service.clone();
         let peer = crate::forward::Peer::new(std::net::SocketAddr::new(
             client.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
@@ -258,6 +308,16 @@ impl jobs::Runner for Proxy {
         let from = super::From { client, priority: record.priority, job: Some(&hooks) };
         let response = match self.serve(&service, request, &peer, from, &mut record.trace, None).await {
             Ok(response) => response,
+            Err(
+                error @ (ProxyError::QueueFull(_)
+                | ProxyError::ClientQueueFull(_)
+                | ProxyError::Standby
+                | ProxyError::ShuttingDown),
+            ) => {
+                let why = error.to_string();
+                record.finish(error.into_response(Some(&service.config.name)));
+                return Err(jobs::Again(why));
+            }
             Err(error) => {
                 if let Some(failure) = error.upstream_failure() {
                     crate::gate::Observer::upstream_failed(&service.metrics, failure);
@@ -265,7 +325,11 @@ impl jobs::Runner for Proxy {
                 error.into_response(Some(&service.config.name))
             }
         };
-        record.finish(response)
+        Ok(record.finish(response))
+    }
+
+    fn serves(&self, service: &str) -> bool {
+        self.table().services.iter().any(|s| s.config.name == service)
     }
 
     async fn progress(&self, service: &str, pod: std::net::SocketAddr) -> Option<serde_json::Value> {

@@ -831,11 +831,21 @@ impl Proxy {
             };
             // Only the log line says how long the pod took.
             let sent = tracing::enabled!(tracing::Level::INFO).then(Instant::now);
-            // A cancelled job interrupts its pod, as a client that left does
-            // where `interrupt_on_disconnect` says so.
-            let interrupt = service.config.interrupt_on_disconnect.as_deref().or(from.job.map(|_| JOB_INTERRUPT));
-            let on_abandon = match (interrupt, bypass) {
+            let on_abandon = match (&service.config.interrupt_on_disconnect, bypass) {
                 (Some(path), false) => Some(self.forwarder.interrupt(slot.addr(), path, host.as_ref())),
+                // A job its owner cancelled interrupts its pod, where one
+                // pod runs one generation (an interrupt stops whatever the
+                // pod runs); a run dropped for another reason (a lost
+                // lease, the drain's end) does not.
+                (None, false) if service.config.container_concurrency == 1 => from.job.map(|job| {
+                    let interrupt = self.forwarder.interrupt(slot.addr(), JOB_INTERRUPT, host.as_ref());
+                    let job = job.clone();
+                    Box::new(move || {
+                        if job.is_cancelled() {
+                            interrupt();
+                        }
+                    }) as forward::Abandon
+                }),
                 _ => None,
             };
             let outcome =
@@ -962,7 +972,7 @@ impl Proxy {
 struct From<'a> {
     client: Option<std::net::IpAddr>,
     priority: crate::gate::Priority,
-    job: Option<&'a crate::jobs::Hooks>,
+    job: Option<&'a Arc<crate::jobs::Hooks>>,
 }
 
 /// A request's body: the client's stream, or a job's kept bytes.

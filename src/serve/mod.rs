@@ -102,8 +102,14 @@ impl Control {
     async fn stop_jobs(&mut self, proxy: &Proxy, deadline: tokio::time::Instant) {
         if let (Some((stop, task)), Some(jobs)) = (self.jobs.take(), proxy.jobs()) {
             stop.send_replace(true);
-            let _ = task.await;
             jobs.stop(deadline).await;
+            // The runner stops at its next await (a store call is bounded);
+            // anything it dispatched meanwhile goes too.
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+                abort.abort();
+            }
+            jobs.stop(tokio::time::Instant::now()).await;
         }
     }
 
