@@ -230,6 +230,8 @@ pub trait Runner: Send + Sync + 'static {
         client: Option<std::net::IpAddr>,
         hooks: Arc<Hooks>,
     ) -> impl std::future::Future<Output = Result<Response<ResponseBody>, Again>> + Send;
+    /// Requests waiting in the service's queue now.
+    fn queue_depth(&self, service: &str) -> usize;
     /// Whether this gateway has a service of that name (jobs of others in a
     /// shared table are left alone).
     fn serves(&self, service: &str) -> bool;
@@ -466,17 +468,22 @@ impl Jobs {
     pub async fn view<R: Runner>(&self, row: &Row, runner: &R) -> serde_json::Value {
         let hooks = lock(&self.live).get(&row.id).map(|live| live.hooks.clone());
         let position = match row.state {
-            State::Queued => match hooks.as_ref().and_then(|h| h.position()) {
-                Some(ahead) => Some(ahead),
-                // Still in the store: behind everything in the gate and
-                // every job before it in the backlog.
+            State::Queued => match hooks.as_ref().map(|h| h.position()) {
+                // In the gate.
+                Some(Some(ahead)) => Some(ahead),
+                // On its way to the gate: behind what waits there.
+                Some(None) => Some(runner.queue_depth(&row.service)),
+                // Still in the store: behind what waits in the gate and
+                // every job of its service before it in the backlog.
                 None => {
                     let ahead = {
                         let backlog = lock(&self.backlog);
                         let mut mine = backlog.iter().filter(|(_, _, service)| *service == row.service);
                         mine.position(|(_, id, _)| *id == row.id)
                     };
-                    ahead.map(|at| at + self.dispatched(&row.service))
+                    // Not held here (another replica's, or being taken
+                    // back): its place is not known.
+                    ahead.map(|at| at + runner.queue_depth(&row.service))
                 }
             },
             _ => None,
@@ -575,11 +582,6 @@ impl Jobs {
             self.end(&row.id, &row.service, State::Cancelled, Some("cancelled by its owner".into()), None).await;
         self.wake.notify_one();
         ended.map_err(|e| crate::error::ProxyError::JobStore(format!("{e:#}")))
-    }
-
-    /// Jobs of `service` in its gate now (dispatched by this replica).
-    fn dispatched(&self, service: &str) -> usize {
-        lock(&self.live).values().filter(|live| live.service == service).count()
     }
 
     /// Ends a job (if it has not ended) and sends its webhook.

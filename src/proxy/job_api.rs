@@ -328,6 +328,12 @@ impl jobs::Runner for Proxy {
         Ok(record.finish(response))
     }
 
+    fn queue_depth(&self, service: &str) -> usize {
+        let table = self.table();
+        let service = table.services.iter().find(|s| s.config.name == service);
+        service.map_or(0, |s| s.gate.inspect(|g| g.queue_depth()))
+    }
+
     fn serves(&self, service: &str) -> bool {
         self.table().services.iter().any(|s| s.config.name == service)
     }
