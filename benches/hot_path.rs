@@ -1,6 +1,7 @@
 //! What a request pays besides the gate: recording its metrics, and, with
 //! session affinity, verifying its cookie, looking up and updating its pin,
-//! and signing the cookie it gets back.
+//! and signing the cookie it gets back; with API keys (`auth`), finding its
+//! caller among 1,000 keys and admitting it against its limits.
 //!
 //! Run with `cargo bench --bench hot_path` (about half a minute on two cores).
 
@@ -78,5 +79,42 @@ fn pin_table(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, metrics_per_request, cookies, pin_table);
+/// A request to a service with `auth`: its key looked up by its SHA-256
+/// among 1,000, and admitted against limits (rate, concurrency, GPU-seconds).
+fn api_keys(c: &mut Criterion) {
+    let mut lines = String::from("keys:\n");
+    let mut last = String::new();
+    for i in 0..1000 {
+        let (key, line) = sdgate::proxy::tenants::new_key(&format!("tenant-{i}")).expect("a key");
+        lines.push_str(&line);
+        lines.push('\n');
+        last = key;
+    }
+    let path = std::env::temp_dir().join(format!("sdgate-bench-keys-{}.yaml", std::process::id()));
+    std::fs::write(&path, lines).expect("keys file");
+    let limits = sdgate::config::TenantLimits {
+        concurrent: 1000,
+        per_minute: u32::MAX / 2,
+        gpu_seconds_per_hour: 1e12,
+        gpu_seconds_per_day: 1e12,
+    };
+    let config = sdgate::config::AuthConfig { keys_file: path.clone(), limits, ..Default::default() };
+    let keys = sdgate::proxy::tenants::Keys::load(&config).expect("keys");
+    let _ = std::fs::remove_file(&path);
+    let usage = sdgate::proxy::tenants::Usage::default();
+    let mut headers = HeaderMap::new();
+    headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {last}")).expect("header"));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    let _entered = runtime.enter();
+    c.bench_function("auth/find the caller and admit it", |b| {
+        b.iter(|| {
+            let tenant = keys.caller(black_box(&headers)).expect("known");
+            let admission = usage.admit("stable-diffusion", &tenant).expect("admitted");
+            drop(black_box(admission));
+        })
+    });
+    let _ = usage.take_pending();
+}
+
+criterion_group!(benches, metrics_per_request, cookies, pin_table, api_keys);
 criterion_main!(benches);

@@ -77,6 +77,10 @@ pub enum ProxyError {
     JobMethod,
     #[error("the job's service {0:?} is no longer configured")]
     JobServiceGone(String),
+    #[error("{0}: send `Authorization: Bearer <key>` (or the service's auth.header)")]
+    Unauthorized(&'static str),
+    #[error("this key is over its limit {limit}")]
+    OverLimit { limit: &'static str, retry_after: u32 },
 }
 
 impl ProxyError {
@@ -94,7 +98,8 @@ impl ProxyError {
             ProxyError::JobNotReady(_) => StatusCode::CONFLICT,
             ProxyError::JobMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoJob => StatusCode::CONFLICT,
-            ProxyError::ClientQueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::ClientQueueFull(_) | ProxyError::OverLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::TransferCoding => StatusCode::NOT_IMPLEMENTED,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -121,6 +126,7 @@ impl ProxyError {
             | ProxyError::Asleep => Some(5),
             ProxyError::ShuttingDown | ProxyError::Standby | ProxyError::JobStore(_) => Some(1),
             ProxyError::JobsFull(_) => Some(60),
+            ProxyError::OverLimit { retry_after, .. } => Some(*retry_after),
             ProxyError::BackendDown { retry_after, .. } => Some((*retry_after).max(1)),
             _ => None,
         }
@@ -152,10 +158,17 @@ impl ProxyError {
         if let ProxyError::NoWeight(route) = &self {
             payload["route"] = serde_json::Value::from(route.as_str());
         }
+        if let ProxyError::OverLimit { limit, retry_after } = &self {
+            payload["limit"] = serde_json::Value::from(*limit);
+            payload["retry_after"] = serde_json::Value::from(*retry_after);
+        }
         let mut response = Response::new(body::full(Bytes::from(payload.to_string())));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let ProxyError::Unauthorized(_) = self {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"sdgate\""));
+        }
         if let ProxyError::JobMethod = self {
             headers.insert(header::ALLOW, HeaderValue::from_static("GET, DELETE"));
         }

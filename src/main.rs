@@ -50,6 +50,22 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: i64,
     },
+    /// Make a new API key: prints the key (give it to the caller) and the
+    /// line of the keys file that names it (only its SHA-256).
+    Key {
+        /// The caller's name (its identity, and the `tenant` label).
+        name: String,
+    },
+    /// Spend per service, API key and UTC hour, from the config's jobs
+    /// store: requests and GPU-seconds (pod time measured by sdgate).
+    Usage {
+        /// From this long ago ("24h", "7days").
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        since: Duration,
+        /// csv or json.
+        #[arg(long, default_value = "csv")]
+        format: String,
+    },
     /// Run one fake Stable Diffusion WebUI worker (it reads no config file).
     Sim {
         /// Port to listen on.
@@ -174,6 +190,44 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("{}", config.verdict());
             Ok(())
         }
+        Some(Command::Key { name }) => {
+            let (key, line) = sdgate::proxy::tenants::new_key(&name)?;
+            println!("key: {key}");
+            println!("keys file line:\n{line}");
+            Ok(())
+        }
+        Some(Command::Usage { since, format }) => {
+            let config = load(cli.config.as_ref())?;
+            let jobs = config.jobs.as_ref().context("the config has no `jobs` (spend is kept in its store)")?;
+            let store = sdgate::jobs::store::Store::open(&jobs.store).await?;
+            let from = sdgate::jobs::now_us() / 1_000_000 - since.as_secs() as i64;
+            let from = from - from.rem_euclid(3600);
+            let rows = store.usage_since(from).await?;
+            let hour = |start: i64| {
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(start.max(0) as u64))
+                    .to_string()
+            };
+            match format.as_str() {
+                "csv" => {
+                    println!("service,tenant,hour,requests,gpu_seconds");
+                    for (service, tenant, start, requests, gpu) in rows {
+                        println!("{service},{tenant},{},{requests},{:.3}", hour(start), gpu as f64 / 1e6);
+                    }
+                }
+                "json" => {
+                    let rows: Vec<_> = rows
+                        .into_iter()
+                        .map(|(service, tenant, start, requests, gpu)| {
+                            serde_json::json!({ "service": service, "tenant": tenant, "hour": hour(start),
+                                "requests": requests, "gpu_seconds": gpu as f64 / 1e6 })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                }
+                other => anyhow::bail!("--format {other:?}: csv or json"),
+            }
+            Ok(())
+        }
         Some(Command::Jobs { id, state, limit }) => {
             let config = load(cli.config.as_ref())?;
             let jobs = config.jobs.as_ref().context("the config has no `jobs` (no store to read)")?;
@@ -228,7 +282,8 @@ impl Command {
     /// The name of a command that reads no config file.
     fn reads_no_config(&self) -> Option<&'static str> {
         match self {
-            Command::Check { .. } | Command::Jobs { .. } => None,
+            Command::Check { .. } | Command::Jobs { .. } | Command::Usage { .. } => None,
+            Command::Key { .. } => Some("key"),
             Command::ImportKnative { .. } => Some("import-knative"),
             Command::Sim { .. } => Some("sim"),
         }

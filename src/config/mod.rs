@@ -420,6 +420,10 @@ pub struct ServiceConfig {
     /// the checkpoint it names.
     #[serde(default)]
     pub checkpoints: CheckpointConfig,
+    /// Who may call the service: API keys (`keys_file`), each with limits;
+    /// omitted: anyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
     /// Paths whose requests always become async jobs (202 and a job URL),
     /// as if each came with `Prefer: respond-async`; needs `jobs`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -431,6 +435,40 @@ pub struct ServiceConfig {
     /// Written as a map of one key (`{ fixed: [...] }`), not a YAML tag.
     #[serde(with = "serde_yaml::with::singleton_map")]
     pub backend: Backend,
+}
+
+/// `auth`: API keys and what each may spend (see `proxy::tenants`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// YAML file: `keys: [{ name, sha256, limits? }]` (`sdgate key NAME`
+    /// makes a key and its line); read at start and at each reload.
+    pub keys_file: PathBuf,
+    /// The header with the key: `Authorization` (as `Bearer KEY`) or
+    /// another (its whole value).
+    pub header: String,
+    /// Each key's limits, unless it has its own.
+    pub limits: TenantLimits,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { keys_file: PathBuf::from("keys.yaml"), header: "Authorization".into(), limits: TenantLimits::default() }
+    }
+}
+
+/// What one caller may use (0: no bound).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantLimits {
+    /// Requests in progress at once (waiting or on a pod).
+    pub concurrent: u32,
+    /// Requests per minute (a token bucket as large as the rate).
+    pub per_minute: u32,
+    /// Pod time its requests may hold per UTC hour, in seconds.
+    pub gpu_seconds_per_hour: f64,
+    /// The same per UTC day.
+    pub gpu_seconds_per_day: f64,
 }
 
 /// `jobs`: async jobs, kept in a store (see `jobs`).

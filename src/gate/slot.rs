@@ -22,16 +22,19 @@ pub struct Slot {
     /// Whose job this is, known for as long as the pod holds it (boxed: a
     /// slot is moved along the whole exchange, and most have no session).
     job: Option<Box<Running>>,
+    /// Whatever must last as long as the pod holds the slot (a caller's
+    /// meter of pod time).
+    held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Slot {
     pub(super) fn new(gate: Arc<SharedGate>, grant: Grant) -> Self {
-        Self { gate, grant, armed: true, answered: false, job: None }
+        Self { gate, grant, armed: true, answered: false, job: None, held: None }
     }
 
     /// A slot-less stand-in for requests that skip the gate.
     pub fn bypass(gate: Arc<SharedGate>, grant: Grant) -> Self {
-        Self { gate, grant, armed: false, answered: false, job: None }
+        Self { gate, grant, armed: false, answered: false, job: None, held: None }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -51,6 +54,11 @@ impl Slot {
     /// Records whose job the slot holds, until the pod is done with it.
     pub fn own(&mut self, job: Running) {
         self.job = Some(Box::new(job));
+    }
+
+    /// Keeps `guard` until the slot is freed (dropped after the release).
+    pub fn hold(&mut self, guard: Box<dyn std::any::Any + Send + Sync>) {
+        self.held = Some(guard);
     }
 
     /// A timed request's answer in full (see [`Grant::timed`]), `took`

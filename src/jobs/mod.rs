@@ -121,6 +121,9 @@ pub struct Head {
     pub headers: Vec<(String, String)>,
     /// The client's address, for fair share and `X-Forwarded-For`.
     pub client: Option<std::net::IpAddr>,
+    /// The caller's API key name (`auth`; the key itself is not kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// What the proxy tells a running job of its way through the gate.
@@ -228,6 +231,7 @@ pub trait Runner: Send + Sync + 'static {
         request: Request<Bytes>,
         service: &str,
         client: Option<std::net::IpAddr>,
+        tenant: Option<&str>,
         hooks: Arc<Hooks>,
     ) -> impl std::future::Future<Output = Result<Response<ResponseBody>, Again>> + Send;
     /// Requests waiting in the service's queue now.
@@ -921,7 +925,7 @@ impl Jobs {
         let Ok(request) = request.body(Bytes::from(body)) else {
             return Ok(Run::Ended(State::Failed, Some("its kept request cannot be rebuilt".into()), None));
         };
-        let answer = runner.run(request, service, head.client, hooks.clone());
+        let answer = runner.run(request, service, head.client, head.tenant.as_deref(), hooks.clone());
         tokio::pin!(answer);
         let response = loop {
             tokio::select! {

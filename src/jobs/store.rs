@@ -17,6 +17,10 @@ use crate::config::JobStore;
 /// Overrides `jobs.store.postgres.url` when set (a password from a Secret).
 pub const DATABASE_URL_ENV: &str = "SDGATE_JOBS_DATABASE_URL";
 
+/// Spend of one caller on one service in one UTC hour: (service, tenant,
+/// hour start in Unix seconds, requests, GPU microseconds).
+pub type UsageRow = (String, String, i64, i64, i64);
+
 /// One job's row, without its request and result bodies.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Row {
@@ -369,6 +373,64 @@ impl Store {
         }
     }
 
+    /// Adds spend: (service, tenant, hour, requests, GPU microseconds).
+    pub async fn add_usage(&self, rows: &[UsageRow]) -> Result<()> {
+        let table = self.usage_table();
+        let sql = format!(
+            "INSERT INTO {table} AS u (service, tenant, hour, requests, gpu_us) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (service, tenant, hour) DO UPDATE SET requests = u.requests + excluded.requests, \
+             gpu_us = u.gpu_us + excluded.gpu_us"
+        );
+        for (service, tenant, hour, requests, gpu) in rows {
+            let values = vec![
+                Value::Text(service.clone()),
+                Value::Text(tenant.clone()),
+                Value::I64(*hour),
+                Value::I64(*requests),
+                Value::I64(*gpu),
+            ];
+            self.execute(&sql, values).await?;
+        }
+        Ok(())
+    }
+
+    /// Spend from the UTC hour `since` (Unix seconds) on, oldest first.
+    pub async fn usage_since(&self, since: i64) -> Result<Vec<UsageRow>> {
+        let sql = format!(
+            "SELECT service, tenant, hour, requests, gpu_us FROM {} WHERE hour >= $1 ORDER BY hour, service, tenant",
+            self.usage_table()
+        );
+        match &*self.engine {
+            Engine::Sqlite(connection) => {
+                let sql = sqlite_sql(&sql);
+                self.blocking(connection, move |c| {
+                    let mut statement = c.prepare_cached(&sql)?;
+                    let rows = statement.query_map([since], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+                    })?;
+                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                })
+                .await
+            }
+            Engine::Postgres { .. } => {
+                let client = self.postgres().await?;
+                let rows = timed(client.query(&sql, &[&since])).await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn usage_table(&self) -> String {
+        match &*self.engine {
+            Engine::Sqlite(_) => "\"jobs_usage\"".into(),
+            Engine::Postgres { table, .. } => format!("\"{table}_usage\""),
+        }
+    }
+
     /// Deletes ended jobs past their expiry; how many.
     pub async fn expire(&self, now_us: i64) -> Result<u64> {
         let sql = format!(
@@ -545,7 +607,7 @@ async fn timed<T>(call: impl std::future::Future<Output = Result<T, tokio_postgr
 }
 
 /// The table and its index.
-fn schema(table: &str, blob: &str) -> [String; 2] {
+fn schema(table: &str, blob: &str) -> [String; 3] {
     [
         format!(
             "CREATE TABLE IF NOT EXISTS \"{table}\" (id TEXT PRIMARY KEY, service TEXT NOT NULL, owner TEXT NOT NULL, \
@@ -555,6 +617,11 @@ fn schema(table: &str, blob: &str) -> [String; 2] {
              head TEXT NOT NULL, body {blob} NOT NULL, result_body {blob})"
         ),
         format!("CREATE INDEX IF NOT EXISTS \"{table}_by_state\" ON \"{table}\" (state, created_us)"),
+        // Spend per service, caller and UTC hour (see proxy::tenants).
+        format!(
+            "CREATE TABLE IF NOT EXISTS \"{table}_usage\" (service TEXT NOT NULL, tenant TEXT NOT NULL, \
+             hour BIGINT NOT NULL, requests BIGINT NOT NULL, gpu_us BIGINT NOT NULL, PRIMARY KEY (service, tenant, hour))"
+        ),
     ]
 }
 

@@ -84,6 +84,12 @@ pub fn client_address(fairness: &Fairness, headers: &HeaderMap, peer: Option<IpA
     forwarded.and_then(|v| v.rsplit(',').next()).and_then(|hop| hop.trim().parse().ok()).or(Some(peer))
 }
 
+/// The fair-share client of a caller with an API key (its name).
+pub fn client_named(name: &str) -> std::num::NonZeroU64 {
+    let key = hash(&("api-key", name));
+    std::num::NonZeroU64::new(key).unwrap_or(std::num::NonZeroU64::MIN)
+}
+
 fn hash<T: std::hash::Hash + ?Sized>(key: &T) -> ClientKey {
     static STATE: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
     STATE.get_or_init(Default::default).hash_one(key)

@@ -35,6 +35,11 @@ impl Proxy {
         self.jobs.get()
     }
 
+    /// API keys' spend.
+    pub fn usage(&self) -> &Arc<super::tenants::Usage> {
+        &self.usage
+    }
+
     /// Whether a request is for the job API or becomes a job (it then
     /// skips the lobby's early queue).
     pub(super) fn is_job_request<B>(&self, service: &Service, request: &Request<B>) -> bool {
@@ -95,7 +100,8 @@ impl Proxy {
                 return Err(ProxyError::BadBody(format!("Sdgate-Callback: {url:?} is not an http:// URL")));
             }
         }
-        let (owner, new_session) = self.owner(service, request.headers(), client, true);
+        let caller = request.extensions().get::<super::tenants::Caller>().map(|c| c.0.clone());
+        let (owner, new_session) = self.owner(service, request.headers(), caller.as_deref(), client, true);
         let owner = owner.ok_or(ProxyError::JobNotFound)?;
         // The run is routed by its Host (HTTP/2 has it in the URI only).
         let host = super::router::request_host_value(&request);
@@ -103,6 +109,11 @@ impl Proxy {
         let body = self.kept_body(body, jobs.config.max_request_bytes).await?;
         let secure = parts.headers.get("x-forwarded-proto").is_some_and(|v| v == "https");
         let mut headers = jobs::kept_headers(&parts.headers);
+        // The key stays out of the store: the run is its caller's by name.
+        if let Some(keys) = &service.keys {
+            headers.retain(|(name, _)| name.as_str() != keys.header().as_str());
+        }
+        let tenant = parts.extensions.get::<super::tenants::Caller>().map(|caller| caller.0.name.clone());
         if let (false, Some(host)) =
             (parts.headers.contains_key(header::HOST), host.and_then(|h| h.to_str().ok().map(String::from)))
         {
@@ -121,6 +132,7 @@ impl Proxy {
             uri: parts.uri.path_and_query().map_or("/".into(), |p| p.as_str().to_string()),
             headers,
             client,
+            tenant,
         };
         let submit = jobs::Submit { service: service.config.name.clone(), owner, head, body, webhook };
         let row = jobs.submit(submit).await?;
@@ -178,7 +190,8 @@ impl Proxy {
             if request.method() != Method::GET {
                 return Err(ProxyError::JobMethod);
             }
-            let (owner, _) = self.owner(service, request.headers(), client, false);
+            let caller = request.extensions().get::<super::tenants::Caller>().map(|c| c.0.clone());
+            let (owner, _) = self.owner(service, request.headers(), caller.as_deref(), client, false);
             let rows = match &owner {
                 Some(owner) => {
                     jobs.store().list(Some((&service.config.name, owner)), 100).await.map_err(store_error)?
@@ -200,7 +213,8 @@ impl Proxy {
         let row = jobs.get(id).await?.ok_or(ProxyError::JobNotFound)?;
         let table = self.table();
         let owning = table.services.iter().find(|s| s.config.name == row.service).ok_or(ProxyError::JobNotFound)?;
-        let (owner, _) = self.owner(owning, request.headers(), client, false);
+        let caller = request.extensions().get::<super::tenants::Caller>().map(|c| c.0.clone());
+        let (owner, _) = self.owner(owning, request.headers(), caller.as_deref(), client, false);
         let owner = owner.ok_or(ProxyError::JobNotFound)?;
         if !jobs::owned_by(&row, &owner) {
             return Err(ProxyError::JobNotFound);
@@ -244,6 +258,7 @@ impl Proxy {
         &self,
         service: &Service,
         headers: &http::HeaderMap,
+        caller: Option<&super::tenants::Tenant>,
         client: Option<IpAddr>,
         start: bool,
     ) -> (Option<String>, Option<crate::gate::SessionId>) {
@@ -256,6 +271,9 @@ impl Proxy {
             digest.update(value);
             Some(jobs::hex(&digest.finalize()))
         };
+        if let Some(caller) = caller {
+            return (hash("api-key", caller.name.as_bytes()), None);
+        }
         if let Some(key) = service.fairness.key_header(headers) {
             return (hash("key", key.as_bytes()), None);
         }
@@ -284,6 +302,7 @@ impl jobs::Runner for Proxy {
         request: Request<Bytes>,
         service: &str,
         client: Option<IpAddr>,
+        tenant: Option<&str>,
         hooks: Arc<Hooks>,
     ) -> Result<Response<ResponseBody>, jobs::Again> {
         let mut request = request.map(Inbound::Kept);
@@ -298,6 +317,10 @@ impl jobs::Runner for Proxy {
             let error = ProxyError::JobServiceGone(service.to_string());
             return Ok(error.into_response(Some(service)));
         };
+        // The caller who submitted it: its fair share and its pod time.
+        if let Some(tenant) = tenant.and_then(|name| split.service.keys.as_ref()?.named(name)) {
+            request.extensions_mut().insert(super::tenants::Caller(tenant));
+        }
         let mut record = self.start_record(split, &mut request, client);
         drop(table);
         let service = record.service.clone();

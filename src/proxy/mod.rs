@@ -9,6 +9,7 @@ pub mod path;
 pub mod relay;
 pub mod router;
 pub(crate) mod routes;
+pub mod tenants;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub struct Service {
     pub fairness: fairness::Fairness,
     /// How its requests are read for the checkpoint they want.
     checkpoints: Arc<checkpoint::Reader>,
+    /// Its API keys (`auth`): who may call it.
+    pub keys: Option<Arc<tenants::Keys>>,
 }
 
 /// The session a request belongs to, for a service with affinity.
@@ -105,6 +108,9 @@ pub struct Proxy {
     last_reload: std::sync::Mutex<Option<Reloaded>>,
     /// Hand-overs between replicas (a standby's target; this one's token).
     relay: relay::Relay,
+    /// Spend and rates of API keys, kept across reloads.
+    usage: Arc<tenants::Usage>,
+    tenant_metrics: tenants::TenantMetrics,
     /// Async jobs, when `jobs` is configured (set once the store is open).
     jobs: std::sync::OnceLock<Arc<crate::jobs::Jobs>>,
     /// Whether requests may come handed over by a standby (leader election
@@ -161,6 +167,7 @@ impl Table {
                         jobs: old.jobs.clone(),
                         fairness: fairness::Fairness::of(&service.fairness),
                         checkpoints: Arc::new(checkpoint::Reader::new(&service.checkpoints)),
+                        keys: keys_of(service)?,
                     });
                     changes.changed.push(built.clone());
                     built
@@ -270,8 +277,16 @@ impl Service {
             jobs: Jobs::new(),
             fairness: fairness::Fairness::of(&service.fairness),
             checkpoints: Arc::new(checkpoint::Reader::new(&service.checkpoints)),
+            keys: keys_of(service)?,
         })
     }
+}
+
+/// A service's API keys, read from its `auth.keys_file`.
+fn keys_of(service: &ServiceConfig) -> anyhow::Result<Option<Arc<tenants::Keys>>> {
+    let Some(auth) = &service.auth else { return Ok(None) };
+    let keys = tenants::Keys::load(auth).map_err(|e| e.context(format!("service {}", service.name)))?;
+    Ok(Some(Arc::new(keys)))
 }
 
 /// Bodies at least this large are searched for a checkpoint off the serving thread.
@@ -376,6 +391,7 @@ impl Proxy {
         let last_reload = std::sync::Mutex::new(None);
         let relay = relay::Relay::default();
         let relays = config.election().is_some();
+        let tenant_metrics = tenants::TenantMetrics::new(&metrics);
         Ok(Self {
             table,
             forwarder,
@@ -384,6 +400,8 @@ impl Proxy {
             active,
             last_reload,
             relay,
+            usage: Arc::default(),
+            tenant_metrics,
             jobs: std::sync::OnceLock::new(),
             relays,
         })
@@ -571,6 +589,17 @@ impl Proxy {
             },
         };
         let service = record.service.clone();
+        // Who is calling, before anything is queued.
+        let _admission = match &service.keys {
+            Some(keys) => match self.authenticate(&service, keys, request.headers()) {
+                Ok(admission) => {
+                    request.extensions_mut().insert(tenants::Caller(admission.tenant().clone()));
+                    Some(admission)
+                }
+                Err(error) => return record.finish(error.into_response(Some(&service.config.name))),
+            },
+            None => None,
+        };
         let request = request.map(Inbound::Client);
         let request = if admitted.is_none() {
             match self.jobs_first(&service, request, peer_ip, record.priority).await {
@@ -674,7 +703,7 @@ impl Proxy {
         let peer = self.client_ip(request.headers(), peer);
         let table = self.table();
         let split = table.pick(request).ok()?;
-        if self.is_job_request(&split.service, request) {
+        if self.is_job_request(&split.service, request) || split.service.keys.is_some() {
             return None;
         }
         let mut admitted = self.admit(&split.service, request, peer, split.priority).ok()?;
@@ -725,7 +754,11 @@ impl Proxy {
             session.as_ref().and_then(|s| s.pinned).map(|endpoint| Pin { endpoint, strict: self.strict(service) });
         // Only a session whose cookie came back names a client.
         let returned = session.as_ref().filter(|s| matches!(s.presented, Presented::Valid(..))).map(|s| &s.id);
-        let origin = fairness::origin(service, request.headers(), peer, returned, priority);
+        let mut origin = fairness::origin(service, request.headers(), peer, returned, priority);
+        // A caller with a key is its own client for fair share.
+        if let Some(tenants::Caller(tenant)) = request.extensions().get::<tenants::Caller>() {
+            origin.client = Some(fairness::client_named(&tenant.name));
+        }
         Ok(Admitted { bypass, owner_only, session, pin, origin, queued: None })
     }
 
@@ -760,6 +793,15 @@ impl Proxy {
             request.headers_mut().remove(http::header::UPGRADE);
         }
         let mut upgrade = (protocol == Some(true)).then(|| hyper::upgrade::on(&mut request));
+        // A caller's pod time is metered on its slot.
+        let spender = request.extensions().get::<tenants::Caller>().map(|tenants::Caller(tenant)| {
+            Arc::new(tenants::Spender {
+                usage: self.usage.clone(),
+                service: service.config.name.clone(),
+                tenant: tenant.name.clone(),
+                counter: self.tenant_metrics.gpu_seconds.with_label_values(&[&service.config.name, &tenant.name]),
+            })
+        });
         let host = router::request_host_value(&request);
         let (mut parts, body) = request.into_parts();
         if let Some(affinity) = &service.affinity {
@@ -810,6 +852,9 @@ impl Proxy {
                 job.started(slot.addr());
             }
             let mut slot = slot;
+            if let (Some(spender), true) = (&spender, slot.is_armed()) {
+                slot.hold(Box::new(spender.start()));
+            }
             if let (Some(session), true) = (&session, slot.is_armed()) {
                 slot.own(service.jobs.run(session.id, slot.endpoint()));
             }

@@ -54,6 +54,8 @@ struct Control {
     services: Vec<ServiceControl>,
     /// The jobs runner (with `jobs`): its stop signal and task.
     jobs: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// The writer of API keys' spend to the jobs store (stopped with the runner).
+    usage: Option<JoinHandle<()>>,
 }
 
 /// One service's provider (pods and probes) and autoscaler.
@@ -70,11 +72,19 @@ impl Control {
     /// Starts each service's provider (endpoints and probes) and autoscaler.
     fn start(proxy: &Arc<Proxy>) -> Result<Self> {
         let services = proxy.services().iter().map(|s| ServiceControl::start(s)).collect::<Result<_>>()?;
-        let jobs = proxy.jobs().map(|jobs| {
-            let (stop, stopped) = watch::channel(false);
-            (stop, tokio::spawn(jobs.clone().run(proxy.clone(), stopped)))
-        });
-        Ok(Control { services, jobs })
+        let (jobs, usage) = match proxy.jobs() {
+            Some(jobs) => {
+                let (stop, stopped) = watch::channel(false);
+                let usage = tokio::spawn(proxy::tenants::keep_usage(
+                    proxy.usage().clone(),
+                    jobs.store().clone(),
+                    stopped.clone(),
+                ));
+                (Some((stop, tokio::spawn(jobs.clone().run(proxy.clone(), stopped)))), Some(usage))
+            }
+            None => (None, None),
+        };
+        Ok(Control { services, jobs, usage })
     }
 
     /// Follows a reload: starts new services, gives changed ones their new
@@ -110,6 +120,13 @@ impl Control {
                 abort.abort();
             }
             jobs.stop(tokio::time::Instant::now()).await;
+        }
+        // Its last write of spend.
+        if let Some(usage) = self.usage.take() {
+            let abort = usage.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), usage).await.is_err() {
+                abort.abort();
+            }
         }
     }
 

@@ -1,0 +1,490 @@
+//! Who is calling, what they may spend and what they spent: API keys per
+//! service (`auth`), per-key limits, and GPU-seconds measured by sdgate.
+//!
+//! A key is looked up by its SHA-256 (the keys file holds only hashes). The
+//! key's name is the caller's identity: its fair-share client, the owner of
+//! its jobs, and the `tenant` label of its metrics (bounded: the names of
+//! the keys file). Before anything is queued, a caller is refused when it
+//! has `concurrent` requests in progress, has used its `per_minute` rate
+//! (a token bucket), or has spent `gpu_seconds_per_hour` or
+//! `gpu_seconds_per_day` (fixed UTC windows) of pod time: 429 with
+//! `Retry-After` and the limit in the JSON. A request's GPU time is the time
+//! it held a pod slot (from dispatch until the pod finished answering, a
+//! client that left included), measured by sdgate, counted when the slot is
+//! freed: a request in progress can end past a budget, the next one is
+//! refused.
+//!
+//! Spend is kept per service, tenant and UTC hour, in memory and, with a
+//! jobs store, in its `usage` table (flushed every 2 s by the active replica;
+//! read back when a replica becomes active), so budgets survive a restart
+//! and a takeover (less what the last 2 s before a crash spent).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use http::{HeaderMap, HeaderName};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::{AuthConfig, TenantLimits};
+use crate::error::{lock, ProxyError};
+use crate::jobs::store::UsageRow;
+
+/// A caller a key named.
+pub struct Tenant {
+    pub name: String,
+    pub limits: TenantLimits,
+    active: AtomicU32,
+}
+
+/// One service's keys.
+pub struct Keys {
+    by_hash: HashMap<[u8; 32], Arc<Tenant>>,
+    by_name: HashMap<String, Arc<Tenant>>,
+    header: HeaderName,
+    bearer: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    keys: Vec<KeyEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    name: String,
+    /// SHA-256 of the key, in hex.
+    sha256: String,
+    /// This key's own limits (else the service's `auth.limits`).
+    #[serde(default)]
+    limits: Option<TenantLimits>,
+}
+
+impl Keys {
+    /// Reads `auth.keys_file`.
+    pub fn load(config: &AuthConfig) -> Result<Self> {
+        let path = &config.keys_file;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("auth.keys_file: cannot read {}", path.display()))?;
+        let file: KeysFile = serde_yaml::from_str(&text)
+            .with_context(|| format!("auth.keys_file: {} is not a keys file", path.display()))?;
+        let mut by_hash = HashMap::new();
+        let mut by_name = HashMap::new();
+        let mut names = std::collections::HashSet::new();
+        for entry in file.keys {
+            let hash = parse_hash(&entry.sha256)
+                .with_context(|| format!("auth.keys_file: key {:?}: sha256 is not 64 hex digits", entry.name))?;
+            if entry.name.is_empty() || entry.name.len() > 64 || !names.insert(entry.name.clone()) {
+                anyhow::bail!("auth.keys_file: key name {:?} is empty, longer than 64 or given twice", entry.name);
+            }
+            let limits = entry.limits.unwrap_or_else(|| config.limits.clone());
+            let tenant = Arc::new(Tenant { name: entry.name, limits, active: AtomicU32::new(0) });
+            by_name.insert(tenant.name.clone(), tenant.clone());
+            by_hash.insert(hash, tenant);
+        }
+        let header = HeaderName::from_bytes(config.header.to_ascii_lowercase().as_bytes())
+            .with_context(|| format!("auth.header: {:?} is not a header name", config.header))?;
+        let bearer = header == http::header::AUTHORIZATION;
+        Ok(Self { by_hash, by_name, header, bearer })
+    }
+
+    /// The caller the request's key names, or why not (401).
+    pub fn caller(&self, headers: &HeaderMap) -> Result<Arc<Tenant>, ProxyError> {
+        let value = headers.get(&self.header).ok_or(ProxyError::Unauthorized("no API key"))?;
+        let value = value.to_str().map_err(|_| ProxyError::Unauthorized("a malformed API key"))?.trim();
+        let key = match self.bearer {
+            true => value
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, key)| key.trim())
+                .ok_or(ProxyError::Unauthorized("Authorization is not `Bearer <key>`"))?,
+            false => value,
+        };
+        let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        self.by_hash.get(&hash).cloned().ok_or(ProxyError::Unauthorized("an unknown API key"))
+    }
+
+    /// The caller of that name (a job's, when it runs).
+    pub fn named(&self, name: &str) -> Option<Arc<Tenant>> {
+        self.by_name.get(name).cloned()
+    }
+
+    /// The header carrying the key (kept out of what jobs store).
+    pub fn header(&self) -> &HeaderName {
+        &self.header
+    }
+}
+
+fn parse_hash(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A new API key and the line of the keys file that names it.
+pub fn new_key(name: &str) -> Result<(String, String)> {
+    let mut bytes = [0u8; 24];
+    getrandom::getrandom(&mut bytes).context("no randomness for a key")?;
+    let key = format!("sdg_{}", crate::jobs::hex(&bytes));
+    let hash = crate::jobs::hex(&Sha256::digest(key.as_bytes()));
+    Ok((key, format!("  - {{ name: {name:?}, sha256: \"{hash}\" }}")))
+}
+
+/// (service, tenant, UTC hour).
+type HourKey = (String, String, i64);
+
+/// Spend and rates of every (service, tenant), kept across reloads.
+#[derive(Default)]
+pub struct Usage {
+    accounts: Mutex<HashMap<(String, String), Account>>,
+    /// Spend not yet written to the store: (service, tenant, hour) ->
+    /// (requests, GPU microseconds).
+    pending: Mutex<HashMap<HourKey, (i64, i64)>>,
+}
+
+#[derive(Default)]
+struct Account {
+    /// UTC hour (Unix seconds of its start) -> (requests, GPU microseconds).
+    hours: BTreeMap<i64, (i64, i64)>,
+    tokens: f64,
+    refilled: Option<tokio::time::Instant>,
+}
+
+/// A caller admitted: counted as in progress until dropped.
+pub struct Admission {
+    tenant: Arc<Tenant>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.tenant.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Admission {
+    pub fn tenant(&self) -> &Arc<Tenant> {
+        &self.tenant
+    }
+}
+
+const HOUR: i64 = 3600;
+const DAY: i64 = 86_400;
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Usage {
+    /// Admits a request of `tenant` to `service`, or refuses it (429) by the
+    /// first limit it is over.
+    pub fn admit(&self, service: &str, tenant: &Arc<Tenant>) -> Result<Admission, ProxyError> {
+        let limits = &tenant.limits;
+        let now = unix_now();
+        let mut accounts = lock(&self.accounts);
+        let account = accounts.entry((service.to_string(), tenant.name.clone())).or_default();
+        let hour = now - now.rem_euclid(HOUR);
+        let day = now - now.rem_euclid(DAY);
+        let spent_hour = account.hours.get(&hour).map_or(0, |(_, gpu)| *gpu);
+        let spent_day: i64 = account.hours.range(day..).map(|(_, (_, gpu))| gpu).sum();
+        let over = |limit: f64, spent: i64| limit > 0.0 && spent as f64 >= limit * 1e6;
+        if over(limits.gpu_seconds_per_hour, spent_hour) {
+            return Err(ProxyError::OverLimit {
+                limit: "gpu_seconds_per_hour",
+                retry_after: (hour + HOUR - now).max(1) as u32,
+            });
+        }
+        if over(limits.gpu_seconds_per_day, spent_day) {
+            return Err(ProxyError::OverLimit {
+                limit: "gpu_seconds_per_day",
+                retry_after: (day + DAY - now).max(1) as u32,
+            });
+        }
+        if limits.concurrent > 0 && tenant.active.load(Ordering::Acquire) >= limits.concurrent {
+            return Err(ProxyError::OverLimit { limit: "concurrent", retry_after: 1 });
+        }
+        if limits.per_minute > 0 {
+            let rate = f64::from(limits.per_minute) / 60.0;
+            let clock = tokio::time::Instant::now();
+            let tokens = match account.refilled {
+                Some(at) => {
+                    (account.tokens + clock.duration_since(at).as_secs_f64() * rate).min(f64::from(limits.per_minute))
+                }
+                None => f64::from(limits.per_minute),
+            };
+            account.refilled = Some(clock);
+            if tokens < 1.0 {
+                account.tokens = tokens;
+                let wait = ((1.0 - tokens) / rate).ceil().max(1.0) as u32;
+                return Err(ProxyError::OverLimit { limit: "per_minute", retry_after: wait });
+            }
+            account.tokens = tokens - 1.0;
+        }
+        tenant.active.fetch_add(1, Ordering::AcqRel);
+        account.hours.entry(hour).or_default().0 += 1;
+        // Two days back is all a budget looks at.
+        let keep_from = day - DAY;
+        account.hours.retain(|start, _| *start >= keep_from);
+        drop(accounts);
+        lock(&self.pending).entry((service.to_string(), tenant.name.clone(), hour)).or_default().0 += 1;
+        Ok(Admission { tenant: tenant.clone() })
+    }
+
+    /// `gpu` of pod time spent by `tenant` on `service`, now.
+    pub fn spend(&self, service: &str, tenant: &str, gpu: Duration) {
+        let now = unix_now();
+        let hour = now - now.rem_euclid(HOUR);
+        let micros = gpu.as_micros() as i64;
+        let key = (service.to_string(), tenant.to_string());
+        lock(&self.accounts).entry(key).or_default().hours.entry(hour).or_default().1 += micros;
+        lock(&self.pending).entry((service.to_string(), tenant.to_string(), hour)).or_default().1 += micros;
+    }
+
+    /// What was spent and not yet written (taken).
+    pub fn take_pending(&self) -> Vec<UsageRow> {
+        lock(&self.pending)
+            .drain()
+            .map(|((service, tenant, hour), (requests, gpu))| (service, tenant, hour, requests, gpu))
+            .collect()
+    }
+
+    /// Puts back what could not be written.
+    pub fn put_back(&self, rows: Vec<UsageRow>) {
+        let mut pending = lock(&self.pending);
+        for (service, tenant, hour, requests, gpu) in rows {
+            let entry = pending.entry((service, tenant, hour)).or_default();
+            entry.0 += requests;
+            entry.1 += gpu;
+        }
+    }
+
+    /// Spend read from the store (at activation): it replaces what memory
+    /// holds for those hours (plus what is still pending).
+    pub fn load(&self, rows: Vec<UsageRow>) {
+        let pending = lock(&self.pending).clone();
+        let mut accounts = lock(&self.accounts);
+        for (service, tenant, hour, requests, gpu) in rows {
+            let extra = pending.get(&(service.clone(), tenant.clone(), hour)).copied().unwrap_or_default();
+            accounts.entry((service, tenant)).or_default().hours.insert(hour, (requests + extra.0, gpu + extra.1));
+        }
+    }
+
+    /// The start of the window the store is read back from.
+    pub fn since() -> i64 {
+        let now = unix_now();
+        now - now.rem_euclid(DAY) - DAY
+    }
+}
+
+/// Counts a request's pod time for its tenant when its slot is freed.
+pub struct Spender {
+    pub usage: Arc<Usage>,
+    pub service: String,
+    pub tenant: String,
+    pub counter: prometheus::Counter,
+}
+
+/// Held by a slot: measures from dispatch to the slot's release.
+pub struct SpendGuard {
+    spender: Arc<Spender>,
+    started: tokio::time::Instant,
+}
+
+impl Spender {
+    pub fn start(self: &Arc<Self>) -> SpendGuard {
+        SpendGuard { spender: self.clone(), started: tokio::time::Instant::now() }
+    }
+}
+
+impl Drop for SpendGuard {
+    fn drop(&mut self) {
+        let took = self.started.elapsed();
+        self.spender.counter.inc_by(took.as_secs_f64());
+        self.spender.usage.spend(&self.spender.service, &self.spender.tenant, took);
+    }
+}
+
+/// The caller of a request, once its key was checked (a request
+/// extension: fair share, job owners and the meter read it).
+#[derive(Clone)]
+pub struct Caller(pub Arc<Tenant>);
+
+/// `sdgate_gpu_seconds_total`, `sdgate_tenant_requests_total`,
+/// `sdgate_tenant_refused_total`.
+#[derive(Clone)]
+pub struct TenantMetrics {
+    pub gpu_seconds: prometheus::CounterVec,
+    pub requests: prometheus::IntCounterVec,
+    pub refused: prometheus::IntCounterVec,
+}
+
+impl TenantMetrics {
+    pub fn new(metrics: &crate::observe::metrics::Metrics) -> Self {
+        let made = Self {
+            gpu_seconds: prometheus::CounterVec::new(
+                prometheus::Opts::new(
+                    "sdgate_gpu_seconds_total",
+                    "Pod time held by each caller's requests (dispatch to the pod's last byte), by API key name",
+                ),
+                &["service", "tenant"],
+            )
+            .expect("static metric definition"),
+            requests: prometheus::IntCounterVec::new(
+                prometheus::Opts::new("sdgate_tenant_requests_total", "Requests admitted, by API key name"),
+                &["service", "tenant"],
+            )
+            .expect("static metric definition"),
+            refused: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "sdgate_tenant_refused_total",
+                    "Requests refused before the queue: unauthorized (401) or over a limit (429), by reason",
+                ),
+                &["service", "reason"],
+            )
+            .expect("static metric definition"),
+        };
+        metrics.register(Box::new(made.gpu_seconds.clone()));
+        metrics.register(Box::new(made.requests.clone()));
+        metrics.register(Box::new(made.refused.clone()));
+        made
+    }
+}
+
+/// The active replica's writer of spend: reads the store's back at start,
+/// then writes what was spent every 2 s (and once more when stopped).
+pub async fn keep_usage(
+    usage: Arc<Usage>,
+    store: crate::jobs::store::Store,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        match store.usage_since(Usage::since()).await {
+            Ok(rows) => {
+                usage.load(rows);
+                break;
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "usage: cannot read spend from the store; trying again in 1 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+            }
+        }
+    }
+    loop {
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => false,
+            _ = stop.wait_for(|stop| *stop) => true,
+        };
+        let mut rows = usage.take_pending().into_iter();
+        while let Some(row) = rows.next() {
+            if let Err(error) = store.add_usage(std::slice::from_ref(&row)).await {
+                tracing::warn!(error = %format!("{error:#}"), "usage: cannot write spend to the store; kept for the next try");
+                usage.put_back(std::iter::once(row).chain(rows).collect());
+                break;
+            }
+        }
+        if stopped {
+            return;
+        }
+    }
+}
+
+impl super::Proxy {
+    /// The request's caller, admitted, or why not (401, 429), counted.
+    pub(super) fn authenticate(
+        &self,
+        service: &super::Service,
+        keys: &Keys,
+        headers: &HeaderMap,
+    ) -> Result<Admission, ProxyError> {
+        let name = service.config.name.as_str();
+        let admitted = keys.caller(headers).and_then(|tenant| self.usage.admit(name, &tenant));
+        match &admitted {
+            Ok(admission) => {
+                self.tenant_metrics.requests.with_label_values(&[name, &admission.tenant().name]).inc();
+            }
+            Err(ProxyError::OverLimit { limit, .. }) => {
+                self.tenant_metrics.refused.with_label_values(&[name, limit]).inc();
+            }
+            Err(_) => self.tenant_metrics.refused.with_label_values(&[name, "unauthorized"]).inc(),
+        }
+        admitted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(limits: TenantLimits) -> Arc<Tenant> {
+        Arc::new(Tenant { name: "a".into(), limits, active: AtomicU32::new(0) })
+    }
+
+    #[test]
+    fn a_gpu_budget_refuses_once_spent_and_says_when_it_frees() {
+        let usage = Usage::default();
+        let a = tenant(TenantLimits { gpu_seconds_per_hour: 2.0, ..TenantLimits::default() });
+        drop(usage.admit("sd", &a).unwrap());
+        usage.spend("sd", "a", Duration::from_millis(1500));
+        drop(usage.admit("sd", &a).unwrap());
+        usage.spend("sd", "a", Duration::from_millis(600));
+        match usage.admit("sd", &a) {
+            Err(ProxyError::OverLimit { limit, retry_after }) => {
+                assert_eq!(limit, "gpu_seconds_per_hour");
+                assert!((1..=3600).contains(&retry_after));
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // Another service's budget is its own.
+        assert!(usage.admit("other", &a).is_ok());
+        let pending = usage.take_pending();
+        let sd: (i64, i64) = pending.iter().filter(|r| r.0 == "sd").fold((0, 0), |t, r| (t.0 + r.3, t.1 + r.4));
+        assert_eq!(sd, (2, 2_100_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_and_rate_are_bounded() {
+        let usage = Usage::default();
+        let a = tenant(TenantLimits { concurrent: 2, per_minute: 3, ..TenantLimits::default() });
+        let one = usage.admit("sd", &a).unwrap();
+        let _two = usage.admit("sd", &a).unwrap();
+        assert!(matches!(usage.admit("sd", &a), Err(ProxyError::OverLimit { limit: "concurrent", .. })));
+        drop(one);
+        let _three = usage.admit("sd", &a).unwrap();
+        drop(_three);
+        assert!(matches!(usage.admit("sd", &a), Err(ProxyError::OverLimit { limit: "per_minute", retry_after: 20 })));
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(usage.admit("sd", &a).is_ok(), "a token back after 20 s");
+    }
+
+    #[test]
+    fn keys_are_read_by_their_hash_only() {
+        let (key, line) = new_key("team-a").unwrap();
+        let dir = std::env::temp_dir().join(format!("sdgate-keys-{}", std::process::id()));
+        std::fs::write(&dir, format!("keys:\n{line}\n")).unwrap();
+        let config = AuthConfig { keys_file: dir.clone(), ..AuthConfig::default() };
+        let keys = Keys::load(&config).unwrap();
+        let _ = std::fs::remove_file(&dir);
+        let mut headers = HeaderMap::new();
+        assert!(matches!(keys.caller(&headers), Err(ProxyError::Unauthorized(_))));
+        headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
+        assert_eq!(keys.caller(&headers).unwrap().name, "team-a");
+        headers.insert("authorization", format!("Basic {key}").parse().unwrap());
+        assert!(keys.caller(&headers).is_err(), "not a bearer");
+        headers.insert("authorization", "Bearer sdg_wrong".parse().unwrap());
+        assert!(keys.caller(&headers).is_err());
+        assert!(!line.contains(&key), "the file holds the hash only");
+    }
+}
