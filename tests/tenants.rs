@@ -25,15 +25,23 @@ fn with_key(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_wrong_or_malformed_key_gets_401_and_nothing_reaches_a_pod() {
+async fn no_wrong_expired_or_malformed_key_gets_401_and_nothing_reaches_a_pod() {
     let workers = sims(1, fast_sim(5)).await;
-    let keys = TempFile::new("yaml", &format!("keys:\n{}", key_line("team-a", "sdg_right", "")));
+    let keys = TempFile::new(
+        "yaml",
+        &format!(
+            "keys:\n{}{}",
+            key_line("team-a", "sdg_right", ""),
+            key_line("gone", "sdg_expired", ", expires: \"2020-01-01T00:00:00Z\"")
+        ),
+    );
     let auth = format!("    auth: {{ keys_file: \"{}\" }}\n", keys.path.display());
     let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, &auth).await;
     let client = client();
     for (what, request) in [
         ("no key", txt2img(gateway.addr, "x", 1)),
         ("a wrong key", with_key(txt2img(gateway.addr, "x", 1), "sdg_wrong")),
+        ("an expired key", with_key(txt2img(gateway.addr, "x", 1), "sdg_expired")),
         ("not a bearer", {
             let mut r = txt2img(gateway.addr, "x", 1);
             r.headers_mut().insert("authorization", "Basic sdg_right".parse().unwrap());
@@ -55,7 +63,7 @@ async fn no_wrong_or_malformed_key_gets_401_and_nothing_reaches_a_pod() {
     assert_eq!(answer.status.as_u16(), 200);
     assert_eq!(
         metric(gateway.admin, "sdgate_tenant_refused_total{reason=\"unauthorized\",service=\"sd\"}").await,
-        Some(4.0)
+        Some(5.0)
     );
     assert_eq!(
         metric(gateway.admin, "sdgate_tenant_requests_total{service=\"sd\",tenant=\"team-a\"}").await,

@@ -37,6 +37,8 @@ use crate::jobs::store::UsageRow;
 pub struct Tenant {
     pub name: String,
     pub limits: TenantLimits,
+    /// After this the key is refused (401).
+    expires: Option<std::time::SystemTime>,
     active: AtomicU32,
 }
 
@@ -63,6 +65,9 @@ struct KeyEntry {
     /// This key's own limits (else the service's `auth.limits`).
     #[serde(default)]
     limits: Option<TenantLimits>,
+    /// When the key stops working (RFC 3339, e.g. `2027-01-01T00:00:00Z`).
+    #[serde(default)]
+    expires: Option<String>,
 }
 
 impl Keys {
@@ -83,7 +88,13 @@ impl Keys {
                 anyhow::bail!("auth.keys_file: key name {:?} is empty, longer than 64 or given twice", entry.name);
             }
             let limits = entry.limits.unwrap_or_else(|| config.limits.clone());
-            let tenant = Arc::new(Tenant { name: entry.name, limits, active: AtomicU32::new(0) });
+            let expires = match &entry.expires {
+                Some(text) => Some(humantime::parse_rfc3339_weak(text).with_context(|| {
+                    format!("auth.keys_file: key {:?}: expires {text:?} is not an RFC 3339 time", entry.name)
+                })?),
+                None => None,
+            };
+            let tenant = Arc::new(Tenant { name: entry.name, limits, expires, active: AtomicU32::new(0) });
             by_name.insert(tenant.name.clone(), tenant.clone());
             by_hash.insert(hash, tenant);
         }
@@ -106,7 +117,11 @@ impl Keys {
             false => value,
         };
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        self.by_hash.get(&hash).cloned().ok_or(ProxyError::Unauthorized("an unknown API key"))
+        let tenant = self.by_hash.get(&hash).ok_or(ProxyError::Unauthorized("an unknown API key"))?;
+        if tenant.expires.is_some_and(|at| std::time::SystemTime::now() >= at) {
+            return Err(ProxyError::Unauthorized("an expired API key"));
+        }
+        Ok(tenant.clone())
     }
 
     /// The caller of that name (a job's, when it runs).
@@ -429,7 +444,7 @@ mod tests {
     use super::*;
 
     fn tenant(limits: TenantLimits) -> Arc<Tenant> {
-        Arc::new(Tenant { name: "a".into(), limits, active: AtomicU32::new(0) })
+        Arc::new(Tenant { name: "a".into(), limits, expires: None, active: AtomicU32::new(0) })
     }
 
     #[test]
