@@ -58,6 +58,10 @@ pub struct Config {
     /// several host names is one service with several `hosts` (or routes).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_shared_pods: bool,
+    /// TLS on the public listener (certificates per host by SNI); omitted:
+    /// plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
     /// Async jobs (`Prefer: respond-async`, a service's `async_paths`):
     /// where they are kept and for how long. Omitted: off (such requests
     /// are served as they come, the preference ignored).
@@ -435,6 +439,25 @@ pub struct ServiceConfig {
     /// Written as a map of one key (`{ fixed: [...] }`), not a YAML tag.
     #[serde(with = "serde_yaml::with::singleton_map")]
     pub backend: Backend,
+}
+
+/// `tls`: the public listener's certificates (see `serve::tls`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// One per set of host names; a client's SNI picks it (`*.example.com`
+    /// matches one label). A client without SNI, or naming no host here,
+    /// is refused.
+    pub certificates: Vec<Certificate>,
+}
+
+/// A certificate chain and its key, PEM files (re-read when they change).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    pub hosts: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `auth`: API keys and what each may spend (see `proxy::tenants`).
@@ -1318,6 +1341,11 @@ impl Config {
         if let Some(election) = self.election() {
             election.validate()?;
         }
+        if let Some(tls) = &self.tls {
+            if tls.certificates.is_empty() || tls.certificates.iter().any(|c| c.hosts.is_empty()) {
+                bail!("tls.certificates: at least one, each with its hosts");
+            }
+        }
         if let Some(jobs) = &self.jobs {
             jobs.validate()?;
             if let (JobStore::File(_), Some(_)) = (&jobs.store, self.election()) {
@@ -1411,6 +1439,9 @@ impl Config {
         }
         if yaml(&self.leader_election) != yaml(&next.leader_election) {
             return Some("leader_election: changing it needs a restart".into());
+        }
+        if yaml(&self.tls) != yaml(&next.tls) {
+            return Some("tls: changing it needs a restart (its files are re-read when they change)".into());
         }
         if yaml(&self.jobs) != yaml(&next.jobs) {
             return Some("jobs: changing them needs a restart (the store is opened at start)".into());

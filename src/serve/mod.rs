@@ -5,6 +5,7 @@ pub(crate) mod admin;
 pub(crate) mod lobby;
 pub mod reload;
 pub(crate) mod threads;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -256,7 +257,14 @@ impl Gateway {
             admin.map(|admin| tokio::spawn(admin::serve(admin, proxy.clone(), draining.clone(), admin_timeouts)));
 
         // Shared, not copied into every connection's state.
-        let builder = Arc::new(Builders::new(&config.limits));
+        let mut builders = Builders::new(&config.limits);
+        let mut tls_watch = None;
+        if let Some(tls) = &config.tls {
+            let tls = Arc::new(tls::Tls::new(tls)?);
+            tls_watch = Some(tokio::spawn(tls.clone().watch(Duration::from_secs(1))));
+            builders.tls = Some(tls);
+        }
+        let builder = Arc::new(builders);
         let timeouts = Timeouts::of(&config.limits);
         let budget =
             Arc::new(ConnectionBudget::new(max_client_connections(), Some(proxy.metrics().client_connections())));
@@ -384,6 +392,9 @@ impl Gateway {
         if let Some(task) = admin_task {
             task.abort();
         }
+        if let Some(task) = tls_watch {
+            task.abort();
+        }
         threads.stop().await;
         if let Some(task) = election {
             task.abort();
@@ -456,6 +467,9 @@ async fn serve_connection(
         Ok(stream) => stream,
         Err(error) => return tracing::warn!(%error, %client, "cannot register the connection"),
     };
+    if let Some(tls) = builder.tls.clone() {
+        return serve_tls(stream, client, budget, timeouts, tls, proxy, builder, draining).await;
+    }
     let limits = lobby::Limits {
         head_deadline: tokio::time::Instant::now() + timeouts.header_read,
         body_read_timeout: timeouts.body_read,
@@ -475,7 +489,8 @@ async fn serve_connection(
     let activity = Arc::new(Activity::new());
     activity.fd.store(std::os::fd::AsRawFd::as_raw_fd(&stream), Ordering::Relaxed);
     let io = Watched { stream, read, activity, _budget: budget };
-    Box::pin(serve_http(io, client, proxy, builder, draining, timeouts, early, http1)).await
+    let activity = io.activity.clone();
+    Box::pin(serve_http(io, activity, client, proxy, builder, draining, timeouts, early, http1, false)).await
 }
 
 /// Where an accepted connection goes: a serving thread, with what it needs.
@@ -503,11 +518,43 @@ fn spawn_connection(stream: TcpStream, client: SocketAddr, budget: BudgetSlot, t
     ));
 }
 
+/// A TLS connection: the handshake within `header_read_timeout`, then
+/// hyper on the decrypted stream (no lobby: it reads plain HTTP), HTTP/2 or
+/// HTTP/1.1 as ALPN said. Its requests say `X-Forwarded-Proto: https`.
+#[allow(clippy::too_many_arguments)]
+async fn serve_tls(
+    stream: TcpStream,
+    client: SocketAddr,
+    budget: BudgetSlot,
+    timeouts: Timeouts,
+    tls: Arc<tls::Tls>,
+    proxy: Arc<Proxy>,
+    builder: Arc<Builders>,
+    draining: watch::Receiver<bool>,
+) {
+    let activity = Arc::new(Activity::new());
+    activity.fd.store(std::os::fd::AsRawFd::as_raw_fd(&stream), Ordering::Relaxed);
+    let io = Watched { stream, read: bytes::Bytes::new(), activity: activity.clone(), _budget: budget };
+    let accepted = tokio::time::timeout(timeouts.header_read, tls.acceptor.accept(io)).await;
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return tracing::debug!(%client, %error, "TLS handshake refused"),
+        Err(_) => {
+            proxy.metrics().connections_closed().with_label_values(&["header_read_timeout"]).inc();
+            return tracing::debug!(%client, "no TLS handshake within header_read_timeout");
+        }
+    };
+    let http1 = stream.get_ref().1.alpn_protocol() == Some(b"http/1.1");
+    Box::pin(serve_http(stream, activity, client, proxy, builder, draining, timeouts, None, http1, true)).await
+}
+
 /// hyper's connection settings: HTTP/1 alone, for a connection the lobby
 /// saw speak it, and both versions (told apart by the first bytes).
 struct Builders {
     http1: hyper::server::conn::http1::Builder,
     auto: auto::Builder<TokioExecutor>,
+    /// TLS on the listener (`tls`).
+    tls: Option<Arc<tls::Tls>>,
 }
 
 impl Builders {
@@ -523,7 +570,7 @@ impl Builders {
         http1.timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(max_buf_size);
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1().timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(max_buf_size);
-        Self { http1, auto }
+        Self { http1, auto, tls: None }
     }
 }
 
@@ -531,8 +578,9 @@ impl Builders {
 /// A connection known to speak HTTP/1 skips hyper-util's version detection
 /// (and the rewinding reader it puts under hyper).
 #[allow(clippy::too_many_arguments)]
-async fn serve_http(
-    io: Watched,
+async fn serve_http<I>(
+    io: I,
+    activity: Arc<Activity>,
     client: SocketAddr,
     proxy: Arc<Proxy>,
     builder: Arc<Builders>,
@@ -540,8 +588,10 @@ async fn serve_http(
     timeouts: Timeouts,
     early: Option<proxy::Early>,
     http1: bool,
-) {
-    let activity = io.activity.clone();
+    https: bool,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let cuts = Some(proxy.metrics().connections_closed());
     let peer = Arc::new(Peer::new(client));
     let early = early.map(|early| {
@@ -553,6 +603,10 @@ async fn serve_http(
         let open = Open::start(&service_activity, request.version() == http::Version::HTTP_2);
         // hyper reads the lobby's request first: it takes what the lobby did.
         let early = service_early.as_ref().and_then(|cell| cell.take());
+        if https {
+            // Said by sdgate, which decrypted it: never the client's word.
+            request.headers_mut().insert("x-forwarded-proto", http::HeaderValue::from_static("https"));
+        }
         async move {
             let response = match router::normalize_host(&mut request) {
                 Ok(()) => proxy.handle(request, peer, early).await,
