@@ -211,7 +211,14 @@ async fn run(cli: Cli) -> Result<()> {
                 "csv" => {
                     println!("service,tenant,hour,requests,gpu_seconds");
                     for (service, tenant, start, requests, gpu) in rows {
-                        println!("{service},{tenant},{},{requests},{:.3}", hour(start), gpu as f64 / 1e6);
+                        let csv = |text: &str| format!("\"{}\"", text.replace('"', "\"\""));
+                        println!(
+                            "{},{},{},{requests},{:.3}",
+                            csv(&service),
+                            csv(&tenant),
+                            hour(start),
+                            gpu as f64 / 1e6
+                        );
                     }
                 }
                 "json" => {

@@ -69,6 +69,33 @@ async fn no_wrong_expired_or_malformed_key_gets_401_and_nothing_reaches_a_pod() 
         metric(gateway.admin, "sdgate_tenant_requests_total{service=\"sd\",tenant=\"team-a\"}").await,
         Some(1.0)
     );
+    // The key is not passed on to the pod.
+    let seen = send(&client, with_key(get(gateway.addr, "/sim/headers"), "sdg_right")).await.json();
+    assert!(seen.get("authorization").is_none(), "{seen}");
+    assert_eq!(seen["host"], HOST);
+    gateway.shutdown().await;
+}
+
+/// A caller at its `concurrent` limit is refused new generations (429) but
+/// may still poll its progress: only what takes a pod is limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_at_its_limit_still_polls_its_progress() {
+    let workers = sims(1, fast_sim(20)).await;
+    let keys =
+        TempFile::new("yaml", &format!("keys:\n{}", key_line("solo", "sdg_solo", ", limits: { concurrent: 1 }")));
+    let auth = format!("    auth: {{ keys_file: \"{}\" }}\n", keys.path.display());
+    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, &auth).await;
+    let client = client();
+    let (long_client, addr) = (client.clone(), gateway.addr);
+    let long = tokio::spawn(async move { send(&long_client, with_key(txt2img(addr, "long", 50), "sdg_solo")).await });
+    gateway.wait_for(|g| g.inflight() == 1, "the long one on the pod").await;
+    let refused = send(&client, with_key(txt2img(gateway.addr, "second", 1), "sdg_solo")).await;
+    refused.assert_json_error(429);
+    assert_eq!(refused.json()["limit"], "concurrent");
+    let progress = send(&client, with_key(get(gateway.addr, "/sdapi/v1/progress"), "sdg_solo")).await;
+    assert_eq!(progress.status.as_u16(), 200, "a poll is not limited");
+    assert_eq!(long.await.unwrap().status.as_u16(), 200);
+    assert_eq!(send(&client, with_key(txt2img(gateway.addr, "third", 1), "sdg_solo")).await.status.as_u16(), 200);
     gateway.shutdown().await;
 }
 

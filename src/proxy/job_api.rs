@@ -213,7 +213,12 @@ impl Proxy {
         let row = jobs.get(id).await?.ok_or(ProxyError::JobNotFound)?;
         let table = self.table();
         let owning = table.services.iter().find(|s| s.config.name == row.service).ok_or(ProxyError::JobNotFound)?;
-        let caller = request.extensions().get::<super::tenants::Caller>().map(|c| c.0.clone());
+        // The caller as the owning service's keys say (the routed service's
+        // may be another's, on a weighted route).
+        let caller = match &owning.keys {
+            Some(keys) => Some(keys.caller(request.headers()).map_err(|_| ProxyError::JobNotFound)?),
+            None => None,
+        };
         let (owner, _) = self.owner(owning, request.headers(), caller.as_deref(), client, false);
         let owner = owner.ok_or(ProxyError::JobNotFound)?;
         if !jobs::owned_by(&row, &owner) {
@@ -317,9 +322,17 @@ impl jobs::Runner for Proxy {
             let error = ProxyError::JobServiceGone(service.to_string());
             return Ok(error.into_response(Some(service)));
         };
-        // The caller who submitted it: its fair share and its pod time.
-        if let Some(tenant) = tenant.and_then(|name| split.service.keys.as_ref()?.named(name)) {
-            request.extensions_mut().insert(super::tenants::Caller(tenant));
+        // The caller who submitted it: its fair share, its pod time, its
+        // GPU budget; a key revoked or expired since runs nothing.
+        if let (Some(name), Some(keys)) = (tenant, &split.service.keys) {
+            let Some(tenant) = keys.named(name) else {
+                let error = ProxyError::Unauthorized("the job's API key was revoked or has expired");
+                return Ok(error.into_response(Some(service)));
+            };
+            if let Some(error) = self.usage().over_budget(service, &tenant) {
+                return Ok(error.into_response(Some(service)));
+            }
+            request.extensions_mut().insert(super::tenants::Caller(tenant, Default::default()));
         }
         let mut record = self.start_record(split, &mut request, client);
         drop(table);

@@ -590,16 +590,18 @@ impl Proxy {
         };
         let service = record.service.clone();
         // Who is calling, before anything is queued.
-        let _admission = match &service.keys {
-            Some(keys) => match self.authenticate(&service, keys, request.headers()) {
-                Ok(admission) => {
-                    request.extensions_mut().insert(tenants::Caller(admission.tenant().clone()));
-                    Some(admission)
+        if let Some(keys) = &service.keys {
+            let path = request.uri().path();
+            let limited = !path.starts_with(crate::jobs::PREFIX)
+                && !service.config.is_bypass(path)
+                && !service.config.is_owner_only(path);
+            match self.authenticate(&service, keys, request.headers(), limited) {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
                 }
                 Err(error) => return record.finish(error.into_response(Some(&service.config.name))),
-            },
-            None => None,
-        };
+            }
+        }
         let request = request.map(Inbound::Client);
         let request = if admitted.is_none() {
             match self.jobs_first(&service, request, peer_ip, record.priority).await {
@@ -756,7 +758,7 @@ impl Proxy {
         let returned = session.as_ref().filter(|s| matches!(s.presented, Presented::Valid(..))).map(|s| &s.id);
         let mut origin = fairness::origin(service, request.headers(), peer, returned, priority);
         // A caller with a key is its own client for fair share.
-        if let Some(tenants::Caller(tenant)) = request.extensions().get::<tenants::Caller>() {
+        if let Some(tenants::Caller(tenant, _)) = request.extensions().get::<tenants::Caller>() {
             origin.client = Some(fairness::client_named(&tenant.name));
         }
         Ok(Admitted { bypass, owner_only, session, pin, origin, queued: None })
@@ -794,14 +796,19 @@ impl Proxy {
         }
         let mut upgrade = (protocol == Some(true)).then(|| hyper::upgrade::on(&mut request));
         // A caller's pod time is metered on its slot.
-        let spender = request.extensions().get::<tenants::Caller>().map(|tenants::Caller(tenant)| {
-            Arc::new(tenants::Spender {
+        let spender = request.extensions().get::<tenants::Caller>().map(|tenants::Caller(tenant, admission)| {
+            let spender = Arc::new(tenants::Spender {
                 usage: self.usage.clone(),
                 service: service.config.name.clone(),
                 tenant: tenant.name.clone(),
                 counter: self.tenant_metrics.gpu_seconds.with_label_values(&[&service.config.name, &tenant.name]),
-            })
+            });
+            (spender, admission.clone())
         });
+        // The key is the gateway's business, not the pod's.
+        if let Some(keys) = &service.keys {
+            request.headers_mut().remove(keys.header());
+        }
         let host = router::request_host_value(&request);
         let (mut parts, body) = request.into_parts();
         if let Some(affinity) = &service.affinity {
@@ -852,8 +859,8 @@ impl Proxy {
                 job.started(slot.addr());
             }
             let mut slot = slot;
-            if let (Some(spender), true) = (&spender, slot.is_armed()) {
-                slot.hold(Box::new(spender.start()));
+            if let (Some((spender, admission)), true) = (&spender, slot.is_armed()) {
+                slot.hold(Box::new(spender.start(admission)));
             }
             if let (Some(session), true) = (&session, slot.is_armed()) {
                 slot.own(service.jobs.run(session.id, slot.endpoint()));

@@ -96,7 +96,9 @@ impl Keys {
             };
             let tenant = Arc::new(Tenant { name: entry.name, limits, expires, active: AtomicU32::new(0) });
             by_name.insert(tenant.name.clone(), tenant.clone());
-            by_hash.insert(hash, tenant);
+            if by_hash.insert(hash, tenant).is_some() {
+                anyhow::bail!("auth.keys_file: two keys have the same sha256");
+            }
         }
         let header = HeaderName::from_bytes(config.header.to_ascii_lowercase().as_bytes())
             .with_context(|| format!("auth.header: {:?} is not a header name", config.header))?;
@@ -126,7 +128,11 @@ impl Keys {
 
     /// The caller of that name (a job's, when it runs).
     pub fn named(&self, name: &str) -> Option<Arc<Tenant>> {
-        self.by_name.get(name).cloned()
+        let tenant = self.by_name.get(name)?;
+        match tenant.expires.is_some_and(|at| std::time::SystemTime::now() >= at) {
+            true => None,
+            false => Some(tenant.clone()),
+        }
     }
 
     /// The header carrying the key (kept out of what jobs store).
@@ -255,6 +261,32 @@ impl Usage {
         Ok(Admission { tenant: tenant.clone() })
     }
 
+    /// Whether `tenant` has spent a GPU budget on `service` (a job's run is
+    /// held to them, not to the rate or concurrency of its submit).
+    pub fn over_budget(&self, service: &str, tenant: &Tenant) -> Option<ProxyError> {
+        let limits = &tenant.limits;
+        let now = unix_now();
+        let (hour, day) = (now - now.rem_euclid(HOUR), now - now.rem_euclid(DAY));
+        let accounts = lock(&self.accounts);
+        let account = accounts.get(&(service.to_string(), tenant.name.clone()))?;
+        let spent_hour = account.hours.get(&hour).map_or(0, |(_, gpu)| *gpu);
+        let spent_day: i64 = account.hours.range(day..).map(|(_, (_, gpu))| gpu).sum();
+        let over = |limit: f64, spent: i64| limit > 0.0 && spent as f64 >= limit * 1e6;
+        if over(limits.gpu_seconds_per_hour, spent_hour) {
+            return Some(ProxyError::OverLimit {
+                limit: "gpu_seconds_per_hour",
+                retry_after: (hour + HOUR - now).max(1) as u32,
+            });
+        }
+        if over(limits.gpu_seconds_per_day, spent_day) {
+            return Some(ProxyError::OverLimit {
+                limit: "gpu_seconds_per_day",
+                retry_after: (day + DAY - now).max(1) as u32,
+            });
+        }
+        None
+    }
+
     /// `gpu` of pod time spent by `tenant` on `service`, now.
     pub fn spend(&self, service: &str, tenant: &str, gpu: Duration) {
         let now = unix_now();
@@ -309,15 +341,17 @@ pub struct Spender {
     pub counter: prometheus::Counter,
 }
 
-/// Held by a slot: measures from dispatch to the slot's release.
+/// Held by a slot: measures from dispatch to the slot's release, and
+/// keeps the request's admission until then.
 pub struct SpendGuard {
     spender: Arc<Spender>,
     started: tokio::time::Instant,
+    _admission: Option<Admission>,
 }
 
 impl Spender {
-    pub fn start(self: &Arc<Self>) -> SpendGuard {
-        SpendGuard { spender: self.clone(), started: tokio::time::Instant::now() }
+    pub fn start(self: &Arc<Self>, cell: &AdmissionCell) -> SpendGuard {
+        SpendGuard { spender: self.clone(), started: tokio::time::Instant::now(), _admission: cell.take() }
     }
 }
 
@@ -332,7 +366,23 @@ impl Drop for SpendGuard {
 /// The caller of a request, once its key was checked (a request
 /// extension: fair share, job owners and the meter read it).
 #[derive(Clone)]
-pub struct Caller(pub Arc<Tenant>);
+pub struct Caller(pub Arc<Tenant>, pub AdmissionCell);
+
+/// A request's admission, moved onto its slot when a pod takes it (so
+/// `concurrent` counts it until the pod is done, not until its client
+/// leaves); dropped with the request if it never gets one.
+#[derive(Clone, Default)]
+pub struct AdmissionCell(Arc<Mutex<Option<Admission>>>);
+
+impl AdmissionCell {
+    pub fn new(admission: Option<Admission>) -> Self {
+        Self(Arc::new(Mutex::new(admission)))
+    }
+
+    fn take(&self) -> Option<Admission> {
+        lock(&self.0).take()
+    }
+}
 
 /// `sdgate_gpu_seconds_total`, `sdgate_tenant_requests_total`,
 /// `sdgate_tenant_refused_total`.
@@ -417,25 +467,37 @@ pub async fn keep_usage(
 }
 
 impl super::Proxy {
-    /// The request's caller, admitted, or why not (401, 429), counted.
+    /// The request's caller, or why not (401); with `limited` (a request
+    /// that will take a slot or become a job), admitted against its limits
+    /// (429). Progress polls, interrupts and the job API are only
+    /// authenticated: a caller at its limit can still watch and stop its
+    /// own work and fetch its results.
     pub(super) fn authenticate(
         &self,
         service: &super::Service,
         keys: &Keys,
         headers: &HeaderMap,
-    ) -> Result<Admission, ProxyError> {
+        limited: bool,
+    ) -> Result<Caller, ProxyError> {
         let name = service.config.name.as_str();
-        let admitted = keys.caller(headers).and_then(|tenant| self.usage.admit(name, &tenant));
-        match &admitted {
-            Ok(admission) => {
-                self.tenant_metrics.requests.with_label_values(&[name, &admission.tenant().name]).inc();
+        let caller = keys.caller(headers).and_then(|tenant| match limited {
+            true => {
+                let admission = self.usage.admit(name, &tenant)?;
+                Ok(Caller(tenant, AdmissionCell::new(Some(admission))))
             }
+            false => Ok(Caller(tenant, AdmissionCell::default())),
+        });
+        match &caller {
+            Ok(Caller(tenant, _)) if limited => {
+                self.tenant_metrics.requests.with_label_values(&[name, &tenant.name]).inc();
+            }
+            Ok(_) => {}
             Err(ProxyError::OverLimit { limit, .. }) => {
                 self.tenant_metrics.refused.with_label_values(&[name, limit]).inc();
             }
             Err(_) => self.tenant_metrics.refused.with_label_values(&[name, "unauthorized"]).inc(),
         }
-        admitted
+        caller
     }
 }
 

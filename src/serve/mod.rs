@@ -55,8 +55,10 @@ struct Control {
     services: Vec<ServiceControl>,
     /// The jobs runner (with `jobs`): its stop signal and task.
     jobs: Option<(watch::Sender<bool>, JoinHandle<()>)>,
-    /// The writer of API keys' spend to the jobs store (stopped with the runner).
-    usage: Option<JoinHandle<()>>,
+    /// The writer of API keys' spend to the jobs store: its stop signal and
+    /// task (stopped after the drain, so the drained requests' spend is
+    /// written too).
+    usage: Option<(watch::Sender<bool>, JoinHandle<()>)>,
 }
 
 /// One service's provider (pods and probes) and autoscaler.
@@ -76,12 +78,13 @@ impl Control {
         let (jobs, usage) = match proxy.jobs() {
             Some(jobs) => {
                 let (stop, stopped) = watch::channel(false);
+                let (usage_stop, usage_stopped) = watch::channel(false);
                 let usage = tokio::spawn(proxy::tenants::keep_usage(
                     proxy.usage().clone(),
                     jobs.store().clone(),
-                    stopped.clone(),
+                    usage_stopped,
                 ));
-                (Some((stop, tokio::spawn(jobs.clone().run(proxy.clone(), stopped)))), Some(usage))
+                (Some((stop, tokio::spawn(jobs.clone().run(proxy.clone(), stopped)))), Some((usage_stop, usage)))
             }
             None => (None, None),
         };
@@ -122,10 +125,14 @@ impl Control {
             }
             jobs.stop(tokio::time::Instant::now()).await;
         }
-        // Its last write of spend.
-        if let Some(usage) = self.usage.take() {
+    }
+
+    /// The last write of API keys' spend (after the drain).
+    async fn stop_usage(&mut self) {
+        if let Some((stop, usage)) = self.usage.take() {
+            stop.send_replace(true);
             let abort = usage.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), usage).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(15), usage).await.is_err() {
                 abort.abort();
             }
         }
@@ -313,6 +320,7 @@ impl Gateway {
                     proxy.set_active(false);
                     if let Some(control) = control.as_mut() {
                         control.stop_jobs(&proxy, tokio::time::Instant::now()).await;
+                        control.stop_usage().await;
                     }
                     lost = Some(match ended {
                         Ok(Err(error)) => error,
@@ -386,7 +394,10 @@ impl Gateway {
         // may finish within the same drain_timeout.
         let jobs_deadline = tokio::time::Instant::now() + config.drain_timeout;
         match control.as_mut() {
-            Some(control) => drop(tokio::join!(drained, control.stop_jobs(&proxy, jobs_deadline))),
+            Some(control) => {
+                tokio::join!(drained, control.stop_jobs(&proxy, jobs_deadline));
+                control.stop_usage().await;
+            }
             None => drained.await,
         }
         if let Some(task) = admin_task {
