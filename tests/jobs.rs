@@ -133,22 +133,43 @@ async fn a_job_is_answered_at_once_and_its_result_read_later_by_its_owner_only()
     let forged = "0123456789abcdef0123456789abcdef";
     job(&client, &owner, gateway.addr, forged).await.assert_json_error(404);
     job(&client, &owner, gateway.addr, "../../etc/passwd").await.assert_json_error(404);
-    // The owner's list has its job and not the other's.
+    // A client on a raw socket that hangs up as soon as it has its 202:
+    // its job runs, and it reads the result later on a new connection.
+    let raw = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = r#"{"prompt":"hung up","steps":2}"#;
+        let cookie = format!("sd={}", owner.cookie.clone().unwrap());
+        let head = format!(
+            "POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: {HOST}\r\nPrefer: respond-async\r\nCookie: {cookie}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = stream.read(&mut answer).await.unwrap();
+        drop(stream);
+        String::from_utf8_lossy(&answer[..n]).to_string()
+    };
+    assert!(raw.starts_with("HTTP/1.1 202"), "{raw}");
+    let raw_id = raw.split("/.sdgate/jobs/").nth(1).map(|rest| rest[..32].to_string()).expect("a job URL");
+    let view = job_becomes(&client, &owner, gateway.addr, &raw_id, "succeeded", Duration::from_secs(10)).await;
+    assert_eq!(view["result"]["body"]["parameters"]["prompt"], "hung up");
+    // The owner's list has its jobs and not the other's.
     let list = send(&client, owner.prepare(get(gateway.addr, "/.sdgate/jobs"))).await.json();
     let ids: Vec<&str> = list["jobs"].as_array().unwrap().iter().filter_map(|j| j["id"].as_str()).collect();
-    assert_eq!(ids, vec![id.as_str()]);
+    assert_eq!(ids, vec![raw_id.as_str(), id.as_str()], "newest first");
     // /status and /metrics count jobs by state.
     let admin = gateway.admin;
     eventually("the store counted", || async move {
         let status = status(admin).await;
         status["jobs"]["store"] == "sqlite"
             && status["jobs"]["by_state"].as_array().is_some_and(|counts| {
-                counts.iter().any(|c| c["service"] == "sd" && c["state"] == "succeeded" && c["jobs"] == 2)
+                counts.iter().any(|c| c["service"] == "sd" && c["state"] == "succeeded" && c["jobs"] == 3)
             })
     })
     .await;
-    assert_eq!(metric(admin, "sdgate_jobs{service=\"sd\",state=\"succeeded\"}").await, Some(2.0));
-    assert_eq!(metric(admin, "sdgate_jobs_submitted_total{service=\"sd\"}").await, Some(2.0));
+    assert_eq!(metric(admin, "sdgate_jobs{service=\"sd\",state=\"succeeded\"}").await, Some(3.0));
+    assert_eq!(metric(admin, "sdgate_jobs_submitted_total{service=\"sd\"}").await, Some(3.0));
     assert_no_overlap(&[workers[0].stats()]);
     gateway.shutdown().await;
 }
