@@ -29,7 +29,9 @@ async fn a_light_client_is_served_next_not_after_a_greedy_clients_burst() {
     let burst: Vec<_> = (0..20)
         .map(|i| {
             let (client, addr) = (client.clone(), gateway.addr);
-            tokio::spawn(async move { send(&client, from("greedy", txt2img(addr, &format!("greedy-{i}"), 3))).await })
+            // 20 steps of 10 ms: the light client arrives while the first
+            // runs, however slow the machine (3 steps left it 60 ms).
+            tokio::spawn(async move { send(&client, from("greedy", txt2img(addr, &format!("greedy-{i}"), 20))).await })
         })
         .collect();
     gateway.wait_for(|g| g.queue_depth() == 19, "the burst waiting").await;
