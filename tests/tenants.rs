@@ -201,3 +201,27 @@ async fn a_key_over_its_gpu_budget_gets_429_while_another_keeps_full_service() {
     assert_no_overlap(&[stats]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `admin_key_sha256`: the admin listener asks for its key, except on the
+/// probes kubelet calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_asks_for_its_key_but_not_on_its_probes() {
+    let workers = sims(1, fast_sim(5)).await;
+    let hash: String = sha2::Sha256::digest(b"admin-secret").iter().map(|b| format!("{b:02x}")).collect();
+    let yaml = format!("admin_key_sha256: \"{hash}\"\n{}", config_yaml(&[workers[0].addr], 1, ""));
+    let gateway = TestGateway::start(&yaml).await;
+    let client = client();
+    for path in ["/metrics", "/status", "/"] {
+        let answer = send(&client, plain_get(gateway.admin, path)).await;
+        answer.assert_json_error(401);
+        let mut request = plain_get(gateway.admin, path);
+        request.headers_mut().insert("authorization", "Bearer wrong".parse().unwrap());
+        assert_eq!(send(&client, request).await.status.as_u16(), 401, "{path}");
+        let mut request = plain_get(gateway.admin, path);
+        request.headers_mut().insert("authorization", "Bearer admin-secret".parse().unwrap());
+        assert_eq!(send(&client, request).await.status.as_u16(), 200, "{path}");
+    }
+    assert_eq!(send(&client, plain_get(gateway.admin, "/healthz")).await.status.as_u16(), 200);
+    assert_eq!(send(&client, plain_get(gateway.admin, "/readyz")).await.status.as_u16(), 200);
+    gateway.shutdown().await;
+}

@@ -235,3 +235,31 @@ async fn garbage_tls_1_0_and_no_sni_are_refused_and_reach_no_pod() {
     assert_eq!(gateway.arrivals(), 0, "nothing queued");
     gateway.shutdown().await;
 }
+
+/// `tls.redirect_http`: a plain-HTTP listener answers 308 to the same host
+/// and path over https.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_http_listener_redirects_to_https() {
+    let dir = Dir(std::env::temp_dir().join(unique_marker("sdgate-tls")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    certificate(&dir.0, "a", &["a.example"]);
+    certificate(&dir.0, "b", &["b.example"]);
+    let workers = sims(1, fast_sim(5)).await;
+    let plain = free_port().await;
+    let yaml = tls_yaml(&dir.0, &[workers[0].addr]).replacen(
+        "tls:\n",
+        &format!("tls:\n  redirect_http: 127.0.0.1:{plain}\n"),
+        1,
+    );
+    let gateway = TestGateway::start(&yaml).await;
+    let answer = raw_exchange(
+        format!("127.0.0.1:{plain}").parse().unwrap(),
+        b"GET /sdapi/v1/progress?id=7 HTTP/1.1\r\nHost: a.example:80\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 308"), "{answer}");
+    let location = format!("location: https://a.example:{}/sdapi/v1/progress?id=7", gateway.addr.port());
+    assert!(answer.to_ascii_lowercase().contains(&location), "{answer}");
+    assert_eq!(workers[0].stats().served, 0);
+    gateway.shutdown().await;
+}

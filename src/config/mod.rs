@@ -58,6 +58,11 @@ pub struct Config {
     /// several host names is one service with several `hosts` (or routes).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_shared_pods: bool,
+    /// The SHA-256 (hex) of the key the admin listener asks for
+    /// (`Authorization: Bearer KEY`) on everything but `/healthz` and
+    /// `/readyz`; omitted: open (keep it off public networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_key_sha256: Option<String>,
     /// TLS on the public listener (certificates per host by SNI); omitted:
     /// plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -449,6 +454,10 @@ pub struct TlsConfig {
     /// matches one label). A client without SNI, or naming no host here,
     /// is refused.
     pub certificates: Vec<Certificate>,
+    /// A plain-HTTP listener that answers every request with a 308 to the
+    /// same URL over https (omit: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_http: Option<SocketAddr>,
 }
 
 /// A certificate chain and its key, PEM files (re-read when they change).
@@ -1346,6 +1355,11 @@ impl Config {
                 bail!("tls.certificates: at least one, each with its hosts");
             }
         }
+        if let Some(hash) = &self.admin_key_sha256 {
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!("admin_key_sha256: must be 64 hex digits (sha256sum of the key)");
+            }
+        }
         if let Some(jobs) = &self.jobs {
             jobs.validate()?;
             if let (JobStore::File(_), Some(_)) = (&jobs.store, self.election()) {
@@ -1428,8 +1442,8 @@ impl Config {
         if self.listen != next.listen {
             return Some("listen: changing it needs a restart".into());
         }
-        if self.admin != next.admin {
-            return Some("admin: changing it needs a restart".into());
+        if self.admin != next.admin || self.admin_key_sha256 != next.admin_key_sha256 {
+            return Some("admin, admin_key_sha256: changing them needs a restart".into());
         }
         if self.threads != next.threads {
             return Some("threads: changing it needs a restart".into());

@@ -46,7 +46,14 @@ const DASHBOARD: &str = include_str!("../observe/dashboard.html");
 /// cannot use up the descriptors `/healthz` needs.
 ///
 /// It also runs the [`History`] sampler, which stops with it.
-pub(super) async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Arc<AtomicBool>, timeouts: Timeouts) {
+pub(super) async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    draining: Arc<AtomicBool>,
+    timeouts: Timeouts,
+    key_sha256: Option<String>,
+) {
+    let key: Option<Arc<[u8]>> = key_sha256.map(|hex| hex.to_ascii_lowercase().into_bytes().into());
     let started = Instant::now();
     let history = Arc::new(History::new(&*proxy));
     let _sampler = AbortOnDrop(tokio::spawn(history.clone().run(proxy.clone())));
@@ -100,10 +107,14 @@ pub(super) async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Ar
         let proxy = proxy.clone();
         let draining = draining.clone();
         let history = history.clone();
+        let key = key.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let open = Open::start(&activity, request.version() == http::Version::HTTP_2);
-                let response = answer(&request, &proxy, &history, &draining, started);
+                let response = match key.as_deref() {
+                    Some(key) if !allowed(&request, key) => unauthorized(),
+                    _ => answer(&request, &proxy, &history, &draining, started),
+                };
                 async move { Ok::<_, Infallible>(response.map(|body| Tracked::new(body, open))) }
             });
             let builder = auto::Builder::new(TokioExecutor::new());
@@ -111,6 +122,35 @@ pub(super) async fn serve(listener: TcpListener, proxy: Arc<Proxy>, draining: Ar
             watch.serve(connection, |connection| connection.graceful_shutdown()).await;
         });
     }
+}
+
+/// Whether a request may see the admin listener with `admin_key_sha256`
+/// set: the probes always; the rest with the key (its SHA-256 compared in
+/// constant time).
+fn allowed(request: &Request<Incoming>, key_hex: &[u8]) -> bool {
+    if matches!(request.uri().path(), "/healthz" | "/readyz") {
+        return true;
+    }
+    let presented = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
+    let Some(presented) = presented else { return false };
+    let hash = sha2::Digest::finalize(sha2::Digest::chain_update(<sha2::Sha256 as sha2::Digest>::new(), presented));
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    bool::from(subtle::ConstantTimeEq::ct_eq(hex.as_bytes(), key_hex))
+}
+
+fn unauthorized() -> Response<ResponseBody> {
+    let mut response =
+        crate::error::ProxyError::Unauthorized("the admin listener asks for its key").into_response(None);
+    response
+        .headers_mut()
+        .insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer realm=\"sdgate-admin\""));
+    response
 }
 
 /// Aborts a task when dropped: the sampler ends with the listener's task.

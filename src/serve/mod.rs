@@ -260,13 +260,22 @@ impl Gateway {
         let mut threads = ServingThreads::start(threads::count(config.threads))?;
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let admin_timeouts = Timeouts::of(&config.limits);
-        let admin_task =
-            admin.map(|admin| tokio::spawn(admin::serve(admin, proxy.clone(), draining.clone(), admin_timeouts)));
+        let admin_task = admin.map(|admin| {
+            let key = config.admin_key_sha256.clone();
+            tokio::spawn(admin::serve(admin, proxy.clone(), draining.clone(), admin_timeouts, key))
+        });
 
         // Shared, not copied into every connection's state.
         let mut builders = Builders::new(&config.limits);
         let mut tls_watch = None;
+        let mut redirect = None;
         if let Some(tls) = &config.tls {
+            if let Some(addr) = tls.redirect_http {
+                let plain =
+                    TcpListener::bind(addr).await.with_context(|| format!("tls.redirect_http: cannot bind {addr}"))?;
+                let port = listener.local_addr()?.port();
+                redirect = Some(tokio::spawn(tls::redirect(plain, port, config.limits.header_read_timeout)));
+            }
             let tls = Arc::new(tls::Tls::new(tls)?);
             tls_watch = Some(tokio::spawn(tls.clone().watch(Duration::from_secs(1))));
             builders.tls = Some(tls);
@@ -403,7 +412,7 @@ impl Gateway {
         if let Some(task) = admin_task {
             task.abort();
         }
-        if let Some(task) = tls_watch {
+        for task in [tls_watch, redirect].into_iter().flatten() {
             task.abort();
         }
         threads.stop().await;

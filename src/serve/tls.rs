@@ -135,3 +135,45 @@ fn certified(certificate: &Certificate, provider: &rustls::crypto::CryptoProvide
         .with_context(|| format!("tls: {} does not match {}", certificate.key.display(), certificate.cert.display()))?;
     Ok(Arc::new(certified))
 }
+
+/// The plain-HTTP listener of `tls.redirect_http`: every request gets a 308
+/// to the same host and path over https (on `https_port`), with a JSON body.
+pub async fn redirect(listener: tokio::net::TcpListener, https_port: u16, header_read: Duration) {
+    use http_body_util::BodyExt;
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read);
+    let http1 = Arc::new(http1);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let http1 = http1.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let host = crate::proxy::router::request_host_value(&request)
+                    .and_then(|h| h.to_str().ok().map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_string()));
+                let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+                let response = match host.filter(|h| !h.is_empty()) {
+                    Some(host) => {
+                        let port = if https_port == 443 { String::new() } else { format!(":{https_port}") };
+                        let location = format!("https://{host}{port}{path}");
+                        let body = serde_json::json!({ "error": "this listener only redirects to https", "location": location });
+                        let mut response = http::Response::new(crate::body::full(body.to_string()));
+                        *response.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
+                        if let Ok(value) = http::HeaderValue::from_str(&location) {
+                            response.headers_mut().insert(http::header::LOCATION, value);
+                        }
+                        response
+                            .headers_mut()
+                            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                        response
+                    }
+                    None => crate::error::ProxyError::MissingHost.into_response(None),
+                };
+                async move { Ok::<_, std::convert::Infallible>(response.map(|b| b.boxed_unsync())) }
+            });
+            let _ = http1.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+        });
+    }
+}
