@@ -44,6 +44,8 @@ pub struct Gateway {
     proxy: Arc<Proxy>,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    /// `tls.redirect_http`'s plain listener (bound with the others).
+    redirect: Option<TcpListener>,
     /// The control loop, once this replica is active (at once without
     /// leader election).
     control: Option<Control>,
@@ -205,11 +207,17 @@ impl Gateway {
             Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("admin: cannot bind {addr}"))?),
             None => None,
         };
+        let redirect = match config.tls.as_ref().and_then(|tls| tls.redirect_http) {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).await.with_context(|| format!("tls.redirect_http: cannot bind {addr}"))?)
+            }
+            None => None,
+        };
         let control = match config.election() {
             None => Some(Control::start(&proxy)?),
             Some(_) => None,
         };
-        Ok(Self { config, proxy, listener, admin, control, reloads: mpsc::channel(4) })
+        Ok(Self { config, proxy, listener, admin, redirect, control, reloads: mpsc::channel(4) })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -250,7 +258,15 @@ impl Gateway {
     /// 503, so that load balancers stop sending first.
     pub async fn run_until(self, stop: impl Future<Output = Stop>) -> Result<()> {
         let shutdown = stop;
-        let Gateway { mut config, proxy, listener, admin, mut control, reloads: (reload_tx, mut reload_rx) } = self;
+        let Gateway {
+            mut config,
+            proxy,
+            listener,
+            admin,
+            redirect: plain,
+            mut control,
+            reloads: (reload_tx, mut reload_rx),
+        } = self;
         drop(reload_tx);
         tracing::info!(
             listen = %listener.local_addr()?,
@@ -270,9 +286,7 @@ impl Gateway {
         let mut tls_watch = None;
         let mut redirect = None;
         if let Some(tls) = &config.tls {
-            if let Some(addr) = tls.redirect_http {
-                let plain =
-                    TcpListener::bind(addr).await.with_context(|| format!("tls.redirect_http: cannot bind {addr}"))?;
+            if let Some(plain) = plain {
                 let port = listener.local_addr()?.port();
                 redirect = Some(tokio::spawn(tls::redirect(plain, port, config.limits.header_read_timeout)));
             }
