@@ -454,17 +454,9 @@ impl Jobs {
 
     /// A job in a list: its state and times, no result body or progress.
     pub fn summary(&self, row: &Row) -> serde_json::Value {
-        let seconds = |us: Option<i64>| us.map(|us| us as f64 / 1e6);
-        serde_json::json!({
-            "id": row.id,
-            "service": row.service,
-            "state": row.state,
-            "url": format!("{PREFIX}/{}", row.id),
-            "created_at": seconds(Some(row.created_us)),
-            "finished_at": seconds(row.finished_us),
-            "status": row.result_status,
-            "error": row.error,
-        })
+        let mut summary = basics(row);
+        summary["status"] = row.result_status.into();
+        summary
     }
 
     /// A job's state as its owner sees it (with its place in line or its
@@ -496,19 +488,10 @@ impl Jobs {
             (State::Running, Some(pod)) => runner.progress(&row.service, pod).await,
             _ => None,
         };
-        let seconds = |us: Option<i64>| us.map(|us| us as f64 / 1e6);
-        let mut view = serde_json::json!({
-            "id": row.id,
-            "service": row.service,
-            "state": row.state,
-            "url": format!("{PREFIX}/{}", row.id),
-            "created_at": seconds(Some(row.created_us)),
-            "started_at": seconds(row.started_us),
-            "finished_at": seconds(row.finished_us),
-            "expires_at": seconds(row.expires_us),
-            "attempts": row.attempts,
-            "error": row.error,
-        });
+        let mut view = basics(row);
+        view["started_at"] = seconds(row.started_us).into();
+        view["expires_at"] = seconds(row.expires_us).into();
+        view["attempts"] = row.attempts.into();
         if let Some(position) = position {
             view["position"] = position.into();
         }
@@ -991,6 +974,24 @@ enum Run {
 
 /// How long a job turned away waits before it is back in line.
 const AGAIN_AFTER: Duration = Duration::from_millis(500);
+
+/// Microseconds as Unix seconds.
+fn seconds(us: Option<i64>) -> Option<f64> {
+    us.map(|us| us as f64 / 1e6)
+}
+
+/// What a job's list entry and its view both say.
+fn basics(row: &Row) -> serde_json::Value {
+    serde_json::json!({
+        "id": row.id,
+        "service": row.service,
+        "state": row.state,
+        "url": format!("{PREFIX}/{}", row.id),
+        "created_at": seconds(Some(row.created_us)),
+        "finished_at": seconds(row.finished_us),
+        "error": row.error,
+    })
+}
 
 /// The headers of a submitted request worth keeping for its run: all but
 /// hop-by-hop ones, `Prefer` and the callback.

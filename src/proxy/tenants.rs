@@ -182,6 +182,25 @@ struct Account {
     refilled: Option<tokio::time::Instant>,
 }
 
+impl Account {
+    /// The GPU budget this account has spent at `now` (429 until its
+    /// window ends), if any.
+    fn over_budget(&self, limits: &TenantLimits, now: i64) -> Option<ProxyError> {
+        let (hour, day) = (now - now.rem_euclid(HOUR), now - now.rem_euclid(DAY));
+        let spent_hour = self.hours.get(&hour).map_or(0, |(_, gpu)| *gpu);
+        let spent_day: i64 = self.hours.range(day..).map(|(_, (_, gpu))| gpu).sum();
+        let over = |limit: f64, spent: i64| limit > 0.0 && spent as f64 >= limit * 1e6;
+        let (limit, ends) = if over(limits.gpu_seconds_per_hour, spent_hour) {
+            ("gpu_seconds_per_hour", hour + HOUR)
+        } else if over(limits.gpu_seconds_per_day, spent_day) {
+            ("gpu_seconds_per_day", day + DAY)
+        } else {
+            return None;
+        };
+        Some(ProxyError::OverLimit { limit, retry_after: (ends - now).max(1) as u32 })
+    }
+}
+
 /// A caller admitted: counted as in progress until dropped.
 pub struct Admission {
     tenant: Arc<Tenant>,
@@ -214,22 +233,9 @@ impl Usage {
         let now = unix_now();
         let mut accounts = lock(&self.accounts);
         let account = accounts.entry((service.to_string(), tenant.name.clone())).or_default();
-        let hour = now - now.rem_euclid(HOUR);
-        let day = now - now.rem_euclid(DAY);
-        let spent_hour = account.hours.get(&hour).map_or(0, |(_, gpu)| *gpu);
-        let spent_day: i64 = account.hours.range(day..).map(|(_, (_, gpu))| gpu).sum();
-        let over = |limit: f64, spent: i64| limit > 0.0 && spent as f64 >= limit * 1e6;
-        if over(limits.gpu_seconds_per_hour, spent_hour) {
-            return Err(ProxyError::OverLimit {
-                limit: "gpu_seconds_per_hour",
-                retry_after: (hour + HOUR - now).max(1) as u32,
-            });
-        }
-        if over(limits.gpu_seconds_per_day, spent_day) {
-            return Err(ProxyError::OverLimit {
-                limit: "gpu_seconds_per_day",
-                retry_after: (day + DAY - now).max(1) as u32,
-            });
+        let (hour, day) = (now - now.rem_euclid(HOUR), now - now.rem_euclid(DAY));
+        if let Some(over) = account.over_budget(limits, now) {
+            return Err(over);
         }
         if limits.concurrent > 0 && tenant.active.load(Ordering::Acquire) >= limits.concurrent {
             return Err(ProxyError::OverLimit { limit: "concurrent", retry_after: 1 });
@@ -264,27 +270,8 @@ impl Usage {
     /// Whether `tenant` has spent a GPU budget on `service` (a job's run is
     /// held to them, not to the rate or concurrency of its submit).
     pub fn over_budget(&self, service: &str, tenant: &Tenant) -> Option<ProxyError> {
-        let limits = &tenant.limits;
-        let now = unix_now();
-        let (hour, day) = (now - now.rem_euclid(HOUR), now - now.rem_euclid(DAY));
         let accounts = lock(&self.accounts);
-        let account = accounts.get(&(service.to_string(), tenant.name.clone()))?;
-        let spent_hour = account.hours.get(&hour).map_or(0, |(_, gpu)| *gpu);
-        let spent_day: i64 = account.hours.range(day..).map(|(_, (_, gpu))| gpu).sum();
-        let over = |limit: f64, spent: i64| limit > 0.0 && spent as f64 >= limit * 1e6;
-        if over(limits.gpu_seconds_per_hour, spent_hour) {
-            return Some(ProxyError::OverLimit {
-                limit: "gpu_seconds_per_hour",
-                retry_after: (hour + HOUR - now).max(1) as u32,
-            });
-        }
-        if over(limits.gpu_seconds_per_day, spent_day) {
-            return Some(ProxyError::OverLimit {
-                limit: "gpu_seconds_per_day",
-                retry_after: (day + DAY - now).max(1) as u32,
-            });
-        }
-        None
+        accounts.get(&(service.to_string(), tenant.name.clone()))?.over_budget(&tenant.limits, unix_now())
     }
 
     /// `gpu` of pod time spent by `tenant` on `service`, now.
