@@ -143,3 +143,9 @@ for proxy in sdgate haproxy; do
     read -r ka kcpu <<<"${RESULT[$proxy-keep-alive]}"
     printf '| %s | %s | %s us | %s | %s us |\n' "$proxy" "$hs" "$hcpu" "$ka" "$kcpu"
 done
+read -r _ s_hcpu <<<"${RESULT[sdgate-handshakes]}"
+read -r _ h_hcpu <<<"${RESULT[haproxy-handshakes]}"
+read -r _ s_kcpu <<<"${RESULT[sdgate-keep-alive]}"
+read -r _ h_kcpu <<<"${RESULT[haproxy-keep-alive]}"
+awk -v a="$s_hcpu" -v b="$h_hcpu" -v c="$s_kcpu" -v d="$h_kcpu" \
+    'BEGIN { printf "\nsdgate / HAProxy CPU: %.2fx per handshake, %.2fx per kept-alive request\n", a / b, c / d }'
