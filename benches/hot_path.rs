@@ -1,7 +1,8 @@
 //! What a request pays besides the gate: recording its metrics, and, with
 //! session affinity, verifying its cookie, looking up and updating its pin,
 //! and signing the cookie it gets back; with API keys (`auth`), finding its
-//! caller among 1,000 keys and admitting it against its limits.
+//! caller among 1,000 keys and admitting it against its limits; with JWTs,
+//! verifying one against the JWKS held.
 //!
 //! Run with `cargo bench --bench hot_path` (about half a minute on two cores).
 
@@ -98,17 +99,20 @@ fn api_keys(c: &mut Criterion) {
         gpu_seconds_per_hour: 1e12,
         gpu_seconds_per_day: 1e12,
     };
-    let config = sdgate::config::AuthConfig { keys_file: path.clone(), limits, ..Default::default() };
-    let keys = sdgate::proxy::tenants::Keys::load(&config).expect("keys");
+    let config = sdgate::config::AuthConfig { keys_file: Some(path.clone()), limits, ..Default::default() };
+    let auth = sdgate::proxy::auth::Auth::load(&config).expect("keys");
     let _ = std::fs::remove_file(&path);
     let usage = sdgate::proxy::tenants::Usage::default();
-    let mut headers = HeaderMap::new();
-    headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {last}")).expect("header"));
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    let request = http::Request::post("/sdapi/v1/txt2img")
+        .header(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {last}")).expect("header"))
+        .body(())
+        .expect("request");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let _entered = runtime.enter();
     c.bench_function("auth/find the caller and admit it", |b| {
         b.iter(|| {
-            let tenant = keys.caller(black_box(&headers)).expect("known");
+            let asking = sdgate::proxy::auth::Asking::of(black_box(&request), None);
+            let tenant = runtime.block_on(auth.caller(&asking)).expect("known");
             let admission = usage.admit("stable-diffusion", &tenant).expect("admitted");
             drop(black_box(admission));
         })
@@ -116,5 +120,64 @@ fn api_keys(c: &mut Criterion) {
     let _ = usage.take_pending();
 }
 
-criterion_group!(benches, metrics_per_request, cookies, pin_table, api_keys);
+/// A request with a JWT (`auth.jwt`): its ES256 signature verified against
+/// the JWKS held (fetched once, from a server in this process), its
+/// issuer, audience and expiry checked, its caller found and admitted.
+fn jwt(c: &mut Criterion) {
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("a key");
+    let point = pair.public_key_raw().to_vec();
+    let b64 = |bytes: &[u8]| -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    };
+    let jwks = serde_json::json!({ "keys": [{ "kty": "EC", "crv": "P-256", "kid": "k", "alg": "ES256",
+        "x": b64(&point[1..33]), "y": b64(&point[33..]) }] })
+    .to_string();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    runtime.spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let answer =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{jwks}", jwks.len());
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    let yaml = format!("jwt: {{ jwks_url: \"http://{addr}/jwks\", issuer: iss, audience: sdgate }}");
+    let config: sdgate::config::AuthConfig = serde_yaml::from_str(&yaml).expect("auth config");
+    let auth = sdgate::proxy::auth::Auth::load(&config).expect("jwt auth");
+    let usage = sdgate::proxy::tenants::Usage::default();
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() + 3600;
+    let mut head = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    head.kid = Some("k".into());
+    let claims = serde_json::json!({ "sub": "team-a", "iss": "iss", "aud": "sdgate", "exp": exp });
+    let token = jsonwebtoken::encode(&head, &claims, &jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der()))
+        .expect("a token");
+    let request = http::Request::post("/sdapi/v1/txt2img")
+        .header(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).expect("header"))
+        .body(())
+        .expect("request");
+    let asking = sdgate::proxy::auth::Asking::of(&request, None);
+    runtime.block_on(auth.caller(&asking)).expect("the JWKS fetched, the token good");
+    c.bench_function("auth/verify a JWT (ES256) and admit its caller", |b| {
+        b.iter(|| {
+            let asking = sdgate::proxy::auth::Asking::of(black_box(&request), None);
+            let tenant = runtime.block_on(auth.caller(&asking)).expect("good");
+            let admission = usage.admit("stable-diffusion", &tenant).expect("admitted");
+            drop(black_box(admission));
+        })
+    });
+}
+
+criterion_group!(benches, metrics_per_request, cookies, pin_table, api_keys, jwt);
 criterion_main!(benches);

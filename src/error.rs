@@ -81,6 +81,14 @@ pub enum ProxyError {
     Unauthorized(&'static str),
     #[error("this key is over its limit {limit}")]
     OverLimit { limit: &'static str, retry_after: u32 },
+    /// The JWKS or forward-auth service could not say who is calling.
+    #[error("cannot check who is calling: {0}")]
+    AuthUnavailable(String),
+    /// The forward-auth service said no: its status (3xx or 4xx) and the
+    /// headers that tell the client what to do (`WWW-Authenticate`,
+    /// `Location`, `Set-Cookie`).
+    #[error("the service's forward-auth refused this request")]
+    Denied(Box<(StatusCode, http::HeaderMap)>),
 }
 
 impl ProxyError {
@@ -111,7 +119,9 @@ impl ProxyError {
             | ProxyError::Standby
             | ProxyError::Asleep
             | ProxyError::NoWeight(_)
-            | ProxyError::JobStore(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::JobStore(_)
+            | ProxyError::AuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Denied(denial) => denial.0,
             ProxyError::QueueTimeout { .. } | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
@@ -124,7 +134,10 @@ impl ProxyError {
             | ProxyError::ClientQueueFull(_)
             | ProxyError::NoReadyEndpoint
             | ProxyError::Asleep => Some(5),
-            ProxyError::ShuttingDown | ProxyError::Standby | ProxyError::JobStore(_) => Some(1),
+            ProxyError::ShuttingDown
+            | ProxyError::Standby
+            | ProxyError::JobStore(_)
+            | ProxyError::AuthUnavailable(_) => Some(1),
             ProxyError::JobsFull(_) => Some(60),
             ProxyError::OverLimit { retry_after, .. } => Some(*retry_after),
             ProxyError::BackendDown { retry_after, .. } => Some((*retry_after).max(1)),
@@ -168,6 +181,11 @@ impl ProxyError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let ProxyError::Unauthorized(_) = self {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"sdgate\""));
+        }
+        if let ProxyError::Denied(denial) = &self {
+            for (name, value) in &denial.1 {
+                headers.append(name, value.clone());
+            }
         }
         if let ProxyError::JobMethod = self {
             headers.insert(header::ALLOW, HeaderValue::from_static("GET, DELETE"));

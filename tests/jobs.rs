@@ -26,25 +26,6 @@ fn sqlite_store(dir: &TempDir) -> String {
     format!("{{ file: \"{}\" }}", dir.path.join("jobs.sqlite3").display())
 }
 
-/// A scratch directory, removed at the end.
-struct TempDir {
-    path: std::path::PathBuf,
-}
-
-impl TempDir {
-    fn new() -> Self {
-        let path = std::env::temp_dir().join(unique_marker("sdgate-jobs"));
-        std::fs::create_dir_all(&path).expect("temp dir");
-        Self { path }
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
 fn submit_request(addr: SocketAddr, prompt: &str, steps: u32) -> Request<Full<Bytes>> {
     let mut request = txt2img(addr, prompt, steps);
     request.headers_mut().insert("prefer", "respond-async".parse().unwrap());

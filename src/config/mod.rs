@@ -469,24 +469,146 @@ pub struct Certificate {
     pub key: PathBuf,
 }
 
-/// `auth`: API keys and what each may spend (see `proxy::tenants`).
+/// `auth`: who may call a service and what each caller may spend (see
+/// `proxy::auth` and `proxy::tenants`). One way of telling who calls: API
+/// keys (`keys_file`), JWTs (`jwt`), both (a bearer token with two dots
+/// is a JWT), or an external service (`forward`).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// YAML file: `keys: [{ name, sha256, limits? }]` (`sdgate key NAME`
     /// makes a key and its line); read at start and at each reload.
-    pub keys_file: PathBuf,
-    /// The header with the key: `Authorization` (as `Bearer KEY`) or
-    /// another (its whole value).
+    /// `keys.yaml` when neither `jwt` nor `forward` is given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_file: Option<PathBuf>,
+    /// The header with the key or token: `Authorization` (as `Bearer
+    /// KEY`) or another (its whole value).
     pub header: String,
-    /// Each key's limits, unless it has its own.
+    /// Each caller's limits, unless its key or group has its own.
     pub limits: TenantLimits,
+    /// Limits by group: a JWT's `group_claim` or forward-auth's
+    /// `group_header` names one.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, TenantLimits>,
+    /// JWTs checked against a JWKS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
+    /// An external service asked about each request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward: Option<ForwardAuthConfig>,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { keys_file: PathBuf::from("keys.yaml"), header: "Authorization".into(), limits: TenantLimits::default() }
+        Self {
+            keys_file: None,
+            header: "Authorization".into(),
+            limits: TenantLimits::default(),
+            groups: BTreeMap::new(),
+            jwt: None,
+            forward: None,
+        }
     }
+}
+
+impl AuthConfig {
+    /// The keys file, if keys are one of the ways in.
+    pub fn keys_path(&self) -> Option<PathBuf> {
+        match (&self.keys_file, &self.jwt, &self.forward) {
+            (Some(path), ..) => Some(path.clone()),
+            (None, None, None) => Some(PathBuf::from("keys.yaml")),
+            _ => None,
+        }
+    }
+}
+
+/// `auth.jwt`: a bearer JWT signed by a key of the JWKS, from `issuer`,
+/// for `audience`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Where the signing keys are (`http://` or `https://`, e.g.
+    /// `https://issuer/.well-known/jwks.json`).
+    pub jwks_url: String,
+    /// The `iss` every token must have.
+    pub issuer: String,
+    /// The `aud` every token must hold (one of these; a string or a list).
+    #[serde(deserialize_with = "one_or_many")]
+    pub audience: Vec<String>,
+    /// The claim that names the caller.
+    #[serde(default = "default_identity_claim")]
+    pub identity_claim: String,
+    /// A claim naming the caller's group (a string, or a list whose first
+    /// member that `auth.groups` knows is taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_claim: Option<String>,
+    /// How often the keys are fetched again (also at once, at most every
+    /// 10 s, for a token signed by a key not yet seen).
+    #[serde(default = "default_jwks_refresh", with = "duration")]
+    pub refresh: Duration,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_jwt_leeway", with = "duration")]
+    pub leeway: Duration,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
+}
+
+fn default_identity_claim() -> String {
+    "sub".into()
+}
+
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_jwt_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `auth.forward`: each request is first shown to an external service
+/// (oauth2-proxy, Authelia, ...): a 2xx lets it in, naming the caller in a
+/// header; a 3xx or 4xx is passed to the client.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardAuthConfig {
+    /// The service's URL (`http://` or `https://`), asked with GET.
+    pub url: String,
+    /// The request's headers it is shown (with `X-Forwarded-Method`,
+    /// `-Proto`, `-Host`, `-Uri` and `-For`).
+    #[serde(default = "default_forward_headers")]
+    pub request_headers: Vec<String>,
+    /// The header of its 2xx that names the caller.
+    #[serde(default = "default_identity_header")]
+    pub identity_header: String,
+    /// A header of its 2xx naming the caller's group (`auth.groups`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_header: Option<String>,
+    /// How long to wait for its answer (then 503).
+    #[serde(default = "default_forward_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+fn default_forward_headers() -> Vec<String> {
+    vec!["Authorization".into(), "Cookie".into()]
+}
+
+fn default_identity_header() -> String {
+    "X-Auth-Request-User".into()
+}
+
+fn default_forward_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// What one caller may use (0: no bound).

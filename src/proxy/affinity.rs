@@ -232,6 +232,12 @@ impl Affinity {
         presented
     }
 
+    /// The one session of a caller `auth` named, whatever cookie it sends:
+    /// its pin and its running job are its identity's, not a cookie's.
+    pub fn caller_session(&self, name: &str) -> SessionId {
+        self.signer.session_for_key(format!("caller:{name}").as_bytes())
+    }
+
     /// A new session id.
     pub fn new_session(&self) -> SessionId {
         let mut id = [0u8; ID_LEN];

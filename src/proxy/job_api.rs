@@ -110,8 +110,8 @@ impl Proxy {
         let secure = parts.headers.get("x-forwarded-proto").is_some_and(|v| v == "https");
         let mut headers = jobs::kept_headers(&parts.headers);
         // The key stays out of the store: the run is its caller's by name.
-        if let Some(keys) = &service.keys {
-            headers.retain(|(name, _)| name.as_str() != keys.header().as_str());
+        if let Some(header) = service.auth.as_ref().and_then(|auth| auth.header()) {
+            headers.retain(|(name, _)| name.as_str() != header.as_str());
         }
         let tenant = parts.extensions.get::<super::tenants::Caller>().map(|caller| caller.0.name.clone());
         if let (false, Some(host)) =
@@ -215,8 +215,12 @@ impl Proxy {
         let owning = table.services.iter().find(|s| s.config.name == row.service).ok_or(ProxyError::JobNotFound)?;
         // The caller as the owning service's keys say (the routed service's
         // may be another's, on a weighted route).
-        let caller = match &owning.keys {
-            Some(keys) => Some(keys.caller(request.headers()).map_err(|_| ProxyError::JobNotFound)?),
+        let caller = match &owning.auth {
+            Some(auth) => Some(match auth.caller(&super::auth::Asking::of(&request, client)).await {
+                Ok(caller) => caller,
+                Err(error @ (ProxyError::AuthUnavailable(_) | ProxyError::Denied(_))) => return Err(error),
+                Err(_) => return Err(ProxyError::JobNotFound),
+            }),
             None => None,
         };
         let (owner, _) = self.owner(owning, request.headers(), caller.as_deref(), client, false);
@@ -324,8 +328,8 @@ impl jobs::Runner for Proxy {
         };
         // The caller who submitted it: its fair share, its pod time, its
         // GPU budget; a key revoked or expired since runs nothing.
-        if let (Some(name), Some(keys)) = (tenant, &split.service.keys) {
-            let Some(tenant) = keys.named(name) else {
+        if let (Some(name), Some(auth)) = (tenant, &split.service.auth) {
+            let Some(tenant) = auth.named(name) else {
                 let error = ProxyError::Unauthorized("the job's API key was revoked or has expired");
                 return Ok(error.into_response(Some(service)));
             };

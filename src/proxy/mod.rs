@@ -1,6 +1,7 @@
 //! The request path: router -> gate -> forward, and one log line per request.
 
 pub mod affinity;
+pub mod auth;
 pub mod checkpoint;
 pub(crate) mod fairness;
 mod job_api;
@@ -50,8 +51,8 @@ pub struct Service {
     pub fairness: fairness::Fairness,
     /// How its requests are read for the checkpoint they want.
     checkpoints: Arc<checkpoint::Reader>,
-    /// Its API keys (`auth`): who may call it.
-    pub keys: Option<Arc<tenants::Keys>>,
+    /// Who may call it (`auth`): keys, JWTs or forward-auth.
+    pub auth: Option<Arc<auth::Auth>>,
 }
 
 /// The session a request belongs to, for a service with affinity.
@@ -74,6 +75,13 @@ impl SessionRequest {
             _ => (affinity.new_session(), None),
         };
         Some(Self { id, presented, pinned })
+    }
+
+    /// The session of a caller `auth` named (its cookie does not matter).
+    fn of_caller(affinity: &Affinity, name: &str) -> Self {
+        let id = affinity.caller_session(name);
+        let pinned = affinity.sessions.get(&id, Instant::now());
+        Self { id, presented: Presented::Valid(id, pinned), pinned }
     }
 
     /// Records where the request went; returns the `sdgate_affinity_total`
@@ -167,7 +175,14 @@ impl Table {
                         jobs: old.jobs.clone(),
                         fairness: fairness::Fairness::of(&service.fairness),
                         checkpoints: Arc::new(checkpoint::Reader::new(&service.checkpoints)),
-                        keys: keys_of(service)?,
+                        auth: match (&old.auth, service.auth == old.config.auth) {
+                            // Unchanged and without a keys file to read
+                            // again: the JWKS and callers met are kept.
+                            (Some(auth), true) if service.auth.as_ref().is_some_and(|a| a.keys_path().is_none()) => {
+                                Some(auth.clone())
+                            }
+                            _ => auth_of(service)?,
+                        },
                     });
                     changes.changed.push(built.clone());
                     built
@@ -277,16 +292,16 @@ impl Service {
             jobs: Jobs::new(),
             fairness: fairness::Fairness::of(&service.fairness),
             checkpoints: Arc::new(checkpoint::Reader::new(&service.checkpoints)),
-            keys: keys_of(service)?,
+            auth: auth_of(service)?,
         })
     }
 }
 
-/// A service's API keys, read from its `auth.keys_file`.
-fn keys_of(service: &ServiceConfig) -> anyhow::Result<Option<Arc<tenants::Keys>>> {
-    let Some(auth) = &service.auth else { return Ok(None) };
-    let keys = tenants::Keys::load(auth).map_err(|e| e.context(format!("service {}", service.name)))?;
-    Ok(Some(Arc::new(keys)))
+/// A service's `auth` (its keys file read).
+fn auth_of(service: &ServiceConfig) -> anyhow::Result<Option<Arc<auth::Auth>>> {
+    let Some(config) = &service.auth else { return Ok(None) };
+    let auth = auth::Auth::load(config).map_err(|e| e.context(format!("service {}", service.name)))?;
+    Ok(Some(Arc::new(auth)))
 }
 
 /// Bodies at least this large are searched for a checkpoint off the serving thread.
@@ -359,6 +374,9 @@ struct LogLine {
     /// The client's address: the peer's, or the one a trusted proxy
     /// forwarded (`fairness.trusted_proxies`).
     client: Option<std::net::IpAddr>,
+    /// Who called (`auth`): a key's name, or the identity a token or
+    /// forward-auth named.
+    tenant: Option<String>,
 }
 
 impl LogLine {
@@ -368,6 +386,7 @@ impl LogLine {
             uri: request.uri().clone(),
             host: router::request_host(request).unwrap_or("").to_string(),
             client,
+            tenant: None,
         }
     }
 }
@@ -590,13 +609,16 @@ impl Proxy {
         };
         let service = record.service.clone();
         // Who is calling, before anything is queued.
-        if let Some(keys) = &service.keys {
+        if let Some(auth) = &service.auth {
             let path = request.uri().path();
             let limited = !path.starts_with(crate::jobs::PREFIX)
                 && !service.config.is_bypass(path)
                 && !service.config.is_owner_only(path);
-            match self.authenticate(&service, keys, request.headers(), limited) {
+            match self.authenticate(&service, auth, &request, peer_ip, limited).await {
                 Ok(caller) => {
+                    if let Some(line) = &mut record.line {
+                        line.tenant = Some(caller.0.name.clone());
+                    }
                     request.extensions_mut().insert(caller);
                 }
                 Err(error) => return record.finish(error.into_response(Some(&service.config.name))),
@@ -705,7 +727,7 @@ impl Proxy {
         let peer = self.client_ip(request.headers(), peer);
         let table = self.table();
         let split = table.pick(request).ok()?;
-        if self.is_job_request(&split.service, request) || split.service.keys.is_some() {
+        if self.is_job_request(&split.service, request) || split.service.auth.is_some() {
             return None;
         }
         let mut admitted = self.admit(&split.service, request, peer, split.priority).ok()?;
@@ -751,14 +773,18 @@ impl Proxy {
         if !bypass && !service.config.may_wake(&routed) && service.gate.inspect(|g| g.endpoints().is_empty()) {
             return Err(ProxyError::Asleep);
         }
-        let session = service.affinity.as_deref().and_then(|a| SessionRequest::of(a, request.headers(), bypass));
+        let caller = request.extensions().get::<tenants::Caller>();
+        let session = service.affinity.as_deref().and_then(|a| match caller {
+            Some(tenants::Caller(tenant, _)) => Some(SessionRequest::of_caller(a, &tenant.name)),
+            None => SessionRequest::of(a, request.headers(), bypass),
+        });
         let pin =
             session.as_ref().and_then(|s| s.pinned).map(|endpoint| Pin { endpoint, strict: self.strict(service) });
         // Only a session whose cookie came back names a client.
         let returned = session.as_ref().filter(|s| matches!(s.presented, Presented::Valid(..))).map(|s| &s.id);
         let mut origin = fairness::origin(service, request.headers(), peer, returned, priority);
-        // A caller with a key is its own client for fair share.
-        if let Some(tenants::Caller(tenant, _)) = request.extensions().get::<tenants::Caller>() {
+        // A caller auth named is its own client for fair share.
+        if let Some(tenants::Caller(tenant, _)) = caller {
             origin.client = Some(fairness::client_named(&tenant.name));
         }
         Ok(Admitted { bypass, owner_only, session, pin, origin, queued: None })
@@ -801,13 +827,13 @@ impl Proxy {
                 usage: self.usage.clone(),
                 service: service.config.name.clone(),
                 tenant: tenant.name.clone(),
-                counter: self.tenant_metrics.gpu_seconds.with_label_values(&[&service.config.name, &tenant.name]),
+                counter: self.tenant_metrics.gpu_seconds.with_label_values(&[&service.config.name, &tenant.label]),
             });
             (spender, admission.clone())
         });
-        // The key is the gateway's business, not the pod's.
-        if let Some(keys) = &service.keys {
-            request.headers_mut().remove(keys.header());
+        // The key or token is the gateway's business, not the pod's.
+        if let Some(header) = service.auth.as_ref().and_then(|auth| auth.header()) {
+            request.headers_mut().remove(header);
         }
         let host = router::request_host_value(&request);
         let (mut parts, body) = request.into_parts();
@@ -1241,6 +1267,7 @@ impl Record {
             queue_ms = millis(queue_wait),
             upstream_ms = millis(trace.upstream),
             client = %line.client.map(|ip| ip.to_string()).unwrap_or_default(),
+            tenant = ?line.tenant.as_deref().unwrap_or(""),
             endpoint = trace.endpoint.map(|a| a.to_string()).unwrap_or_default(),
             request_id = self.request_id.to_str().unwrap_or(""),
             "{}",

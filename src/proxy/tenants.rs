@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use http::{HeaderMap, HeaderName};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -33,21 +32,32 @@ use crate::config::{AuthConfig, TenantLimits};
 use crate::error::{lock, ProxyError};
 use crate::jobs::store::UsageRow;
 
-/// A caller a key named.
+/// A caller: a key's name, or the identity a token or forward-auth named.
 pub struct Tenant {
     pub name: String,
+    /// Its `tenant` metric label: its name, or `other` past the first
+    /// [`MAX_LABELS`] callers that no keys file named.
+    pub label: String,
     pub limits: TenantLimits,
     /// After this the key is refused (401).
     expires: Option<std::time::SystemTime>,
     active: AtomicU32,
 }
 
+impl Tenant {
+    pub fn new(name: String, label: String, limits: TenantLimits) -> Self {
+        Self { name, label, limits, expires: None, active: AtomicU32::new(0) }
+    }
+}
+
+/// The most `tenant` labels callers named by tokens or forward-auth get
+/// (per service); the rest share `other`.
+pub const MAX_LABELS: usize = 100;
+
 /// One service's keys.
 pub struct Keys {
     by_hash: HashMap<[u8; 32], Arc<Tenant>>,
     by_name: HashMap<String, Arc<Tenant>>,
-    header: HeaderName,
-    bearer: bool,
 }
 
 #[derive(Deserialize)]
@@ -71,9 +81,8 @@ struct KeyEntry {
 }
 
 impl Keys {
-    /// Reads `auth.keys_file`.
-    pub fn load(config: &AuthConfig) -> Result<Self> {
-        let path = &config.keys_file;
+    /// Reads the keys file at `path`.
+    pub fn load(path: &std::path::Path, config: &AuthConfig) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("auth.keys_file: cannot read {}", path.display()))?;
         let file: KeysFile = serde_yaml::from_str(&text)
@@ -94,30 +103,23 @@ impl Keys {
                 })?),
                 None => None,
             };
-            let tenant = Arc::new(Tenant { name: entry.name, limits, expires, active: AtomicU32::new(0) });
+            let tenant = Arc::new(Tenant {
+                label: entry.name.clone(),
+                name: entry.name,
+                limits,
+                expires,
+                active: AtomicU32::new(0),
+            });
             by_name.insert(tenant.name.clone(), tenant.clone());
             if by_hash.insert(hash, tenant).is_some() {
                 anyhow::bail!("auth.keys_file: two keys have the same sha256");
             }
         }
-        let header = HeaderName::from_bytes(config.header.to_ascii_lowercase().as_bytes())
-            .with_context(|| format!("auth.header: {:?} is not a header name", config.header))?;
-        let bearer = header == http::header::AUTHORIZATION;
-        Ok(Self { by_hash, by_name, header, bearer })
+        Ok(Self { by_hash, by_name })
     }
 
-    /// The caller the request's key names, or why not (401).
-    pub fn caller(&self, headers: &HeaderMap) -> Result<Arc<Tenant>, ProxyError> {
-        let value = headers.get(&self.header).ok_or(ProxyError::Unauthorized("no API key"))?;
-        let value = value.to_str().map_err(|_| ProxyError::Unauthorized("a malformed API key"))?.trim();
-        let key = match self.bearer {
-            true => value
-                .split_once(' ')
-                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                .map(|(_, key)| key.trim())
-                .ok_or(ProxyError::Unauthorized("Authorization is not `Bearer <key>`"))?,
-            false => value,
-        };
+    /// The caller `key` names, or why not (401).
+    pub fn caller(&self, key: &str) -> Result<Arc<Tenant>, ProxyError> {
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let tenant = self.by_hash.get(&hash).ok_or(ProxyError::Unauthorized("an unknown API key"))?;
         if tenant.expires.is_some_and(|at| std::time::SystemTime::now() >= at) {
@@ -133,11 +135,6 @@ impl Keys {
             true => None,
             false => Some(tenant.clone()),
         }
-    }
-
-    /// The header carrying the key (kept out of what jobs store).
-    pub fn header(&self) -> &HeaderName {
-        &self.header
     }
 }
 
@@ -459,15 +456,16 @@ impl super::Proxy {
     /// (429). Progress polls, interrupts and the job API are only
     /// authenticated: a caller at its limit can still watch and stop its
     /// own work and fetch its results.
-    pub(super) fn authenticate(
+    pub(super) async fn authenticate<B>(
         &self,
         service: &super::Service,
-        keys: &Keys,
-        headers: &HeaderMap,
+        auth: &super::auth::Auth,
+        request: &http::Request<B>,
+        client: Option<std::net::IpAddr>,
         limited: bool,
     ) -> Result<Caller, ProxyError> {
         let name = service.config.name.as_str();
-        let caller = keys.caller(headers).and_then(|tenant| match limited {
+        let caller = auth.caller(&super::auth::Asking::of(request, client)).await.and_then(|tenant| match limited {
             true => {
                 let admission = self.usage.admit(name, &tenant)?;
                 Ok(Caller(tenant, AdmissionCell::new(Some(admission))))
@@ -476,11 +474,14 @@ impl super::Proxy {
         });
         match &caller {
             Ok(Caller(tenant, _)) if limited => {
-                self.tenant_metrics.requests.with_label_values(&[name, &tenant.name]).inc();
+                self.tenant_metrics.requests.with_label_values(&[name, &tenant.label]).inc();
             }
             Ok(_) => {}
             Err(ProxyError::OverLimit { limit, .. }) => {
                 self.tenant_metrics.refused.with_label_values(&[name, limit]).inc();
+            }
+            Err(ProxyError::AuthUnavailable(_)) => {
+                self.tenant_metrics.refused.with_label_values(&[name, "auth_unavailable"]).inc();
             }
             Err(_) => self.tenant_metrics.refused.with_label_values(&[name, "unauthorized"]).inc(),
         }
@@ -493,7 +494,7 @@ mod tests {
     use super::*;
 
     fn tenant(limits: TenantLimits) -> Arc<Tenant> {
-        Arc::new(Tenant { name: "a".into(), limits, expires: None, active: AtomicU32::new(0) })
+        Arc::new(Tenant::new("a".into(), "a".into(), limits))
     }
 
     #[test]
@@ -538,17 +539,10 @@ mod tests {
         let (key, line) = new_key("team-a").unwrap();
         let dir = std::env::temp_dir().join(format!("sdgate-keys-{}", std::process::id()));
         std::fs::write(&dir, format!("keys:\n{line}\n")).unwrap();
-        let config = AuthConfig { keys_file: dir.clone(), ..AuthConfig::default() };
-        let keys = Keys::load(&config).unwrap();
+        let keys = Keys::load(&dir, &AuthConfig::default()).unwrap();
         let _ = std::fs::remove_file(&dir);
-        let mut headers = HeaderMap::new();
-        assert!(matches!(keys.caller(&headers), Err(ProxyError::Unauthorized(_))));
-        headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
-        assert_eq!(keys.caller(&headers).unwrap().name, "team-a");
-        headers.insert("authorization", format!("Basic {key}").parse().unwrap());
-        assert!(keys.caller(&headers).is_err(), "not a bearer");
-        headers.insert("authorization", "Bearer sdg_wrong".parse().unwrap());
-        assert!(keys.caller(&headers).is_err());
+        assert_eq!(keys.caller(&key).unwrap().name, "team-a");
+        assert!(matches!(keys.caller("sdg_wrong"), Err(ProxyError::Unauthorized(_))));
         assert!(!line.contains(&key), "the file holds the hash only");
     }
 }

@@ -535,3 +535,50 @@ pub async fn postgres_table(name: &str) -> Option<(String, String)> {
         }
     }
 }
+
+/// A small HTTP/1 server on 127.0.0.1 port 0 answering every request with
+/// `answer(request head)` (a JWKS, a forward-auth service): its address.
+pub async fn serve_fn<F>(answer: F) -> SocketAddr
+where
+    F: Fn(&http::request::Parts) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a test server");
+    let addr = listener.local_addr().expect("its address");
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let (parts, _) = request.into_parts();
+                    let response = answer(&parts);
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A scratch directory, removed at the end.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(unique_marker("sdgate-test"));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        Self { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
