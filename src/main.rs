@@ -209,24 +209,30 @@ async fn run(cli: Cli) -> Result<()> {
             };
             match format.as_str() {
                 "csv" => {
-                    println!("service,tenant,hour,requests,gpu_seconds");
-                    for (service, tenant, start, requests, gpu) in rows {
+                    println!("service,tenant,hour,requests,gpu_seconds,images,checkpoint_loads");
+                    for row in rows {
                         let csv = |text: &str| format!("\"{}\"", text.replace('"', "\"\""));
+                        let spend = row.spend;
                         println!(
-                            "{},{},{},{requests},{:.3}",
-                            csv(&service),
-                            csv(&tenant),
-                            hour(start),
-                            gpu as f64 / 1e6
+                            "{},{},{},{},{:.3},{},{}",
+                            csv(&row.service),
+                            csv(&row.tenant),
+                            hour(row.hour),
+                            spend.requests,
+                            spend.gpu_us as f64 / 1e6,
+                            spend.images,
+                            spend.loads
                         );
                     }
                 }
                 "json" => {
                     let rows: Vec<_> = rows
                         .into_iter()
-                        .map(|(service, tenant, start, requests, gpu)| {
-                            serde_json::json!({ "service": service, "tenant": tenant, "hour": hour(start),
-                                "requests": requests, "gpu_seconds": gpu as f64 / 1e6 })
+                        .map(|row| {
+                            let spend = row.spend;
+                            serde_json::json!({ "service": row.service, "tenant": row.tenant, "hour": hour(row.hour),
+                                "requests": spend.requests, "gpu_seconds": spend.gpu_us as f64 / 1e6,
+                                "images": spend.images, "checkpoint_loads": spend.loads })
                         })
                         .collect();
                     println!("{}", serde_json::to_string_pretty(&rows)?);

@@ -142,8 +142,12 @@ async fn a_key_over_its_gpu_budget_gets_429_while_another_keeps_full_service() {
     let retry: u64 =
         refusal.headers.get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).expect("Retry-After");
     assert!((1..=3600).contains(&retry), "{retry}");
-    for i in 0..3 {
-        let answer = send(&client, with_key(txt2img(gateway.addr, &format!("other {i}"), 4), "sdg_other")).await;
+    // The other key's generations make 2, 4 and 6 images, and the first
+    // asks for a checkpoint the pod does not hold (one load).
+    for i in 0..3u64 {
+        let body = serde_json::json!({ "prompt": format!("other {i}"), "steps": 4, "batch_size": 2, "n_iter": i + 1,
+            "override_settings": { "sd_model_checkpoint": "sdxl" } });
+        let answer = send(&client, with_key(txt2img_json(gateway.addr, body), "sdg_other")).await;
         assert_eq!(answer.status.as_u16(), 200, "the other key keeps full service");
     }
     let before_restart = workers[0].stats().served;
@@ -180,16 +184,20 @@ async fn a_key_over_its_gpu_budget_gets_429_while_another_keeps_full_service() {
         rows.as_array().unwrap().iter().filter(|r| r["tenant"] == tenant).filter_map(|r| r[field].as_f64()).sum()
     };
     let stats = workers[0].stats();
-    let pod = |prefix: &str| -> (f64, f64) {
+    let pod = |prefix: &str| -> (f64, f64, f64, f64) {
         let jobs: Vec<_> = stats.jobs.iter().filter(|j| j.prompt.starts_with(prefix)).collect();
         let seconds = jobs.iter().map(|j| (j.ended_us - j.arrived_us) as f64 / 1e6).sum();
-        (jobs.len() as f64, seconds)
+        let images = jobs.iter().map(|j| j.images as f64).sum();
+        let loads = jobs.iter().filter(|j| j.loaded).count() as f64;
+        (jobs.len() as f64, seconds, images, loads)
     };
     let after = stats.jobs.iter().filter(|j| j.prompt == "after restart").count() as f64;
     for (tenant, prefix) in [("spender", "spender"), ("other", "other")] {
-        let (requests, seconds) = pod(prefix);
+        let (requests, seconds, images, loads) = pod(prefix);
         let extra = if tenant == "spender" { after } else { 0.0 };
         assert_eq!(sum(tenant, "requests"), requests + extra, "{tenant}'s requests: {rows}");
+        assert_eq!(sum(tenant, "images"), images + extra, "{tenant}'s images: {rows}");
+        assert_eq!(sum(tenant, "checkpoint_loads"), loads, "{tenant}'s checkpoint loads: {rows}");
         let spent = sum(tenant, "gpu_seconds");
         // sdgate's meter runs from dispatch to the last byte: a little
         // more than the pod's own time, never less.
@@ -198,6 +206,7 @@ async fn a_key_over_its_gpu_budget_gets_429_while_another_keeps_full_service() {
             "{tenant}: {spent} s against the pod's {seconds} s"
         );
     }
+    assert_eq!((pod("other").2, pod("other").3), (12.0, 1.0), "the pod made 2 + 4 + 6 images and loaded once");
     assert_no_overlap(&[stats]);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -224,4 +233,60 @@ async fn the_admin_listener_asks_for_its_key_but_not_on_its_probes() {
     assert_eq!(send(&client, plain_get(gateway.admin, "/healthz")).await.status.as_u16(), 200);
     assert_eq!(send(&client, plain_get(gateway.admin, "/readyz")).await.status.as_u16(), 200);
     gateway.shutdown().await;
+}
+
+/// A jobs store whose usage table was made before images and loads were
+/// counted gets the two columns at open, its rows kept (SQLite and, where
+/// it runs, PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_table_made_before_images_and_loads_gets_them_with_its_rows_kept() {
+    use sdgate::config::{JobStore, PostgresStore};
+    use sdgate::jobs::store::{Spend, Store, UsageRow};
+    const OLD: &str = "(service TEXT NOT NULL, tenant TEXT NOT NULL, hour BIGINT NOT NULL, requests BIGINT NOT NULL, \
+                       gpu_us BIGINT NOT NULL, PRIMARY KEY (service, tenant, hour))";
+    let added = UsageRow {
+        service: "sd".into(),
+        tenant: "team-a".into(),
+        hour: 7200,
+        spend: Spend { requests: 1, gpu_us: 10, images: 4, loads: 1 },
+    };
+    let check = |rows: Vec<UsageRow>| {
+        let old = UsageRow {
+            service: "sd".into(),
+            tenant: "team-a".into(),
+            hour: 3600,
+            spend: Spend { requests: 2, gpu_us: 500, images: 0, loads: 0 },
+        };
+        assert_eq!(rows, vec![old, added.clone()]);
+    };
+    let dir = TempDir::new();
+    let file = dir.path.join("old.sqlite3");
+    let old = rusqlite::Connection::open(&file).unwrap();
+    old.execute_batch(&format!(
+        "CREATE TABLE jobs_usage {OLD}; INSERT INTO jobs_usage VALUES ('sd', 'team-a', 3600, 2, 500);"
+    ))
+    .unwrap();
+    drop(old);
+    let store = Store::open(&JobStore::File(file)).await.expect("the old file opens");
+    store.add_usage(std::slice::from_ref(&added)).await.unwrap();
+    check(store.usage_since(0).await.unwrap());
+    // Opened again: the columns are there, nothing is added twice.
+    drop(store);
+    let store = Store::open(&JobStore::File(dir.path.join("old.sqlite3"))).await.expect("opens again");
+    check(store.usage_since(0).await.unwrap());
+
+    let Some((url, table)) = postgres_table("usage_columns").await else { return };
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS \"{table}_usage\"; CREATE TABLE \"{table}_usage\" {OLD}; \
+             INSERT INTO \"{table}_usage\" VALUES ('sd', 'team-a', 3600, 2, 500);"
+        ))
+        .await
+        .unwrap();
+    let store = Store::open(&JobStore::Postgres(PostgresStore { url, table: table.clone() })).await.unwrap();
+    store.add_usage(std::slice::from_ref(&added)).await.unwrap();
+    check(store.usage_since(0).await.unwrap());
+    client.batch_execute(&format!("DROP TABLE \"{table}_usage\"; DROP TABLE IF EXISTS \"{table}\"")).await.unwrap();
 }

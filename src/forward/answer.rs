@@ -29,6 +29,26 @@ pub fn held_in<'a>(answer: &'a [u8]) -> Option<&'a str> {
     (closed && !name.is_empty() && name.len() <= 256).then_some(name)
 }
 
+/// How many images an answer says its generation made: the length of the
+/// WebUI's `all_seeds` in `info` (one seed per image, the grid aside).
+/// None if it says nothing plainly.
+pub fn images_in(answer: &[u8]) -> Option<u32> {
+    let tail = &answer[answer.len().saturating_sub(TAIL)..];
+    let key = b"all_seeds";
+    // The last one that parses (a prompt in `infotexts` may say the word).
+    memchr::memmem::rfind_iter(tail, key).take(4).find_map(|at| {
+        let after = &tail[at + key.len()..];
+        let after = after.strip_prefix(b"\\").unwrap_or(after).strip_prefix(b"\"")?;
+        let after = after.trim_ascii_start().strip_prefix(b":")?.trim_ascii_start().strip_prefix(b"[")?;
+        let list = &after[..memchr::memchr(b']', after)?];
+        if !list.iter().all(|b| b.is_ascii_digit() || matches!(b, b',' | b' ' | b'-')) {
+            return None;
+        }
+        let items = list.split(|b| *b == b',').filter(|item| !item.trim_ascii().is_empty()).count();
+        u32::try_from(items).ok()
+    })
+}
+
 /// The most an inflated answer may grow to before sdgate stops reading it
 /// (a pod's answer is not a stranger's, but a bound costs nothing).
 const MAX_INFLATED: usize = 256 << 20;
@@ -69,7 +89,7 @@ pub fn is_gzip(encoding: &http::HeaderValue) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{gunzip_tail, held_in, TAIL};
+    use super::{gunzip_tail, held_in, images_in, TAIL};
 
     #[test]
     fn the_checkpoint_is_read_from_a_webui_answers_info_string() {
@@ -78,6 +98,16 @@ mod tests {
         let compact = br#"{"info":"{\"sd_model_name\":\"sd_xl\"}"}"#;
         assert_eq!(held_in(compact), Some("sd_xl"));
         assert_eq!(held_in(br#"{"sd_model_name": "plain"}"#), Some("plain"));
+    }
+
+    #[test]
+    fn the_images_made_are_read_from_all_seeds() {
+        let info = r#"{\"prompt\": \"dog\", \"seed\": 5, \"all_seeds\": [5, 6, 7, 8], \"infotexts\": [\"all_seeds\"]}"#;
+        let answer = format!(r#"{{"images": ["AAAA"], "parameters": {{}}, "info": "{info}"}}"#);
+        assert_eq!(images_in(answer.as_bytes()), Some(4));
+        assert_eq!(images_in(br#"{"info": {"all_seeds": [12]}}"#), Some(1));
+        assert_eq!(images_in(br#"{"images": ["AAAA"]}"#), None);
+        assert_eq!(images_in(br#"{"all_seeds": "x]"}"#), None);
     }
 
     #[test]

@@ -322,6 +322,9 @@ fn learn_from(
         Some(_) => None,
     };
     let plain = parts.status.is_success() && readable.is_some();
+    if let Some(images) = readable.filter(|_| plain).and_then(answer::images_in) {
+        slot.generated(images);
+    }
     match (plain, since) {
         (true, Some(since)) => slot.learn(readable.and_then(answer::held_in), since.elapsed()),
         (true, None) => {

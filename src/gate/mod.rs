@@ -23,4 +23,4 @@ pub use self::jobs::{Jobs, Running, Waiting};
 pub use self::models::{normalize_checkpoint, Holding, ModelId, ModelPolicy, Want, MAX_CHECKPOINTS, MAX_CLIENT_NAMES};
 pub use self::pins::{SessionId, Sessions};
 pub use self::shell::{Down, EndpointCounts, Observer, Origin, ProbeNote, SharedGate, Unobserved, Waiter};
-pub use self::slot::Slot;
+pub use self::slot::{Held, Slot};

@@ -13,6 +13,12 @@ use super::jobs::Running;
 use super::shell::SharedGate;
 
 /// The right to have one request on one pod; dropping it frees the room.
+/// What a slot keeps until it is freed (a caller's meter): told what the
+/// pod's answer reports.
+pub trait Held: Send + Sync {
+    fn generated(&self, images: u32);
+}
+
 pub struct Slot {
     gate: Arc<SharedGate>,
     grant: Grant,
@@ -24,7 +30,7 @@ pub struct Slot {
     job: Option<Box<Running>>,
     /// Whatever must last as long as the pod holds the slot (a caller's
     /// meter of pod time).
-    held: Option<Box<dyn std::any::Any + Send + Sync>>,
+    held: Option<Box<dyn Held>>,
 }
 
 impl Slot {
@@ -57,8 +63,20 @@ impl Slot {
     }
 
     /// Keeps `guard` until the slot is freed (dropped after the release).
-    pub fn hold(&mut self, guard: Box<dyn std::any::Any + Send + Sync>) {
+    pub fn hold(&mut self, guard: Box<dyn Held>) {
         self.held = Some(guard);
+    }
+
+    /// Whether the pod loads a checkpoint for this request.
+    pub fn loads(&self) -> bool {
+        self.grant.load.is_some()
+    }
+
+    /// The pod's answer says it made `images` images.
+    pub fn generated(&self, images: u32) {
+        if let Some(held) = &self.held {
+            held.generated(images);
+        }
     }
 
     /// A timed request's answer in full (see [`Grant::timed`]), `took`

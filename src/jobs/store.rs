@@ -17,9 +17,35 @@ use crate::config::JobStore;
 /// Overrides `jobs.store.postgres.url` when set (a password from a Secret).
 pub const DATABASE_URL_ENV: &str = "SDGATE_JOBS_DATABASE_URL";
 
-/// Spend of one caller on one service in one UTC hour: (service, tenant,
-/// hour start in Unix seconds, requests, GPU microseconds).
-pub type UsageRow = (String, String, i64, i64, i64);
+/// Spend of one caller on one service in one UTC hour.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UsageRow {
+    pub service: String,
+    pub tenant: String,
+    /// The hour's start, in Unix seconds.
+    pub hour: i64,
+    pub spend: Spend,
+}
+
+/// What a caller spent: requests admitted, pod time (GPU microseconds),
+/// images its generations made (as the pods' answers report them) and
+/// checkpoint loads its requests caused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spend {
+    pub requests: i64,
+    pub gpu_us: i64,
+    pub images: i64,
+    pub loads: i64,
+}
+
+impl std::ops::AddAssign for Spend {
+    fn add_assign(&mut self, other: Self) {
+        self.requests += other.requests;
+        self.gpu_us += other.gpu_us;
+        self.images += other.images;
+        self.loads += other.loads;
+    }
+}
 
 /// One job's row, without its request and result bodies.
 #[derive(Clone, Debug, PartialEq)]
@@ -127,9 +153,15 @@ impl Store {
         // PostgreSQL's table is made at each connection (sdgate starts
         // without its database; jobs answer 503 until it is there).
         if let Engine::Sqlite(_) = &*store.engine {
-            for statement in schema("jobs", "BLOB") {
+            let [jobs, index, usage, columns @ ..] = schema("jobs", "BLOB");
+            for statement in [jobs, index, usage] {
                 store.execute(&statement, vec![]).await.context("jobs store: cannot create its table")?;
             }
+            for statement in columns {
+                // "duplicate column name" where the table has it already.
+                let _ = store.execute(&statement, vec![]).await;
+            }
+            store.execute(&columns_check("jobs"), vec![]).await.context("jobs store: cannot add the usage columns")?;
         }
         Ok(store)
     }
@@ -373,21 +405,24 @@ impl Store {
         }
     }
 
-    /// Adds spend: (service, tenant, hour, requests, GPU microseconds).
+    /// Adds spend.
     pub async fn add_usage(&self, rows: &[UsageRow]) -> Result<()> {
         let table = self.usage_table();
         let sql = format!(
-            "INSERT INTO {table} AS u (service, tenant, hour, requests, gpu_us) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (service, tenant, hour) DO UPDATE SET requests = u.requests + excluded.requests, \
-             gpu_us = u.gpu_us + excluded.gpu_us"
+            "INSERT INTO {table} AS u (service, tenant, hour, requests, gpu_us, images, loads) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (service, tenant, hour) DO UPDATE SET \
+             requests = u.requests + excluded.requests, gpu_us = u.gpu_us + excluded.gpu_us, \
+             images = u.images + excluded.images, loads = u.loads + excluded.loads"
         );
-        for (service, tenant, hour, requests, gpu) in rows {
+        for row in rows {
             let values = vec![
-                Value::Text(service.clone()),
-                Value::Text(tenant.clone()),
-                Value::I64(*hour),
-                Value::I64(*requests),
-                Value::I64(*gpu),
+                Value::Text(row.service.clone()),
+                Value::Text(row.tenant.clone()),
+                Value::I64(row.hour),
+                Value::I64(row.spend.requests),
+                Value::I64(row.spend.gpu_us),
+                Value::I64(row.spend.images),
+                Value::I64(row.spend.loads),
             ];
             self.execute(&sql, values).await?;
         }
@@ -397,7 +432,8 @@ impl Store {
     /// Spend from the UTC hour `since` (Unix seconds) on, oldest first.
     pub async fn usage_since(&self, since: i64) -> Result<Vec<UsageRow>> {
         let sql = format!(
-            "SELECT service, tenant, hour, requests, gpu_us FROM {} WHERE hour >= $1 ORDER BY hour, service, tenant",
+            "SELECT service, tenant, hour, requests, gpu_us, images, loads FROM {} WHERE hour >= $1 \
+             ORDER BY hour, service, tenant",
             self.usage_table()
         );
         match &*self.engine {
@@ -406,7 +442,13 @@ impl Store {
                 self.blocking(connection, move |c| {
                     let mut statement = c.prepare_cached(&sql)?;
                     let rows = statement.query_map([since], |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+                        let spend = Spend {
+                            requests: row.get(3)?,
+                            gpu_us: row.get(4)?,
+                            images: row.get(5)?,
+                            loads: row.get(6)?,
+                        };
+                        Ok(UsageRow { service: row.get(0)?, tenant: row.get(1)?, hour: row.get(2)?, spend })
                     })?;
                     Ok(rows.collect::<Result<Vec<_>, _>>()?)
                 })
@@ -417,7 +459,13 @@ impl Store {
                 let rows = timed(client.query(&sql, &[&since])).await?;
                 rows.iter()
                     .map(|row| {
-                        Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?))
+                        let spend = Spend {
+                            requests: row.try_get(3)?,
+                            gpu_us: row.try_get(4)?,
+                            images: row.try_get(5)?,
+                            loads: row.try_get(6)?,
+                        };
+                        Ok(UsageRow { service: row.try_get(0)?, tenant: row.try_get(1)?, hour: row.try_get(2)?, spend })
                     })
                     .collect()
             }
@@ -578,7 +626,8 @@ impl Store {
                 tracing::warn!(%error, "jobs store: the PostgreSQL connection ended");
             }
         });
-        for statement in schema(table, "BYTEA") {
+        let [jobs, index, usage, columns @ ..] = schema(table, "BYTEA");
+        for statement in [jobs, index, usage] {
             // Two replicas may create it at once: the loser's error is
             // harmless if the table is there after.
             if let Err(error) = fresh.batch_execute(&statement).await {
@@ -588,6 +637,11 @@ impl Store {
                 }
             }
         }
+        for statement in columns {
+            // "already exists" where the table has it.
+            let _ = fresh.batch_execute(&statement).await;
+        }
+        fresh.batch_execute(&columns_check(table)).await.context("jobs store: cannot add the usage columns")?;
         let fresh = Arc::new(fresh);
         *slot = Some(fresh.clone());
         Ok(fresh)
@@ -607,7 +661,7 @@ async fn timed<T>(call: impl std::future::Future<Output = Result<T, tokio_postgr
 }
 
 /// The table and its index.
-fn schema(table: &str, blob: &str) -> [String; 3] {
+fn schema(table: &str, blob: &str) -> [String; 5] {
     [
         format!(
             "CREATE TABLE IF NOT EXISTS \"{table}\" (id TEXT PRIMARY KEY, service TEXT NOT NULL, owner TEXT NOT NULL, \
@@ -620,9 +674,20 @@ fn schema(table: &str, blob: &str) -> [String; 3] {
         // Spend per service, caller and UTC hour (see proxy::tenants).
         format!(
             "CREATE TABLE IF NOT EXISTS \"{table}_usage\" (service TEXT NOT NULL, tenant TEXT NOT NULL, \
-             hour BIGINT NOT NULL, requests BIGINT NOT NULL, gpu_us BIGINT NOT NULL, PRIMARY KEY (service, tenant, hour))"
+             hour BIGINT NOT NULL, requests BIGINT NOT NULL, gpu_us BIGINT NOT NULL, \
+             images BIGINT NOT NULL DEFAULT 0, loads BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (service, tenant, hour))"
         ),
+        // Columns a table made before them lacks (an error where they are
+        // there is ignored; `columns_check` then says they are).
+        format!("ALTER TABLE \"{table}_usage\" ADD COLUMN images BIGINT NOT NULL DEFAULT 0"),
+        format!("ALTER TABLE \"{table}_usage\" ADD COLUMN loads BIGINT NOT NULL DEFAULT 0"),
     ]
+}
+
+/// A statement that fails unless the usage table has the columns added
+/// after it was first made.
+fn columns_check(table: &str) -> String {
+    format!("UPDATE \"{table}_usage\" SET images = images, loads = loads WHERE 1 = 0")
 }
 
 /// `$N` parameters as SQLite's numbered `?N`.

@@ -32,6 +32,28 @@ pub trait Observed: Send + Sync {
     fn jobs(&self) -> Option<JobsStatus> {
         None
     }
+    /// What each caller `auth` named spent this UTC hour and day.
+    fn tenants(&self) -> Vec<TenantStatus> {
+        Vec::new()
+    }
+}
+
+/// One caller's spend on one service (services with `auth`).
+#[derive(Serialize, Clone, Debug)]
+pub struct TenantStatus {
+    pub service: String,
+    pub tenant: String,
+    pub this_hour: SpendStatus,
+    pub today: SpendStatus,
+}
+
+/// Requests admitted, pod time, images made and checkpoint loads caused.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct SpendStatus {
+    pub requests: i64,
+    pub gpu_seconds: f64,
+    pub images: i64,
+    pub checkpoint_loads: i64,
 }
 
 /// The jobs store's counts (refreshed every 2 s by the active replica).
@@ -85,6 +107,9 @@ pub struct Status {
     /// Async jobs by service and state (absent without `jobs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jobs: Option<JobsStatus>,
+    /// Each caller's spend this UTC hour and day (services with `auth`;
+    /// the active replica's, read back from the jobs store when it has one).
+    pub tenants: Vec<TenantStatus>,
 }
 
 #[derive(Serialize)]
@@ -208,6 +233,7 @@ impl Status {
             routes: observed.routes(),
             last_reload: observed.last_reload(),
             jobs: observed.jobs(),
+            tenants: observed.tenants(),
         }
     }
 }

@@ -216,7 +216,7 @@ impl Proxy {
         // The caller as the owning service's keys say (the routed service's
         // may be another's, on a weighted route).
         let caller = match &owning.auth {
-            Some(auth) => Some(match auth.caller(&super::auth::Asking::of(&request, client)).await {
+            Some(auth) => Some(match auth.caller(&super::auth::Asking::of(request, client)).await {
                 Ok(caller) => caller,
                 Err(error @ (ProxyError::AuthUnavailable(_) | ProxyError::Denied(_))) => return Err(error),
                 Err(_) => return Err(ProxyError::JobNotFound),

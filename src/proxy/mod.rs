@@ -823,13 +823,8 @@ impl Proxy {
         let mut upgrade = (protocol == Some(true)).then(|| hyper::upgrade::on(&mut request));
         // A caller's pod time is metered on its slot.
         let spender = request.extensions().get::<tenants::Caller>().map(|tenants::Caller(tenant, admission)| {
-            let spender = Arc::new(tenants::Spender {
-                usage: self.usage.clone(),
-                service: service.config.name.clone(),
-                tenant: tenant.name.clone(),
-                counter: self.tenant_metrics.gpu_seconds.with_label_values(&[&service.config.name, &tenant.label]),
-            });
-            (spender, admission.clone())
+            let spender = tenants::Spender::new(self.usage.clone(), &self.tenant_metrics, &service.config.name, tenant);
+            (Arc::new(spender), admission.clone())
         });
         // The key or token is the gateway's business, not the pod's.
         if let Some(header) = service.auth.as_ref().and_then(|auth| auth.header()) {
@@ -886,7 +881,8 @@ impl Proxy {
             }
             let mut slot = slot;
             if let (Some((spender, admission)), true) = (&spender, slot.is_armed()) {
-                slot.hold(Box::new(spender.start(admission)));
+                let loads = slot.loads();
+                slot.hold(Box::new(spender.start(admission, loads)));
             }
             if let (Some(session), true) = (&session, slot.is_armed()) {
                 slot.own(service.jobs.run(session.id, slot.endpoint()));
@@ -1361,6 +1357,29 @@ impl Observed for Proxy {
 
     fn jobs(&self) -> Option<crate::observe::status::JobsStatus> {
         self.jobs().map(|jobs| jobs.status())
+    }
+
+    fn tenants(&self) -> Vec<crate::observe::status::TenantStatus> {
+        use crate::observe::status::{SpendStatus, TenantStatus};
+        let view = |spend: crate::jobs::store::Spend| SpendStatus {
+            requests: spend.requests,
+            gpu_seconds: spend.gpu_us as f64 / 1e6,
+            images: spend.images,
+            checkpoint_loads: spend.loads,
+        };
+        // The 100 that spent the most pod time today.
+        let mut summary = self.usage.summary();
+        summary.sort_by_key(|(_, _, _, today)| std::cmp::Reverse(today.gpu_us));
+        summary.truncate(100);
+        summary
+            .into_iter()
+            .map(|(service, tenant, this_hour, today)| TenantStatus {
+                service,
+                tenant,
+                this_hour: view(this_hour),
+                today: view(today),
+            })
+            .collect()
     }
 
     fn last_reload(&self) -> Option<Reloaded> {

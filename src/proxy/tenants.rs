@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{AuthConfig, TenantLimits};
 use crate::error::{lock, ProxyError};
-use crate::jobs::store::UsageRow;
+use crate::jobs::store::{Spend, UsageRow};
 
 /// A caller: a key's name, or the identity a token or forward-auth named.
 pub struct Tenant {
@@ -168,13 +168,13 @@ pub struct Usage {
     accounts: Mutex<HashMap<(String, String), Account>>,
     /// Spend not yet written to the store: (service, tenant, hour) ->
     /// (requests, GPU microseconds).
-    pending: Mutex<HashMap<HourKey, (i64, i64)>>,
+    pending: Mutex<HashMap<HourKey, Spend>>,
 }
 
 #[derive(Default)]
 struct Account {
     /// UTC hour (Unix seconds of its start) -> (requests, GPU microseconds).
-    hours: BTreeMap<i64, (i64, i64)>,
+    hours: BTreeMap<i64, Spend>,
     tokens: f64,
     refilled: Option<tokio::time::Instant>,
 }
@@ -184,8 +184,8 @@ impl Account {
     /// window ends), if any.
     fn over_budget(&self, limits: &TenantLimits, now: i64) -> Option<ProxyError> {
         let (hour, day) = (now - now.rem_euclid(HOUR), now - now.rem_euclid(DAY));
-        let spent_hour = self.hours.get(&hour).map_or(0, |(_, gpu)| *gpu);
-        let spent_day: i64 = self.hours.range(day..).map(|(_, (_, gpu))| gpu).sum();
+        let spent_hour = self.hours.get(&hour).map_or(0, |spend| spend.gpu_us);
+        let spent_day: i64 = self.hours.range(day..).map(|(_, spend)| spend.gpu_us).sum();
         let over = |limit: f64, spent: i64| limit > 0.0 && spent as f64 >= limit * 1e6;
         let (limit, ends) = if over(limits.gpu_seconds_per_hour, spent_hour) {
             ("gpu_seconds_per_hour", hour + HOUR)
@@ -255,12 +255,12 @@ impl Usage {
             account.tokens = tokens - 1.0;
         }
         tenant.active.fetch_add(1, Ordering::AcqRel);
-        account.hours.entry(hour).or_default().0 += 1;
+        account.hours.entry(hour).or_default().requests += 1;
         // Two days back is all a budget looks at.
         let keep_from = day - DAY;
         account.hours.retain(|start, _| *start >= keep_from);
         drop(accounts);
-        lock(&self.pending).entry((service.to_string(), tenant.name.clone(), hour)).or_default().0 += 1;
+        lock(&self.pending).entry((service.to_string(), tenant.name.clone(), hour)).or_default().requests += 1;
         Ok(Admission { tenant: tenant.clone() })
     }
 
@@ -271,31 +271,29 @@ impl Usage {
         accounts.get(&(service.to_string(), tenant.name.clone()))?.over_budget(&tenant.limits, unix_now())
     }
 
-    /// `gpu` of pod time spent by `tenant` on `service`, now.
-    pub fn spend(&self, service: &str, tenant: &str, gpu: Duration) {
+    /// What a request of `tenant` on `service` spent (its pod time, the
+    /// images it made, the loads it caused), now.
+    pub fn spend(&self, service: &str, tenant: &str, spent: Spend) {
         let now = unix_now();
         let hour = now - now.rem_euclid(HOUR);
-        let micros = gpu.as_micros() as i64;
         let key = (service.to_string(), tenant.to_string());
-        lock(&self.accounts).entry(key).or_default().hours.entry(hour).or_default().1 += micros;
-        lock(&self.pending).entry((service.to_string(), tenant.to_string(), hour)).or_default().1 += micros;
+        *lock(&self.accounts).entry(key).or_default().hours.entry(hour).or_default() += spent;
+        *lock(&self.pending).entry((service.to_string(), tenant.to_string(), hour)).or_default() += spent;
     }
 
     /// What was spent and not yet written (taken).
     pub fn take_pending(&self) -> Vec<UsageRow> {
         lock(&self.pending)
             .drain()
-            .map(|((service, tenant, hour), (requests, gpu))| (service, tenant, hour, requests, gpu))
+            .map(|((service, tenant, hour), spend)| UsageRow { service, tenant, hour, spend })
             .collect()
     }
 
     /// Puts back what could not be written.
     pub fn put_back(&self, rows: Vec<UsageRow>) {
         let mut pending = lock(&self.pending);
-        for (service, tenant, hour, requests, gpu) in rows {
-            let entry = pending.entry((service, tenant, hour)).or_default();
-            entry.0 += requests;
-            entry.1 += gpu;
+        for row in rows {
+            *pending.entry((row.service, row.tenant, row.hour)).or_default() += row.spend;
         }
     }
 
@@ -304,10 +302,34 @@ impl Usage {
     pub fn load(&self, rows: Vec<UsageRow>) {
         let pending = lock(&self.pending).clone();
         let mut accounts = lock(&self.accounts);
-        for (service, tenant, hour, requests, gpu) in rows {
-            let extra = pending.get(&(service.clone(), tenant.clone(), hour)).copied().unwrap_or_default();
-            accounts.entry((service, tenant)).or_default().hours.insert(hour, (requests + extra.0, gpu + extra.1));
+        for row in rows {
+            let mut spend = row.spend;
+            spend += pending.get(&(row.service.clone(), row.tenant.clone(), row.hour)).copied().unwrap_or_default();
+            accounts.entry((row.service, row.tenant)).or_default().hours.insert(row.hour, spend);
         }
+    }
+
+    /// Each caller's spend on each service this UTC hour and day, for
+    /// /status: (service, tenant, this hour, today), by service and tenant.
+    pub fn summary(&self) -> Vec<(String, String, Spend, Spend)> {
+        let now = unix_now();
+        let (hour, day) = (now - now.rem_euclid(HOUR), now - now.rem_euclid(DAY));
+        let accounts = lock(&self.accounts);
+        let mut out: Vec<_> = accounts
+            .iter()
+            .filter_map(|((service, tenant), account)| {
+                let mut today = Spend::default();
+                for (_, spend) in account.hours.range(day..) {
+                    today += *spend;
+                }
+                (today != Spend::default()).then(|| {
+                    let this_hour = account.hours.get(&hour).copied().unwrap_or_default();
+                    (service.clone(), tenant.clone(), this_hour, today)
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
     }
 
     /// The start of the window the store is read back from.
@@ -317,33 +339,74 @@ impl Usage {
     }
 }
 
-/// Counts a request's pod time for its tenant when its slot is freed.
+/// Counts what a request spent for its tenant when its slot is freed.
 pub struct Spender {
-    pub usage: Arc<Usage>,
-    pub service: String,
-    pub tenant: String,
-    pub counter: prometheus::Counter,
-}
-
-/// Held by a slot: measures from dispatch to the slot's release, and
-/// keeps the request's admission until then.
-pub struct SpendGuard {
-    spender: Arc<Spender>,
-    started: tokio::time::Instant,
-    _admission: Option<Admission>,
+    usage: Arc<Usage>,
+    service: String,
+    tenant: String,
+    gpu_seconds: prometheus::Counter,
+    images: prometheus::IntCounter,
+    loads: prometheus::IntCounter,
 }
 
 impl Spender {
-    pub fn start(self: &Arc<Self>, cell: &AdmissionCell) -> SpendGuard {
-        SpendGuard { spender: self.clone(), started: tokio::time::Instant::now(), _admission: cell.take() }
+    pub fn new(usage: Arc<Usage>, metrics: &TenantMetrics, service: &str, tenant: &Tenant) -> Self {
+        let labels = [service, tenant.label.as_str()];
+        Self {
+            usage,
+            service: service.to_string(),
+            tenant: tenant.name.clone(),
+            gpu_seconds: metrics.gpu_seconds.with_label_values(&labels),
+            images: metrics.images.with_label_values(&labels),
+            loads: metrics.loads.with_label_values(&labels),
+        }
+    }
+
+    /// The guard a slot holds from dispatch (`loads`: the pod loads a
+    /// checkpoint for this request).
+    pub fn start(self: &Arc<Self>, cell: &AdmissionCell, loads: bool) -> SpendGuard {
+        SpendGuard {
+            spender: self.clone(),
+            started: tokio::time::Instant::now(),
+            images: AtomicU32::new(0),
+            loads,
+            _admission: cell.take(),
+        }
+    }
+}
+
+/// Held by a slot: measures from dispatch to the slot's release, counts
+/// the images the pod's answer reports, and keeps the request's admission
+/// until then.
+pub struct SpendGuard {
+    spender: Arc<Spender>,
+    started: tokio::time::Instant,
+    images: AtomicU32,
+    loads: bool,
+    _admission: Option<Admission>,
+}
+
+impl crate::gate::Held for SpendGuard {
+    fn generated(&self, images: u32) {
+        self.images.fetch_add(images, Ordering::Relaxed);
     }
 }
 
 impl Drop for SpendGuard {
     fn drop(&mut self) {
         let took = self.started.elapsed();
-        self.spender.counter.inc_by(took.as_secs_f64());
-        self.spender.usage.spend(&self.spender.service, &self.spender.tenant, took);
+        let spender = &self.spender;
+        let images = self.images.load(Ordering::Relaxed);
+        spender.gpu_seconds.inc_by(took.as_secs_f64());
+        spender.images.inc_by(u64::from(images));
+        spender.loads.inc_by(u64::from(self.loads));
+        let spent = Spend {
+            requests: 0,
+            gpu_us: took.as_micros() as i64,
+            images: i64::from(images),
+            loads: i64::from(self.loads),
+        };
+        spender.usage.spend(&spender.service, &spender.tenant, spent);
     }
 }
 
@@ -369,11 +432,14 @@ impl AdmissionCell {
 }
 
 /// `sdgate_gpu_seconds_total`, `sdgate_tenant_requests_total`,
+/// `sdgate_tenant_images_total`, `sdgate_tenant_checkpoint_loads_total`,
 /// `sdgate_tenant_refused_total`.
 #[derive(Clone)]
 pub struct TenantMetrics {
     pub gpu_seconds: prometheus::CounterVec,
     pub requests: prometheus::IntCounterVec,
+    pub images: prometheus::IntCounterVec,
+    pub loads: prometheus::IntCounterVec,
     pub refused: prometheus::IntCounterVec,
 }
 
@@ -393,6 +459,22 @@ impl TenantMetrics {
                 &["service", "tenant"],
             )
             .expect("static metric definition"),
+            images: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "sdgate_tenant_images_total",
+                    "Images each caller's generations made, as the pods' answers report them (the WebUI's all_seeds)",
+                ),
+                &["service", "tenant"],
+            )
+            .expect("static metric definition"),
+            loads: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "sdgate_tenant_checkpoint_loads_total",
+                    "Checkpoint loads each caller's requests caused (dispatched to a pod holding another)",
+                ),
+                &["service", "tenant"],
+            )
+            .expect("static metric definition"),
             refused: prometheus::IntCounterVec::new(
                 prometheus::Opts::new(
                     "sdgate_tenant_refused_total",
@@ -404,6 +486,8 @@ impl TenantMetrics {
         };
         metrics.register(Box::new(made.gpu_seconds.clone()));
         metrics.register(Box::new(made.requests.clone()));
+        metrics.register(Box::new(made.images.clone()));
+        metrics.register(Box::new(made.loads.clone()));
         metrics.register(Box::new(made.refused.clone()));
         made
     }
@@ -502,9 +586,10 @@ mod tests {
         let usage = Usage::default();
         let a = tenant(TenantLimits { gpu_seconds_per_hour: 2.0, ..TenantLimits::default() });
         drop(usage.admit("sd", &a).unwrap());
-        usage.spend("sd", "a", Duration::from_millis(1500));
+        let gpu = |ms: i64| Spend { gpu_us: ms * 1000, ..Spend::default() };
+        usage.spend("sd", "a", gpu(1500));
         drop(usage.admit("sd", &a).unwrap());
-        usage.spend("sd", "a", Duration::from_millis(600));
+        usage.spend("sd", "a", gpu(600));
         match usage.admit("sd", &a) {
             Err(ProxyError::OverLimit { limit, retry_after }) => {
                 assert_eq!(limit, "gpu_seconds_per_hour");
@@ -515,7 +600,10 @@ mod tests {
         // Another service's budget is its own.
         assert!(usage.admit("other", &a).is_ok());
         let pending = usage.take_pending();
-        let sd: (i64, i64) = pending.iter().filter(|r| r.0 == "sd").fold((0, 0), |t, r| (t.0 + r.3, t.1 + r.4));
+        let sd: (i64, i64) = pending
+            .iter()
+            .filter(|r| r.service == "sd")
+            .fold((0, 0), |t, r| (t.0 + r.spend.requests, t.1 + r.spend.gpu_us));
         assert_eq!(sd, (2, 2_100_000));
     }
 

@@ -110,6 +110,9 @@ pub struct SimStats {
     /// Checkpoint loads (after the one at start).
     #[serde(default)]
     pub loads: u64,
+    /// Images generated (`batch_size` x `n_iter` of each generation).
+    #[serde(default)]
+    pub images: u64,
     /// The checkpoint it holds now.
     #[serde(default)]
     pub checkpoint: String,
@@ -131,6 +134,9 @@ pub struct JobRecord {
     pub checkpoint: String,
     #[serde(default)]
     pub loaded: bool,
+    /// Images it made.
+    #[serde(default)]
+    pub images: u64,
 }
 
 const JOB_HISTORY: usize = 1000;
@@ -146,6 +152,7 @@ struct State {
     served: AtomicU64,
     interrupts: AtomicU64,
     loads: AtomicU64,
+    images: AtomicU64,
     /// What it holds and is set to (changed under the generation lock).
     model: Mutex<Model>,
     generation: tokio::sync::Mutex<()>,
@@ -278,6 +285,7 @@ impl State {
             served: AtomicU64::new(0),
             interrupts: AtomicU64::new(0),
             loads: AtomicU64::new(0),
+            images: AtomicU64::new(0),
             model: Mutex::new(Model { loaded: checkpoint.clone(), setting: checkpoint }),
             generation: tokio::sync::Mutex::new(()),
             progress: Mutex::new(Progress::default()),
@@ -294,6 +302,7 @@ impl State {
             overlaps: self.overlaps.load(Ordering::SeqCst),
             interrupts: self.interrupts.load(Ordering::SeqCst),
             loads: self.loads.load(Ordering::SeqCst),
+            images: self.images.load(Ordering::SeqCst),
             checkpoint: lock(&self.model).loaded.clone(),
             jobs: lock(&self.jobs).iter().cloned().collect(),
         }
@@ -356,6 +365,9 @@ impl State {
         let _inside = Inside::enter(self);
         let steps = payload.get("steps").and_then(Value::as_u64).unwrap_or(20).clamp(1, 10_000) as u32;
         let prompt = payload.get("prompt").and_then(Value::as_str).unwrap_or("").to_string();
+        // As the WebUI: batch_size images per iteration, n_iter iterations.
+        let count = |key: &str| payload.get(key).and_then(Value::as_u64).unwrap_or(1).clamp(1, 100);
+        let images = count("batch_size") * count("n_iter");
         let named = payload.pointer("/override_settings/sd_model_checkpoint").and_then(Value::as_str);
         let restore = payload.get("override_settings_restore_afterwards").and_then(Value::as_bool).unwrap_or(true);
         let _generation = self.generation.lock().await;
@@ -387,17 +399,19 @@ impl State {
             "interrupted": interrupted,
             "sd_model_name": target,
             "sd_model_hash": hash_of(&target),
+            "all_seeds": (0..images).map(|i| 1000 + i).collect::<Vec<_>>(),
         })
         .to_string();
         let body =
             format!("{{\"images\":[\"{}\"],\"parameters\":{},\"info\":{}}}", self.image, payload, Value::String(info));
         self.served.fetch_add(1, Ordering::SeqCst);
+        self.images.fetch_add(images, Ordering::SeqCst);
         let mut jobs = lock(&self.jobs);
         if jobs.len() == JOB_HISTORY {
             jobs.pop_front();
         }
         let ended_us = micros_since_origin();
-        jobs.push_back(JobRecord { prompt, arrived_us, ended_us, interrupted, checkpoint: target, loaded });
+        jobs.push_back(JobRecord { prompt, arrived_us, ended_us, interrupted, checkpoint: target, loaded, images });
         drop(jobs);
         with_json_type(Response::new(body::full(body)))
     }

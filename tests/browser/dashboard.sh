@@ -11,7 +11,10 @@
 # splits a host between them 60/20. After requests to that host, a fresh page
 # must show the route: each service's weight (and its part of the weights,
 # 75 % and 25 %), and its requests and share of the last minute, as /status
-# says, and the reload in the header. Last, a config that does not load (the
+# says, and the reload in the header. The reload also adds a service with API
+# keys: after two callers' requests (one making 3 images, one loading a
+# checkpoint), the page's spend table must show each caller's requests,
+# GPU-seconds, images and loads this hour and today as /status says. Last, a config that does not load (the
 # split names a service that does not exist): the page must show the reload as
 # refused, with /status's error, and the route as it was.
 # Needs: chromium, jq, curl (tests/browser/deps.sh installs them).
@@ -31,7 +34,7 @@ bounded 300 "$@"
 REQUESTS=${REQUESTS:-8}
 SERVICE=stable-diffusion
 find_sdgate
-for _ in 1 2 3 4; do start_sim --step-time 20ms --image-bytes 1024; done
+for _ in 1 2 3 4 5; do start_sim --step-time 20ms --image-bytes 1024; done
 # A service on fixed pods: name, hosts (a YAML list), then its pods' addresses.
 service_yaml() {
   local name=$1 hosts=$2
@@ -272,13 +275,19 @@ check "no route rendered" not grep -Eq '<[a-z0-9]+ [^>]*data-route=' "$WORK/dom.
 check "reload line hidden" grep -q '<span id="reload" hidden=""></span>' "$WORK/dom.html"
 check "reload error hidden" grep -q '<div id="reload-error" hidden=""></div>' "$WORK/dom.html"
 
-# A reload: two more services, each on one sim worker, and a route across them.
+# A reload: two more services, each on one sim worker, and a route across
+# them; and a service with API keys (its callers' spend on the page).
 ROUTE_HOST=gray.example.com
+KEYS_HOST=keys.example.com
+printf 'keys:\n  - { name: team-a, sha256: "%s" }\n  - { name: team-b, sha256: "%s" }\n' \
+  "$(printf %s sdg_dash_a | sha256sum | cut -d' ' -f1)" "$(printf %s sdg_dash_b | sha256sum | cut -d' ' -f1)" >"$WORK/keys.yaml"
 routed_config() { # $1: the split's second service
   printf 'listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ndrain_timeout: 5s\nservices:\n'
   service_yaml "$SERVICE" "[\"$HOST_HEADER\"]" "${SIMS[0]}" "${SIMS[1]}"
   service_yaml sd-v1 "[]" "${SIMS[2]}"
   service_yaml sd-v2 "[]" "${SIMS[3]}"
+  service_yaml sd-keys "[\"$KEYS_HOST\"]" "${SIMS[4]}"
+  printf '    auth: { keys_file: "%s" }\n' "$WORK/keys.yaml"
   cat <<YAML
 routes:
   - hosts: ["$ROUTE_HOST"]
@@ -304,6 +313,20 @@ while :; do
   [ "$sent" -lt 40 ] || die "after $sent requests to $ROUTE_HOST, a service of its split has none: $(status_json | jq -c .routes)"
 done
 wait_status "([.routes[0].split[].requests_last_minute] | add) == $sent and all(.services[]; .inflight == 0)"
+# Callers with keys: team-a makes 1 + 3 images (batch_size 3), one asking
+# for a checkpoint the pod does not hold; team-b one image.
+keyed() { # key, body
+  curl -sS -o /dev/null -w '%{http_code}' --max-time 60 -X POST -H "Host: $KEYS_HOST" -H "Authorization: Bearer $1" \
+    -H 'Content-Type: application/json' -d "$2" "http://$GATEWAY/sdapi/v1/txt2img"
+}
+for call in 'sdg_dash_a {"prompt": "a", "steps": 10}' \
+  'sdg_dash_a {"prompt": "a", "steps": 1, "batch_size": 3, "override_settings": {"sd_model_checkpoint": "sdxl"}}' \
+  'sdg_dash_b {"prompt": "b", "steps": 1}'; do
+  code=$(keyed "${call%% *}" "${call#* }")
+  [ "$code" = 200 ] || die "a keyed request answered $code"
+done
+[ "$(keyed sdg_wrong '{"prompt": "x"}')" = 401 ] || die "a wrong key was not refused"
+wait_status '([.tenants[] | select(.service == "sd-keys") | .today.requests] | sort) == [1, 2]'
 
 # A fresh page, read as above, and /status just before and after: the figures
 # compared must not have moved in between.
@@ -340,9 +363,30 @@ check_routes() {
     check "$service has its service section" grep -q "<section class=\"service\" data-service=\"$service\"" "$WORK/dom.html"
   done
 }
+# Each caller's spend as /status says it, this hour and today.
+check_tenants() {
+  local tenant metric field
+  check "spend panel shown" not grep -q '<section class="routes" id="tenants" hidden' "$WORK/dom.html"
+  for tenant in team-a team-b; do
+    local T="data-service=\"sd-keys\" data-tenant=\"$tenant\"" row=".tenants[] | select(.tenant == \"$tenant\")"
+    for metric in requests:requests images:images loads:checkpoint_loads gpu_seconds:gpu_seconds; do
+      field=${metric#*:}
+      local fmt=""
+      [ "$field" = gpu_seconds ] &&
+        fmt=' * 100 | round | "\(. / 100 | floor).\(. % 100 | tostring | if length < 2 then "0" + . else . end)"'
+      compare "$tenant ${metric%%:*} this hour" "$(jq -r "$row.this_hour.$field$fmt" "$J")" \
+        "$(attr "$T data-metric=\"tenant_${metric%%:*}\"" data-hour)"
+      compare "$tenant ${metric%%:*} today" "$(jq -r "$row.today.$field$fmt" "$J")" \
+        "$(attr "$T data-metric=\"tenant_${metric%%:*}\"" data-day)"
+    done
+  done
+  compare "team-a images" 4 "$(jq -r '.tenants[] | select(.tenant == "team-a") | .today.images' "$J")"
+  compare "team-a loads" 1 "$(jq -r '.tenants[] | select(.tenant == "team-a") | .today.checkpoint_loads' "$J")"
+}
 echo "after a reload that added a route:"
 read_page routed
 check_routes
+check_tenants
 compare "last reload" ok "$(attr 'id="reload"' data-value)"
 compare "last reload at" "$(jq -r '.last_reload.at' "$J")" "$(attr 'id="reload"' data-at)"
 reload_line=$(dom 'id="reload"')
