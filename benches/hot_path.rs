@@ -112,7 +112,7 @@ fn api_keys(c: &mut Criterion) {
     c.bench_function("auth/find the caller and admit it", |b| {
         b.iter(|| {
             let asking = sdgate::proxy::auth::Asking::of(black_box(&request), None);
-            let tenant = runtime.block_on(auth.caller(&asking)).expect("known");
+            let tenant = runtime.block_on(auth.caller(&asking)).expect("known").tenant;
             let admission = usage.admit("stable-diffusion", &tenant).expect("admitted");
             drop(black_box(admission));
         })
@@ -172,7 +172,7 @@ fn jwt(c: &mut Criterion) {
     c.bench_function("auth/verify a JWT (ES256) and admit its caller", |b| {
         b.iter(|| {
             let asking = sdgate::proxy::auth::Asking::of(black_box(&request), None);
-            let tenant = runtime.block_on(auth.caller(&asking)).expect("good");
+            let tenant = runtime.block_on(auth.caller(&asking)).expect("good").tenant;
             let admission = usage.admit("stable-diffusion", &tenant).expect("admitted");
             drop(black_box(admission));
         })

@@ -81,6 +81,8 @@ pub enum ProxyError {
     Unauthorized(&'static str),
     #[error("this key is over its limit {limit}")]
     OverLimit { limit: &'static str, retry_after: u32 },
+    #[error("this listener takes only requests a standby replica hands over (tls.relay_listen)")]
+    NotARelay,
     /// The JWKS or forward-auth service could not say who is calling.
     #[error("cannot check who is calling: {0}")]
     AuthUnavailable(String),
@@ -122,6 +124,7 @@ impl ProxyError {
             | ProxyError::JobStore(_)
             | ProxyError::AuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Denied(denial) => denial.0,
+            ProxyError::NotARelay => StatusCode::FORBIDDEN,
             ProxyError::QueueTimeout { .. } | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }

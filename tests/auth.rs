@@ -190,6 +190,7 @@ async fn forward_auth_server(shown: Shown) -> std::net::SocketAddr {
             Some(token) if token.starts_with("good-") => {
                 let mut ok = json_response(202, String::new());
                 ok.headers_mut().insert("x-auth-request-user", token["good-".len()..].parse().unwrap());
+                ok.headers_mut().insert("set-cookie", "_session=refreshed; Path=/".parse().unwrap());
                 ok
             }
             Some("login") => {
@@ -221,6 +222,11 @@ async fn forward_auth_lets_in_whom_it_names_and_its_refusals_reach_the_client() 
 
     let answer = send(&client, bearer(txt2img(gateway.addr, "allowed", 1), "good-alice")).await;
     assert_eq!(answer.status.as_u16(), 200, "{:?}", answer.body);
+    let cookies: Vec<_> = answer.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).collect();
+    assert!(
+        cookies.contains(&"_session=refreshed; Path=/"),
+        "the session it refreshed reaches the client: {cookies:?}"
+    );
     let asked = shown.lock().unwrap().last().cloned().unwrap();
     assert_eq!(asked["authorization"], "Bearer good-alice");
     assert_eq!(asked["x-forwarded-method"], "POST");

@@ -283,6 +283,61 @@ async fn two_replicas_of_a_config_without_leader_election_never_both_dispatch() 
     no_overlap_anywhere(&cluster);
 }
 
+/// A txt2img over TLS with curl to `addr` (SNI: the service's host),
+/// trusting `ca`: the status code curl saw.
+fn curl_tls(addr: std::net::SocketAddr, ca: &std::path::Path) -> String {
+    let url = format!("https://{HOST}:{}/sdapi/v1/txt2img", addr.port());
+    let output = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "30"])
+        .args(["--resolve", &format!("{HOST}:{}:127.0.0.1", addr.port())])
+        .arg("--cacert")
+        .arg(ca)
+        .args(["-H", "Content-Type: application/json", "-d", r#"{"prompt":"tls relay","steps":1}"#, &url])
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+/// With TLS on the listener, a standby hands requests over on the holder's
+/// plain relay listener (`tls.relay_listen`; the TLS certificates are for
+/// clients' host names, not the pod's address): a client of the standby
+/// over TLS gets its answer, and the relay listener serves nothing without
+/// the holder's relay token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_a_standby_hands_over_on_the_holders_relay_listener() {
+    let cluster = FakeCluster::start(ClusterOptions::default()).await;
+    let dir = std::env::temp_dir().join(unique_marker("sdgate-relay-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = rcgen::generate_simple_self_signed(vec![HOST.to_string()]).unwrap();
+    std::fs::write(dir.join("sd.pem"), made.cert.pem()).unwrap();
+    std::fs::write(dir.join("sd.key"), made.key_pair.serialize_pem()).unwrap();
+    let tls = format!(
+        "tls:\n  certificates:\n    - {{ hosts: [\"{HOST}\"], cert: \"{0}/sd.pem\", key: \"{0}/sd.key\" }}\n  relay_listen: 127.0.0.1:0\n",
+        dir.display()
+    );
+    let scale = "min: 1, max: 2, stable_window: 60s, panic_window: 6s, tick: 200ms";
+    let (holder, standby) = two_replicas_with(&cluster, scale, "lease_duration: 2s, renew_period: 500ms", &tls).await;
+    let ca = dir.join("sd.pem");
+    let (holder_addr, ca_path) = (holder.addr, ca.clone());
+    let to_holder = tokio::task::spawn_blocking(move || curl_tls(holder_addr, &ca_path)).await.unwrap();
+    assert_eq!(to_holder, "200");
+    let standby_addr = standby.addr;
+    let via_standby = tokio::task::spawn_blocking(move || curl_tls(standby_addr, &ca)).await.unwrap();
+    assert_eq!(via_standby, "200", "handed over");
+    assert_eq!(handed_over(standby.admin).await, 1.0);
+    // The relay listener takes hand-overs only.
+    let line = holder.log_line(&["taking hand-overs"]).await;
+    let relay = address_after(&line, "relay=").expect("the relay listener's address");
+    let refused = raw_exchange(
+        relay,
+        format!("GET /sim/headers HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    no_overlap_anywhere(&cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Two sdgate processes, one Lease: only the holder serves; kill it and the
 /// other takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

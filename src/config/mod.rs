@@ -458,6 +458,15 @@ pub struct TlsConfig {
     /// same URL over https (omit: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect_http: Option<SocketAddr>,
+    /// With leader election: the plain-HTTP listener the active replica
+    /// takes a standby's hand-overs on (only requests with its relay token;
+    /// a standby hands over to the pod's IP and this port).
+    #[serde(default = "default_relay_listen")]
+    pub relay_listen: SocketAddr,
+}
+
+fn default_relay_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8081))
 }
 
 /// A certificate chain and its key, PEM files (re-read when they change).
@@ -542,13 +551,19 @@ pub struct JwtConfig {
     /// member that `auth.groups` knows is taken).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_claim: Option<String>,
-    /// How often the keys are fetched again (also at once, at most every
-    /// 10 s, for a token signed by a key not yet seen).
+    /// How often the keys are fetched again, at least 1 s (also at once
+    /// for a token signed by a key not yet seen, at most every 10 s or
+    /// `refresh`, the shorter).
     #[serde(default = "default_jwks_refresh", with = "duration")]
     pub refresh: Duration,
     /// Clock skew allowed on `exp` and `nbf`.
     #[serde(default = "default_jwt_leeway", with = "duration")]
     pub leeway: Duration,
+    /// Take the JWKS over plain `http://` from a host other than loopback
+    /// (anyone on the way could then serve keys of their own): for an
+    /// issuer inside the cluster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_http: bool,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {

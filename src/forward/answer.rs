@@ -30,14 +30,15 @@ pub fn held_in<'a>(answer: &'a [u8]) -> Option<&'a str> {
 }
 
 /// How many images an answer says its generation made: the length of the
-/// WebUI's `all_seeds` in `info` (one seed per image, the grid aside).
-/// None if it says nothing plainly.
+/// WebUI's `all_seeds` in `info` (one seed per image, the grid aside),
+/// looked for from the end (`info` is last; a whole plain answer, or a
+/// gzipped one's inflated tail). None if it says nothing plainly.
 pub fn images_in(answer: &[u8]) -> Option<u32> {
-    let tail = &answer[answer.len().saturating_sub(TAIL)..];
     let key = b"all_seeds";
-    // The last one that parses (a prompt in `infotexts` may say the word).
-    memchr::memmem::rfind_iter(tail, key).take(4).find_map(|at| {
-        let after = &tail[at + key.len()..];
+    // The last one that parses: a prompt in `infotexts` may say the word,
+    // but its quotes are escaped twice there.
+    memchr::memmem::rfind_iter(answer, key).find_map(|at| {
+        let after = &answer[at + key.len()..];
         let after = after.strip_prefix(b"\\").unwrap_or(after).strip_prefix(b"\"")?;
         let after = after.trim_ascii_start().strip_prefix(b":")?.trim_ascii_start().strip_prefix(b"[")?;
         let list = &after[..memchr::memchr(b']', after)?];

@@ -121,9 +121,13 @@ pub struct Head {
     pub headers: Vec<(String, String)>,
     /// The client's address, for fair share and `X-Forwarded-For`.
     pub client: Option<std::net::IpAddr>,
-    /// The caller's API key name (`auth`; the key itself is not kept).
+    /// The caller's name (`auth`: a key's name or the identity a token or
+    /// forward-auth named; the credential itself is not kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Its group (`auth.groups`), whose limits its run is held to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// What the proxy tells a running job of its way through the gate.
@@ -231,7 +235,7 @@ pub trait Runner: Send + Sync + 'static {
         request: Request<Bytes>,
         service: &str,
         client: Option<std::net::IpAddr>,
-        tenant: Option<&str>,
+        tenant: Option<(&str, Option<&str>)>,
         hooks: Arc<Hooks>,
     ) -> impl std::future::Future<Output = Result<Response<ResponseBody>, Again>> + Send;
     /// Requests waiting in the service's queue now.
@@ -908,7 +912,8 @@ impl Jobs {
         let Ok(request) = request.body(Bytes::from(body)) else {
             return Ok(Run::Ended(State::Failed, Some("its kept request cannot be rebuilt".into()), None));
         };
-        let answer = runner.run(request, service, head.client, head.tenant.as_deref(), hooks.clone());
+        let tenant = head.tenant.as_deref().map(|name| (name, head.group.as_deref()));
+        let answer = runner.run(request, service, head.client, tenant, hooks.clone());
         tokio::pin!(answer);
         let response = loop {
             tokio::select! {

@@ -662,6 +662,9 @@ async fn timed<T>(call: impl std::future::Future<Output = Result<T, tokio_postgr
 
 /// The table and its index.
 fn schema(table: &str, blob: &str) -> [String; 5] {
+    // PostgreSQL adds a column only if missing; SQLite cannot say so (its
+    // error is ignored).
+    let exists = if blob == "BYTEA" { "IF NOT EXISTS " } else { "" };
     [
         format!(
             "CREATE TABLE IF NOT EXISTS \"{table}\" (id TEXT PRIMARY KEY, service TEXT NOT NULL, owner TEXT NOT NULL, \
@@ -679,8 +682,8 @@ fn schema(table: &str, blob: &str) -> [String; 5] {
         ),
         // Columns a table made before them lacks (an error where they are
         // there is ignored; `columns_check` then says they are).
-        format!("ALTER TABLE \"{table}_usage\" ADD COLUMN images BIGINT NOT NULL DEFAULT 0"),
-        format!("ALTER TABLE \"{table}_usage\" ADD COLUMN loads BIGINT NOT NULL DEFAULT 0"),
+        format!("ALTER TABLE \"{table}_usage\" ADD COLUMN {exists}images BIGINT NOT NULL DEFAULT 0"),
+        format!("ALTER TABLE \"{table}_usage\" ADD COLUMN {exists}loads BIGINT NOT NULL DEFAULT 0"),
     ]
 }
 

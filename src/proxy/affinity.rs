@@ -172,6 +172,17 @@ impl Signer {
         Some((id, pin))
     }
 
+    /// The session of a caller `auth` named: apart from every session a
+    /// client-chosen key can name (another MAC domain).
+    pub fn caller_session(&self, name: &str) -> SessionId {
+        let mut mac = self.current.clone();
+        mac.update(b"caller:");
+        mac.update(name.as_bytes());
+        let mut id = [0u8; ID_LEN];
+        id.copy_from_slice(&mac.finalize().into_bytes()[..ID_LEN]);
+        id
+    }
+
     /// A stable session for a client-chosen key (`X-Session-Key`): the same
     /// key always names the same session, and cannot name another's.
     pub fn session_for_key(&self, key: &[u8]) -> SessionId {
@@ -235,7 +246,7 @@ impl Affinity {
     /// The one session of a caller `auth` named, whatever cookie it sends:
     /// its pin and its running job are its identity's, not a cookie's.
     pub fn caller_session(&self, name: &str) -> SessionId {
-        self.signer.session_for_key(format!("caller:{name}").as_bytes())
+        self.signer.caller_session(name)
     }
 
     /// A new session id.

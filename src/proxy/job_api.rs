@@ -109,11 +109,17 @@ impl Proxy {
         let body = self.kept_body(body, jobs.config.max_request_bytes).await?;
         let secure = parts.headers.get("x-forwarded-proto").is_some_and(|v| v == "https");
         let mut headers = jobs::kept_headers(&parts.headers);
-        // The key stays out of the store: the run is its caller's by name.
-        if let Some(header) = service.auth.as_ref().and_then(|auth| auth.header()) {
-            headers.retain(|(name, _)| name.as_str() != header.as_str());
+        // The credential stays out of the store: the run is its caller's by
+        // name.
+        if let Some(auth) = &service.auth {
+            let credentials = auth.credential_headers();
+            headers.retain(|(name, _)| !credentials.iter().any(|c| c.as_str() == name.as_str()));
         }
-        let tenant = parts.extensions.get::<super::tenants::Caller>().map(|caller| caller.0.name.clone());
+        let caller = parts.extensions.get::<super::tenants::Caller>().map(|caller| caller.0.clone());
+        let (tenant, group) = match caller {
+            Some(caller) => (Some(caller.name.clone()), caller.group.clone()),
+            None => (None, None),
+        };
         if let (false, Some(host)) =
             (parts.headers.contains_key(header::HOST), host.and_then(|h| h.to_str().ok().map(String::from)))
         {
@@ -133,6 +139,7 @@ impl Proxy {
             headers,
             client,
             tenant,
+            group,
         };
         let submit = jobs::Submit { service: service.config.name.clone(), owner, head, body, webhook };
         let row = jobs.submit(submit).await?;
@@ -216,11 +223,14 @@ impl Proxy {
         // The caller as the owning service's keys say (the routed service's
         // may be another's, on a weighted route).
         let caller = match &owning.auth {
-            Some(auth) => Some(match auth.caller(&super::auth::Asking::of(request, client)).await {
-                Ok(caller) => caller,
-                Err(error @ (ProxyError::AuthUnavailable(_) | ProxyError::Denied(_))) => return Err(error),
-                Err(_) => return Err(ProxyError::JobNotFound),
-            }),
+            Some(auth) => {
+                let asking = super::auth::Asking::of(request, client);
+                match auth.caller(&asking).await {
+                    Ok(called) => Some(called.tenant),
+                    Err(error @ (ProxyError::AuthUnavailable(_) | ProxyError::Denied(_))) => return Err(error),
+                    Err(_) => return Err(ProxyError::JobNotFound),
+                }
+            }
             None => None,
         };
         let (owner, _) = self.owner(owning, request.headers(), caller.as_deref(), client, false);
@@ -311,7 +321,7 @@ impl jobs::Runner for Proxy {
         request: Request<Bytes>,
         service: &str,
         client: Option<IpAddr>,
-        tenant: Option<&str>,
+        tenant: Option<(&str, Option<&str>)>,
         hooks: Arc<Hooks>,
     ) -> Result<Response<ResponseBody>, jobs::Again> {
         let mut request = request.map(Inbound::Kept);
@@ -328,8 +338,8 @@ impl jobs::Runner for Proxy {
         };
         // The caller who submitted it: its fair share, its pod time, its
         // GPU budget; a key revoked or expired since runs nothing.
-        if let (Some(name), Some(auth)) = (tenant, &split.service.auth) {
-            let Some(tenant) = auth.named(name) else {
+        if let (Some((name, group)), Some(auth)) = (tenant, &split.service.auth) {
+            let Some(tenant) = auth.named(name, group) else {
                 let error = ProxyError::Unauthorized("the job's API key was revoked or has expired");
                 return Ok(error.into_response(Some(service)));
             };

@@ -519,7 +519,12 @@ impl Proxy {
                 fairness::client_address(&split.service.fairness, request.headers(), Some(peer.addr.ip()))
             })
         };
+        // An HTTP/2 request's host is in its URI, which HTTP/1.1 leaves out.
+        let host = router::request_host_value(&request);
         let (mut parts, body) = request.into_parts();
+        if let (false, Some(host)) = (parts.headers.contains_key(http::header::HOST), host) {
+            parts.headers.insert(http::header::HOST, host);
+        }
         parts.headers.insert(relay::RELAY_TOKEN, target.token.clone());
         let client = client.unwrap_or(peer.addr.ip()).to_string();
         if let Ok(client) = http::HeaderValue::from_str(&client) {
@@ -609,25 +614,36 @@ impl Proxy {
         };
         let service = record.service.clone();
         // Who is calling, before anything is queued.
+        let mut set_cookies = Vec::new();
         if let Some(auth) = &service.auth {
             let path = request.uri().path();
             let limited = !path.starts_with(crate::jobs::PREFIX)
                 && !service.config.is_bypass(path)
                 && !service.config.is_owner_only(path);
-            match self.authenticate(&service, auth, &request, peer_ip, limited).await {
-                Ok(caller) => {
+            // Forward-auth is told the client as fair share reads it (a
+            // trusted proxy's X-Forwarded-For), not the proxy.
+            let client = fairness::client_address(&service.fairness, request.headers(), peer_ip);
+            match self.authenticate(&service, auth, &request, client, limited).await {
+                Ok((caller, cookies)) => {
                     if let Some(line) = &mut record.line {
                         line.tenant = Some(caller.0.name.clone());
                     }
                     request.extensions_mut().insert(caller);
+                    set_cookies = cookies;
                 }
                 Err(error) => return record.finish(error.into_response(Some(&service.config.name))),
             }
         }
         let request = request.map(Inbound::Client);
+        let with_cookies = |mut response: Response<ResponseBody>| {
+            for cookie in &set_cookies {
+                response.headers_mut().append(http::header::SET_COOKIE, cookie.clone());
+            }
+            response
+        };
         let request = if admitted.is_none() {
             match self.jobs_first(&service, request, peer_ip, record.priority).await {
-                Ok(response) => return record.finish(response),
+                Ok(response) => return record.finish(with_cookies(response)),
                 Err(request) => request,
             }
         } else {
@@ -643,7 +659,7 @@ impl Proxy {
                 error.into_response(Some(&service.config.name))
             }
         };
-        record.finish(response)
+        record.finish(with_cookies(response))
     }
 
     /// The answer to a request whose Host is ambiguous (see

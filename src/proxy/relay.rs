@@ -65,12 +65,17 @@ impl Relay {
 
     /// The client named with `token`, if the token is ours.
     pub fn client_named(&self, token: &HeaderValue, client: Option<&HeaderValue>) -> Option<IpAddr> {
-        // In constant time: how much of a guess matched must not show in
-        // how long the answer takes.
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(token.as_bytes(), self.token.as_bytes())) {
+        if !self.is_ours(token) {
             return None;
         }
         client?.to_str().ok()?.parse().ok()
+    }
+
+    /// Whether `token` is this replica's relay token.
+    pub fn is_ours(&self, token: &HeaderValue) -> bool {
+        // In constant time: how much of a guess matched must not show in
+        // how long the answer takes.
+        bool::from(subtle::ConstantTimeEq::ct_eq(token.as_bytes(), self.token.as_bytes()))
     }
 }
 

@@ -39,14 +39,29 @@ pub struct Tenant {
     /// [`MAX_LABELS`] callers that no keys file named.
     pub label: String,
     pub limits: TenantLimits,
+    /// The group whose limits it has (`auth.groups`), if any.
+    pub group: Option<String>,
     /// After this the key is refused (401).
     expires: Option<std::time::SystemTime>,
-    active: AtomicU32,
+    /// Its requests in progress (shared by every `Tenant` of its name: a
+    /// caller whose group changed keeps its count).
+    active: Arc<AtomicU32>,
 }
 
 impl Tenant {
-    pub fn new(name: String, label: String, limits: TenantLimits) -> Self {
-        Self { name, label, limits, expires: None, active: AtomicU32::new(0) }
+    pub fn new(
+        name: String,
+        label: String,
+        limits: TenantLimits,
+        group: Option<String>,
+        active: Arc<AtomicU32>,
+    ) -> Self {
+        Self { name, label, limits, group, expires: None, active }
+    }
+
+    /// Its in-progress count, to share with a `Tenant` of the same name.
+    pub fn counter(&self) -> Arc<AtomicU32> {
+        self.active.clone()
     }
 }
 
@@ -107,8 +122,9 @@ impl Keys {
                 label: entry.name.clone(),
                 name: entry.name,
                 limits,
+                group: None,
                 expires,
-                active: AtomicU32::new(0),
+                active: Arc::default(),
             });
             by_name.insert(tenant.name.clone(), tenant.clone());
             if by_hash.insert(hash, tenant).is_some() {
@@ -126,6 +142,11 @@ impl Keys {
             return Err(ProxyError::Unauthorized("an expired API key"));
         }
         Ok(tenant.clone())
+    }
+
+    /// Whether the file names a key `name` (valid or not).
+    pub fn knows(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
     }
 
     /// The caller of that name (a job's, when it runs).
@@ -169,6 +190,8 @@ pub struct Usage {
     /// Spend not yet written to the store: (service, tenant, hour) ->
     /// (requests, GPU microseconds).
     pending: Mutex<HashMap<HourKey, Spend>>,
+    /// Admissions since accounts idle for two days were last forgotten.
+    admitted: AtomicU32,
 }
 
 #[derive(Default)]
@@ -229,6 +252,12 @@ impl Usage {
         let limits = &tenant.limits;
         let now = unix_now();
         let mut accounts = lock(&self.accounts);
+        // Now and then, the accounts of callers unseen for two days go
+        // (tokens and callers met are many; their spend is in the store).
+        if self.admitted.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            let since = Self::since();
+            accounts.retain(|_, account| account.hours.keys().next_back().is_some_and(|hour| *hour >= since));
+        }
         let account = accounts.entry((service.to_string(), tenant.name.clone())).or_default();
         let (hour, day) = (now - now.rem_euclid(HOUR), now - now.rem_euclid(DAY));
         if let Some(over) = account.over_budget(limits, now) {
@@ -547,17 +576,17 @@ impl super::Proxy {
         request: &http::Request<B>,
         client: Option<std::net::IpAddr>,
         limited: bool,
-    ) -> Result<Caller, ProxyError> {
+    ) -> Result<(Caller, Vec<http::HeaderValue>), ProxyError> {
         let name = service.config.name.as_str();
-        let caller = auth.caller(&super::auth::Asking::of(request, client)).await.and_then(|tenant| match limited {
-            true => {
-                let admission = self.usage.admit(name, &tenant)?;
-                Ok(Caller(tenant, AdmissionCell::new(Some(admission))))
-            }
-            false => Ok(Caller(tenant, AdmissionCell::default())),
+        let caller = auth.caller(&super::auth::Asking::of(request, client)).await.and_then(|called| {
+            let admission = match limited {
+                true => Some(self.usage.admit(name, &called.tenant)?),
+                false => None,
+            };
+            Ok((Caller(called.tenant, AdmissionCell::new(admission)), called.set_cookies))
         });
         match &caller {
-            Ok(Caller(tenant, _)) if limited => {
+            Ok((Caller(tenant, _), _)) if limited => {
                 self.tenant_metrics.requests.with_label_values(&[name, &tenant.label]).inc();
             }
             Ok(_) => {}
@@ -578,7 +607,7 @@ mod tests {
     use super::*;
 
     fn tenant(limits: TenantLimits) -> Arc<Tenant> {
-        Arc::new(Tenant::new("a".into(), "a".into(), limits))
+        Arc::new(Tenant::new("a".into(), "a".into(), limits, None, Arc::default()))
     }
 
     #[test]

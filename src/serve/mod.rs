@@ -46,6 +46,8 @@ pub struct Gateway {
     admin: Option<TcpListener>,
     /// `tls.redirect_http`'s plain listener (bound with the others).
     redirect: Option<TcpListener>,
+    /// `tls.relay_listen` (with TLS and leader election): hand-overs.
+    relays: Option<TcpListener>,
     /// The control loop, once this replica is active (at once without
     /// leader election).
     control: Option<Control>,
@@ -213,11 +215,22 @@ impl Gateway {
             }
             None => None,
         };
+        // A standby cannot hand requests over on the TLS listener (its
+        // certificate is for clients): the active one takes them on a plain
+        // listener of their own.
+        let relays = match (config.tls.as_ref(), config.election()) {
+            (Some(tls), Some(_)) => Some(
+                TcpListener::bind(tls.relay_listen)
+                    .await
+                    .with_context(|| format!("tls.relay_listen: cannot bind {}", tls.relay_listen))?,
+            ),
+            _ => None,
+        };
         let control = match config.election() {
             None => Some(Control::start(&proxy)?),
             Some(_) => None,
         };
-        Ok(Self { config, proxy, listener, admin, redirect, control, reloads: mpsc::channel(4) })
+        Ok(Self { config, proxy, listener, admin, redirect, relays, control, reloads: mpsc::channel(4) })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -264,6 +277,7 @@ impl Gateway {
             listener,
             admin,
             redirect: plain,
+            relays,
             mut control,
             reloads: (reload_tx, mut reload_rx),
         } = self;
@@ -308,8 +322,15 @@ impl Gateway {
         let (active_tx, mut active) = watch::channel(control.is_some());
         // Where this replica serves, for standbys to hand requests to: the
         // pod's IP (POD_IP) and the listen port, else the listen address.
-        let me =
-            leader::Advertised { addr: advertised(listener.local_addr()?), token: proxy.relay().token().to_string() };
+        let relay_addr = match &relays {
+            Some(relays) => relays.local_addr()?,
+            None => listener.local_addr()?,
+        };
+        let me = leader::Advertised { addr: advertised(relay_addr), token: proxy.relay().token().to_string() };
+        let relay_task = relays.map(|relays| {
+            tracing::info!(relay = %relay_addr, "taking hand-overs from standbys here (tls.relay_listen)");
+            tokio::spawn(tls::relays(relays, proxy.clone(), config.limits.header_read_timeout))
+        });
         let (holder_tx, mut holder) = watch::channel(None);
         let mut election =
             config.election().cloned().map(|election| tokio::spawn(leader::run(election, active_tx, me, holder_tx)));
@@ -426,7 +447,7 @@ impl Gateway {
         if let Some(task) = admin_task {
             task.abort();
         }
-        for task in [tls_watch, redirect].into_iter().flatten() {
+        for task in [tls_watch, redirect, relay_task].into_iter().flatten() {
             task.abort();
         }
         threads.stop().await;

@@ -177,3 +177,43 @@ pub async fn redirect(listener: tokio::net::TcpListener, https_port: u16, header
         });
     }
 }
+
+/// `tls.relay_listen`: the plain-HTTP listener where the active replica
+/// takes what a standby hands over (the TLS listener's certificates are
+/// for clients' host names, not the pod's address). Only a request with
+/// this replica's relay token is served; anything else gets 403.
+pub async fn relays(listener: tokio::net::TcpListener, proxy: Arc<crate::proxy::Proxy>, header_read: Duration) {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read);
+    let http1 = Arc::new(http1);
+    loop {
+        let Ok((stream, addr)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (http1, proxy) = (http1.clone(), proxy.clone());
+        tokio::spawn(async move {
+            let peer = Arc::new(crate::forward::Peer::new(addr));
+            let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+                let (proxy, peer) = (proxy.clone(), peer.clone());
+                async move {
+                    let ours = request
+                        .headers()
+                        .get(&crate::proxy::relay::RELAY_TOKEN)
+                        .is_some_and(|t| proxy.relay().is_ours(t));
+                    let response = if !ours {
+                        crate::error::ProxyError::NotARelay.into_response(None)
+                    } else {
+                        match crate::proxy::router::normalize_host(&mut request) {
+                            Ok(()) => proxy.handle(request, peer, None).await,
+                            Err(reason) => proxy.bad_host(&mut request, reason),
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            let _ = http1.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+        });
+    }
+}

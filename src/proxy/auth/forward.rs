@@ -45,11 +45,16 @@ impl Forward {
         })
     }
 
+    /// The request headers shown to the service.
+    pub fn copied(&self) -> &[HeaderName] {
+        &self.copy
+    }
+
     /// Who the service says is calling (and its group), or its refusal.
-    pub async fn ask(&self, asking: &Asking<'_>) -> Result<(String, Option<String>), ProxyError> {
+    pub async fn ask(&self, asking: &Asking<'_>) -> Result<Allowed, ProxyError> {
         let mut request = http::Request::get(self.url.clone())
             .body(Full::new(Bytes::new()))
-            .map_err(|e| ProxyError::AuthUnavailable(format!("forward-auth: {e}")))?;
+            .map_err(|e| unavailable(format!("forward-auth: {e}")))?;
         let headers = request.headers_mut();
         for name in &self.copy {
             for value in asking.headers.get_all(name) {
@@ -82,29 +87,43 @@ impl Forward {
             }
         };
         let status = response.status();
+        let passed = |names: &[HeaderName]| {
+            let mut passed = HeaderMap::new();
+            for name in names {
+                for value in response.headers().get_all(name) {
+                    passed.append(name.clone(), value.clone());
+                }
+            }
+            passed
+        };
         if status.is_success() {
             let name = text_of(response.headers(), &self.identity).ok_or_else(|| {
                 unavailable(format!("forward-auth at {} answered {status} without {}", self.url, self.identity))
             })?;
-            let group = self.group.as_ref().and_then(|g| text_of(response.headers(), g));
-            return Ok((name, group));
+            let groups = self.group.as_ref().and_then(|g| text_of(response.headers(), g)).into_iter().collect();
+            let set_cookies = response.headers().get_all(http::header::SET_COOKIE).iter().cloned().collect();
+            return Ok(Allowed { name, groups, set_cookies });
         }
         if status.is_redirection() || status.is_client_error() {
-            let mut passed = HeaderMap::new();
-            for name in PASSED {
-                for value in response.headers().get_all(&name) {
-                    passed.append(name.clone(), value.clone());
-                }
-            }
-            return Err(ProxyError::Denied(Box::new((status, passed))));
+            return Err(ProxyError::Denied(Box::new((status, passed(&PASSED)))));
         }
         Err(unavailable(format!("forward-auth at {} answered {status}", self.url)))
     }
 }
 
+/// What the service said of a request it let in.
+pub struct Allowed {
+    pub name: String,
+    pub groups: Vec<String>,
+    /// Its `Set-Cookie`s (a session it refreshed), for the client's answer.
+    pub set_cookies: Vec<HeaderValue>,
+}
+
+/// A 503 that says no more to the client than that (the details, which
+/// name internal addresses, are logged).
 fn unavailable(why: String) -> ProxyError {
-    tracing::warn!(why, "auth.forward");
-    ProxyError::AuthUnavailable(why)
+    tracing::warn!(why, "auth.forward: cannot ask");
+    ProxyError::AuthUnavailable("the forward-auth service cannot be asked".into())
 }
 
 fn text_of(headers: &HeaderMap, name: &HeaderName) -> Option<String> {

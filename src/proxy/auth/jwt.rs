@@ -26,8 +26,13 @@ use tokio::time::Instant;
 use crate::config::JwtConfig;
 use crate::error::{lock, ProxyError};
 
-/// A token signed by an unseen key fetches the JWKS at most this often.
+/// A token signed by an unseen key fetches the JWKS at most this often
+/// (or every `refresh`, if shorter); a fetch that failed is tried again no
+/// sooner either.
 const MIN_REFETCH: Duration = Duration::from_secs(10);
+
+/// The whole of a JWKS fetch, answer and body.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The largest JWKS read.
 const MAX_JWKS_BYTES: usize = 1 << 20;
@@ -70,6 +75,19 @@ pub fn looks_like_jwt(credential: &str) -> bool {
 impl Jwt {
     pub fn new(config: &JwtConfig) -> Result<Self> {
         let url = super::url(&config.jwks_url, "jwks_url")?;
+        let loopback = url.host().is_some_and(|h| {
+            h == "localhost"
+                || h.trim_matches(|c| c == '[' || c == ']').parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        });
+        if url.scheme_str() == Some("http") && !loopback && !config.allow_http {
+            anyhow::bail!(
+                "jwks_url: {} is plain http: anyone on the way could serve keys of their own (https://, or allow_http: true)",
+                config.jwks_url
+            );
+        }
+        if config.refresh < Duration::from_secs(1) {
+            anyhow::bail!("refresh: at least 1s");
+        }
         if config.issuer.is_empty() || config.audience.is_empty() || config.audience.iter().any(String::is_empty) {
             anyhow::bail!("issuer and audience are required (a token for anyone is a token for anything)");
         }
@@ -81,9 +99,9 @@ impl Jwt {
         Ok(Self { inner: Arc::new(inner) })
     }
 
-    /// The caller a token names, and its group; or why not (401; 503 when
+    /// The caller a token names, and its groups; or why not (401; 503 when
     /// no keys could ever be fetched).
-    pub async fn verify(&self, token: &str) -> Result<(String, Option<String>), ProxyError> {
+    pub async fn verify(&self, token: &str) -> Result<(String, Vec<String>), ProxyError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| ProxyError::Unauthorized("a malformed token"))?;
         let kid = header.kid.unwrap_or_default();
         let keys = self.keys_for(&kid).await?;
@@ -108,50 +126,60 @@ impl Jwt {
     fn identity(
         &self,
         claims: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(String, Option<String>), ProxyError> {
+    ) -> Result<(String, Vec<String>), ProxyError> {
         let config = &self.inner.config;
         let name = match claims.get(&config.identity_claim) {
             Some(serde_json::Value::String(name)) => name.clone(),
             Some(serde_json::Value::Number(number)) => number.to_string(),
             _ => return Err(ProxyError::Unauthorized("a token without its identity claim")),
         };
-        let group = config.group_claim.as_ref().and_then(|claim| match claims.get(claim)? {
-            serde_json::Value::String(group) => Some(group.clone()),
-            serde_json::Value::Array(groups) => groups.iter().find_map(|g| g.as_str().map(String::from)),
-            _ => None,
-        });
-        Ok((name, group))
+        let groups = match config.group_claim.as_ref().and_then(|claim| claims.get(claim)) {
+            Some(serde_json::Value::String(group)) => vec![group.clone()],
+            Some(serde_json::Value::Array(groups)) => {
+                groups.iter().filter_map(|g| g.as_str().map(String::from)).collect()
+            }
+            _ => Vec::new(),
+        };
+        Ok((name, groups))
     }
 
     /// The keys to check a token of `kid` with: those held (a stale set is
     /// refreshed in the background), else a fetch now.
     async fn keys_for(&self, kid: &str) -> Result<Arc<KeySet>, ProxyError> {
         let now = Instant::now();
+        let min_refetch = MIN_REFETCH.min(self.inner.config.refresh);
         let (keys, fresh, may_fetch) = {
             let mut state = lock(&self.inner.state);
+            let may_fetch = state.tried.is_none_or(|at| now.duration_since(at) >= min_refetch);
             let stale = state.fetched.is_none_or(|at| now.duration_since(at) >= self.inner.config.refresh);
-            if stale && state.fetched.is_some() && !state.refreshing {
+            if stale && may_fetch && state.fetched.is_some() && !state.refreshing {
                 state.refreshing = true;
                 let inner = self.inner.clone();
                 tokio::spawn(async move {
-                    inner.fetch().await;
-                    lock(&inner.state).refreshing = false;
+                    // Cleared however the fetch ends.
+                    struct Done(Arc<Inner>);
+                    impl Drop for Done {
+                        fn drop(&mut self) {
+                            lock(&self.0.state).refreshing = false;
+                        }
+                    }
+                    let done = Done(inner);
+                    done.0.fetch().await;
                 });
             }
-            let may_fetch = state.tried.is_none_or(|at| now.duration_since(at) >= MIN_REFETCH);
             (state.keys.clone(), state.fetched.is_some(), may_fetch)
         };
         if keys.by_kid.contains_key(kid) || !may_fetch {
             return match fresh {
                 true => Ok(keys),
-                false => Err(ProxyError::AuthUnavailable(format!("the JWKS at {} could not be read", self.inner.url))),
+                false => Err(ProxyError::AuthUnavailable("the issuer's keys (JWKS) cannot be read".into())),
             };
         }
         self.inner.fetch().await;
         let state = lock(&self.inner.state);
         match state.fetched {
             Some(_) => Ok(state.keys.clone()),
-            None => Err(ProxyError::AuthUnavailable(format!("the JWKS at {} could not be read", self.inner.url))),
+            None => Err(ProxyError::AuthUnavailable("the issuer's keys (JWKS) cannot be read".into())),
         }
     }
 }
@@ -165,7 +193,10 @@ impl Inner {
         if lock(&self.state).tried.is_some_and(|at| at >= asked) {
             return;
         }
-        let result = self.get().await;
+        let result = match tokio::time::timeout(FETCH_TIMEOUT, self.get()).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("not fetched within {FETCH_TIMEOUT:?}")),
+        };
         let mut state = lock(&self.state);
         state.tried = Some(Instant::now());
         match result {
@@ -185,10 +216,7 @@ impl Inner {
             .header(http::header::ACCEPT, "application/json")
             .body(Full::new(Bytes::new()))
             .map_err(|e| e.to_string())?;
-        let response = tokio::time::timeout(Duration::from_secs(10), super::client().request(request))
-            .await
-            .map_err(|_| "no answer within 10 s".to_string())?
-            .map_err(|e| format!("{e}"))?;
+        let response = super::client().request(request).await.map_err(|e| format!("{e}"))?;
         if !response.status().is_success() {
             return Err(format!("it answered {}", response.status()));
         }

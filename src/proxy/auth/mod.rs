@@ -103,20 +103,24 @@ impl Auth {
 
     /// Who is calling, or why not: 401, the forward-auth service's refusal,
     /// or 503 when the JWKS or the forward-auth service cannot be asked.
-    pub async fn caller(&self, asking: &Asking<'_>) -> Result<Arc<Tenant>, ProxyError> {
+    /// With forward-auth, also the `Set-Cookie`s of its 2xx, for the
+    /// client's answer (a session it refreshed).
+    pub async fn caller(&self, asking: &Asking<'_>) -> Result<Called, ProxyError> {
         if let Some(forward) = &self.forward {
-            let (name, group) = forward.ask(asking).await?;
-            return self.met(name, group.as_deref());
+            let allowed = forward.ask(asking).await?;
+            let tenant = self.met(allowed.name, &allowed.groups)?;
+            return Ok(Called { tenant, set_cookies: allowed.set_cookies });
         }
         let credential = self.credential(asking.headers)?;
-        match (&self.jwt, &self.keys) {
+        let tenant = match (&self.jwt, &self.keys) {
             (Some(jwt), Some(_)) | (Some(jwt), None) if self.keys.is_none() || jwt::looks_like_jwt(credential) => {
-                let (name, group) = jwt.verify(credential).await?;
-                self.met(name, group.as_deref())
+                let (name, groups) = jwt.verify(credential).await?;
+                self.met(name, &groups)?
             }
-            (_, Some(keys)) => keys.caller(credential),
-            (_, None) => Err(ProxyError::Unauthorized("no way in is configured")),
-        }
+            (_, Some(keys)) => keys.caller(credential)?,
+            (_, None) => return Err(ProxyError::Unauthorized("no way in is configured")),
+        };
+        Ok(Called { tenant, set_cookies: Vec::new() })
     }
 
     /// The key or token a request carries.
@@ -134,16 +138,25 @@ impl Auth {
     }
 
     /// The caller a token or forward-auth named: the one met before, or a
-    /// new one with its group's limits.
-    fn met(&self, name: String, group: Option<&str>) -> Result<Arc<Tenant>, ProxyError> {
+    /// new one with the limits of the first of its `groups` that
+    /// `auth.groups` knows (else the service's). A name the keys file
+    /// holds is a key's, never a token's.
+    fn met(&self, name: String, groups: &[String]) -> Result<Arc<Tenant>, ProxyError> {
         if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
             return Err(ProxyError::Unauthorized("the caller's name is empty, too long or not text"));
         }
+        if self.keys.as_ref().is_some_and(|keys| keys.knows(&name)) {
+            return Err(ProxyError::Unauthorized("the caller's name is an API key's"));
+        }
+        let group = groups.iter().find(|g| self.groups.contains_key(*g));
         let limits = group.and_then(|g| self.groups.get(g)).unwrap_or(&self.limits);
         let mut met = lock(&self.met);
-        if let Some(tenant) = met.by_name.get(&name).filter(|t| t.limits == *limits) {
+        let known = met.by_name.get(&name).cloned();
+        if let Some(tenant) = known.as_ref().filter(|t| t.group.as_ref() == group) {
             return Ok(tenant.clone());
         }
+        // Its group changed: the same count of requests in progress.
+        let active = known.map(|t| t.counter()).unwrap_or_default();
         if met.by_name.len() >= MAX_MET {
             met.by_name.retain(|_, tenant| Arc::strong_count(tenant) > 1);
         }
@@ -154,37 +167,49 @@ impl Auth {
             }
             false => "other".to_string(),
         };
-        let tenant = Arc::new(Tenant::new(name.clone(), label, limits.clone()));
+        let tenant = Arc::new(Tenant::new(name.clone(), label, limits.clone(), group.cloned(), active));
         met.by_name.insert(name, tenant.clone());
         Ok(tenant)
     }
 
     /// The caller of that name, for a job it submitted: a key's (None once
-    /// revoked or expired), else the one met (its token was checked at
+    /// revoked or expired), else, with tokens or forward-auth, the one met,
+    /// with the limits of the group it had (its token was checked at
     /// submit).
-    pub fn named(&self, name: &str) -> Option<Arc<Tenant>> {
-        if let Some(keys) = &self.keys {
-            if let Some(tenant) = keys.named(name) {
-                return Some(tenant);
-            }
+    pub fn named(&self, name: &str, group: Option<&str>) -> Option<Arc<Tenant>> {
+        if let Some(keys) = self.keys.as_ref().filter(|keys| keys.knows(name)) {
+            return keys.named(name);
         }
         if self.jwt.is_none() && self.forward.is_none() {
             return None;
         }
-        if let Some(tenant) = lock(&self.met).by_name.get(name) {
-            return Some(tenant.clone());
-        }
-        self.met(name.to_string(), None).ok()
+        let groups: Vec<String> = group.map(String::from).into_iter().collect();
+        self.met(name.to_string(), &groups).ok()
     }
 
-    /// The header the credential came in, which no pod or store sees (none
-    /// with forward-auth: the pod may need its cookies).
+    /// The headers with the credential, which no pod (keys and tokens) or
+    /// job store (any) sees: with forward-auth, those shown to it (the
+    /// pod of a plain request may need its cookies).
+    pub fn credential_headers(&self) -> Vec<&HeaderName> {
+        match &self.forward {
+            Some(forward) => forward.copied().iter().collect(),
+            None => vec![&self.header],
+        }
+    }
+
+    /// The header removed before the pod sees a request (keys and tokens).
     pub fn header(&self) -> Option<&HeaderName> {
         match self.forward {
             Some(_) => None,
             None => Some(&self.header),
         }
     }
+}
+
+/// A caller let in, and cookies for its answer.
+pub struct Called {
+    pub tenant: Arc<Tenant>,
+    pub set_cookies: Vec<http::HeaderValue>,
 }
 
 /// The client auth asks the JWKS and forward-auth services with: plain
@@ -233,5 +258,62 @@ pub(crate) async fn read_capped(body: hyper::body::Incoming, limit: usize) -> Re
     match limited.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) => Err(format!("its answer could not be read ({error})")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(keys: &str) -> (Auth, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("sdgate-auth-{}-{}.yaml", std::process::id(), fastrand::u64(..)));
+        std::fs::write(&path, keys).unwrap();
+        let yaml = format!(
+            "keys_file: {}\njwt: {{ jwks_url: \"http://127.0.0.1:1/jwks\", issuer: iss, audience: aud }}\n\
+             limits: {{ concurrent: 5 }}\ngroups: {{ free: {{ concurrent: 1 }}, pro: {{ concurrent: 3 }} }}\n",
+            path.display()
+        );
+        let config: AuthConfig = serde_yaml::from_str(&yaml).unwrap();
+        (Auth::load(&config).unwrap(), path)
+    }
+
+    #[test]
+    fn a_token_caller_gets_its_first_known_group_and_keeps_its_count_when_the_group_changes() {
+        let (line_key, line) = crate::proxy::tenants::new_key("team-a").unwrap();
+        let (auth, path) = auth(&format!("keys:\n{line}\n"));
+        let _ = std::fs::remove_file(path);
+        let groups = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let alice = auth.met("alice".into(), &groups(&["users", "free"])).unwrap();
+        assert_eq!((alice.limits.concurrent, alice.group.as_deref()), (1, Some("free")));
+        let usage = crate::proxy::tenants::Usage::default();
+        let held = usage.admit("sd", &alice).unwrap();
+        // Her group changes: her request in progress still counts.
+        let pro = auth.met("alice".into(), &groups(&["pro"])).unwrap();
+        assert_eq!(pro.limits.concurrent, 3);
+        assert!(Arc::ptr_eq(&pro.counter(), &alice.counter()));
+        let bob = auth.met("bob".into(), &[]).unwrap();
+        assert_eq!((bob.limits.concurrent, bob.group.as_deref()), (5, None));
+        drop(held);
+        // A job's run finds her with the group she submitted with.
+        assert_eq!(auth.named("alice", Some("free")).unwrap().limits.concurrent, 1);
+        // A key's name is never a token's; a revoked key runs nothing.
+        assert!(matches!(auth.met("team-a".into(), &[]), Err(ProxyError::Unauthorized(_))));
+        assert!(auth.named("team-a", None).is_some());
+        assert!(!line.contains(&line_key));
+        for bad in [String::new(), "x".repeat(129), "a\nb".into()] {
+            assert!(auth.met(bad, &[]).is_err());
+        }
+    }
+
+    #[test]
+    fn callers_met_get_at_most_max_labels_labels() {
+        let (auth, path) = auth("keys: []\n");
+        let _ = std::fs::remove_file(path);
+        for i in 0..MAX_LABELS + 5 {
+            let tenant = auth.met(format!("user-{i}"), &[]).unwrap();
+            let expected = if i < MAX_LABELS { format!("user-{i}") } else { "other".into() };
+            assert_eq!(tenant.label, expected);
+        }
+        assert_eq!(auth.met("user-0".into(), &[]).unwrap().label, "user-0", "a labelled caller keeps its label");
     }
 }
