@@ -511,3 +511,173 @@ fn the_dockerfile_builds_the_profile_guided_binary() {
     let uid = pod.security_context.as_ref().and_then(|s| s.run_as_user).expect("runAsUser");
     assert_eq!(user, format!("USER {uid}:{uid}"));
 }
+
+/// The part of cert-manager's `Certificate` (cert-manager.io/v1) that
+/// deploy/tls writes: no field outside it, each named as its CRD names it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Certificate {
+    api_version: String,
+    kind: String,
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: CertificateSpec,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CertificateSpec {
+    secret_name: String,
+    dns_names: Vec<String>,
+    issuer_ref: IssuerRef,
+    private_key: Option<PrivateKey>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssuerRef {
+    name: String,
+    kind: String,
+    group: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PrivateKey {
+    algorithm: String,
+    size: u32,
+    rotation_policy: String,
+}
+
+fn tls_component(file: &str) -> Vec<Value> {
+    let path = deploy_dir().join("tls").join(file);
+    documents(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("deploy/tls/{file}: {e}")), file)
+}
+
+/// deploy/tls (a kustomize Component): cert-manager's Certificate writes
+/// the Secret the sdgate pods mount where the config reads its PEM files,
+/// for the config's hosts; the config is the base's with TLS on the
+/// listener; the pods' ports and the Service's match the config's
+/// listeners (https, the http redirect, the standby's relay).
+#[test]
+fn the_tls_component_mounts_the_certificates_secret_where_the_config_reads_it() {
+    let kustomization: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(deploy_dir().join("tls/kustomization.yaml")).unwrap()).unwrap();
+    assert_eq!(kustomization["kind"].as_str(), Some("Component"));
+    let base: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap()).unwrap();
+    assert!(base.get("components").is_none(), "TLS is opt-in: the quick start has no certificate to get");
+
+    let certificate: Certificate = serde_json::from_value(tls_component("certificate.yaml").remove(0)).unwrap();
+    assert_eq!((certificate.api_version.as_str(), certificate.kind.as_str()), ("cert-manager.io/v1", "Certificate"));
+    assert!(certificate.metadata.namespace.is_none());
+    assert!(!certificate.spec.issuer_ref.name.is_empty() && certificate.spec.issuer_ref.group == "cert-manager.io");
+    assert!(["Issuer", "ClusterIssuer"].contains(&certificate.spec.issuer_ref.kind.as_str()));
+    let key = certificate.spec.private_key.as_ref().expect("privateKey");
+    assert!(key.algorithm == "ECDSA" && key.size == 256 && key.rotation_policy == "Always");
+
+    let config_map: ConfigMap = typed(&tls_component("config.yaml")[0], "ConfigMap sdgate-config (tls)");
+    let text = config_map.data.as_ref().and_then(|d| d.get("config.yaml")).expect("config.yaml").clone();
+    let config = sdgate::Config::from_yaml(&text).unwrap_or_else(|e| panic!("the TLS config: {e:#}"));
+    let tls = config.tls.as_ref().expect("tls");
+    let hosts: BTreeSet<&str> = tls.certificates.iter().flat_map(|c| c.hosts.iter().map(String::as_str)).collect();
+    let names: BTreeSet<&str> = certificate.spec.dns_names.iter().map(String::as_str).collect();
+    assert_eq!(hosts, names, "the certificate is for the hosts the config serves over TLS");
+    assert_eq!(hosts, config.services[0].hosts.iter().map(String::as_str).collect());
+    // The same config as the base's but for the listener.
+    let without = |text: &str| {
+        let mut value: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+        let map = value.as_mapping_mut().unwrap();
+        map.remove("listen");
+        map.remove("tls");
+        value
+    };
+    assert_eq!(
+        without(&text),
+        without(&config_text(&load(&listed_resources()))),
+        "keep deploy/tls/config.yaml as the base's"
+    );
+
+    // The pods mount the Secret where the config reads it, and have its ports.
+    let patch = &tls_component("deployment.yaml")[0];
+    let pod = &patch["spec"]["template"]["spec"];
+    let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "tls").expect("volume tls");
+    assert_eq!(volume["secret"]["secretName"], certificate.spec.secret_name.as_str());
+    let patched = &pod["containers"][0];
+    assert_eq!(patched["name"], "sdgate");
+    let mount = patched["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "tls").expect("mount");
+    let dir = std::path::Path::new(mount["mountPath"].as_str().unwrap());
+    for c in &tls.certificates {
+        assert_eq!((c.cert.parent(), c.key.parent()), (Some(dir), Some(dir)));
+        let (cert, key) = (c.cert.file_name().unwrap(), c.key.file_name().unwrap());
+        assert_eq!((cert.to_str(), key.to_str()), (Some("tls.crt"), Some("tls.key")), "a TLS Secret's keys");
+    }
+    let port = |name: &str| {
+        patched["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["containerPort"].as_u64())
+    };
+    assert_eq!(port("https"), Some(u64::from(config.listen.port())));
+    assert_eq!(port("relay"), Some(u64::from(tls.relay_listen.port())));
+    // The base's `http` port (the Service's port 80) is the redirect.
+    let objects = load(&listed_resources());
+    let base_http =
+        container_port(container(objects.deployment("sdgate"), "sdgate"), &IntOrString::String("http".into()));
+    assert_eq!(tls.redirect_http.map(|a| i32::from(a.port())), Some(base_http));
+    let service: Service = typed(&tls_component("service.yaml")[0], "Service sdgate (tls)");
+    let ports = service.spec.and_then(|s| s.ports).unwrap_or_default();
+    assert!(ports.iter().any(|p| p.port == 443 && p.target_port == Some(IntOrString::String("https".into()))));
+}
+
+/// The base with the TLS component, rendered by kubectl: the objects of the
+/// base (typed, no unknown field) plus the Certificate, the Deployment
+/// mounting the Secret and the Service on 443 and 80.
+#[test]
+fn kubectl_kustomize_renders_the_tls_component_onto_the_base() {
+    let overlay = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(format!("overlay-tls-{}", std::process::id()))
+        .join("with-tls");
+    std::fs::create_dir_all(&overlay).unwrap();
+    let kustomization = "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../../../deploy\ncomponents:\n  - ../../../deploy/tls\n";
+    std::fs::write(overlay.join("kustomization.yaml"), kustomization).unwrap();
+    let output = std::process::Command::new("kubectl").arg("kustomize").arg(&overlay).output();
+    let _ = std::fs::remove_dir_all(overlay.parent().unwrap());
+    let output = match output {
+        Ok(output) => output,
+        Err(_) => {
+            eprintln!("skipped: kubectl is not installed (tests/deploy/render.sh installs it)");
+            return;
+        }
+    };
+    assert!(output.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    let (certificates, rest): (Vec<Value>, Vec<Value>) =
+        documents(&text, "base + tls").into_iter().partition(|d| d["kind"] == "Certificate");
+    assert_eq!(certificates.len(), 1);
+    let objects = load(&rest);
+    assert_eq!(objects.ids, load(&listed_resources()).ids);
+    let config = sdgate_config(&objects);
+    assert!(config.tls.is_some());
+    let sdgate = objects.deployment("sdgate");
+    let pod = sdgate.spec.as_ref().and_then(|s| s.template.spec.as_ref()).unwrap();
+    let volumes = pod.volumes.as_deref().unwrap_or_default();
+    assert!(volumes.iter().any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("sdgate-tls")));
+    assert!(volumes.iter().any(|v| v.name == "config"), "the base's volume kept");
+    let c = container(sdgate, "sdgate");
+    for name in ["http", "https", "relay", "admin"] {
+        container_port(c, &IntOrString::String(name.into()));
+    }
+    let ports: Vec<i32> = objects
+        .service("sdgate")
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| p.port)
+        .collect();
+    assert!(ports.contains(&443) && ports.contains(&80), "{ports:?}");
+}
