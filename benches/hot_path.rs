@@ -13,6 +13,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+
+#[path = "../tests/support/jwt.rs"]
+mod jwt_support;
 use http::{header, HeaderMap, HeaderValue};
 use sdgate::config::AffinityConfig;
 use sdgate::gate::EndpointId;
@@ -125,22 +128,8 @@ fn api_keys(c: &mut Criterion) {
 /// the JWKS held (fetched once, from a server in this process), its
 /// issuer, audience and expiry checked, its caller found and admitted.
 fn jwt(c: &mut Criterion) {
-    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("a key");
-    let point = pair.public_key_raw().to_vec();
-    let b64 = |bytes: &[u8]| -> String {
-        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-            for i in 0..=chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            }
-        }
-        out
-    };
-    let jwks = serde_json::json!({ "keys": [{ "kty": "EC", "crv": "P-256", "kid": "k", "alg": "ES256",
-        "x": b64(&point[1..33]), "y": b64(&point[33..]) }] })
-    .to_string();
+    let key = jwt_support::SigningKey::new("k");
+    let jwks = serde_json::json!({ "keys": [key.jwk] }).to_string();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -159,11 +148,7 @@ fn jwt(c: &mut Criterion) {
     let auth = sdgate::proxy::auth::Auth::load(&config).expect("jwt auth");
     let usage = sdgate::proxy::tenants::Usage::default();
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() + 3600;
-    let mut head = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    head.kid = Some("k".into());
-    let claims = serde_json::json!({ "sub": "team-a", "iss": "iss", "aud": "sdgate", "exp": exp });
-    let token = jsonwebtoken::encode(&head, &claims, &jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der()))
-        .expect("a token");
+    let token = key.token(serde_json::json!({ "sub": "team-a", "iss": "iss", "aud": "sdgate", "exp": exp }));
     let request = http::Request::post("/sdapi/v1/txt2img")
         .header(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).expect("header"))
         .body(())

@@ -456,30 +456,33 @@ fn kubectl_kustomize_renders_the_same_objects() {
     assert_eq!(rendered.ids, load(&listed_resources()).ids);
 }
 
+/// `kubectl kustomize` of an overlay (its kustomization.yaml, written in
+/// target/, beside deploy/: kustomize takes a base by a relative path);
+/// None, with a note, where kubectl is not installed.
+fn kustomize_overlay(name: &str, kustomization: &str) -> Option<String> {
+    let overlay = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(format!("overlay-{name}-{}", std::process::id()))
+        .join(name);
+    std::fs::create_dir_all(&overlay).unwrap();
+    std::fs::write(overlay.join("kustomization.yaml"), kustomization).unwrap();
+    let output = std::process::Command::new("kubectl").arg("kustomize").arg(&overlay).output();
+    let _ = std::fs::remove_dir_all(overlay.parent().unwrap());
+    let Ok(output) = output else {
+        eprintln!("skipped: kubectl is not installed (tests/deploy/render.sh installs it)");
+        return None;
+    };
+    assert!(output.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&output.stderr));
+    Some(String::from_utf8(output.stdout).unwrap())
+}
+
 /// An overlay with kustomize's `namespace:` puts every object there and
 /// leaves nothing in `default`: no object, no RoleBinding subject, and no
 /// namespace in sdgate's config (it takes its pod's).
 #[test]
 fn kubectl_kustomize_an_overlay_with_a_namespace_leaves_nothing_in_default() {
-    // Beside deploy/ (kustomize takes a base by a relative path).
-    let overlay = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join(format!("overlay-{}", std::process::id()))
-        .join("sd-prod");
-    std::fs::create_dir_all(&overlay).unwrap();
     let kustomization = "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: sd-prod\nresources:\n  - ../../../deploy\n";
-    std::fs::write(overlay.join("kustomization.yaml"), kustomization).unwrap();
-    let output = std::process::Command::new("kubectl").arg("kustomize").arg(&overlay).output();
-    let _ = std::fs::remove_dir_all(overlay.parent().unwrap());
-    let output = match output {
-        Ok(output) => output,
-        Err(_) => {
-            eprintln!("skipped: kubectl is not installed (tests/deploy/render.sh installs it)");
-            return;
-        }
-    };
-    assert!(output.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&output.stderr));
-    let text = String::from_utf8(output.stdout).unwrap();
+    let Some(text) = kustomize_overlay("sd-prod", kustomization) else { return };
     let documents = documents(&text, "the overlay");
     let objects = load(&documents);
     assert_eq!(objects.ids.len(), load(&listed_resources()).ids.len());
@@ -636,24 +639,8 @@ fn the_tls_component_mounts_the_certificates_secret_where_the_config_reads_it() 
 /// mounting the Secret and the Service on 443 and 80.
 #[test]
 fn kubectl_kustomize_renders_the_tls_component_onto_the_base() {
-    let overlay = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join(format!("overlay-tls-{}", std::process::id()))
-        .join("with-tls");
-    std::fs::create_dir_all(&overlay).unwrap();
     let kustomization = "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../../../deploy\ncomponents:\n  - ../../../deploy/tls\n";
-    std::fs::write(overlay.join("kustomization.yaml"), kustomization).unwrap();
-    let output = std::process::Command::new("kubectl").arg("kustomize").arg(&overlay).output();
-    let _ = std::fs::remove_dir_all(overlay.parent().unwrap());
-    let output = match output {
-        Ok(output) => output,
-        Err(_) => {
-            eprintln!("skipped: kubectl is not installed (tests/deploy/render.sh installs it)");
-            return;
-        }
-    };
-    assert!(output.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&output.stderr));
-    let text = String::from_utf8(output.stdout).unwrap();
+    let Some(text) = kustomize_overlay("with-tls", kustomization) else { return };
     let (certificates, rest): (Vec<Value>, Vec<Value>) =
         documents(&text, "base + tls").into_iter().partition(|d| d["kind"] == "Certificate");
     assert_eq!(certificates.len(), 1);
