@@ -102,6 +102,7 @@ fn api_keys(c: &mut Criterion) {
         per_minute: u32::MAX / 2,
         gpu_seconds_per_hour: 1e12,
         gpu_seconds_per_day: 1e12,
+        queued: 0,
     };
     let config = sdgate::config::AuthConfig { keys_file: Some(path.clone()), limits, ..Default::default() };
     let auth = sdgate::proxy::auth::Auth::load(&config).expect("keys");

@@ -16,7 +16,7 @@ pub enum ProxyError {
     MissingHost,
     #[error("no generation of this session is running")]
     NoJob,
-    #[error("this client already has {0} requests waiting (fairness.max_queued)")]
+    #[error("this client already has {0} requests waiting (fairness.max_queued, or its auth limit queued)")]
     ClientQueueFull(usize),
     #[error("CONNECT is not proxied: sdgate forwards HTTP requests to Stable Diffusion pods")]
     MethodNotAllowed,

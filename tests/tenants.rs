@@ -99,6 +99,38 @@ async fn a_caller_at_its_limit_still_polls_its_progress() {
     gateway.shutdown().await;
 }
 
+/// A key's `queued` limit bounds its requests waiting for a pod: one more
+/// is refused 429 at once, while another key's requests still queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_may_have_at_most_its_queued_limit_waiting() {
+    let workers = sims(1, fast_sim(20)).await;
+    let keys = TempFile::new(
+        "yaml",
+        &format!("keys:\n{}{}", key_line("busy", "sdg_busy", ""), key_line("q", "sdg_q", ", limits: { queued: 1 }")),
+    );
+    let auth = format!("    auth: {{ keys_file: \"{}\" }}\n", keys.path.display());
+    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, &auth).await;
+    let client = client();
+    let spawn = |prompt: &'static str, steps: u32, key: &'static str| {
+        let (client, addr) = (client.clone(), gateway.addr);
+        tokio::spawn(async move { send(&client, with_key(txt2img(addr, prompt, steps), key)).await.status.as_u16() })
+    };
+    let long = spawn("long", 50, "sdg_busy");
+    gateway.wait_for(|g| g.inflight() == 1, "the long one on the pod").await;
+    let waiting = spawn("waits", 1, "sdg_q");
+    gateway.wait_for(|g| g.queue_depth() == 1, "q's first waiting").await;
+    let refused = send(&client, with_key(txt2img(gateway.addr, "one too many", 1), "sdg_q")).await;
+    refused.assert_json_error(429);
+    assert!(refused.json()["error"].as_str().unwrap_or_default().contains("1 requests waiting"), "{:?}", refused.body);
+    let other = spawn("other key", 1, "sdg_busy");
+    gateway.wait_for(|g| g.queue_depth() == 2, "the other key's request waits too").await;
+    for task in [long, waiting, other] {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    assert_eq!(workers[0].stats().served, 3);
+    gateway.shutdown().await;
+}
+
 /// Two keys, one with a GPU-second budget: it gets 429 once spent while the
 /// other keeps full service; the budget holds across a restart (kept in the
 /// jobs store); `sdgate usage` says what the pods counted.

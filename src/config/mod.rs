@@ -638,6 +638,9 @@ pub struct TenantLimits {
     pub gpu_seconds_per_hour: f64,
     /// The same per UTC day.
     pub gpu_seconds_per_day: f64,
+    /// Its requests waiting for a pod (more: 429); 0: the service's
+    /// `fairness.max_queued`.
+    pub queued: u32,
 }
 
 /// `jobs`: async jobs, kept in a store (see `jobs`).

@@ -799,9 +799,13 @@ impl Proxy {
         // Only a session whose cookie came back names a client.
         let returned = session.as_ref().filter(|s| matches!(s.presented, Presented::Valid(..))).map(|s| &s.id);
         let mut origin = fairness::origin(service, request.headers(), peer, returned, priority);
-        // A caller auth named is its own client for fair share.
+        // A caller auth named is its own client for fair share, with its
+        // own bound on waiting requests if it has one.
         if let Some(tenants::Caller(tenant, _)) = caller {
             origin.client = Some(fairness::client_named(&tenant.name));
+            if tenant.limits.queued > 0 {
+                origin.max_queued = tenant.limits.queued;
+            }
         }
         Ok(Admitted { bypass, owner_only, session, pin, origin, queued: None })
     }
