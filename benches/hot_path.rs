@@ -84,6 +84,16 @@ fn pin_table(c: &mut Criterion) {
     });
 }
 
+/// A future that is ready at its first poll (a caller found without I/O:
+/// a key, a JWT whose keys are held), as a serving thread polls it.
+fn ready<T>(future: impl std::future::Future<Output = T>) -> T {
+    let mut context = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+    match std::pin::pin!(future).poll(&mut context) {
+        std::task::Poll::Ready(value) => value,
+        std::task::Poll::Pending => panic!("waited on I/O"),
+    }
+}
+
 /// A request to a service with `auth`: its key looked up by its SHA-256
 /// among 1,000, and admitted against limits (rate, concurrency, GPU-seconds).
 fn api_keys(c: &mut Criterion) {
@@ -112,12 +122,10 @@ fn api_keys(c: &mut Criterion) {
         .header(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {last}")).expect("header"))
         .body(())
         .expect("request");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let _entered = runtime.enter();
     c.bench_function("auth/find the caller and admit it", |b| {
         b.iter(|| {
             let asking = sdgate::proxy::auth::Asking::of(black_box(&request), None);
-            let tenant = runtime.block_on(auth.caller(&asking)).expect("known").tenant;
+            let tenant = ready(auth.caller(&asking)).expect("known").tenant;
             let admission = usage.admit("stable-diffusion", &tenant).expect("admitted");
             drop(black_box(admission));
         })
@@ -156,13 +164,35 @@ fn jwt(c: &mut Criterion) {
         .expect("request");
     let asking = sdgate::proxy::auth::Asking::of(&request, None);
     runtime.block_on(auth.caller(&asking)).expect("the JWKS fetched, the token good");
-    c.bench_function("auth/verify a JWT (ES256) and admit its caller", |b| {
+    c.bench_function("auth/a JWT seen before: found and admitted", |b| {
         b.iter(|| {
             let asking = sdgate::proxy::auth::Asking::of(black_box(&request), None);
-            let tenant = runtime.block_on(auth.caller(&asking)).expect("good").tenant;
+            let tenant = ready(auth.caller(&asking)).expect("good").tenant;
             let admission = usage.admit("stable-diffusion", &tenant).expect("admitted");
             drop(black_box(admission));
         })
+    });
+    // Each token new (another jti): its ES256 signature checked.
+    let mut n = 0u64;
+    c.bench_function("auth/a JWT first seen (ES256): verified and admitted", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                let claims =
+                    serde_json::json!({ "sub": "team-a", "iss": "iss", "aud": "sdgate", "exp": exp, "jti": n });
+                http::Request::post("/sdapi/v1/txt2img")
+                    .header(header::AUTHORIZATION, format!("Bearer {}", key.token(claims)))
+                    .body(())
+                    .expect("request")
+            },
+            |request| {
+                let asking = sdgate::proxy::auth::Asking::of(&request, None);
+                let tenant = ready(auth.caller(&asking)).expect("good").tenant;
+                let admission = usage.admit("stable-diffusion", &tenant).expect("admitted");
+                drop(black_box(admission));
+            },
+            criterion::BatchSize::SmallInput,
+        )
     });
 }
 

@@ -140,6 +140,23 @@ async fn the_cookie_is_http_only_lax_for_half_an_hour_on_every_path() {
         assert!(attributes.contains(&expected), "{expected} missing from {header}");
     }
     assert!(!attributes.contains(&"Secure"));
+    // A client's own X-Forwarded-Proto is not believed...
+    let https = |prompt: &str| {
+        let mut request = txt2img(gateway.addr, prompt, 1);
+        request.headers_mut().insert("x-forwarded-proto", "https".parse().unwrap());
+        request
+    };
+    let plain = send(&client(), https("y")).await;
+    assert!(!plain.headers["set-cookie"].to_str().unwrap().contains("; Secure"));
+    let mut headers = get(gateway.addr, "/sim/headers");
+    headers.headers_mut().insert("x-forwarded-proto", "https".parse().unwrap());
+    headers.headers_mut().insert("x-forwarded-host", "evil.example".parse().unwrap());
+    let seen = send(&client(), headers).await.json();
+    assert_eq!((seen["x-forwarded-proto"].as_str(), seen["x-forwarded-host"].as_str()), (Some("http"), Some(HOST)));
+    gateway.shutdown().await;
+    // ...a trusted proxy's (one that terminated TLS in front) is.
+    let trusted = "    fairness: { trusted_proxies: [\"127.0.0.1\"] }\n";
+    let gateway = TestGateway::in_front_of(&[workers[0].addr], 1, &affinity("strict", &keys, trusted)).await;
     let mut request = txt2img(gateway.addr, "y", 1);
     request.headers_mut().insert("x-forwarded-proto", "https".parse().unwrap());
     let secure = send(&client(), request).await;

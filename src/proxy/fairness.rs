@@ -77,11 +77,16 @@ pub fn origin(
 /// last `X-Forwarded-For` hop when the peer is a trusted proxy.
 pub fn client_address(fairness: &Fairness, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
     let peer = peer?;
-    if !fairness.trusted.iter().any(|block| block.contains(peer)) {
+    if !trusts(fairness, peer) {
         return Some(peer);
     }
     let forwarded = headers.get_all("x-forwarded-for").iter().next_back().and_then(|v| v.to_str().ok());
     forwarded.and_then(|v| v.rsplit(',').next()).and_then(|hop| hop.trim().parse().ok()).or(Some(peer))
+}
+
+/// Whether `peer` is one of the service's `trusted_proxies`.
+pub fn trusts(fairness: &Fairness, peer: IpAddr) -> bool {
+    fairness.trusted.iter().any(|block| block.contains(peer))
 }
 
 /// The fair-share client of a caller with an API key (its name).

@@ -613,6 +613,18 @@ impl Proxy {
             },
         };
         let service = record.service.clone();
+        // X-Forwarded-Proto and -Host (a Secure cookie, what forward-auth
+        // and the pod are told) are believed from a trusted proxy or a
+        // standby of ours; over TLS sdgate says it itself.
+        let headers = request.headers();
+        if (headers.contains_key(X_FORWARDED_PROTO) || headers.contains_key(X_FORWARDED_HOST))
+            && relayed.is_none()
+            && request.extensions().get::<ViaTls>().is_none()
+            && !fairness::trusts(&service.fairness, peer.addr.ip())
+        {
+            request.headers_mut().remove(X_FORWARDED_PROTO);
+            request.headers_mut().remove(X_FORWARDED_HOST);
+        }
         // Who is calling, before anything is queued.
         let mut set_cookies = Vec::new();
         if let Some(auth) = &service.auth {
@@ -1301,6 +1313,13 @@ impl Drop for Record {
 }
 
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
+
+/// A request extension: it came over sdgate's own TLS (its
+/// `X-Forwarded-Proto: https` is sdgate's word).
+#[derive(Clone, Copy, Debug)]
+pub struct ViaTls;
 
 /// The request's id: the client's `X-Request-Id` if it sent one, else a new
 /// random one; set on the request so the pod sees it too.

@@ -661,6 +661,7 @@ async fn serve_http<I>(
         if https {
             // Said by sdgate, which decrypted it: never the client's word.
             request.headers_mut().insert("x-forwarded-proto", http::HeaderValue::from_static("https"));
+            request.extensions_mut().insert(crate::proxy::ViaTls);
         }
         async move {
             let response = match router::normalize_host(&mut request) {

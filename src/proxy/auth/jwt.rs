@@ -9,7 +9,9 @@
 //! is refused after the next fetch. Only asymmetric keys are used (a
 //! JWKS is public: an HMAC key there would let anyone sign), and only the
 //! algorithms of their kind (or the one a key names); the token's own
-//! `jwk`, `jku` or `x5u` are never followed.
+//! `jwk`, `jku` or `x5u` are never followed. A token verified once is not
+//! verified again until it expires, while its key is in the JWKS (the
+//! signature check is most of the cost; clients send one token many times).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +23,7 @@ use http::Uri;
 use http_body_util::Full;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use sha2::Digest;
 use tokio::time::Instant;
 
 use crate::config::JwtConfig;
@@ -45,6 +48,8 @@ struct Inner {
     config: JwtConfig,
     url: Uri,
     state: Mutex<State>,
+    /// Tokens verified, by their SHA-256, until they expire.
+    verified: Mutex<HashMap<[u8; 32], Verified>>,
     /// One fetch at a time.
     fetching: tokio::sync::Mutex<()>,
 }
@@ -58,6 +63,22 @@ struct State {
     tried: Option<Instant>,
     /// A background refresh is under way.
     refreshing: bool,
+}
+
+/// What a verified token said, kept until it expires (`exp` + leeway,
+/// Unix seconds) while its key (`kid`) is in the JWKS.
+struct Verified {
+    name: String,
+    groups: Vec<String>,
+    until: i64,
+    kid: String,
+}
+
+/// Tokens kept verified at most; past it, all are forgotten at once.
+const MAX_VERIFIED: usize = 10_000;
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The JWKS's usable keys, by `kid` (a key without one: `""`).
@@ -94,8 +115,13 @@ impl Jwt {
         if config.identity_claim.is_empty() {
             anyhow::bail!("identity_claim: may not be empty");
         }
-        let inner =
-            Inner { config: config.clone(), url, state: Mutex::default(), fetching: tokio::sync::Mutex::new(()) };
+        let inner = Inner {
+            config: config.clone(),
+            url,
+            state: Mutex::default(),
+            verified: Mutex::default(),
+            fetching: tokio::sync::Mutex::new(()),
+        };
         Ok(Self { inner: Arc::new(inner) })
     }
 
@@ -106,6 +132,14 @@ impl Jwt {
         let kid = header.kid.unwrap_or_default();
         let keys = self.keys_for(&kid).await?;
         let candidates = keys.by_kid.get(&kid).ok_or(ProxyError::Unauthorized("a token signed by an unknown key"))?;
+        // A token seen before, signed by a key the JWKS still has, not
+        // expired: its signature is not checked again.
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let now = unix_now();
+        if let Some(seen) = lock(&self.inner.verified).get(&digest).filter(|seen| now <= seen.until && seen.kid == kid)
+        {
+            return Ok((seen.name.clone(), seen.groups.clone()));
+        }
         let config = &self.inner.config;
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&config.issuer]);
@@ -116,7 +150,18 @@ impl Jwt {
         let mut last = ProxyError::Unauthorized("a token signed with an algorithm its key does not use");
         for (key, _) in candidates.iter().filter(|(_, algorithms)| algorithms.contains(&header.alg)) {
             match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, key, &validation) {
-                Ok(data) => return self.identity(&data.claims),
+                Ok(data) => {
+                    let (name, groups) = self.identity(&data.claims)?;
+                    let exp = data.claims.get("exp").and_then(serde_json::Value::as_i64).unwrap_or(0);
+                    let until = exp.saturating_add(config.leeway.as_secs() as i64);
+                    let mut verified = lock(&self.inner.verified);
+                    if verified.len() >= MAX_VERIFIED {
+                        verified.clear();
+                    }
+                    let seen = Verified { name: name.clone(), groups: groups.clone(), until, kid: kid.clone() };
+                    verified.insert(digest, seen);
+                    return Ok((name, groups));
+                }
                 Err(error) => last = refusal(error.kind()),
             }
         }
