@@ -631,7 +631,12 @@ fn the_tls_component_mounts_the_certificates_secret_where_the_config_reads_it() 
     assert_eq!(tls.redirect_http.map(|a| i32::from(a.port())), Some(base_http));
     let service: Service = typed(&tls_component("service.yaml")[0], "Service sdgate (tls)");
     let ports = service.spec.and_then(|s| s.ports).unwrap_or_default();
-    assert!(ports.iter().any(|p| p.port == 443 && p.target_port == Some(IntOrString::String("https".into()))));
+    let https = ports.iter().find(|p| p.target_port == Some(IntOrString::String("https".into()))).expect("https");
+    assert_eq!(
+        tls.https_port.map(i32::from),
+        Some(https.port),
+        "the redirect sends clients to the Service's https port"
+    );
 }
 
 /// The base with the TLS component, rendered by kubectl: the objects of the

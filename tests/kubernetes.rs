@@ -267,7 +267,9 @@ async fn two_replicas_of_a_config_without_leader_election_never_both_dispatch() 
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
     let mut stream = socket.connect(standby.addr).await.unwrap();
-    let head = format!("GET /sim/headers HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+    let head = format!(
+        "GET /sim/headers HTTP/1.1\r\nHost: {HOST}\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\nConnection: close\r\n\r\n"
+    );
     tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     let _ =
@@ -278,6 +280,12 @@ async fn two_replicas_of_a_config_without_leader_election_never_both_dispatch() 
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
     let headers: serde_json::Value = serde_json::from_str(body).expect("the headers the pod saw, as JSON");
     assert_eq!(headers["x-forwarded-for"], "127.0.0.2", "{headers}");
+    // What the client said of its scheme and host is not believed because a
+    // standby passed it on.
+    assert_eq!(
+        (headers["x-forwarded-proto"].as_str(), headers["x-forwarded-host"].as_str()),
+        (Some("http"), Some(HOST))
+    );
     assert!(headers.get("x-sdgate-relay").is_none() && headers.get("x-sdgate-client").is_none(), "{headers}");
     assert_eq!(handed_over(standby.admin).await, 2.0);
     no_overlap_anywhere(&cluster);
@@ -285,14 +293,20 @@ async fn two_replicas_of_a_config_without_leader_election_never_both_dispatch() 
 
 /// A txt2img over TLS with curl to `addr` (SNI: the service's host),
 /// trusting `ca`: the status code curl saw.
-fn curl_tls(addr: std::net::SocketAddr, ca: &std::path::Path) -> String {
+fn curl_tls(addr: std::net::SocketAddr, ca: &std::path::Path, steps: u32) -> String {
     let url = format!("https://{HOST}:{}/sdapi/v1/txt2img", addr.port());
     let output = std::process::Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "30"])
         .args(["--resolve", &format!("{HOST}:{}:127.0.0.1", addr.port())])
         .arg("--cacert")
         .arg(ca)
-        .args(["-H", "Content-Type: application/json", "-d", r#"{"prompt":"tls relay","steps":1}"#, &url])
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &format!(r#"{{"prompt":"tls relay","steps":{steps}}}"#),
+            &url,
+        ])
         .output()
         .expect("curl runs");
     String::from_utf8_lossy(&output.stdout).to_string()
@@ -319,10 +333,10 @@ async fn with_tls_a_standby_hands_over_on_the_holders_relay_listener() {
     let (holder, standby) = two_replicas_with(&cluster, scale, "lease_duration: 2s, renew_period: 500ms", &tls).await;
     let ca = dir.join("sd.pem");
     let (holder_addr, ca_path) = (holder.addr, ca.clone());
-    let to_holder = tokio::task::spawn_blocking(move || curl_tls(holder_addr, &ca_path)).await.unwrap();
+    let to_holder = tokio::task::spawn_blocking(move || curl_tls(holder_addr, &ca_path, 1)).await.unwrap();
     assert_eq!(to_holder, "200");
     let standby_addr = standby.addr;
-    let via_standby = tokio::task::spawn_blocking(move || curl_tls(standby_addr, &ca)).await.unwrap();
+    let via_standby = tokio::task::spawn_blocking(move || curl_tls(standby_addr, &ca, 1)).await.unwrap();
     assert_eq!(via_standby, "200", "handed over");
     assert_eq!(handed_over(standby.admin).await, 1.0);
     // The relay listener takes hand-overs only.
@@ -334,6 +348,16 @@ async fn with_tls_a_standby_hands_over_on_the_holders_relay_listener() {
     )
     .await;
     assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    // A hand-over in progress when the holder is stopped is drained, not cut.
+    let ca = dir.join("sd.pem");
+    let long = tokio::task::spawn_blocking(move || curl_tls(standby_addr, &ca, 150));
+    let holder_admin = holder.admin;
+    eventually("the long hand-over on a pod", || async move {
+        metric(holder_admin, "sdgate_inflight_requests{service=\"sd\"}").await == Some(1.0)
+    })
+    .await;
+    holder.signal("TERM");
+    assert_eq!(long.await.unwrap(), "200", "the handed-over request finished across the holder's drain");
     no_overlap_anywhere(&cluster);
     let _ = std::fs::remove_dir_all(&dir);
 }

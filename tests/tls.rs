@@ -135,14 +135,22 @@ async fn sni_picks_the_certificate_and_http2_and_http1_work_over_tls() {
     let said = tokio::task::spawn_blocking(move || python(addr, Some("a.example"), &a, false)).await.unwrap();
     assert_eq!(said, "ok http/1.1 HTTP/1.1 200 OK", "Python's ssl client");
     assert_eq!(workers[0].stats().served, 5);
-    // The pod is told the client came over https, whatever the client said.
+    // The pod is told the client came over https, and the host it asked
+    // for, whatever the client said.
     let ca = dir.0.join("a.pem");
     let seen = tokio::task::spawn_blocking(move || {
         let output = Command::new("curl")
             .args(["-s", "--max-time", "10", "--resolve", &format!("a.example:{}:127.0.0.1", addr.port())])
             .arg("--cacert")
             .arg(&ca)
-            .args(["-H", &format!("Host: {HOST}"), "-H", "X-Forwarded-Proto: http"])
+            .args([
+                "-H",
+                &format!("Host: {HOST}"),
+                "-H",
+                "X-Forwarded-Proto: http",
+                "-H",
+                "X-Forwarded-Host: evil.example",
+            ])
             .arg(format!("https://a.example:{}/sim/headers", addr.port()))
             .output()
             .expect("curl runs");
@@ -152,6 +160,7 @@ async fn sni_picks_the_certificate_and_http2_and_http1_work_over_tls() {
     .unwrap();
     let headers: serde_json::Value = serde_json::from_str(&seen).expect("the headers the pod saw");
     assert_eq!(headers["x-forwarded-proto"], "https", "{headers}");
+    assert_eq!(headers["x-forwarded-host"], HOST, "a client's own X-Forwarded-Host is not passed on: {headers}");
     gateway.shutdown().await;
 }
 
@@ -261,5 +270,15 @@ async fn the_plain_http_listener_redirects_to_https() {
     let location = format!("location: https://a.example:{}/sdapi/v1/progress?id=7", gateway.addr.port());
     assert!(answer.to_ascii_lowercase().contains(&location), "{answer}");
     assert_eq!(workers[0].stats().served, 0);
+    gateway.shutdown().await;
+    // Behind a Service or NAT, clients reach https on https_port.
+    let yaml = yaml.replacen("tls:\n", "tls:\n  https_port: 443\n", 1);
+    let gateway = TestGateway::start(&yaml).await;
+    let answer = raw_exchange(
+        format!("127.0.0.1:{plain}").parse().unwrap(),
+        b"GET /x HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.to_ascii_lowercase().contains("location: https://a.example/x\r\n"), "{answer}");
     gateway.shutdown().await;
 }

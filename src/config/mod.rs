@@ -458,6 +458,10 @@ pub struct TlsConfig {
     /// same URL over https (omit: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect_http: Option<SocketAddr>,
+    /// The port clients reach the TLS listener on, where the redirect
+    /// sends them (behind a Service or NAT: 443); default: the listen port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_port: Option<u16>,
     /// With leader election: the plain-HTTP listener the active replica
     /// takes a standby's hand-overs on (only requests with its relay token;
     /// a standby hands over to the pod's IP and this port).

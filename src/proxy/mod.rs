@@ -486,7 +486,7 @@ impl Proxy {
     /// gives the request back if this replica becomes active meanwhile.
     async fn hand_over(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         peer: &Peer,
     ) -> Result<Response<ResponseBody>, Request<Incoming>> {
         // Handed over once already (two standbys), or an upgrade (not relayed).
@@ -515,6 +515,10 @@ impl Proxy {
         let client = {
             let table = self.table();
             let split = table.pick(&request).ok();
+            if let Some(split) = split {
+                // The active replica believes what this standby sends on.
+                strip_forwarded(&split.service, &mut request, peer.addr.ip());
+            }
             split.and_then(|split| {
                 fairness::client_address(&split.service.fairness, request.headers(), Some(peer.addr.ip()))
             })
@@ -613,17 +617,9 @@ impl Proxy {
             },
         };
         let service = record.service.clone();
-        // X-Forwarded-Proto and -Host (a Secure cookie, what forward-auth
-        // and the pod are told) are believed from a trusted proxy or a
-        // standby of ours; over TLS sdgate says it itself.
-        let headers = request.headers();
-        if (headers.contains_key(X_FORWARDED_PROTO) || headers.contains_key(X_FORWARDED_HOST))
-            && relayed.is_none()
-            && request.extensions().get::<ViaTls>().is_none()
-            && !fairness::trusts(&service.fairness, peer.addr.ip())
-        {
-            request.headers_mut().remove(X_FORWARDED_PROTO);
-            request.headers_mut().remove(X_FORWARDED_HOST);
+        // A standby of ours already did this for the client it names.
+        if relayed.is_none() {
+            strip_forwarded(&service, &mut request, peer.addr.ip());
         }
         // Who is calling, before anything is queued.
         let mut set_cookies = Vec::new();
@@ -1320,6 +1316,22 @@ const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forw
 /// `X-Forwarded-Proto: https` is sdgate's word).
 #[derive(Clone, Copy, Debug)]
 pub struct ViaTls;
+
+/// A client's `X-Forwarded-Proto` and `-Host` (a Secure cookie, what
+/// forward-auth and the pod are told) are believed only from the service's
+/// trusted proxies; over sdgate's own TLS, Proto is sdgate's word.
+fn strip_forwarded<B>(service: &Service, request: &mut Request<B>, peer: std::net::IpAddr) {
+    let headers = request.headers();
+    if !(headers.contains_key(X_FORWARDED_PROTO) || headers.contains_key(X_FORWARDED_HOST))
+        || fairness::trusts(&service.fairness, peer)
+    {
+        return;
+    }
+    if request.extensions().get::<ViaTls>().is_none() {
+        request.headers_mut().remove(X_FORWARDED_PROTO);
+    }
+    request.headers_mut().remove(X_FORWARDED_HOST);
+}
 
 /// The request's id: the client's `X-Request-Id` if it sent one, else a new
 /// random one; set on the request so the pod sees it too.

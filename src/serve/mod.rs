@@ -301,7 +301,10 @@ impl Gateway {
         let mut redirect = None;
         if let Some(tls) = &config.tls {
             if let Some(plain) = plain {
-                let port = listener.local_addr()?.port();
+                let port = match tls.https_port {
+                    Some(port) => port,
+                    None => listener.local_addr()?.port(),
+                };
                 redirect = Some(tokio::spawn(tls::redirect(plain, port, config.limits.header_read_timeout)));
             }
             let tls = Arc::new(tls::Tls::new(tls)?);
@@ -329,7 +332,7 @@ impl Gateway {
         let me = leader::Advertised { addr: advertised(relay_addr), token: proxy.relay().token().to_string() };
         let relay_task = relays.map(|relays| {
             tracing::info!(relay = %relay_addr, "taking hand-overs from standbys here (tls.relay_listen)");
-            tokio::spawn(tls::relays(relays, proxy.clone(), config.limits.header_read_timeout))
+            tokio::spawn(tls::relays(relays, proxy.clone(), config.limits.header_read_timeout, drain_rx.clone()))
         });
         let (holder_tx, mut holder) = watch::channel(None);
         let mut election =

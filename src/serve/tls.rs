@@ -181,18 +181,29 @@ pub async fn redirect(listener: tokio::net::TcpListener, https_port: u16, header
 /// `tls.relay_listen`: the plain-HTTP listener where the active replica
 /// takes what a standby hands over (the TLS listener's certificates are
 /// for clients' host names, not the pod's address). Only a request with
-/// this replica's relay token is served; anything else gets 403.
-pub async fn relays(listener: tokio::net::TcpListener, proxy: Arc<crate::proxy::Proxy>, header_read: Duration) {
+/// this replica's relay token is served; anything else gets 403. At the
+/// drain it stops taking hand-overs and its connections finish what they
+/// serve, as the public listener's do (each holds a `drain` receiver).
+pub async fn relays(
+    listener: tokio::net::TcpListener,
+    proxy: Arc<crate::proxy::Proxy>,
+    header_read: Duration,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) {
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read);
     let http1 = Arc::new(http1);
     loop {
-        let Ok((stream, addr)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = async { drain.wait_for(|draining| *draining).await.map(|_| ()) } => return,
+        };
+        let Ok((stream, addr)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (http1, proxy) = (http1.clone(), proxy.clone());
+        let (http1, proxy, mut drain) = (http1.clone(), proxy.clone(), drain.clone());
         tokio::spawn(async move {
             let peer = Arc::new(crate::forward::Peer::new(addr));
             let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
@@ -213,7 +224,15 @@ pub async fn relays(listener: tokio::net::TcpListener, proxy: Arc<crate::proxy::
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
-            let _ = http1.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+            let connection = http1.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = async { drain.wait_for(|draining| *draining).await.map(|_| ()) } => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
         });
     }
 }

@@ -63,6 +63,10 @@ struct State {
     tried: Option<Instant>,
     /// A background refresh is under way.
     refreshing: bool,
+    /// The SHA-256 of the JWKS document held: when it changes, tokens
+    /// verified before are verified again (a kid reused for a new key, a
+    /// key without a kid replaced).
+    document: Option<[u8; 32]>,
 }
 
 /// What a verified token said, kept until it expires (`exp` + leeway,
@@ -245,8 +249,12 @@ impl Inner {
         let mut state = lock(&self.state);
         state.tried = Some(Instant::now());
         match result {
-            Ok(keys) => {
-                tracing::info!(url = %self.url, keys = keys.by_kid.values().map(Vec::len).sum::<usize>(), "auth.jwt: JWKS fetched");
+            Ok((keys, document)) => {
+                if state.document != Some(document) {
+                    tracing::info!(url = %self.url, keys = keys.by_kid.values().map(Vec::len).sum::<usize>(), "auth.jwt: JWKS fetched");
+                    lock(&self.verified).clear();
+                    state.document = Some(document);
+                }
                 state.keys = Arc::new(keys);
                 state.fetched = Some(Instant::now());
             }
@@ -256,7 +264,7 @@ impl Inner {
         }
     }
 
-    async fn get(&self) -> Result<KeySet, String> {
+    async fn get(&self) -> Result<(KeySet, [u8; 32]), String> {
         let request = http::Request::get(self.url.clone())
             .header(http::header::ACCEPT, "application/json")
             .body(Full::new(Bytes::new()))
@@ -266,7 +274,7 @@ impl Inner {
             return Err(format!("it answered {}", response.status()));
         }
         let body = super::read_capped(response.into_body(), MAX_JWKS_BYTES).await?;
-        parse_jwks(&body)
+        Ok((parse_jwks(&body)?, sha2::Sha256::digest(&body).into()))
     }
 }
 
