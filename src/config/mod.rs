@@ -525,6 +525,54 @@ impl Default for AuthConfig {
 }
 
 impl AuthConfig {
+    /// What can be told without reading a file or asking a service.
+    fn validate(&self, key: &str) -> Result<()> {
+        let header = |name: &str, what: &str| {
+            http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+                .map(|_| ())
+                .with_context(|| format!("{key}.{what}: {name:?} is not a header name"))
+        };
+        header(&self.header, "header")?;
+        if self.forward.is_some() && (self.jwt.is_some() || self.keys_file.is_some()) {
+            bail!("{key}.forward: the forward-auth service decides alone (no keys_file or jwt beside it)");
+        }
+        if let Some(jwt) = &self.jwt {
+            let uri = web_url(&jwt.jwks_url).with_context(|| format!("{key}.jwt.jwks_url"))?;
+            let loopback = uri.host().is_some_and(|h| {
+                h == "localhost"
+                    || h.trim_matches(|c| c == '[' || c == ']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            });
+            if uri.scheme_str() == Some("http") && !loopback && !jwt.allow_http {
+                bail!(
+                    "{key}.jwt.jwks_url: {} is plain http: anyone on the way could serve keys of their own (https://, or allow_http: true)",
+                    jwt.jwks_url
+                );
+            }
+            if jwt.issuer.is_empty() || jwt.audience.is_empty() || jwt.audience.iter().any(String::is_empty) {
+                bail!("{key}.jwt: issuer and audience are required (a token for anyone is a token for anything)");
+            }
+            if jwt.identity_claim.is_empty() {
+                bail!("{key}.jwt.identity_claim: may not be empty");
+            }
+            if jwt.refresh < Duration::from_secs(1) {
+                bail!("{key}.jwt.refresh: at least 1s");
+            }
+        }
+        if let Some(forward) = &self.forward {
+            web_url(&forward.url).with_context(|| format!("{key}.forward.url"))?;
+            header(&forward.identity_header, "forward.identity_header")?;
+            for name in forward.request_headers.iter().chain(&forward.group_header) {
+                header(name, "forward.request_headers")?;
+            }
+            if forward.timeout.is_zero() {
+                bail!("{key}.forward.timeout: must be more than 0s");
+            }
+        }
+        Ok(())
+    }
+
     /// The keys file, if keys are one of the ways in.
     pub fn keys_path(&self) -> Option<PathBuf> {
         match (&self.keys_file, &self.jwt, &self.forward) {
@@ -568,6 +616,15 @@ pub struct JwtConfig {
     /// issuer inside the cluster.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_http: bool,
+}
+
+/// An `http://` or `https://` URL with a host.
+pub fn web_url(text: &str) -> Result<http::Uri> {
+    let uri: http::Uri = text.parse().with_context(|| format!("{text:?} is not a URL"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(uri),
+        _ => bail!("{text:?} is not an http:// or https:// URL"),
+    }
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
@@ -1714,6 +1771,9 @@ impl ServiceConfig {
         }
         self.scale.validate(&format!("{key}.scale"))?;
         self.checkpoints.validate(&format!("{key}.checkpoints"))?;
+        if let Some(auth) = &self.auth {
+            auth.validate(&format!("{key}.auth"))?;
+        }
         if let Some(affinity) = &self.affinity {
             if affinity.cookie.is_empty()
                 || !affinity.cookie.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
@@ -2159,6 +2219,31 @@ mod tests {
         let again = Config::from_yaml(&config.to_yaml().unwrap()).unwrap();
         assert_eq!(again.to_yaml().unwrap(), config.to_yaml().unwrap());
     }
+    #[test]
+    fn auth_is_checked_with_the_config() {
+        let with = |auth: &str| {
+            let yaml = format!(
+                "services:\n  - name: sd\n    hosts: [sd.test]\n    backend: {{ fixed: [\"127.0.0.1:7860\"] }}\n    auth: {auth}\n"
+            );
+            Config::from_yaml(&yaml).err().map(|e| format!("{e:#}")).unwrap_or_default()
+        };
+        let jwt = |url: &str, more: &str| format!("{{ jwt: {{ jwks_url: \"{url}\", issuer: i, audience: a{more} }} }}");
+        assert!(with(&jwt("http://idp.example/jwks", ""))
+            .contains("services[0].auth.jwt.jwks_url: http://idp.example/jwks is plain http"));
+        assert_eq!(with(&jwt("http://idp.example/jwks", ", allow_http: true")), "");
+        assert_eq!(with(&jwt("http://127.0.0.1:8080/jwks", "")), "", "loopback");
+        assert_eq!(with(&jwt("https://idp.example/jwks", "")), "");
+        assert!(with(&jwt("ftp://idp.example/jwks", "")).contains("not an http:// or https:// URL"));
+        assert!(with(&jwt("https://idp.example/jwks", ", refresh: 0s")).contains("refresh: at least 1s"));
+        assert!(
+            with("{ jwt: { jwks_url: \"https://idp.example/jwks\", issuer: \"\", audience: a } }").contains("required")
+        );
+        assert!(with("{ keys_file: k.yaml, forward: { url: \"http://auth/\" } }").contains("decides alone"));
+        assert!(with("{ forward: { url: \"http://auth/\", identity_header: \"bad header\" } }")
+            .contains("not a header name"));
+        assert_eq!(with("{ forward: { url: \"http://oauth2-proxy.auth/oauth2/auth\" } }"), "");
+    }
+
     #[test]
     fn two_services_in_front_of_one_pod_are_refused_unless_allowed() {
         let two = |a: &str, b: &str, allow: bool| {

@@ -37,7 +37,7 @@ impl Forward {
     pub fn new(config: &ForwardAuthConfig) -> Result<Self> {
         let copy = config.request_headers.iter().map(|h| header_name(h, "request_headers")).collect::<Result<_>>()?;
         Ok(Self {
-            url: super::url(&config.url, "url")?,
+            url: crate::config::web_url(&config.url).context("url")?,
             copy,
             identity: header_name(&config.identity_header, "identity_header")?,
             group: config.group_header.as_deref().map(|h| header_name(h, "group_header")).transpose()?,

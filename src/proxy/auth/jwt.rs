@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::Full;
@@ -99,26 +99,8 @@ pub fn looks_like_jwt(credential: &str) -> bool {
 
 impl Jwt {
     pub fn new(config: &JwtConfig) -> Result<Self> {
-        let url = super::url(&config.jwks_url, "jwks_url")?;
-        let loopback = url.host().is_some_and(|h| {
-            h == "localhost"
-                || h.trim_matches(|c| c == '[' || c == ']').parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-        });
-        if url.scheme_str() == Some("http") && !loopback && !config.allow_http {
-            anyhow::bail!(
-                "jwks_url: {} is plain http: anyone on the way could serve keys of their own (https://, or allow_http: true)",
-                config.jwks_url
-            );
-        }
-        if config.refresh < Duration::from_secs(1) {
-            anyhow::bail!("refresh: at least 1s");
-        }
-        if config.issuer.is_empty() || config.audience.is_empty() || config.audience.iter().any(String::is_empty) {
-            anyhow::bail!("issuer and audience are required (a token for anyone is a token for anything)");
-        }
-        if config.identity_claim.is_empty() {
-            anyhow::bail!("identity_claim: may not be empty");
-        }
+        // The rest is checked with the config (AuthConfig::validate).
+        let url = crate::config::web_url(&config.jwks_url).context("jwks_url")?;
         let inner = Inner {
             config: config.clone(),
             url,

@@ -80,10 +80,8 @@ impl<'a> Asking<'a> {
 impl Auth {
     /// A service's `auth`: reads its keys file, checks its URLs.
     pub fn load(config: &AuthConfig) -> Result<Self> {
+        // What needs no file or service was checked with the config.
         let keys = config.keys_path().map(|path| Keys::load(&path, config)).transpose()?;
-        if config.forward.is_some() && (config.jwt.is_some() || config.keys_file.is_some()) {
-            anyhow::bail!("auth.forward: the forward-auth service decides alone (no keys_file or jwt beside it)");
-        }
         let jwt = config.jwt.as_ref().map(jwt::Jwt::new).transpose().context("auth.jwt")?;
         let forward = config.forward.as_ref().map(forward::Forward::new).transpose().context("auth.forward")?;
         let header = HeaderName::from_bytes(config.header.to_ascii_lowercase().as_bytes())
@@ -240,15 +238,6 @@ pub(crate) fn client() -> &'static Client {
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .build(connector)
     })
-}
-
-/// An `http://` or `https://` URL with a host.
-pub(crate) fn url(text: &str, what: &str) -> Result<Uri> {
-    let uri: Uri = text.parse().with_context(|| format!("{what}: {text:?} is not a URL"))?;
-    match (uri.scheme_str(), uri.host()) {
-        (Some("http" | "https"), Some(_)) => Ok(uri),
-        _ => anyhow::bail!("{what}: {text:?} is not an http:// or https:// URL"),
-    }
 }
 
 /// Reads at most `limit` bytes of an answer's body.
