@@ -56,8 +56,9 @@ enum Command {
         /// The caller's name (its identity, and the `tenant` label).
         name: String,
     },
-    /// Spend per service, API key and UTC hour, from the config's jobs
-    /// store: requests and GPU-seconds (pod time measured by sdgate).
+    /// Spend per service, caller and UTC hour, from the config's jobs
+    /// store: requests, GPU-seconds (pod time measured by sdgate), images
+    /// and checkpoint loads.
     Usage {
         /// From this long ago ("24h", "7days").
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
