@@ -243,6 +243,37 @@ async fn a_key_over_its_gpu_budget_gets_429_while_another_keeps_full_service() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A key added to or removed from the keys file is honoured without a
+/// signal (a Kubernetes Secret's file is updated in place): the file is
+/// watched like the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_to_or_removed_from_the_keys_file_is_honoured_without_a_signal() {
+    let workers = sims(1, fast_sim(5)).await;
+    let keys = TempFile::new("yaml", &format!("keys:\n{}", key_line("first", "sdg_first", "")));
+    let auth = format!("    auth: {{ keys_file: \"{}\" }}\n", keys.path.display());
+    let gateway = GatewayProcess::start(&config_yaml(&[workers[0].addr], 1, &auth)).await;
+    let client = client();
+    eventually("the pod ready", || {
+        let client = client.clone();
+        let request = with_key(txt2img(gateway.addr, "first", 1), "sdg_first");
+        async move { send(&client, request).await.status.as_u16() == 200 }
+    })
+    .await;
+    send(&client, with_key(txt2img(gateway.addr, "second", 1), "sdg_second")).await.assert_json_error(401);
+    // The file replaced as a Secret's is (a rename): the second key in, the first out.
+    let next = keys.path.with_extension("next");
+    std::fs::write(&next, format!("keys:\n{}", key_line("second", "sdg_second", ""))).unwrap();
+    std::fs::rename(&next, &keys.path).unwrap();
+    eventually_within(Duration::from_secs(10), "the second key honoured", || {
+        let client = client.clone();
+        let request = with_key(txt2img(gateway.addr, "second", 1), "sdg_second");
+        async move { send(&client, request).await.status.as_u16() == 200 }
+    })
+    .await;
+    send(&client, with_key(txt2img(gateway.addr, "first", 1), "sdg_first")).await.assert_json_error(401);
+    gateway.log_line(&["a keys file changed"]).await;
+}
+
 /// `admin_key_sha256`: the admin listener asks for its key, except on the
 /// probes kubelet calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
-//! Live configuration: on SIGHUP, and when the config file changes (also
-//! when a Kubernetes ConfigMap update swaps the symlink it is read through),
+//! Live configuration: on SIGHUP, and when the config file or a keys file
+//! it names changes (also when a Kubernetes ConfigMap or Secret update
+//! swaps the symlink it is read through),
 //! the file is read and validated again and handed to the gateway, which
 //! applies it without dropping a request (see [`crate::serve`]). A config
 //! that does not load is logged with the key at fault and the old one stays
@@ -58,6 +59,10 @@ pub async fn watch(path: Option<PathBuf>, mut hangup: Signal, reloader: Reloader
         return;
     };
     let mut seen = std::fs::read(&path).ok();
+    // The services' keys files (`auth.keys_file`, a Secret's file on
+    // Kubernetes) are read at a reload: a change of one is a reload too.
+    let mut keys_files = keys_files_of(&path);
+    let mut keys_seen = read_all(&keys_files);
     let mut period = tokio::time::interval(WATCH_PERIOD);
     period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -65,14 +70,21 @@ pub async fn watch(path: Option<PathBuf>, mut hangup: Signal, reloader: Reloader
             _ = hangup.recv() => "SIGHUP",
             _ = period.tick() => {
                 let now = std::fs::read(&path).ok();
+                let keys_now = read_all(&keys_files);
                 // A file missing for a moment (an editor's rename) is not a change.
-                if now.is_none() || now == seen {
+                let config_changed = now.is_some() && now != seen;
+                let keys_changed = keys_now.iter().all(Option::is_some) && keys_now != keys_seen;
+                if !config_changed && !keys_changed {
                     continue;
                 }
-                seen = now;
-                "the config file changed"
+                if config_changed {
+                    seen = now;
+                }
+                if config_changed { "the config file changed" } else { "a keys file changed" }
             }
         };
+        keys_files = keys_files_of(&path);
+        keys_seen = read_all(&keys_files);
         tracing::info!(file = %path.display(), why, "reloading the config");
         let config = Config::load(&path).map_err(|error| format!("{error:#}"));
         // The gateway logs a refusal, with the key at fault.
@@ -80,4 +92,14 @@ pub async fn watch(path: Option<PathBuf>, mut hangup: Signal, reloader: Reloader
             return;
         }
     }
+}
+
+/// The keys files the config at `path` names (none if it does not load).
+fn keys_files_of(path: &std::path::Path) -> Vec<PathBuf> {
+    let Ok(config) = Config::load(path) else { return Vec::new() };
+    config.services.iter().filter_map(|service| service.auth.as_ref()?.keys_path()).collect()
+}
+
+fn read_all(paths: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
+    paths.iter().map(|path| std::fs::read(path).ok()).collect()
 }
