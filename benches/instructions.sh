@@ -78,18 +78,7 @@ write_haproxy_config "$TMP/haproxy.cfg" "$HAPROXY_PORT" "$SIM_PORT" 1 ""
 write_haproxy_config "$TMP/haproxy-same-work.cfg" "$HAPROXY_PORT" "$SIM_PORT" 1 "" same-work
 PROXIES=(haproxy sdgate)
 [[ $SAME_WORK == 1 ]] && PROXIES+=(haproxy-same-work)
-cat >"$TMP/sdgate.yaml" <<EOF
-listen: 127.0.0.1:$GATE_PORT
-admin: 127.0.0.1:$ADMIN_PORT
-services:
-  - name: sd
-    hosts: ["*"]
-    container_concurrency: 0
-    queue: { max_depth: 10000, timeout: 60s }
-    request_timeout: 120s
-    readiness: { tcp: true, period: 50ms }
-    backend: { fixed: ["127.0.0.1:$SIM_PORT"] }
-EOF
+write_sdgate_config "$TMP/sdgate.yaml" "$GATE_PORT" "$ADMIN_PORT" "$SIM_PORT"
 haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejected its config"
 haproxy -c -q -f "$TMP/haproxy-same-work.cfg" || die "haproxy rejected its same-work config"
 "$SDGATE" --config "$TMP/sdgate.yaml" check >/dev/null || die "sdgate rejected its config"

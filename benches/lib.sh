@@ -138,9 +138,30 @@ build() {
     [[ -x $SDGATE ]] || die "$SDGATE not found"
 }
 
+# write_sdgate_config FILE PORT ADMIN_PORT SIM_PORT [TOP_LEVEL_YAML]: sdgate
+# on PORT in front of one sim on SIM_PORT, every host, no slot limit
+# (container_concurrency 0): the proxy's own work, as HAProxy's is measured.
+# TOP_LEVEL_YAML (e.g. a `tls:` block) goes before `services:`.
+write_sdgate_config() {
+    local file=$1 port=$2 admin=$3 sim=$4 extra=${5:-}
+    cat >"$file" <<CFG
+listen: 127.0.0.1:$port
+admin: 127.0.0.1:$admin
+${extra}services:
+  - name: sd
+    hosts: ["*"]
+    container_concurrency: 0
+    queue: { max_depth: 10000, timeout: 60s }
+    request_timeout: 120s
+    readiness: { tcp: true, period: 50ms }
+    backend: { fixed: ["127.0.0.1:$sim"] }
+CFG
+}
+
 # write_haproxy_config FILE PORT FIRST_SIM_PORT N SERVER_OPTS [same-work]: a
 # minimal `mode http` HAProxy listening on PORT, keep-alive both ways, with N
-# servers on FIRST_SIM_PORT.. (SERVER_OPTS on each, e.g. "maxconn 1").
+# servers on FIRST_SIM_PORT.. (SERVER_OPTS on each, e.g. "maxconn 1");
+# BIND_OPTS, when set, on its bind line (e.g. "ssl crt FILE").
 # "same-work" has it also do what sdgate does to every request: route by
 # Host, set X-Forwarded-For/-Host/-Proto, and give the request and its
 # answer an X-Request-Id.
@@ -159,7 +180,7 @@ defaults
     timeout queue 60s
 
 frontend fe
-    bind 127.0.0.1:$port
+    bind 127.0.0.1:$port${BIND_OPTS:+ $BIND_OPTS}
 CFG
     if [[ $work == same-work ]]; then
         cat >>"$file" <<CFG

@@ -50,40 +50,12 @@ cat "$TMP/cert.pem" "$TMP/key.pem" >"$TMP/haproxy.pem"
 start sim env RUST_LOG=warn "$SDGATE" sim --port "$SIM_PORT"
 wait_port "$SIM_PORT" "$LAST_PID"
 
-cat >"$TMP/sdgate.yaml" <<EOF
-listen: 127.0.0.1:$GATE_PORT
-admin: 127.0.0.1:$ADMIN_PORT
-tls:
+write_sdgate_config "$TMP/sdgate.yaml" "$GATE_PORT" "$ADMIN_PORT" "$SIM_PORT" "tls:
   certificates:
-    - { hosts: [$HOST_NAME], cert: "$TMP/cert.pem", key: "$TMP/key.pem" }
-services:
-  - name: sd
-    hosts: ["*"]
-    container_concurrency: 0
-    queue: { max_depth: 10000, timeout: 60s }
-    request_timeout: 120s
-    readiness: { tcp: true, period: 50ms }
-    backend: { fixed: ["127.0.0.1:$SIM_PORT"] }
-EOF
-cat >"$TMP/haproxy.cfg" <<EOF
-global
-    maxconn 4096
-    ssl-default-bind-options ssl-min-ver TLSv1.2
-
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-
-frontend fe
-    bind 127.0.0.1:$HAPROXY_PORT ssl crt $TMP/haproxy.pem alpn h2,http/1.1
-    default_backend sd
-
-backend sd
-    server s1 127.0.0.1:$SIM_PORT
-EOF
+    - { hosts: [$HOST_NAME], cert: \"$TMP/cert.pem\", key: \"$TMP/key.pem\" }
+"
+BIND_OPTS="ssl crt $TMP/haproxy.pem alpn h2,http/1.1 ssl-min-ver TLSv1.2" \
+    write_haproxy_config "$TMP/haproxy.cfg" "$HAPROXY_PORT" "$SIM_PORT" 1 ""
 haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejected its config"
 "$SDGATE" --config "$TMP/sdgate.yaml" check >/dev/null || die "sdgate rejected its config"
 
