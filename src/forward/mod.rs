@@ -322,7 +322,8 @@ fn learn_from(
         Some(_) => None,
     };
     let plain = parts.status.is_success() && readable.is_some();
-    if let Some(images) = readable.filter(|_| plain).and_then(answer::images_in) {
+    // Only a caller's meter wants the count (a search of the whole answer).
+    if let Some(images) = readable.filter(|_| plain && slot.is_metered()).and_then(answer::images_in) {
         slot.generated(images);
     }
     match (plain, since) {

@@ -72,6 +72,12 @@ impl Slot {
         self.grant.load.is_some()
     }
 
+    /// Whether something keeps count of what this slot's request made (a
+    /// caller's meter): an answer is read for it only then.
+    pub fn is_metered(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// The pod's answer says it made `images` images.
     pub fn generated(&self, images: u32) {
         if let Some(held) = &self.held {
